@@ -1,0 +1,181 @@
+"""The `mergesmith` command line (thin: parsing, then calls into recipe/plan/execute/folder)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from mergesmith import __version__
+from mergesmith.errors import MergeError
+
+_COMMON_PLAN_OPTIONS = [
+    click.option("--seed", "--random-seed", "seed", type=int, default=None,
+                 help="Seed for randomized methods (dare, della); chosen and recorded when omitted."),
+    click.option("--dtype", default=None, help="Override the recipe's dtype (bfloat16, float16, float32)."),
+    click.option("--out-dtype", default=None, help="Override the recipe's out_dtype."),
+    click.option("--out-shard-size", default="5GB", show_default=True, help="Maximum bytes per output shard."),
+    click.option("--allow-crimes", is_flag=True, help="Merge models of different architectures anyway."),
+    click.option("--strict", is_flag=True, help="Refuse unknown recipe keys instead of warning."),
+    click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug logging."),
+]
+
+
+def _plan_options(f):
+    for opt in reversed(_COMMON_PLAN_OPTIONS):
+        f = opt(f)
+    return f
+
+
+class _Handler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        click.echo(prefix + record.getMessage(), err=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    log = logging.getLogger("mergesmith")
+    log.handlers[:] = [_Handler()]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mergesmith")
+def cli() -> None:
+    """Merge language-model weights from mergekit-style YAML recipes."""
+
+
+def _load(recipe: str, strict: bool, seed, dtype, out_dtype, out_shard_size, allow_crimes):
+    from mergesmith.io.writer import parse_size
+    from mergesmith.plan import make_plan
+    from mergesmith.recipe import DTYPES, load_recipe
+
+    for flag, v in (("--dtype", dtype), ("--out-dtype", out_dtype)):
+        if v is not None and v not in DTYPES:
+            raise MergeError(f"{flag} {v!r} is not a dtype; use bfloat16, float16 or float32")
+    shard = parse_size(out_shard_size)
+    r = load_recipe(recipe, strict=strict)
+    return make_plan(r, seed=seed, dtype=dtype, out_dtype=out_dtype, shard_size=shard, allow_crimes=allow_crimes,
+                     recipe_dir=Path(recipe).resolve().parent)
+
+
+@cli.command("plan")
+@click.argument("recipe", type=click.Path())
+@_plan_options
+def plan_cmd(recipe, seed, dtype, out_dtype, out_shard_size, allow_crimes, strict, verbose):
+    """Validate RECIPE and print what a run would do, without merging."""
+    from mergesmith.plan import describe
+
+    p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes)
+    _chat_template(p)
+    click.echo(describe(p))
+
+
+def _chat_template(p) -> Optional[str]:
+    from mergesmith.chat_templates import choose_template
+    from mergesmith.io.index import model_folder
+
+    spec = p.recipe.config.chat_template
+    if not spec:
+        return None
+    base = p.models.get(p.base_model) if p.base_model else None
+    return choose_template(spec, [model_folder(m) for m in p.models.values()], model_folder(base) if base else None)
+
+
+def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=None, out_shard_size="5GB",
+               dtype=None, out_dtype=None, overwrite=False, quiet=False, copy_tokenizer=True, write_model_card=True,
+               allow_crimes=False, strict=False) -> "object":
+    """The whole `mergesmith run`; returns the Plan. Used by the CLI, the demo and tests."""
+    from mergesmith.execute import execute, finish, prepare_output
+    from mergesmith.folder import write_folder
+    from mergesmith.verify import verify_weights
+
+    p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes)
+    template = _chat_template(p)
+    out = Path(out_dir)
+    partial = prepare_output(out, overwrite)
+    execute(p, partial, device=device, threads=threads, progress=not quiet)
+    write_folder(p, partial, name=out.name, tokenizer=copy_tokenizer, card=write_model_card, chat_template=template)
+    verify_weights(partial, {t.name: (t.out_dtype, tuple(t.shape)) for t in p.tasks})
+    finish(partial, out)
+    return p
+
+
+@cli.command("run")
+@click.argument("recipe", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@_plan_options
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--cuda", is_flag=True, help="Same as --device cuda (mergekit-yaml's flag).")
+@click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True)
+@click.option("--write-model-card/--no-write-model-card", default=True, show_default=True)
+@click.option("--lazy-unpickle", is_flag=True, hidden=True, help="Accepted for mergekit compatibility (no-op).")
+@click.option("--lora-merge-cache", default=None, hidden=True)
+@click.option("--transformers-cache", default=None, hidden=True)
+def run_cmd(recipe, out_dir, seed, dtype, out_dtype, out_shard_size, allow_crimes, strict, verbose, device, cuda,
+            threads, overwrite, quiet, copy_tokenizer, write_model_card, lazy_unpickle, lora_merge_cache,
+            transformers_cache):
+    """Merge the models of RECIPE into the Hugging Face model folder OUT_DIR."""
+    t0 = time.monotonic()
+    p = run_recipe(recipe, out_dir, seed=seed, device="cuda" if cuda else device, threads=threads,
+                   out_shard_size=out_shard_size, dtype=dtype, out_dtype=out_dtype, overwrite=overwrite, quiet=quiet,
+                   copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, allow_crimes=allow_crimes,
+                   strict=strict)
+    if not quiet:
+        click.echo(f"wrote {out_dir}: {len(p.tasks)} tensors, {p.bytes_written / 1e6:.1f} MB in "
+                   f"{len(p.layout.files)} file(s), {time.monotonic() - t0:.1f} s; seed {p.seed}", err=True)
+
+
+@cli.command("methods")
+def methods_cmd():
+    """List the merge methods with their parameters."""
+    from mergesmith.methods import METHODS, REQUIRED
+
+    for m in METHODS.values():
+        click.echo(f"{m.name:18s} {m.description}  [{m.url}]")
+        for prm in m.params:
+            default = "required" if prm.default is REQUIRED else f"default {prm.default}"
+            scope = "per model" if prm.scope != "shared" else "global"
+            click.echo(f"    {prm.name:14s} {prm.kind.__name__:5s} {scope:9s} {default:14s} {prm.doc}")
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in args or "--verbose" in args
+    _setup_logging(verbose)
+    try:
+        rc = cli.main(args=args, prog_name="mergesmith", standalone_mode=False)
+    except MergeError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - our bug: short line, traceback with -v
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(e).__name__}: {e} (this is a mergesmith bug; rerun with -v for the "
+                   "traceback)", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

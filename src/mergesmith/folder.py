@@ -1,0 +1,115 @@
+"""The rest of the output folder: config.json, generation config, tokenizer, chat template, recipe copy, model card.
+
+No network calls. A base without tokenizer files gets a warning and no tokenizer, never a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+from mergesmith import __version__
+from mergesmith.errors import warn
+from mergesmith.io.index import model_folder
+from mergesmith.io.resolve import is_hub_id
+from mergesmith.plan import Plan
+
+TOKENIZER_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken", "chat_template.jinja",
+    "chat_template.json",
+]
+
+
+def _dtype_name(plan: Plan) -> str:
+    float_dtypes = {t.out_dtype for t in plan.tasks if t.out_dtype.is_floating_point}
+    if len(float_dtypes) == 1:
+        return str(next(iter(float_dtypes))).replace("torch.", "")
+    return "float32"
+
+
+def write_config(plan: Plan, out: Path) -> None:
+    template = plan.base_model or next(iter(plan.models))
+    cfg = plan.models[template].config
+    if cfg is None:
+        warn(f"model {template} has no config.json; the output has none either")
+        return
+    cfg = dict(cfg)
+    name = _dtype_name(plan)
+    keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+    for k in keys:
+        cfg[k] = name
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = model_folder(plan.models[template]) / "generation_config.json"
+    if gen.exists():
+        shutil.copyfile(gen, out / "generation_config.json")
+
+
+def copy_tokenizer(plan: Plan, out: Path, chat_template: Optional[str]) -> None:
+    c = plan.recipe.config
+    src_ref = plan.base_model or next(iter(plan.models))
+    if c.tokenizer_source and c.tokenizer_source not in ("base", "union"):
+        src_ref = c.tokenizer_source
+    elif c.tokenizer_source == "union" or c.tokenizer is not None:
+        warn("tokenizer_source: union (and the tokenizer: block) are not supported yet; using the base tokenizer")
+    folder = model_folder(plan.models[src_ref])
+    copied = [f for f in TOKENIZER_FILES if (folder / f).exists()]
+    if not copied:
+        warn(f"model {src_ref} has no tokenizer files; the output has no tokenizer")
+        return
+    for f in copied:
+        shutil.copyfile(folder / f, out / f)
+    if chat_template is not None:
+        tc_path = out / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.exists() else {}
+        tc["chat_template"] = chat_template
+        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+        (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+        (out / "chat_template.json").unlink(missing_ok=True)
+
+
+def write_recipe_copy(plan: Plan, out: Path) -> None:
+    header = f"# merged with mergesmith {__version__}\n"
+    (out / "mergesmith_config.yml").write_text(plan.recipe.to_yaml(seed=plan.seed, header=header), encoding="utf-8")
+
+
+def model_card(plan: Plan, name: str) -> str:
+    refs: List[str] = list(plan.models)
+    hub = [r.split("@")[0] for r in refs if is_hub_id(r)]
+    front = ["---"]
+    if hub:
+        front.append("base_model:")
+        front += [f"- {h}" for h in hub]
+    else:
+        front.append("base_model: []")
+    front += ["library_name: transformers", "tags:", "- mergesmith", "- merge", "---", ""]
+    m = plan.method
+    merged = [r for r in dict.fromkeys(m_.model for m_ in plan.recipe.config.models or []) if r != plan.base_model]
+    lines = [f"# {name}", "",
+             f"This is a merge of pre-trained language models created with [mergesmith](https://pypi.org/project/"
+             f"mergesmith/) {__version__}.", "", "## Merge Details", "", "### Merge Method", ""]
+    if plan.base_model:
+        lines.append(f"This model was merged using the [{m.pretty}]({m.url}) merge method using {plan.base_model} "
+                     "as a base.")
+    else:
+        lines.append(f"This model was merged using the [{m.pretty}]({m.url}) merge method.")
+    if m.randomized:
+        lines += ["", f"Random choices were drawn from seed {plan.seed}; the same seed reproduces this model "
+                      "byte for byte."]
+    lines += ["", "### Models Merged", "", "The following models were included in the merge:"]
+    lines += [f"* {r}" for r in merged]
+    lines += ["", "### Configuration", "", "The following YAML configuration was used to produce this model:", "",
+              "```yaml", plan.recipe.to_yaml(seed=plan.seed).rstrip(), "```", ""]
+    return "\n".join(front + lines)
+
+
+def write_folder(plan: Plan, out: Path, name: str, tokenizer: bool = True, card: bool = True,
+                 chat_template: Optional[str] = None) -> None:
+    write_config(plan, out)
+    if tokenizer:
+        copy_tokenizer(plan, out, chat_template)
+    write_recipe_copy(plan, out)
+    if card:
+        (out / "README.md").write_text(model_card(plan, name), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Input and output: model resolution and indexing, and the streaming safetensors writer."""

@@ -1,0 +1,234 @@
+"""ModelIndex: where each tensor of a model lives, from file headers alone (no tensor data read).
+
+safetensors headers are parsed and checked here once (size, JSON, dtypes, shapes, offsets in range, no overlaps),
+so that a corrupt or lying file is refused before any work. Tensor data is then read lazily through safetensors'
+memory-mapped `safe_open`. `pytorch_model*.bin` files load only through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from mergesmith.errors import MergeError
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+ST_DTYPES: Dict[str, Tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_safetensors_header(path: Path) -> Dict[str, Any]:
+    """Parse and validate a safetensors header; returns {name: {dtype, shape, data_offsets}} (+ __metadata__)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MergeError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER or n > size - 8:
+                raise MergeError(f"{path}: safetensors header size {n} is impossible for a {size}-byte file "
+                                 "(truncated or not a safetensors file)")
+            raw = f.read(n)
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MergeError(f"{path}: safetensors header is not valid JSON (corrupt file?)") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path}: safetensors header is not a JSON object")
+    data_len = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise MergeError(f"{path}: tensor {name!r}: header entry is not an object")
+        dt = info.get("dtype")
+        if dt not in ST_DTYPES:
+            raise MergeError(f"{path}: tensor {name!r}: unsupported dtype {dt!r}")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                  for s in shape):
+            raise MergeError(f"{path}: tensor {name!r}: bad shape {shape!r}")
+        off = info.get("data_offsets")
+        if (not isinstance(off, list) or len(off) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in off)):
+            raise MergeError(f"{path}: tensor {name!r}: bad data_offsets {off!r}")
+        b, e = off
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not (0 <= b <= e <= data_len):
+            raise MergeError(f"{path}: tensor {name!r}: data_offsets [{b}, {e}] lie outside the file's "
+                             f"{data_len} data bytes (truncated download?)")
+        if e - b != numel * ST_DTYPES[dt][1]:
+            raise MergeError(f"{path}: tensor {name!r}: {e - b} bytes stored for shape {shape} of {dt}")
+        spans.append((b, e, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise MergeError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file (corrupt header)")
+    return header
+
+
+class _BinFile:
+    """A pytorch_model*.bin loaded with weights_only=True (never arbitrary pickle code), memory-mapped."""
+
+    def __init__(self, path: Path):
+        try:
+            self.sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a refusal
+            raise MergeError(f"{path}: refused to load: it is not a plain weights file that loads with "
+                             f"weights_only=True ({type(e).__name__}); convert it to safetensors") from None
+        if not isinstance(self.sd, dict):
+            raise MergeError(f"{path}: does not hold a state dict")
+
+
+@dataclass
+class ModelIndex:
+    ref: str
+    path: Path
+    tensors: Dict[str, TensorInfo] = field(default_factory=dict)
+    config: Optional[Dict[str, Any]] = None
+    _handles: Dict[Path, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def _handle(self, file: Path):
+        with self._lock:
+            h = self._handles.get(file)
+            if h is None:
+                if file.suffix == ".safetensors":
+                    from safetensors import safe_open
+
+                    h = safe_open(str(file), framework="pt", device="cpu")
+                else:
+                    h = _BinFile(file)
+                self._handles[file] = h
+            return h
+
+    def read(self, name: str, rows: Optional[Tuple[int, int]] = None,
+             take: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+        """Read one tensor (or rows [a, b) of it; or its leading sub-block `take`) in its stored dtype."""
+        info = self.tensors[name]
+        h = self._handle(info.file)
+        if isinstance(h, _BinFile):
+            t = h.sd[name]
+            if take is not None:
+                t = t[tuple(slice(0, s) for s in take)]
+            return t[rows[0]:rows[1]].clone() if rows else t.clone()
+        if take is not None or rows is not None:
+            sl = h.get_slice(name)
+            idx = tuple(slice(0, s) for s in take) if take is not None else (slice(None),)
+            if rows is not None:
+                first = idx[0]
+                stop = first.stop if first.stop is not None else info.shape[0]
+                idx = (slice(rows[0], min(rows[1], stop)),) + idx[1:]
+            return sl[idx]
+        return h.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: unreadable JSON ({e})") from None
+
+
+def _safe_name(folder: Path, name: str) -> Path:
+    p = (folder / name).resolve()
+    if folder.resolve() not in p.parents:
+        raise MergeError(f"{folder}: index names a file outside the model folder: {name!r}")
+    return p
+
+
+def index_model(ref: str, path: Path) -> ModelIndex:
+    """Index a model folder (sharded or single safetensors, or .bin) or a single weights file."""
+    idx = ModelIndex(ref=ref, path=path)
+    files: List[Path]
+    if path.is_file():
+        files = [path]
+        folder = path.parent
+    else:
+        folder = path
+        st_index = path / "model.safetensors.index.json"
+        bin_index = path / "pytorch_model.bin.index.json"
+        if st_index.exists():
+            wm = _load_json(st_index).get("weight_map")
+            if not isinstance(wm, dict):
+                raise MergeError(f"{st_index}: no weight_map")
+            files = sorted({_safe_name(path, f) for f in wm.values()})
+        elif list(path.glob("*.safetensors")):
+            files = sorted(path.glob("*.safetensors"))
+        elif bin_index.exists():
+            wm = _load_json(bin_index).get("weight_map") or {}
+            files = sorted({_safe_name(path, f) for f in wm.values()})
+        elif (path / "pytorch_model.bin").exists():
+            files = [path / "pytorch_model.bin"]
+        else:
+            raise MergeError(f"model {ref}: no weights in {path} (expected *.safetensors or pytorch_model.bin)")
+        for f in files:
+            if not f.exists():
+                raise MergeError(f"model {ref}: {f.name} is listed in the index but missing (incomplete download?)")
+    if (folder / "config.json").exists():
+        cfg = _load_json(folder / "config.json")
+        idx.config = cfg if isinstance(cfg, dict) else None
+    for f in files:
+        if f.suffix == ".safetensors":
+            header = read_safetensors_header(f)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dt, size = ST_DTYPES[info["dtype"]]
+                shape = tuple(info["shape"])
+                b, e = info["data_offsets"]
+                idx.tensors[name] = TensorInfo(name, f, dt, shape, e - b)
+        else:
+            sd = idx._handle(f).sd
+            for name, t in sd.items():
+                if isinstance(t, torch.Tensor):
+                    idx.tensors[name] = TensorInfo(name, f, t.dtype, tuple(t.shape), t.numel() * t.element_size())
+    if not idx.tensors:
+        raise MergeError(f"model {ref}: {path} holds no tensors")
+    return idx
+
+
+def model_folder(idx: ModelIndex) -> Path:
+    return idx.path if idx.path.is_dir() else idx.path.parent
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

@@ -1,0 +1,157 @@
+"""Streaming safetensors writer.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}`
+(plus `__metadata__`), then the raw bytes, contiguous in header order. With every output tensor's name, dtype and
+shape known before the first is computed, each shard's header is written first and each tensor's bytes are written
+to their place (`os.pwrite`) as soon as they exist: no shard is ever held in memory, and tensors may arrive in any
+order, from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from mergesmith.errors import MergeError
+from mergesmith.io.index import ST_DTYPES, TORCH_TO_ST
+
+
+@dataclass
+class Slot:
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    shard: int = 0
+    offset: int = 0  # absolute byte offset in the shard file
+
+    @property
+    def nbytes(self) -> int:
+        n = ST_DTYPES[TORCH_TO_ST[self.dtype]][1]
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Layout:
+    """Where every output tensor goes: shard files, their headers, and each tensor's byte offset."""
+    slots: Dict[str, Slot]
+    files: List[str]
+    headers: List[bytes]
+    sizes: List[int] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.slots.values())
+
+
+def plan_layout(tensors: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], max_shard_bytes: int) -> Layout:
+    """Greedy sharding in the given order (a tensor larger than the limit gets a shard of its own), HF file names."""
+    groups: List[List[Slot]] = [[]]
+    size = 0
+    for name, dtype, shape in tensors:
+        s = Slot(name, dtype, tuple(shape))
+        if groups[-1] and size + s.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(s)
+        size += s.nbytes
+    n = len(groups)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    slots: Dict[str, Slot] = {}
+    headers, sizes = [], []
+    for i, group in enumerate(groups):
+        hdr: Dict[str, object] = {"__metadata__": {"format": "pt"}}
+        pos = 0
+        for s in group:
+            hdr[s.name] = {"dtype": TORCH_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+            s.offset = pos
+            pos += s.nbytes
+        raw = json.dumps(hdr, separators=(",", ":")).encode("utf-8")
+        raw += b" " * ((8 - (len(raw) + 8) % 8) % 8)  # keep tensor data 8-byte aligned
+        head = len(raw).to_bytes(8, "little") + raw
+        for s in group:
+            s.shard = i
+            s.offset += len(head)
+            slots[s.name] = s
+        headers.append(head)
+        sizes.append(len(head) + pos)
+    return Layout(slots=slots, files=files, headers=headers, sizes=sizes)
+
+
+class ShardWriter:
+    """Creates the shard files of a Layout and writes tensors into their slots."""
+
+    def __init__(self, folder: Path, layout: Layout, create: bool = True):
+        self.folder, self.layout = folder, layout
+        self.fds: List[int] = []
+        for name, head, size in zip(layout.files, layout.headers, layout.sizes):
+            path = folder / name
+            flags = os.O_RDWR | (os.O_CREAT if create else 0)
+            fd = os.open(path, flags, 0o644)
+            self.fds.append(fd)
+            if create:
+                self._pwrite(fd, head, 0, name)
+                os.ftruncate(fd, size)
+
+    def _pwrite(self, fd: int, data, offset: int, what: str) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as e:
+            raise MergeError(f"writing {what} failed: {e.strerror} (disk full?)") from None
+
+    def write(self, name: str, tensor: torch.Tensor, row_offset: int = 0) -> None:
+        """Write a tensor (or a block of its leading rows, starting at `row_offset`) into its slot."""
+        slot = self.layout.slots[name]
+        if tensor.dtype != slot.dtype:
+            raise AssertionError(f"{name}: dtype {tensor.dtype} != planned {slot.dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        row_bytes = slot.nbytes // slot.shape[0] if slot.shape and slot.shape[0] else 0
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self._pwrite(self.fds[slot.shard], data, slot.offset + row_offset * row_bytes, name)
+
+    def read_back(self, name: str) -> bytes:
+        slot = self.layout.slots[name]
+        return os.pread(self.fds[slot.shard], slot.nbytes, slot.offset)
+
+    def close(self, sync: bool = True) -> None:
+        for fd in self.fds:
+            if sync:
+                os.fsync(fd)
+            os.close(fd)
+        self.fds = []
+
+
+def write_index(folder: Path, layout: Layout) -> None:
+    """model.safetensors.index.json for sharded outputs (none for a single file, as transformers does)."""
+    if len(layout.files) == 1:
+        return
+    index = {
+        "metadata": {"total_size": layout.total_bytes},
+        "weight_map": {s.name: layout.files[s.shard] for s in layout.slots.values()},
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '500M' -> 500_000_000, '2GiB' -> 2*1024**3, '1024' -> 1024."""
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+             "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise MergeError(f"bad size {text!r}: use bytes with an optional suffix, like 5GB or 500MB") from None
+    if unit not in units or value <= 0:
+        raise MergeError(f"bad size {text!r}: use bytes with an optional suffix, like 5GB or 500MB")
+    return int(value * units[unit])

@@ -1,0 +1,185 @@
+"""Merge methods: a registry of names, parameter specs and pure kernels.
+
+Parameters are scoped as in mergekit: `shared` ones (normalize, lambda, ...) are read from the global and slice
+`parameters:` only; `input` ones (weight, density, epsilon, gamma) are read per model, the model's own
+`parameters:` first. `non_base` input parameters are not resolved for the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from mergesmith.methods.linear import linear
+from mergesmith.methods.task_arithmetic import generalized_task_arithmetic
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type  # bool, float or str
+    scope: str  # "shared", "input" or "non_base"
+    default: Any = REQUIRED
+    choices: Tuple[str, ...] = ()
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    pretty: str
+    url: str
+    description: str
+    params: Tuple[Param, ...]
+    needs_base: bool
+    randomized: bool
+    merge: Callable[..., torch.Tensor] = field(repr=False)
+    # extra range checks: (shared, per_input) -> (offending parameter, message) or None
+    check: Optional[Callable[[Dict[str, Any], Dict[str, Any]], Optional[Tuple[str, str]]]] = field(
+        default=None, repr=False)
+
+    def param(self, name: str) -> Optional[Param]:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def shared_params(self) -> List[Param]:
+        return [p for p in self.params if p.scope == "shared"]
+
+    @property
+    def input_params(self) -> List[Param]:
+        return [p for p in self.params if p.scope != "shared"]
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register(m: Method) -> Method:
+    METHODS[m.name] = m
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear
+
+def _linear_merge(base: Optional[torch.Tensor], inputs: Sequence[torch.Tensor], shared: Dict[str, Any],
+                  per_input: Sequence[Dict[str, Any]], keys: Sequence[int]) -> torch.Tensor:
+    return linear(inputs, [p["weight"] for p in per_input], normalize=shared["normalize"])
+
+
+register(Method(
+    name="linear", pretty="Linear", url="https://arxiv.org/abs/2203.05482",
+    description="Weighted average of the models (model soups).",
+    params=(
+        Param("weight", float, "input", doc="this model's weight"),
+        Param("normalize", bool, "shared", True, doc="divide by the sum of weights"),
+    ),
+    needs_base=False, randomized=False, merge=_linear_merge,
+))
+
+# ---------------------------------------------------------------------------------------------------------------
+# the task-arithmetic family
+
+
+def _gta(sparsification: Optional[str], consensus: Optional[str]):
+    def merge(base, inputs, shared, per_input, keys):
+        return generalized_task_arithmetic(
+            base, inputs,
+            weights=[p["weight"] for p in per_input],
+            densities=[p["density"] for p in per_input],
+            keys=keys, sparsification=sparsification, consensus=consensus,
+            normalize=shared["normalize"], rescale=shared["rescale"], lambda_=shared["lambda"],
+            epsilons=[p.get("epsilon", 0.15) for p in per_input],
+            gammas=[p.get("gamma", 0.01) for p in per_input],
+            rescale_mode=shared.get("rescale_mode", "l1"), rank_scope=shared.get("rank_scope", "row"),
+        )
+    return merge
+
+
+def _check_della(shared: Dict[str, Any], per_input: Dict[str, Any]) -> Optional[Tuple[str, str]]:
+    d, e = per_input["density"], per_input["epsilon"]
+    if d < 1 and d > 0 and (d - e <= 0 or d + e >= 1):
+        return "density", (f"density {d:g} with epsilon {e:g} gives keep probabilities from {d - e:g} to "
+                           f"{d + e:g}; density - epsilon and density + epsilon must both lie in (0, 1)")
+    if e < 0:
+        return "epsilon", f"epsilon {e:g} must be >= 0"
+    return None
+
+
+def _check_density(shared: Dict[str, Any], per_input: Dict[str, Any]) -> Optional[Tuple[str, str]]:
+    d = per_input.get("density", 1.0)
+    if not 0 <= d <= 1:
+        return "density", f"density {d:g} must lie in [0, 1]"
+    g = per_input.get("gamma")
+    if g is not None and not 0 <= g <= 1:
+        return "gamma", f"gamma {g:g} must lie in [0, 1]"
+    return None
+
+
+def _register_gta(name, pretty, url, description, sparsification, consensus, normalize, rescale):
+    params = [
+        Param("weight", float, "non_base", doc="this model's weight"),
+        Param("density", float, "non_base", 1.0, doc="fraction of the delta to keep"),
+        Param("int8_mask", bool, "shared", False, doc="accepted for compatibility (masks are booleans here)"),
+        Param("normalize", bool, "shared", normalize, doc="divide by the sum of contributing weights"),
+        Param("rescale", bool, "shared", rescale, doc="rescale kept deltas after sparsification"),
+        Param("lambda", float, "shared", 1.0, doc="scale of the merged delta"),
+    ]
+    if sparsification == "magnitude_outliers":
+        params.append(Param("gamma", float, "non_base", 0.01, doc="fraction of largest-magnitude outliers to drop"))
+    if sparsification == "della_magprune":
+        params.append(Param("epsilon", float, "non_base", 0.15,
+                            doc="half-width of the keep-probability range around density"))
+        params.append(Param("rank_scope", str, "shared", "row", ("row", "tensor"),
+                            doc="rank magnitudes per row (mergekit) or over the whole tensor (paper)"))
+    if sparsification in ("della_magprune", "random"):
+        params.append(Param("rescale_mode", str, "shared", "l1", ("l1", "inverse_prob"),
+                            doc="l1: match the delta's L1 norm (mergekit); inverse_prob: divide by keep probability"))
+
+    def check(shared, per_input):
+        msg = _check_density(shared, per_input)
+        if msg is None and sparsification == "della_magprune":
+            msg = _check_della(shared, per_input)
+        return msg
+
+    register(Method(
+        name=name, pretty=pretty, url=url, description=description, params=tuple(params), needs_base=True,
+        randomized=sparsification in ("random", "della_magprune"), merge=_gta(sparsification, consensus),
+        check=check,
+    ))
+
+
+_register_gta("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
+              "base + lambda * sum of weighted task vectors.", None, None, False, False)
+_register_gta("ties", "TIES", "https://arxiv.org/abs/2306.01708",
+              "Trim task vectors by magnitude, elect signs, merge the agreeing parts.", "magnitude", "sum", True, False)
+_register_gta("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
+              "Random drop-and-rescale of task vectors, then TIES sign consensus.", "random", "sum", False, True)
+_register_gta("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
+              "Random drop-and-rescale of task vectors, then a weighted sum.", "random", None, False, True)
+_register_gta("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
+              "Drop the largest outliers and the smallest deltas, then a weighted sum.",
+              "magnitude_outliers", None, False, False)
+_register_gta("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
+              "Breadcrumbs sparsification with TIES sign consensus.", "magnitude_outliers", "sum", False, False)
+_register_gta("della", "DELLA", "https://arxiv.org/abs/2406.11617",
+              "Magnitude-ranked random pruning (MagPrune), rescale, TIES sign consensus.",
+              "della_magprune", "sum", True, True)
+_register_gta("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
+              "Magnitude-ranked random pruning (MagPrune), rescale, weighted sum.", "della_magprune", None, False, True)
+
+
+def get_method(name: str) -> Method:
+    from mergesmith.errors import MergeError, did_you_mean
+
+    if name not in METHODS:
+        raise MergeError(f"unknown merge_method '{name}'{did_you_mean(name, METHODS)}; "
+                         f"known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,60 @@
+"""The task-arithmetic family (task_arithmetic, ties, dare_*, della*, breadcrumbs*) as one pure kernel."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from mergesmith.methods.sparsify import sign_consensus, sparsify
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    keys: Sequence[int],
+    sparsification: Optional[str] = None,
+    consensus: Optional[str] = None,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    epsilons: Optional[Sequence[float]] = None,
+    gammas: Optional[Sequence[float]] = None,
+    rescale_mode: str = "l1",
+    rank_scope: str = "row",
+) -> torch.Tensor:
+    """base + lambda * combine_i(w_i * sparsify(x_i - base)), all in float32.
+
+    combine is a plain sum, or with `consensus` the TIES disjoint merge: only elements whose sign agrees with the
+    elected sign are summed. With `normalize` the sum is divided by the sum of the weights that contributed
+    (per element under consensus; |sum| < 1e-8 or 0 counts as 1), as in mergekit.
+    """
+    if not inputs:
+        return base
+    n = len(inputs)
+    epsilons = epsilons or [0.15] * n
+    gammas = gammas or [0.01] * n
+    deltas = torch.stack([
+        sparsify(x - base, sparsification, densities[i], key=keys[i], rescale=rescale, epsilon=epsilons[i],
+                 gamma=gammas[i], rescale_mode=rescale_mode, rank_scope=rank_scope)
+        for i, x in enumerate(inputs)
+    ])
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).reshape((n,) + (1,) * base.dim())
+    weighted = deltas * w
+    del deltas
+    if consensus:
+        mask = sign_consensus(weighted, consensus)
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return base + mixed

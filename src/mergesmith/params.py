@@ -1,0 +1,173 @@
+"""Resolving a recipe's parameter values for one tensor, as mergekit does.
+
+A value is a scalar, a gradient (a list interpolated over the layer position t in [0, 1]), or a list of
+`{filter, value}` conditions (the first whose filter is a substring of the tensor name, or `*`, or absent, wins;
+no match falls through to the next source). Sources, highest precedence first: the model's own `parameters:`,
+the slice's, the recipe's global `parameters:`. Shared parameters (normalize, lambda, ...) never read a model's own.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from mergesmith.errors import MergeError, did_you_mean, warn
+from mergesmith.methods import Method, Param
+from mergesmith.recipe import ConditionalParameter, Recipe
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers)\.(\d+)(?:\.|$)")
+_EMBED_RE = re.compile(r"(embed_tokens|embed_in|embed_out|wte|word_embeddings|lm_head|tok_embeddings|output\.weight$)")
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The layer number in a tensor name (`model.layers.12.mlp...` -> 12), or None for non-layer tensors."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def is_embedding(name: str) -> bool:
+    """Token-embedding-like tensors (vocabulary on dim 0): embed_tokens, lm_head, wte, ..."""
+    return bool(_EMBED_RE.search(name))
+
+
+def layer_t(name: str, num_layers: int) -> float:
+    """mergekit's gradient position: layer i of L -> i/(L-1) (1 when L == 1); non-layer tensors -> 0."""
+    i = layer_index(name)
+    if i is None:
+        return 0.0
+    return i / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _validate(p: Param, value: Any) -> Any:
+    if p.kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise _Invalid(f"'{p.name}' must be true or false, got {value!r}")
+    if p.kind is float:
+        if isinstance(value, bool):
+            raise _Invalid(f"'{p.name}' must be a number, got {value!r}")
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise _Invalid(f"'{p.name}' must be a number, got {value!r}") from None
+        if not math.isfinite(v):
+            raise _Invalid(f"'{p.name}' must be finite, got {value!r}")
+        return v
+    if p.kind is str:
+        v = str(value)
+        if p.choices and v not in p.choices:
+            raise _Invalid(f"'{p.name}' must be one of {', '.join(p.choices)}, got {value!r}{did_you_mean(v, p.choices)}")
+        return v
+    return value
+
+
+def evaluate_setting(tensor_name: str, setting: Any, t: float, p: Param) -> Any:
+    """One source's value for `tensor_name` at layer position t, or None when its conditions do not match."""
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return _validate(p, setting)
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            values = [_validate(p, e) for e in setting]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                return values[int(t * (len(values) - 1))]
+            scaled = t * (len(values) - 1)
+            i0 = int(scaled)
+            i1 = min(len(values) - 1, i0 + 1)
+            frac = scaled - i0
+            return _validate(p, (1 - frac) * values[i0] + frac * values[i1])
+        for cond in setting:
+            if not isinstance(cond, ConditionalParameter):
+                raise _Invalid(f"'{p.name}': a list mixes plain values and filter conditions")
+            if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+                return evaluate_setting(tensor_name, cond.value, t, p)
+        return None
+    raise _Invalid(f"'{p.name}' has an unexpected value {setting!r}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `parameters:` mapping of the recipe and where it is."""
+    values: Dict[str, Any]
+    path: Tuple[Any, ...]
+
+
+class ParameterResolver:
+    """Resolves a method's parameters for each tensor of one output slice."""
+
+    def __init__(self, recipe: Recipe, method: Method, slice_index: Optional[int] = None):
+        self.recipe, self.method = recipe, method
+        c = recipe.config
+        self.global_src = Source(c.parameters or {}, ("parameters",))
+        self.slice_src: Optional[Source] = None
+        self.model_src: Dict[str, Source] = {}
+        if slice_index is None:
+            for i, m in enumerate(c.models or []):
+                if m.parameters is not None and m.model not in self.model_src:
+                    self.model_src[m.model] = Source(m.parameters, ("models", i, "parameters"))
+        else:
+            s = c.slices[slice_index]
+            self.slice_src = Source(s.parameters or {}, ("slices", slice_index, "parameters"))
+            for j, src in enumerate(s.sources):
+                if src.parameters is not None and src.model not in self.model_src:
+                    self.model_src[src.model] = Source(src.parameters, ("slices", slice_index, "sources", j, "parameters"))
+
+    def warn_unknown(self) -> None:
+        """Warn once about parameter names the method does not use (mergekit ignores them silently)."""
+        names = [p.name for p in self.method.params]
+        for src in [self.global_src, self.slice_src, *self.model_src.values()]:
+            if src is None:
+                continue
+            for k in src.values:
+                if self.method.param(k) is None:
+                    warn(f"{self.recipe.at(*src.path, k)}: parameter '{k}' is not used by {self.method.name}"
+                         f"{did_you_mean(k, names)}; ignored")
+
+    def _resolve(self, p: Param, sources: Sequence[Source], tensor_name: str, t: float, who: str) -> Any:
+        for src in sources:
+            if p.name in src.values:
+                try:
+                    v = evaluate_setting(tensor_name, src.values[p.name], t, p)
+                except _Invalid as e:
+                    raise MergeError(f"{self.recipe.at(*src.path, p.name)}: {e}") from None
+                if v is not None:
+                    return v
+        if p.required:
+            raise MergeError(f"{self.recipe.at(*(sources[0].path if sources else ()))}: missing required parameter "
+                             f"'{p.name}' for {who} (tensor {tensor_name}); add '{p.name}:' under its parameters")
+        return p.default
+
+    def resolve(self, tensor_name: str, t: float, models: Sequence[str], base_model: Optional[str]
+                ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        shared_sources = [s for s in (self.slice_src, self.global_src) if s is not None]
+        shared = {p.name: self._resolve(p, shared_sources, tensor_name, t, "the merge") for p in self.method.shared_params}
+        per_input = []
+        for m in models:
+            sources = [s for s in (self.model_src.get(m), self.slice_src, self.global_src) if s is not None]
+            vals = {}
+            for p in self.method.input_params:
+                if p.scope == "non_base" and m == base_model:
+                    continue
+                vals[p.name] = self._resolve(p, sources, tensor_name, t, f"model {m}")
+            per_input.append(vals)
+        return shared, per_input
+
+    def where(self, model: Optional[str], name: str) -> str:
+        """Recipe location of the setting that gives `name` for `model` (for range errors)."""
+        for src in [self.model_src.get(model) if model else None, self.slice_src, self.global_src]:
+            if src is not None and name in src.values:
+                return self.recipe.at(*src.path, name)
+        return self.recipe.at()

@@ -1,0 +1,317 @@
+"""The recipe: mergekit's YAML schema, parsed with line numbers and validated with pydantic.
+
+mergekit's schema is a contract: a recipe that runs there runs here, verbatim. mergekit silently ignores keys it
+does not know, so published recipes carry typos and stray keys; we run them with a warning that names the key, its
+line and the closest known key, and refuse them only with `strict=True`. Wrong types are errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mergesmith.errors import MergeError, did_you_mean, warn, where
+
+Path_ = Tuple[Union[str, int], ...]
+
+# --------------------------------------------------------------------------------------------------------------
+# Schema (mergekit 0.1.5 field names and shapes)
+
+Scalar = Union[bool, float, int, str]
+ScalarOrGradient = Union[Scalar, List[Scalar]]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class ConditionalParameter(_Model):
+    value: ScalarOrGradient
+    filter: Optional[str] = None
+
+
+ParameterSetting = Union[ConditionalParameter, List[ConditionalParameter], ScalarOrGradient]
+
+
+class InputModelDefinition(_Model):
+    model: str
+    parameters: Optional[Dict[str, ParameterSetting]] = None
+
+
+class InputSliceDefinition(_Model):
+    model: str
+    layer_range: Tuple[int, int]
+    parameters: Optional[Dict[str, ParameterSetting]] = None
+
+
+class OutputSliceDefinition(_Model):
+    sources: List[InputSliceDefinition]
+    base_model: Optional[str] = None
+    residual_weight: Optional[float] = None
+    parameters: Optional[Dict[str, ParameterSetting]] = None
+
+
+class TokenizerConfig(_Model):
+    source: str = "union"
+    tokens: Optional[Dict[str, Any]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
+class MergeConfiguration(_Model):
+    merge_method: str
+    models: Optional[List[InputModelDefinition]] = None
+    slices: Optional[List[OutputSliceDefinition]] = None
+    modules: Optional[Dict[str, Any]] = None
+    base_model: Optional[str] = None
+    parameters: Optional[Dict[str, ParameterSetting]] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerConfig] = None
+    chat_template: Optional[str] = None
+
+
+# Known keys per level, for the unknown-key warnings (path patterns use '*' for list items and dict values).
+_KNOWN: Dict[Path_, Tuple[str, ...]] = {
+    (): tuple(MergeConfiguration.model_fields),
+    ("models", "*"): tuple(InputModelDefinition.model_fields),
+    ("slices", "*"): tuple(OutputSliceDefinition.model_fields),
+    ("slices", "*", "sources", "*"): tuple(InputSliceDefinition.model_fields),
+    ("tokenizer",): tuple(TokenizerConfig.model_fields),
+}
+
+DTYPES = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+def _load_yaml(text: str, source: str) -> Tuple[Any, Dict[Path_, int], List[str]]:
+    """Parse YAML, returning (data, {path: line}, warnings). Duplicate keys: same value warns, else an error."""
+    loader = yaml.SafeLoader(text)
+    lines: Dict[Path_, int] = {}
+    notes: List[str] = []
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        loc = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise MergeError(f"{loc}: malformed YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise MergeError(f"{source}: malformed YAML: {e}") from None
+    finally:
+        loader.dispose()
+    if node is None:
+        raise MergeError(f"{source}: the recipe is empty")
+
+    def build(n: yaml.Node, path: Path_, depth: int = 0) -> Any:
+        if depth > 64:
+            raise MergeError(f"{where(source, n.start_mark.line + 1)}: YAML nested too deeply")
+        lines[path] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            out: Dict[Any, Any] = {}
+            key_line: Dict[Any, int] = {}
+            for knode, vnode in n.value:
+                if not isinstance(knode, yaml.ScalarNode):
+                    raise MergeError(f"{where(source, knode.start_mark.line + 1)}: a mapping key must be a plain value")
+                key = loader.construct_object(knode)
+                if not isinstance(key, (str, int, float, bool)) or key is None:
+                    key = str(key)
+                value = build(vnode, path + (key,), depth + 1)
+                kline = knode.start_mark.line + 1
+                if key in out:
+                    if out[key] == value:
+                        notes.append(
+                            f"{where(source, kline)}: '{key}' is given twice (lines {key_line[key]} and {kline}) "
+                            "with the same value; using it once"
+                        )
+                    else:
+                        raise MergeError(
+                            f"{where(source, kline)}: '{key}' is given twice with different values "
+                            f"(line {key_line[key]}: {out[key]!r}, line {kline}: {value!r}); keep one"
+                        )
+                out[key] = value
+                key_line[key] = kline
+                lines[path + (key,)] = kline
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [build(item, path + (i,), depth + 1) for i, item in enumerate(n.value)]
+        try:
+            return loader.construct_object(n, deep=True)
+        except yaml.YAMLError as e:
+            raise MergeError(f"{where(source, n.start_mark.line + 1)}: bad YAML value: {e}") from None
+
+    return build(node, ()), lines, notes
+
+
+def _pattern_of(path: Path_) -> Path_:
+    return tuple("*" if isinstance(p, int) else p for p in path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The parsed recipe
+
+
+@dataclass
+class Recipe:
+    config: MergeConfiguration
+    source: str = "<recipe>"
+    text: str = ""
+    lines: Dict[Path_, int] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+
+    def line(self, *path: Union[str, int]) -> Optional[int]:
+        """The line of the nearest enclosing recipe key for `path`."""
+        p = tuple(path)
+        while p:
+            if p in self.lines:
+                return self.lines[p]
+            p = p[:-1]
+        return self.lines.get(())
+
+    def at(self, *path: Union[str, int]) -> str:
+        return where(self.source, self.line(*path))
+
+    # -- the inputs in recipe order: (model reference, path of its key) ------------------------------------------
+    def model_refs(self) -> List[Tuple[str, Path_]]:
+        c = self.config
+        refs: List[Tuple[str, Path_]] = []
+        if c.models:
+            refs += [(m.model, ("models", i, "model")) for i, m in enumerate(c.models)]
+        if c.slices:
+            for si, s in enumerate(c.slices):
+                refs += [(src.model, ("slices", si, "sources", j, "model")) for j, src in enumerate(s.sources)]
+                if s.base_model:
+                    refs.append((s.base_model, ("slices", si, "base_model")))
+        if c.base_model:
+            refs.append((c.base_model, ("base_model",)))
+        if c.tokenizer_source and c.tokenizer_source not in ("base", "union"):
+            refs.append((c.tokenizer_source, ("tokenizer_source",)))
+        refs.sort(key=lambda r: self.line(*r[1]) or 0)
+        seen, out = set(), []
+        for ref, path in refs:
+            if ref not in seen:
+                seen.add(ref)
+                out.append((ref, path))
+        return out
+
+    def to_yaml(self, seed: Optional[int] = None, header: str = "") -> str:
+        data = self.config.model_dump(exclude_none=True, mode="json")
+        body = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
+        head = header
+        if seed is not None:
+            head += f"# seed: {seed}  (reproduce with: mergesmith run mergesmith_config.yml OUT_DIR --seed {seed})\n"
+        return head + body
+
+
+def parse_recipe(text: str, source: str = "<recipe>", strict: bool = False) -> Recipe:
+    """Parse and validate a recipe's text. Raises MergeError naming the line on any problem."""
+    data, lines, notes = _load_yaml(text, source)
+    if not isinstance(data, dict):
+        raise MergeError(f"{where(source, 1)}: a recipe is a YAML mapping (keys like merge_method:, models:)")
+
+    def loc(path: Path_) -> str:
+        p = tuple(path)
+        while p and p not in lines:
+            p = p[:-1]
+        return where(source, lines.get(p))
+
+    # Unknown keys: warn (mergekit ignores them) or refuse under strict.
+    def scrub(obj: Any, path: Path_) -> Any:
+        if isinstance(obj, dict):
+            known = _KNOWN.get(_pattern_of(path))
+            out = {}
+            for k, v in obj.items():
+                if known is not None and k not in known:
+                    msg = f"{loc(path + (k,))}: unknown key '{k}'{did_you_mean(k, known)}; mergekit ignores it"
+                    if strict:
+                        raise MergeError(msg + " (refused under --strict)")
+                    notes.append(msg + ", and so do we")
+                    continue
+                if k == "parameters":
+                    out[k] = v  # parameter names are checked against the method later
+                else:
+                    out[k] = scrub(v, path + (k,))
+            return out
+        if isinstance(obj, list):
+            return [scrub(v, path + (i,)) for i, v in enumerate(obj)]
+        return obj
+
+    clean = scrub(data, ())
+    if "merge_method" not in clean:
+        raise MergeError(f"{where(source, 1)}: the recipe has no 'merge_method:' (for example: merge_method: linear)")
+    try:
+        config = MergeConfiguration.model_validate(clean)
+    except ValidationError as e:
+        err = e.errors()[0]
+        path = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or "[" in p)))
+        key = ".".join(str(p) for p in path) or "recipe"
+        got = err.get("input")
+        got_s = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 60 else type(got).__name__
+        if err["type"] == "missing":
+            raise MergeError(f"{loc(path[:-1])}: '{key}' is required") from None
+        raise MergeError(f"{loc(path)}: '{key}' has a wrong value {got_s}: {err['msg']}") from None
+
+    recipe = Recipe(config=config, source=source, text=text, lines=lines, warnings=notes)
+    _check_structure(recipe, strict)
+    for n in notes:
+        warn(n)
+    return recipe
+
+
+def _check_structure(r: Recipe, strict: bool) -> None:
+    c = r.config
+    given = [k for k in ("models", "slices", "modules") if getattr(c, k)]
+    if len(given) != 1:
+        raise MergeError(
+            f"{r.at()}: a recipe needs exactly one of 'models:' or 'slices:' "
+            f"({'neither' if not given else 'got ' + ' and '.join(given)})"
+        )
+    if c.modules:
+        raise MergeError(f"{r.at('modules')}: 'modules:' (multi-module merges) is not supported yet; use 'models:'")
+    for key in ("dtype", "out_dtype"):
+        v = getattr(c, key)
+        if v is not None:
+            if v not in DTYPES:
+                raise MergeError(f"{r.at(key)}: {key} '{v}' is not a dtype{did_you_mean(v, DTYPES)}; "
+                                 "use bfloat16, float16 or float32")
+    if c.tokenizer_source and c.tokenizer:
+        raise MergeError(f"{r.at('tokenizer')}: give either 'tokenizer_source:' or 'tokenizer:', not both")
+    for si, s in enumerate(c.slices or []):
+        lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
+        if len(lens) > 1:
+            raise MergeError(f"{r.at('slices', si)}: every source of a slice needs the same number of layers")
+        for j, src in enumerate(s.sources):
+            a, b = src.layer_range
+            if not (0 <= a < b):
+                raise MergeError(f"{r.at('slices', si, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] "
+                                 "must be [start, end) with 0 <= start < end")
+
+
+def load_recipe(path: Union[str, Path], strict: bool = False) -> Recipe:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MergeError(f"recipe not found: {p}") from None
+    except IsADirectoryError:
+        raise MergeError(f"recipe is a folder, not a YAML file: {p}") from None
+    except UnicodeDecodeError as e:
+        raise MergeError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise MergeError(f"cannot read recipe {p}: {e.strerror}") from None
+    return parse_recipe(text, source=p.name, strict=strict)
+
+
+def normalize_dtype(name: Optional[str]) -> Optional[str]:
+    return None if name is None else DTYPES[name]
+

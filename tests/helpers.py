@@ -1,0 +1,107 @@
+"""Small models and recipes made in the tests (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tokenizer(folder: Path) -> None:
+    """A tiny byte-level BPE tokenizer with ChatML special tokens, saved in HF layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["hello world, merging models is fun", "the quick brown fox jumps over the lazy dog"] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(folder))
+
+
+def make_mistral(folder: Path, seed: int, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 320,
+                 dtype=torch.bfloat16, shard: Optional[str] = None, from_state: Optional[Dict] = None,
+                 noise: float = 0.0, tokenizer: bool = True) -> Dict[str, torch.Tensor]:
+    """Save a small MistralForCausalLM; returns its state dict (float32 copies)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                        max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(cfg)
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if from_state is not None:
+                p.copy_(from_state[name])
+            if noise:
+                p.add_(torch.randn(p.shape, generator=g) * noise)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(str(folder), **kwargs)
+    if tokenizer:
+        make_tokenizer(folder)
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+def read_folder(folder: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    idx = folder / "model.safetensors.index.json"
+    if idx.exists():
+        files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out: Dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(folder / f)))
+    return out
+
+
+def family(root: Path, n_ft: int = 3, **kw) -> List[Path]:
+    """Base + n_ft fine-tunes (base + dense noise), in bf16. Returns [base, ft1, ...]."""
+    base = root / "base"
+    sd = make_mistral(base, seed=0, **kw)
+    paths = [base]
+    for i in range(n_ft):
+        p = root / f"ft{i + 1}"
+        make_mistral(p, seed=10 + i, from_state=sd, noise=0.02, **kw)
+        paths.append(p)
+    return paths
+
+
+SEED_RECIPE = """models:
+  - model: {ft1}
+    parameters:
+      weight: 0.3
+      density: 0.25
+  - model: {ft2}
+    parameters:
+      weight: 0.1
+      density: 0.4
+  - model: {ft3}
+    parameters:
+      weight: 0.4
+      density: 0.5
+merge_method: della_linear
+base_model: {base}
+parameters:
+  epsilon: 0.05
+  lambda: 1
+merge_method: della_linear
+dtype: bfloat16
+"""
