@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from mergesmith.methods.exact import integer_weights
 from mergesmith.methods.sparsify import sign_consensus, sparsify
 
 
@@ -41,20 +42,25 @@ def generalized_task_arithmetic(
                  gamma=gammas[i], rescale_mode=rescale_mode, rank_scope=rank_scope)
         for i, x in enumerate(inputs)
     ])
-    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).reshape((n,) + (1,) * base.dim())
-    weighted = deltas * w
-    del deltas
+    # w_i = nums_i / den exactly: products and small sums stay exact in float32 (see methods/exact.py)
+    nums, den = integer_weights(weights)
+    w = torch.tensor(nums, dtype=deltas.dtype, device=deltas.device).reshape((n,) + (1,) * base.dim())
+    weighted = deltas.mul_(w)
     if consensus:
         mask = sign_consensus(weighted, consensus)
         mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        if normalize:
+            divisor = (w * mask).sum(dim=0)  # in units of 1/den, like mixed: den cancels
+            mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        elif den != 1:
+            mixed = mixed / den
     else:
         mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    if normalize:
-        mixed = mixed / divisor
+        total = sum(nums) / den
+        divisor = sum(nums) if normalize and abs(total) >= 1e-8 else den
+        if divisor != 1:
+            mixed = mixed / divisor
+    del weighted
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
