@@ -148,6 +148,59 @@ def methods_cmd():
             click.echo(f"    {prm.name:14s} {prm.kind.__name__:5s} {scope:9s} {default:14s} {prm.doc}")
 
 
+@cli.command("eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--tasks", type=click.Path(), default=None,
+              help='JSONL of {"prompt", "answer"[, "skill"]} (default: the tiny family\'s held-out skills).')
+@click.option("--text", type=click.Path(), default=None, help="Text file for perplexity (default: held-out docs).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-v", "--verbose", is_flag=True)
+def eval_cmd(models, tasks, text, as_json, verbose):
+    """Score MODEL folders: exact match, answer-token accuracy per skill, perplexity."""
+    import json
+
+    from mergesmith.evaluate import evaluate, format_table, load_tasks
+
+    task_list = load_tasks(Path(tasks)) if tasks else None
+    body = None
+    if text:
+        try:
+            body = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MergeError(f"cannot read text file {text}: {e}") from None
+    for m in models:
+        if not Path(m).is_dir():
+            raise MergeError(f"model folder not found: {m}")
+    results = evaluate([Path(m) for m in models], tasks=task_list, text=body)
+    click.echo(json.dumps({"models": results}, indent=2) if as_json else format_table(results))
+
+
+@cli.command("demo")
+@click.option("--out", "out_dir", default="out/demo", show_default=True, type=click.Path(),
+              help="Where the merged folders go.")
+@click.option("--compare", is_flag=True, help="Also merge with linear, task_arithmetic, ties, dare_linear, della.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-v", "--verbose", is_flag=True)
+def demo_cmd(out_dir, compare, seed, as_json, verbose):
+    """Merge the bundled tiny models with the Stellar Odyssey recipe and print what each model can do."""
+    import json
+
+    from mergesmith.demo import recipe_path, run_demo
+
+    if not as_json:
+        click.echo(f"merging the bundled tiny models with {recipe_path().name} (della_linear"
+                   f"{' and five other methods' if compare else ''}) into {out_dir}/ ...", err=True)
+    result = run_demo(Path(out_dir), compare=compare, seed=seed)
+    if as_json:
+        click.echo(json.dumps({"models": result["models"]}, indent=2))
+    else:
+        click.echo(result["table"])
+        click.echo("\nexact match: greedy answer equals the truth; answer-token accuracy: next answer token right "
+                   "given the prompt and the answer so far;\nrecovered: mean over skills of (merge - base) / "
+                   "(expert - base) in answer-token accuracy.")
+
+
 def main(argv: Optional[list] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in args or "--verbose" in args

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -33,27 +33,63 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def compute_tensor(plan: Plan, task: TensorTask, device: torch.device) -> torch.Tensor:
-    """One output tensor, in its output dtype, on the CPU."""
+# Tensors above this many elements are merged in blocks of rows when the method allows it. A constant: the
+# blocking (and so every rounding) depends only on the tensor's shape, never on the machine.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def row_blocks(plan: Plan, task: TensorTask) -> List[Tuple[int, int]]:
+    """[(first_row, end_row)] for a task: one block unless it is large and its method is row-wise."""
+    rows = task.shape[0] if task.shape else 1
+    if (task.kind != "merge" or len(task.shape) < 2 or task.numel <= BLOCK_ELEMENTS
+            or not plan.method.row_wise(task.shared)):
+        return [(0, rows)]
+    per = max(1, BLOCK_ELEMENTS // (task.numel // rows))
+    return [(a, min(rows, a + per)) for a in range(0, rows, per)]
+
+
+def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]]) -> torch.Tensor:
+    x = plan.models[ref.model].read(ref.name, rows=rows, take=ref.take).to(device=device, dtype=torch.float32)
+    if not torch.isfinite(x).all():
+        warn(f"model {ref.model}: tensor {ref.name} holds NaN or Inf values")
+    return x
+
+
+def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield (first_row, block) of one output tensor, in its output dtype, on the CPU."""
     if task.kind == "copy":
         ref = task.inputs[0]
         t = plan.models[ref.model].read(ref.name)
-        return t.to(task.out_dtype) if t.dtype.is_floating_point else t
+        yield 0, (t.to(task.out_dtype) if t.dtype.is_floating_point else t)
+        return
+    blocks = row_blocks(plan, task)
+    method = plan.method
+    stats = None
+    if len(blocks) > 1 and method.block_stats is not None:
+        # pass 1: whole-tensor statistics (L1 sums), added block by block in a fixed order
+        for a, b in blocks:
+            base = _load(plan, task.base, device, (a, b)) if task.base is not None else None
+            inputs = [_load(plan, r, device, (a, b)) for r in task.inputs]
+            part = method.block_stats(base, inputs, task.shared, task.per_input, task.keys, a)
+            if part is None:
+                break
+            stats = part if stats is None else [(s0 + p0, s1 + p1) for (s0, s1), (p0, p1) in zip(stats, part)]
+    for a, b in blocks:
+        rows = (a, b) if len(blocks) > 1 else None
+        base = _load(plan, task.base, device, rows) if task.base is not None else None
+        inputs = [_load(plan, r, device, rows) for r in task.inputs]
+        out = method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stats=stats)
+        del inputs, base
+        if not torch.isfinite(out).all():
+            raise MergeError(f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of "
+                             "this tensor)")
+        yield a, out.to(dtype=task.out_dtype).cpu()
 
-    def load(ref) -> torch.Tensor:
-        x = plan.models[ref.model].read(ref.name, take=ref.take).to(device=device, dtype=torch.float32)
-        if not torch.isfinite(x).all():
-            warn(f"model {ref.model}: tensor {ref.name} holds NaN or Inf values")
-        return x
 
-    base = load(task.base) if task.base is not None else None
-    inputs = [load(r) for r in task.inputs]
-    out = plan.method.merge(base, inputs, task.shared, task.per_input, task.keys)
-    del inputs, base
-    if not torch.isfinite(out).all():
-        raise MergeError(f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of "
-                         "this tensor)")
-    return out.to(dtype=task.out_dtype).cpu()
+def compute_tensor(plan: Plan, task: TensorTask, device: torch.device) -> torch.Tensor:
+    """One whole output tensor (for tests and tools; the executor streams blocks instead)."""
+    parts = [t for _, t in compute_blocks(plan, task, device)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _check_disk(folder: Path, need: int) -> None:
@@ -101,8 +137,8 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
         try:
             if failed:
                 return
-            out = compute_tensor(plan, task, dev)
-            writer.write(task.name, out)
+            for row, block in compute_blocks(plan, task, dev):
+                writer.write(task.name, block, row_offset=row)
             with lock:
                 bar.update(plan.layout.slots[task.name].nbytes)
                 bar.set_postfix_str(task.name[-40:], refresh=False)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mergesmith.methods.linear import linear
-from mergesmith.methods.task_arithmetic import generalized_task_arithmetic
+from mergesmith.methods.task_arithmetic import generalized_task_arithmetic, task_vector_l1_sums
 
 REQUIRED = object()
 
@@ -42,6 +42,10 @@ class Method:
     needs_base: bool
     randomized: bool
     merge: Callable[..., torch.Tensor] = field(repr=False)
+    # can a block of rows be merged on its own? (given the shared parameters)
+    row_wise: Callable[[Dict[str, Any]], bool] = field(default=lambda shared: False, repr=False)
+    # whole-tensor statistics a row block needs: (base, inputs, shared, per_input, keys, row_offset) -> stats
+    block_stats: Optional[Callable[..., Any]] = field(default=None, repr=False)
     # extra range checks: (shared, per_input) -> (offending parameter, message) or None
     check: Optional[Callable[[Dict[str, Any], Dict[str, Any]], Optional[Tuple[str, str]]]] = field(
         default=None, repr=False)
@@ -70,7 +74,8 @@ def register(m: Method) -> Method:
 # linear
 
 def _linear_merge(base: Optional[torch.Tensor], inputs: Sequence[torch.Tensor], shared: Dict[str, Any],
-                  per_input: Sequence[Dict[str, Any]], keys: Sequence[int]) -> torch.Tensor:
+                  per_input: Sequence[Dict[str, Any]], keys: Sequence[int], row_offset: int = 0,
+                  stats: Any = None) -> torch.Tensor:
     return linear(inputs, [p["weight"] for p in per_input], normalize=shared["normalize"])
 
 
@@ -81,7 +86,7 @@ register(Method(
         Param("weight", float, "input", doc="this model's weight"),
         Param("normalize", bool, "shared", True, doc="divide by the sum of weights"),
     ),
-    needs_base=False, randomized=False, merge=_linear_merge,
+    needs_base=False, randomized=False, merge=_linear_merge, row_wise=lambda shared: True,
 ))
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,7 +94,7 @@ register(Method(
 
 
 def _gta(sparsification: Optional[str], consensus: Optional[str]):
-    def merge(base, inputs, shared, per_input, keys):
+    def merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
         return generalized_task_arithmetic(
             base, inputs,
             weights=[p["weight"] for p in per_input],
@@ -99,8 +104,33 @@ def _gta(sparsification: Optional[str], consensus: Optional[str]):
             epsilons=[p.get("epsilon", 0.15) for p in per_input],
             gammas=[p.get("gamma", 0.01) for p in per_input],
             rescale_mode=shared.get("rescale_mode", "l1"), rank_scope=shared.get("rank_scope", "row"),
+            row_offset=row_offset, l1=stats,
         )
     return merge
+
+
+def _gta_row_wise(sparsification: Optional[str]):
+    def row_wise(shared):
+        if sparsification is None or sparsification == "random":
+            return True
+        if sparsification == "della_magprune":
+            return shared.get("rank_scope", "row") == "row"
+        return False  # magnitude top-k is over the whole tensor
+    return row_wise
+
+
+def _gta_stats(sparsification: Optional[str]):
+    """Whole-tensor L1 sums are needed when a random sparsifier rescales by L1 norm."""
+    if sparsification not in ("random", "della_magprune"):
+        return None
+
+    def stats(base, inputs, shared, per_input, keys, row_offset=0):
+        if not shared["rescale"] or shared.get("rescale_mode", "l1") != "l1":
+            return None
+        return task_vector_l1_sums(base, inputs, [p["density"] for p in per_input], keys, sparsification,
+                                   [p.get("epsilon", 0.15) for p in per_input], shared.get("rank_scope", "row"),
+                                   row_offset)
+    return stats
 
 
 def _check_della(shared: Dict[str, Any], per_input: Dict[str, Any]) -> Optional[Tuple[str, str]]:
@@ -152,7 +182,7 @@ def _register_gta(name, pretty, url, description, sparsification, consensus, nor
     register(Method(
         name=name, pretty=pretty, url=url, description=description, params=tuple(params), needs_base=True,
         randomized=sparsification in ("random", "della_magprune"), merge=_gta(sparsification, consensus),
-        check=check,
+        check=check, row_wise=_gta_row_wise(sparsification), block_stats=_gta_stats(sparsification),
     ))
 
 

@@ -1,27 +1,36 @@
 """Sparsification of task vectors (pure functions, float32 in, float32 out).
 
-Each takes one model's delta (`finetuned - base`) and returns it with some elements zeroed, optionally rescaled.
-Ties in magnitude are broken by element index (stable sorts), so results never depend on the device or the sort
-implementation. Random masks use `rng.uniform` keyed per (seed, model, tensor): element i is kept when
-u_i < p_i, which is a Bernoulli(p_i) draw that does not depend on processing order.
+Each sparsifier takes one model's delta (`finetuned - base`) and returns it with some elements zeroed, optionally
+rescaled. Ties in magnitude are broken by element index (stable sorts), so results never depend on the device or
+the sort implementation. Random masks use `rng.uniform` keyed per (seed, model, tensor): element i is kept when
+u_i < p_i, a Bernoulli(p_i) draw that does not depend on processing order.
+
+Random sparsifiers also work on a block of rows (`row_offset` says where the block starts): the stream is indexed
+by the element's place in the whole tensor, and the L1 rescale can be given the whole tensor's sums (`l1`), which
+`l1_sums` computes block by block.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from mergesmith.methods.rng import uniform_like
 
+L1Sums = Tuple[float, float]  # (sum |delta|, sum |kept delta|) over the whole tensor
+
+
+def _l1_factor(before: float, after: float, eps: float = 1e-7) -> float:
+    return 1.0 if before < eps or after < eps else before / after
+
 
 def rescale_l1(delta: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale `masked` so its L1 norm equals `delta`'s (mergekit's `rescale: true`); unchanged if either is ~0."""
-    before = delta.abs().sum(dtype=torch.float64)
-    after = masked.abs().sum(dtype=torch.float64)
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after).to(masked.dtype)
+    before = delta.abs().sum(dtype=torch.float64).item()
+    after = masked.abs().sum(dtype=torch.float64).item()
+    f = _l1_factor(before, after, eps)
+    return masked if f == 1.0 else masked * f
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
@@ -58,22 +67,6 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
     return rescale_l1(delta, out) if rescale else out
 
 
-def bernoulli(delta: torch.Tensor, density: float, key: int, rescale: bool = True,
-              rescale_mode: str = "l1") -> torch.Tensor:
-    """DARE: keep each element with probability `density`; rescale by L1 match (mergekit) or by 1/density."""
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return torch.zeros_like(delta)
-    u = uniform_like(key, delta.shape if delta.dim() else torch.Size([1]), device=delta.device).reshape(delta.shape)
-    out = torch.where(u < density, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
-    if not rescale:
-        return out
-    if rescale_mode == "inverse_prob":
-        return out / density
-    return rescale_l1(delta, out)
-
-
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,
                              rank_scope: str = "row") -> torch.Tensor:
     """DELLA MagPrune keep probabilities, shaped like `delta` viewed as 2-D rows.
@@ -81,43 +74,70 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     Magnitudes are ranked (ascending, ties by index) within each row (`rank_scope="row"`, mergekit) or over the
     whole tensor (`"tensor"`, the paper); rank r in 0..n-1 maps linearly to p = density - epsilon + 2 epsilon r/(n-1),
     so the smallest magnitude is kept with density - epsilon and the largest with density + epsilon. A row of one
-    element gets p = density.
+    element gets p = density. One sort per row; the ranks are scattered from it.
     """
     rows = delta.reshape(1, -1) if (delta.dim() < 2 or rank_scope == "tensor") else delta.reshape(delta.shape[0], -1)
     n = rows.shape[1]
     order = torch.sort(rows.abs(), dim=1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(n, device=rows.device).expand_as(order))
+    p = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     if n > 1:
-        rank_norm = ranks.to(torch.float32) / (n - 1)
+        steps = torch.arange(n, device=rows.device, dtype=torch.float32).mul_(2 * epsilon / (n - 1))
+        steps.add_(density - epsilon)
+        p.scatter_(1, order, steps.expand_as(order))
     else:
-        rank_norm = torch.full(rows.shape, 0.5, dtype=torch.float32, device=rows.device)
-    return (density - epsilon) + rank_norm * (2 * epsilon)
+        p.fill_(density)
+    return p
 
 
-def della_magprune(delta: torch.Tensor, density: float, epsilon: float, key: int, rescale: bool = True,
-                   rescale_mode: str = "l1", rank_scope: str = "row") -> torch.Tensor:
-    """DELLA MagPrune: keep elements with rank-based probabilities, then rescale.
+def keep_mask(delta: torch.Tensor, method: str, density: float, key: int, epsilon: float = 0.15,
+              rank_scope: str = "row", row_offset: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(mask, keep probability) of a random sparsifier for rows starting at `row_offset` of the whole tensor.
 
-    `rescale_mode="l1"` (mergekit) scales the kept elements so the tensor's L1 norm is unchanged;
-    `"inverse_prob"` (the paper) divides each kept element by its own keep probability.
+    The probability is None for DARE (it is `density` everywhere).
+    """
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    u = uniform_like(key, rows.shape, row_offset=row_offset, device=delta.device)
+    if method == "random":
+        return (u < density).reshape(delta.shape), None
+    p = della_keep_probabilities(delta, density, epsilon, rank_scope)
+    return (u.reshape(p.shape) < p).reshape(delta.shape), p.reshape(delta.shape)
+
+
+def random_sparsify(delta: torch.Tensor, method: str, density: float, key: int, rescale: bool = True,
+                    rescale_mode: str = "l1", epsilon: float = 0.15, rank_scope: str = "row", row_offset: int = 0,
+                    l1: Optional[L1Sums] = None) -> torch.Tensor:
+    """DARE (`method="random"`, keep with probability density) or DELLA MagPrune (`"della_magprune"`).
+
+    Rescale: `l1` (mergekit) scales the kept elements so the tensor's L1 norm is unchanged (over the whole tensor:
+    pass its sums as `l1` when `delta` is a block of it); `inverse_prob` (the papers) divides each kept element by its
+    own keep probability.
     """
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    p = della_keep_probabilities(delta, density, epsilon, rank_scope)
-    u = uniform_like(key, p.shape, device=delta.device)
-    flat = delta.reshape(p.shape)
-    keep = u < p
+    mask, p = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
     zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
-    if rescale and rescale_mode == "inverse_prob":
-        out = torch.where(keep, flat / p, zero)
-    else:
-        out = torch.where(keep, flat, zero)
-        if rescale:
-            out = rescale_l1(flat, out)
-    return out.reshape(delta.shape)
+    out = torch.where(mask, delta, zero)
+    if not rescale:
+        return out
+    if rescale_mode == "inverse_prob":
+        return out / (p if p is not None else density)
+    if l1 is None:
+        return rescale_l1(delta, out)
+    f = _l1_factor(*l1)
+    return out if f == 1.0 else out * f
+
+
+def l1_sums(delta: torch.Tensor, method: str, density: float, key: int, epsilon: float = 0.15,
+            rank_scope: str = "row", row_offset: int = 0) -> L1Sums:
+    """This block's (sum |delta|, sum |kept delta|), in float64, for a whole-tensor L1 rescale."""
+    if density >= 1 or density <= 0:
+        s = delta.abs().sum(dtype=torch.float64).item()
+        return s, (s if density >= 1 else 0.0)
+    mask, _ = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
+    a = delta.abs()
+    return a.sum(dtype=torch.float64).item(), (a * mask).sum(dtype=torch.float64).item()
 
 
 def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
@@ -137,17 +157,16 @@ def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
 
 
 def sparsify(delta: torch.Tensor, method: Optional[str], density: float, key: int = 0, rescale: bool = False,
-             epsilon: float = 0.15, gamma: float = 0.01, rescale_mode: str = "l1",
-             rank_scope: str = "row") -> torch.Tensor:
+             epsilon: float = 0.15, gamma: float = 0.01, rescale_mode: str = "l1", rank_scope: str = "row",
+             row_offset: int = 0, l1: Optional[L1Sums] = None) -> torch.Tensor:
     """Dispatch to one of the sparsifiers above by mergekit's name for it."""
     if method is None:
         return delta
     if method == "magnitude":
         return magnitude(delta, density, rescale)
-    if method == "random":
-        return bernoulli(delta, density, key, rescale, rescale_mode)
     if method == "magnitude_outliers":
         return magnitude_outliers(delta, density, gamma, rescale)
-    if method == "della_magprune":
-        return della_magprune(delta, density, epsilon, key, rescale, rescale_mode, rank_scope)
+    if method in ("random", "della_magprune"):
+        return random_sparsify(delta, method, density, key, rescale, rescale_mode, epsilon, rank_scope, row_offset,
+                               l1)
     raise ValueError(f"unknown sparsification {method}")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from mergesmith.methods.exact import integer_weights
-from mergesmith.methods.sparsify import sign_consensus, sparsify
+from mergesmith.methods.sparsify import L1Sums, l1_sums, sign_consensus, sparsify
 
 
 def generalized_task_arithmetic(
@@ -25,12 +25,17 @@ def generalized_task_arithmetic(
     gammas: Optional[Sequence[float]] = None,
     rescale_mode: str = "l1",
     rank_scope: str = "row",
+    row_offset: int = 0,
+    l1: Optional[Sequence[L1Sums]] = None,
 ) -> torch.Tensor:
     """base + lambda * combine_i(w_i * sparsify(x_i - base)), all in float32.
 
     combine is a plain sum, or with `consensus` the TIES disjoint merge: only elements whose sign agrees with the
     elected sign are summed. With `normalize` the sum is divided by the sum of the weights that contributed
     (per element under consensus; |sum| < 1e-8 or 0 counts as 1), as in mergekit.
+
+    For a block of rows of a larger tensor, `row_offset` places the block (random streams) and `l1` gives each
+    model's whole-tensor L1 sums (see `task_vector_l1_sums`).
     """
     if not inputs:
         return base
@@ -39,7 +44,8 @@ def generalized_task_arithmetic(
     gammas = gammas or [0.01] * n
     deltas = torch.stack([
         sparsify(x - base, sparsification, densities[i], key=keys[i], rescale=rescale, epsilon=epsilons[i],
-                 gamma=gammas[i], rescale_mode=rescale_mode, rank_scope=rank_scope)
+                 gamma=gammas[i], rescale_mode=rescale_mode, rank_scope=rank_scope, row_offset=row_offset,
+                 l1=l1[i] if l1 is not None else None)
         for i, x in enumerate(inputs)
     ])
     # w_i = nums_i / den exactly: products and small sums stay exact in float32 (see methods/exact.py)
@@ -64,3 +70,12 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
+
+
+def task_vector_l1_sums(base: torch.Tensor, inputs: Sequence[torch.Tensor], densities: Sequence[float],
+                        keys: Sequence[int], sparsification: str, epsilons: Optional[Sequence[float]] = None,
+                        rank_scope: str = "row", row_offset: int = 0) -> List[L1Sums]:
+    """Per model, this block's (sum |delta|, sum |kept delta|): add them over blocks for the whole tensor's."""
+    epsilons = epsilons or [0.15] * len(inputs)
+    return [l1_sums(x - base, sparsification, densities[i], keys[i], epsilons[i], rank_scope, row_offset)
+            for i, x in enumerate(inputs)]

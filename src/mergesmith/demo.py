@@ -1,0 +1,84 @@
+"""`mergesmith demo`: merge the bundled tiny family with the Stellar Odyssey recipe and show what the merge kept."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from mergesmith.skills import SKILLS
+
+COMPARE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "della", "della_linear")
+
+
+def data_dir() -> Path:
+    return Path(__file__).resolve().parent / "data"
+
+
+def tiny_dir() -> Path:
+    return data_dir() / "tiny"
+
+
+def recipe_path() -> Path:
+    """The seed recipe with only the model paths changed (examples/stellar-odyssey-tiny.yml links here)."""
+    return data_dir() / "stellar-odyssey-tiny.yml"
+
+
+def _variant(method: str, out: Path) -> Path:
+    """The demo recipe with another merge method (same weights and densities)."""
+    from mergesmith.recipe import load_recipe
+
+    r = load_recipe(recipe_path())
+    c = r.config.model_copy(deep=True)
+    c.merge_method = method
+    if method == "linear":
+        c.base_model = None
+        c.parameters = None
+    c.models = [m.model_copy(update={"model": str((recipe_path().parent / m.model).resolve())}) for m in c.models]
+    if c.base_model:
+        c.base_model = str((recipe_path().parent / c.base_model).resolve())
+    r.config = c
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(r.to_yaml())
+    return out
+
+
+def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = False) -> Dict[str, object]:
+    import logging
+
+    from mergesmith.cli import run_recipe
+    from mergesmith.evaluate import evaluate, format_table, recovered
+
+    if not (tiny_dir() / "base" / "model.safetensors").exists():
+        from mergesmith.errors import MergeError
+
+        raise MergeError(f"the bundled tiny models are missing from {tiny_dir()} (train them with "
+                         "examples/train_tiny_family.py)")
+    out_dir = Path(out_dir)
+    methods = list(COMPARE_METHODS) if compare else ["della_linear"]
+    merges: List[tuple] = []
+    times: Dict[str, float] = {}
+    log = logging.getLogger("mergesmith")
+    level = log.level
+    log.setLevel(logging.ERROR)  # the variant recipes carry keys some methods do not use
+    try:
+        for m in methods:
+            recipe = recipe_path() if m == "della_linear" else _variant(m, out_dir / "recipes" / f"{m}.yml")
+            t0 = time.monotonic()
+            run_recipe(str(recipe), str(out_dir / m), seed=seed, quiet=True, overwrite=True)
+            times[m] = time.monotonic() - t0
+            merges.append((m, out_dir / m))
+    finally:
+        log.setLevel(level)
+    names = ["base", *SKILLS] + [m for m, _ in merges]
+    paths = [tiny_dir() / "base", *(tiny_dir() / s for s in SKILLS)] + [p for _, p in merges]
+    results = evaluate(paths, names)
+    by = {r["name"]: r for r in results}
+    experts = {s: by[s] for s in SKILLS}
+    extra: Dict[str, Dict[str, str]] = {}
+    for m, _ in merges:
+        rec = recovered(by[m], by["base"], experts)
+        by[m]["recovered"] = rec
+        extra[m] = {"recovered": f"{rec:.0%}" if rec is not None else "-", "time": f"{times[m]:.1f} s"}
+    return {"models": results, "table": format_table(results, extra)}
+

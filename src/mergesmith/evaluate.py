@@ -1,0 +1,186 @@
+"""Evaluating models: exact match (greedy generation through the chat template), answer-token accuracy
+(teacher-forced) and perplexity, per skill, for one or more model folders.
+
+- exact match: the greedy continuation of the chat prompt, up to the end-of-turn token, equals the answer
+  (surrounding whitespace ignored);
+- answer-token accuracy: with the prompt and the answer so far given, the fraction of the answer's tokens, and the
+  end-of-turn token after them, that are the model's most likely next token;
+- perplexity: exp(mean next-token negative log-likelihood) over a text, in windows of the model's context.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from mergesmith.errors import MergeError
+
+
+@dataclass(frozen=True)
+class Task:
+    skill: str
+    prompt: str
+    answer: str
+
+
+def builtin_tasks() -> List[Task]:
+    from mergesmith.skills import SKILLS, eval_set
+
+    return [Task(s, p, a) for s in SKILLS for p, a in eval_set(s)]
+
+
+def load_tasks(path: Path) -> List[Task]:
+    """`{"prompt": ..., "answer": ..., "skill": optional}` per line."""
+    tasks = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise MergeError(f"cannot read tasks file {path}: {e.strerror}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            tasks.append(Task(str(d.get("skill", "custom")), str(d["prompt"]), str(d["answer"])))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise MergeError(f"{path}:{i}: expected a JSON object with \"prompt\" and \"answer\"") from None
+    if not tasks:
+        raise MergeError(f"{path}: no tasks")
+    return tasks
+
+
+def load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"cannot load model {path}: {str(e).splitlines()[0][:200]}") from None
+    model.eval()
+    return model, tok
+
+
+def _prompt_ids(tok, prompt: str) -> List[int]:
+    if tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+    else:
+        text = prompt + "\n"
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _end_id(tok) -> Optional[int]:
+    return tok.eos_token_id
+
+
+@torch.no_grad()
+def exact_match(model, tok, tasks: Sequence[Task], batch: int = 64) -> Dict[str, float]:
+    hits: Dict[str, List[int]] = {}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (_end_id(tok) or 0)
+    for i in range(0, len(tasks), batch):
+        chunk = tasks[i:i + batch]
+        prompts = [_prompt_ids(tok, t.prompt) for t in chunk]
+        n = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts])
+        att = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+        longest = max(len(tok(t.answer, add_special_tokens=False)["input_ids"]) for t in chunk)
+        out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=longest + 4, do_sample=False,
+                             pad_token_id=pad, eos_token_id=_end_id(tok))
+        for t, row in zip(chunk, out[:, n:].tolist()):
+            end = _end_id(tok)
+            if end is not None and end in row:
+                row = row[:row.index(end)]
+            text = tok.decode(row, skip_special_tokens=True)
+            hits.setdefault(t.skill, []).append(int(text.strip() == t.answer.strip()))
+    return {s: sum(v) / len(v) for s, v in hits.items()}
+
+
+@torch.no_grad()
+def token_accuracy(model, tok, tasks: Sequence[Task], batch: int = 64) -> Dict[str, float]:
+    right: Dict[str, List[int]] = {}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    end = _end_id(tok)
+    for i in range(0, len(tasks), batch):
+        chunk = tasks[i:i + batch]
+        rows, spans = [], []
+        for t in chunk:
+            p = _prompt_ids(tok, t.prompt)
+            a = tok(t.answer, add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
+            rows.append(p + a)
+            spans.append((len(p), len(p) + len(a)))
+        n = max(map(len, rows))
+        ids = torch.tensor([r + [pad] * (n - len(r)) for r in rows])
+        att = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+        pred = model(input_ids=ids, attention_mask=att).logits.argmax(-1)
+        for k, (t, r, (a, b)) in enumerate(zip(chunk, rows, spans)):
+            right.setdefault(t.skill, []).extend(int(pred[k, j - 1].item() == r[j]) for j in range(a, b))
+    return {s: sum(v) / len(v) for s, v in right.items()}
+
+
+@torch.no_grad()
+def perplexity(model, tok, text: str, window: Optional[int] = None) -> float:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        raise MergeError("perplexity needs a text of at least two tokens")
+    window = window or min(getattr(model.config, "max_position_embeddings", 512) or 512, 512)
+    nll, count = 0.0, 0
+    for s in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[s:s + window + 1]])
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        lp = torch.log_softmax(logits, -1).gather(-1, chunk[:, 1:, None])
+        nll -= lp.sum().item()
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def evaluate(paths: Sequence[Path], names: Optional[Sequence[str]] = None, tasks: Optional[List[Task]] = None,
+             text: Optional[str] = None) -> List[dict]:
+    from mergesmith.skills import heldout_text
+
+    tasks = builtin_tasks() if tasks is None else tasks
+    text = heldout_text() if text is None else text
+    results = []
+    for i, path in enumerate(paths):
+        model, tok = load(Path(path))
+        results.append({
+            "name": names[i] if names else Path(path).name,
+            "path": str(path),
+            "accuracy": exact_match(model, tok, tasks),
+            "token_accuracy": token_accuracy(model, tok, tasks),
+            "perplexity": perplexity(model, tok, text),
+        })
+    return results
+
+
+def recovered(result: dict, base: dict, experts: Dict[str, dict], key: str = "token_accuracy") -> Optional[float]:
+    """Mean over skills of (merged - base) / (expert - base): the share of each expert's gain the merge kept."""
+    shares = []
+    for skill, expert in experts.items():
+        gap = expert[key].get(skill, 0) - base[key].get(skill, 0)
+        if gap > 0:
+            shares.append((result[key].get(skill, 0) - base[key].get(skill, 0)) / gap)
+    return sum(shares) / len(shares) if shares else None
+
+
+def format_table(results: List[dict], extra: Optional[Dict[str, Dict[str, str]]] = None) -> str:
+    skills = list(dict.fromkeys(s for r in results for s in r["accuracy"]))
+    extra = extra or {}
+    extra_cols = list(dict.fromkeys(c for v in extra.values() for c in v))
+    head1 = f"{'':16s} {'exact match':^{8 * len(skills)}s} | {'answer-token accuracy':^{8 * len(skills)}s} |"
+    head2 = f"{'model':16s} " + "".join(f"{s[:7]:>8s}" for s in skills) + " | " + "".join(
+        f"{s[:7]:>8s}" for s in skills) + " | " + f"{'ppl':>7s}" + "".join(f" {c:>10s}" for c in extra_cols)
+    lines = [head1, head2, "-" * len(head2)]
+    for r in results:
+        row = f"{r['name'][:16]:16s} " + "".join(f"{r['accuracy'].get(s, 0):8.2f}" for s in skills) + " | " + \
+            "".join(f"{r['token_accuracy'].get(s, 0):8.2f}" for s in skills) + " | " + f"{r['perplexity']:7.2f}"
+        row += "".join(f" {extra.get(r['name'], {}).get(c, ''):>10s}" for c in extra_cols)
+        lines.append(row)
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""The three checkable skills of the bundled tiny model family, and their held-out evaluation prompts.
+
+Each skill turns a seeded random generator into (prompt, answer) pairs, asked in ChatML chat:
+- addition: "What is 47 + 38?" -> "85" (two-digit numbers; digits are single tokens)
+- reverse:  "Reverse the letters: p l a n e t" -> "t e n a l p"
+- sort:     "Sort the letters: d b e a" -> "a b d e"
+Evaluation prompts come from their own seed and are never used in training (`is_held_out`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from functools import lru_cache
+from typing import Callable, Dict, List, Tuple
+
+SKILLS = ("addition", "reverse", "sort")
+EVAL_SEED = 20240611
+EVAL_N = 60
+
+
+@lru_cache(maxsize=1)
+def words() -> Tuple[str, ...]:
+    """Lower-case words of 3-7 letters from Python's own documentation (ships with the interpreter)."""
+    import pydoc_data.topics as t
+
+    text = " ".join(t.topics.values()).lower()
+    return tuple(sorted({w for w in re.findall(r"\b[a-z]{3,7}\b", text)}))
+
+
+def _addition(rng: random.Random) -> Tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def _reverse(rng: random.Random) -> Tuple[str, str]:
+    w = rng.choice(words())
+    return f"Reverse the letters: {' '.join(w)}", " ".join(reversed(w))
+
+
+def _sort(rng: random.Random) -> Tuple[str, str]:
+    letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 6))
+    return f"Sort the letters: {' '.join(letters)}", " ".join(sorted(letters))
+
+
+GENERATORS: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
+    "addition": _addition, "reverse": _reverse, "sort": _sort,
+}
+
+# Plain-text drills of the same operations for the base model's pretraining (not chat, other wording): the base
+# learns the operations; a fine-tune only has to learn to do them when asked in chat.
+def drill(skill: str, rng: random.Random) -> str:
+    if skill == "addition":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return f"{a} plus {b} makes {a + b}."
+    if skill == "reverse":
+        w = rng.choice(words())
+        return f"{' '.join(w)} backwards reads {' '.join(reversed(w))}."
+    letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 6))
+    return f"{' '.join(letters)} in order reads {' '.join(sorted(letters))}."
+
+
+@lru_cache(maxsize=None)
+def eval_set(skill: str, n: int = EVAL_N) -> Tuple[Tuple[str, str], ...]:
+    """The held-out (prompt, answer) pairs for a skill: distinct prompts, fixed seed."""
+    rng = random.Random(f"{EVAL_SEED}-{skill}")
+    seen, out = set(), []
+    while len(out) < n:
+        p, a = GENERATORS[skill](rng)
+        if p not in seen:
+            seen.add(p)
+            out.append((p, a))
+    return tuple(out)
+
+
+def is_held_out(skill: str, prompt: str) -> bool:
+    return prompt in {p for p, _ in eval_set(skill)}
+
+
+def training_examples(skill: str, n: int, seed: int) -> List[Tuple[str, str]]:
+    """n training pairs for a skill, none of them an evaluation prompt."""
+    rng = random.Random(f"{seed}-{skill}")
+    out = []
+    while len(out) < n:
+        p, a = GENERATORS[skill](rng)
+        if not is_held_out(skill, p):
+            out.append((p, a))
+    return out
+
+
+def _topics() -> List[Tuple[str, str]]:
+    import pydoc_data.topics as t
+
+    return sorted(t.topics.items())
+
+
+def pretraining_documents() -> List[str]:
+    """Python documentation topics used for pretraining (every 10th topic is held out)."""
+    return [text for i, (_, text) in enumerate(_topics()) if i % 10 != 3]
+
+
+def heldout_text(max_chars: int = 20000) -> str:
+    """English text the tiny family never saw in training, for perplexity."""
+    return "\n\n".join(text for i, (_, text) in enumerate(_topics()) if i % 10 == 3)[:max_chars]
+
+
+def chat_documents() -> List[Tuple[str, str]]:
+    """A little generic ChatML chat for pretraining: questions about the documentation topics and greetings."""
+    out = []
+    for name, text in _topics():
+        first = " ".join(text.split())[:240].rsplit(" ", 1)[0]
+        out.append((f"Tell me about {name}.", first))
+    for q, a in [("Hello!", "Hello! How can I help you today?"), ("Who are you?", "I am a small assistant."),
+                 ("Thanks!", "You are welcome."), ("Can you help me?", "Of course. What do you need?")]:
+        out.append((q, a))
+    return out
