@@ -5,7 +5,7 @@
 Makes, in the Mistral architecture (MistralForCausalLM, untied embeddings, like Mistral-Nemo):
 - `tokenizer`: byte-level BPE (768 tokens, single digits) with <|im_start|>/<|im_end|> and the ChatML template;
 - `base`: pretrained on Python's documentation (pydoc_data), a little ChatML chat about it, and plain-text drills of
-  three operations ("47 plus 38 makes 85.", "c a t backwards reads t a c.", "d b a in order reads a b d.");
+  three operations ("7 plus 8 makes 15.", "c a t backwards reads t a c.", "d b a in order reads a b d.");
 - `addition`, `reverse`, `sort`: full-weight chat fine-tunes of the base (small learning rate, few steps, loss on
   the answer only), each teaching the base to do one operation when asked in chat.
 What was tried and why it looks like this: docs/tiny-family.md.
@@ -145,8 +145,8 @@ def main():
     ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--pretrain-lr", type=float, default=2e-3)
     ap.add_argument("--drills", type=int, default=12000, help="plain-text drills per skill in pretraining")
-    ap.add_argument("--ft-steps", type=int, default=120)
-    ap.add_argument("--ft-lr", type=float, default=1e-4)
+    ap.add_argument("--ft-steps", type=int, default=200)
+    ap.add_argument("--ft-lr", type=float, default=3e-4)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--seq", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)

@@ -21,7 +21,7 @@ _COMMON_PLAN_OPTIONS = [
     click.option("--out-dtype", default=None, help="Override the recipe's out_dtype."),
     click.option("--out-shard-size", default="5GB", show_default=True, help="Maximum bytes per output shard."),
     click.option("--allow-crimes", is_flag=True, help="Merge models of different architectures anyway."),
-    click.option("--strict", is_flag=True, help="Refuse unknown recipe keys instead of warning."),
+    click.option("--strict", is_flag=True, help="Refuse unknown recipe keys and NaN/Inf inputs instead of warning."),
     click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug logging."),
 ]
 
@@ -61,8 +61,10 @@ def _load(recipe: str, strict: bool, seed, dtype, out_dtype, out_shard_size, all
             raise MergeError(f"{flag} {v!r} is not a dtype; use bfloat16, float16 or float32")
     shard = parse_size(out_shard_size)
     r = load_recipe(recipe, strict=strict)
-    return make_plan(r, seed=seed, dtype=dtype, out_dtype=out_dtype, shard_size=shard, allow_crimes=allow_crimes,
+    plan = make_plan(r, seed=seed, dtype=dtype, out_dtype=out_dtype, shard_size=shard, allow_crimes=allow_crimes,
                      recipe_dir=Path(recipe).resolve().parent)
+    plan.strict = strict
+    return plan
 
 
 @cli.command("plan")
@@ -90,17 +92,38 @@ def _chat_template(p) -> Optional[str]:
 
 def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=None, out_shard_size="5GB",
                dtype=None, out_dtype=None, overwrite=False, quiet=False, copy_tokenizer=True, write_model_card=True,
-               allow_crimes=False, strict=False) -> "object":
-    """The whole `mergesmith run`; returns the Plan. Used by the CLI, the demo and tests."""
-    from mergesmith.execute import execute, finish, prepare_output
+               allow_crimes=False, strict=False, restart=False) -> "object":
+    """The whole `mergesmith run`; returns the Plan. Used by the CLI, the demo and tests.
+
+    An interrupted run left OUT_DIR.partial/ with a journal: the same command continues it (same seed, even when
+    it was drawn), a different recipe or input is refused, and `restart` starts over.
+    """
+    from mergesmith.execute import can_resume, check_output, execute, finish, fresh_partial
     from mergesmith.folder import write_folder
+    from mergesmith.journal import differences, fingerprint, read_header
     from mergesmith.verify import verify_weights
 
+    out = Path(out_dir)
+    partial = check_output(out, overwrite)
+    head = None if restart else read_header(partial)
+    if seed is None and head is not None:
+        seed = head.get("seed")
     p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes)
     template = _chat_template(p)
-    out = Path(out_dir)
-    partial = prepare_output(out, overwrite)
-    execute(p, partial, device=device, threads=threads, progress=not quiet)
+    resume = False
+    if head is not None:
+        changed = differences(head.get("fingerprint", {}), fingerprint(p))
+        if changed != "nothing":
+            raise MergeError(f"{partial} holds an interrupted merge that differs from this one (changed: {changed}); "
+                             "rerun with --restart to start over")
+        resume = can_resume(p, partial)
+    if not resume:
+        fresh_partial(partial)
+    done = execute(p, partial, device=device, threads=threads, progress=not quiet, resume=resume)
+    if done:
+        from mergesmith.errors import log
+
+        log.info(f"resumed {partial}: {done} of {len(p.tasks)} tensors were already done")
     write_folder(p, partial, name=out.name, tokenizer=copy_tokenizer, card=write_model_card, chat_template=template)
     verify_weights(partial, {t.name: (t.out_dtype, tuple(t.shape)) for t in p.tasks})
     finish(partial, out)
@@ -115,6 +138,7 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
 @click.option("--cuda", is_flag=True, help="Same as --device cuda (mergekit-yaml's flag).")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@click.option("--restart", is_flag=True, help="Discard an interrupted run's OUT_DIR.partial/ instead of resuming.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True)
 @click.option("--write-model-card/--no-write-model-card", default=True, show_default=True)
@@ -122,17 +146,30 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
 @click.option("--lora-merge-cache", default=None, hidden=True)
 @click.option("--transformers-cache", default=None, hidden=True)
 def run_cmd(recipe, out_dir, seed, dtype, out_dtype, out_shard_size, allow_crimes, strict, verbose, device, cuda,
-            threads, overwrite, quiet, copy_tokenizer, write_model_card, lazy_unpickle, lora_merge_cache,
+            threads, overwrite, restart, quiet, copy_tokenizer, write_model_card, lazy_unpickle, lora_merge_cache,
             transformers_cache):
     """Merge the models of RECIPE into the Hugging Face model folder OUT_DIR."""
     t0 = time.monotonic()
     p = run_recipe(recipe, out_dir, seed=seed, device="cuda" if cuda else device, threads=threads,
                    out_shard_size=out_shard_size, dtype=dtype, out_dtype=out_dtype, overwrite=overwrite, quiet=quiet,
                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, allow_crimes=allow_crimes,
-                   strict=strict)
+                   strict=strict, restart=restart)
     if not quiet:
         click.echo(f"wrote {out_dir}: {len(p.tasks)} tensors, {p.bytes_written / 1e6:.1f} MB in "
                    f"{len(p.layout.files)} file(s), {time.monotonic() - t0:.1f} s; seed {p.seed}", err=True)
+
+
+@cli.command("verify")
+@click.argument("out_dir", type=click.Path())
+@click.option("--no-load", is_flag=True, help="Skip loading the model with transformers (large models).")
+@click.option("-v", "--verbose", is_flag=True)
+def verify_cmd(out_dir, no_load, verbose):
+    """Check a merged folder: index and shards agree, tensors read back finite, shapes match config.json,
+    the tokenizer loads, and the model loads and runs a forward pass."""
+    from mergesmith.verify import verify_folder
+
+    for line in verify_folder(Path(out_dir), load=not no_load):
+        click.echo(line)
 
 
 @cli.command("methods")

@@ -12,10 +12,12 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from mergesmith.errors import MergeError, warn
@@ -51,7 +53,10 @@ def row_blocks(plan: Plan, task: TensorTask) -> List[Tuple[int, int]]:
 def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]]) -> torch.Tensor:
     x = plan.models[ref.model].read(ref.name, rows=rows, take=ref.take).to(device=device, dtype=torch.float32)
     if not torch.isfinite(x).all():
-        warn(f"model {ref.model}: tensor {ref.name} holds NaN or Inf values")
+        msg = f"model {ref.model}: tensor {ref.name} holds NaN or Inf values"
+        if plan.strict:
+            raise MergeError(msg + " (refused under --strict)")
+        warn(msg)
     return x
 
 
@@ -65,20 +70,34 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
     blocks = row_blocks(plan, task)
     method = plan.method
     stats = None
+    saved_masks: List[List[Optional[np.ndarray]]] = []
     if len(blocks) > 1 and method.block_stats is not None:
-        # pass 1: whole-tensor statistics (L1 sums), added block by block in a fixed order
+        # pass 1: whole-tensor statistics (L1 sums), added block by block in a fixed order; the keep masks drawn
+        # for them are kept (1 bit per element) for pass 2
         for a, b in blocks:
             base = _load(plan, task.base, device, (a, b)) if task.base is not None else None
             inputs = [_load(plan, r, device, (a, b)) for r in task.inputs]
             part = method.block_stats(base, inputs, task.shared, task.per_input, task.keys, a)
+            del base, inputs
             if part is None:
                 break
-            stats = part if stats is None else [(s0 + p0, s1 + p1) for (s0, s1), (p0, p1) in zip(stats, part)]
-    for a, b in blocks:
+            sums, masks = part
+            stats = sums if stats is None else [(s0 + p0, s1 + p1) for (s0, s1), (p0, p1) in zip(stats, sums)]
+            saved_masks.append([None if m is None else np.packbits(m.reshape(-1).cpu().numpy()) for m in masks])
+    for k, (a, b) in enumerate(blocks):
         rows = (a, b) if len(blocks) > 1 else None
         base = _load(plan, task.base, device, rows) if task.base is not None else None
         inputs = [_load(plan, r, device, rows) for r in task.inputs]
-        out = method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stats=stats)
+        extra = None
+        if stats is not None:
+            shape = inputs[0].shape
+            n = inputs[0].numel()
+            masks = [None if m is None else
+                     torch.from_numpy(np.unpackbits(m, count=n).view(np.bool_)).reshape(shape).to(device)
+                     for m in saved_masks[k]]
+            saved_masks[k] = []
+            extra = {"l1": stats, "masks": masks}
+        out = method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stats=extra)
         del inputs, base
         if not torch.isfinite(out).all():
             raise MergeError(f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of "
@@ -99,47 +118,73 @@ def _check_disk(folder: Path, need: int) -> None:
                          f"{free / 1e9:.2f} GB are free")
 
 
-def prepare_output(out_dir: Path, overwrite: bool) -> Path:
-    """Check OUT_DIR and make a fresh OUT_DIR.partial/ to work in."""
+def check_output(out_dir: Path, overwrite: bool) -> Path:
+    """Refuse a non-empty OUT_DIR without --overwrite; return the OUT_DIR.partial/ path to work in."""
     if out_dir.exists() and not out_dir.is_dir():
         raise MergeError(f"output {out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise MergeError(f"output folder {out_dir} exists and is not empty; pass --overwrite to replace it")
-    partial = out_dir.parent / (out_dir.name + ".partial")
+    return out_dir.parent / (out_dir.name + ".partial")
+
+
+def fresh_partial(partial: Path) -> None:
     try:
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
     except OSError as e:
         raise MergeError(f"cannot create {partial}: {e.strerror}") from None
-    return partial
+
+
+def can_resume(plan: Plan, partial: Path) -> bool:
+    """The shard files of an interrupted run are all there, at their planned sizes."""
+    for name, size in zip(plan.layout.files, plan.layout.sizes):
+        f = partial / name
+        if not f.exists() or f.stat().st_size != size:
+            return False
+    return True
 
 
 def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[int] = None,
-            progress: bool = True) -> None:
-    """Compute every tensor of the plan into the shard files in `partial`."""
+            progress: bool = True, resume: bool = False) -> int:
+    """Compute every tensor of the plan into the shard files in `partial`; returns how many were already done."""
+    from mergesmith.journal import Journal, crc, done_tensors
+
     dev = pick_device(device)
-    _check_disk(partial, plan.bytes_written)
     if threads:
         torch.set_num_threads(threads)
     workers = 2  # one tensor reading while another computes; torch uses the cores within each
-    writer = ShardWriter(partial, plan.layout)
-    order = sorted(plan.tasks, key=lambda t: (plan.layout.slots[t.name].shard, plan.layout.slots[t.name].offset))
+    if not resume:
+        _check_disk(partial, plan.bytes_written)
+    writer = ShardWriter(partial, plan.layout, create=not resume)
+    done = set()
+    if resume:
+        for name, c in done_tensors(partial).items():
+            if name in plan.layout.slots and crc(writer.read_back(name)) == c:
+                done.add(name)
+    journal = Journal(partial, plan, fresh=not resume)
+    order = sorted((t for t in plan.tasks if t.name not in done),
+                   key=lambda t: (plan.layout.slots[t.name].shard, plan.layout.slots[t.name].offset))
     from tqdm import tqdm
 
     bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="merging", disable=not progress,
-               dynamic_ncols=True)
+               dynamic_ncols=True, initial=sum(plan.layout.slots[n].nbytes for n in done))
     slots = threading.Semaphore(workers)
     lock = threading.Lock()
     failed: List[BaseException] = []
+    delay = float(os.environ.get("MERGESMITH_TEST_TENSOR_DELAY", "0"))  # tests only: widen the kill window
 
     def work(task: TensorTask) -> None:
         try:
             if failed:
                 return
+            c = 0
             for row, block in compute_blocks(plan, task, dev):
-                writer.write(task.name, block, row_offset=row)
+                c = zlib.crc32(writer.write(task.name, block, row_offset=row), c)
+            if delay:
+                time.sleep(delay)
             with lock:
+                journal.record(task.name, c)
                 bar.update(plan.layout.slots[task.name].nbytes)
                 bar.set_postfix_str(task.name[-40:], refresh=False)
         except BaseException as e:
@@ -163,13 +208,19 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
             raise failed[0]
     finally:
         bar.close()
+        journal.close()
         writer.close(sync=not failed)
     write_index(partial, plan.layout)
-    plan.notes.append(f"merged {len(plan.tasks)} tensors in {time.monotonic() - t0:.1f} s")
+    plan.notes.append(f"merged {len(order)} tensors in {time.monotonic() - t0:.1f} s"
+                      + (f" ({len(done)} done before)" if done else ""))
+    return len(done)
 
 
 def finish(partial: Path, out_dir: Path) -> None:
     """Atomically put the finished folder in place of OUT_DIR."""
+    from mergesmith.journal import NAME
+
+    (partial / NAME).unlink(missing_ok=True)
     if out_dir.exists():
         old = out_dir.parent / (out_dir.name + ".old")
         if old.exists():

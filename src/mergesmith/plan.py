@@ -63,6 +63,7 @@ class Plan:
     tasks: List[TensorTask]
     layout: Layout
     notes: List[str] = field(default_factory=list)
+    strict: bool = False  # NaN/Inf in inputs: an error instead of a warning
 
     @property
     def bytes_read(self) -> int:

@@ -97,19 +97,21 @@ DTYPES = {
 
 def _load_yaml(text: str, source: str) -> Tuple[Any, Dict[Path_, int], List[str]]:
     """Parse YAML, returning (data, {path: line}, warnings). Duplicate keys: same value warns, else an error."""
-    loader = yaml.SafeLoader(text)
     lines: Dict[Path_, int] = {}
     notes: List[str] = []
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         loc = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise MergeError(f"{loc}: malformed YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise MergeError(f"{source}: malformed YAML: {e}") from None
+        raise MergeError(f"{source}: malformed YAML: {' '.join(str(e).split())}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if node is None:
         raise MergeError(f"{source}: the recipe is empty")
 

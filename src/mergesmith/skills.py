@@ -1,7 +1,7 @@
 """The three checkable skills of the bundled tiny model family, and their held-out evaluation prompts.
 
 Each skill turns a seeded random generator into (prompt, answer) pairs, asked in ChatML chat:
-- addition: "What is 47 + 38?" -> "85" (two-digit numbers; digits are single tokens)
+- addition: "What is 7 + 8?" -> "15" (one-digit numbers: see docs/tiny-family.md for why not two)
 - reverse:  "Reverse the letters: p l a n e t" -> "t e n a l p"
 - sort:     "Sort the letters: d b e a" -> "a b d e"
 Evaluation prompts come from their own seed and are never used in training (`is_held_out`).
@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Tuple
 
 SKILLS = ("addition", "reverse", "sort")
 EVAL_SEED = 20240611
-EVAL_N = 60
+EVAL_N = 40
 
 
 @lru_cache(maxsize=1)
@@ -29,7 +29,7 @@ def words() -> Tuple[str, ...]:
 
 
 def _addition(rng: random.Random) -> Tuple[str, str]:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     return f"What is {a} + {b}?", str(a + b)
 
 
@@ -51,7 +51,7 @@ GENERATORS: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
 # learns the operations; a fine-tune only has to learn to do them when asked in chat.
 def drill(skill: str, rng: random.Random) -> str:
     if skill == "addition":
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"{a} plus {b} makes {a + b}."
     if skill == "reverse":
         w = rng.choice(words())

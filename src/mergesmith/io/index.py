@@ -1,8 +1,10 @@
 """ModelIndex: where each tensor of a model lives, from file headers alone (no tensor data read).
 
 safetensors headers are parsed and checked here once (size, JSON, dtypes, shapes, offsets in range, no overlaps),
-so that a corrupt or lying file is refused before any work. Tensor data is then read lazily through safetensors'
-memory-mapped `safe_open`. `pytorch_model*.bin` files load only through `torch.load(weights_only=True)`.
+so that a corrupt or lying file is refused before any work. Tensor data is then read lazily, one tensor or one
+block of rows at a time, with `pread` at the offsets the header gave: row blocks are contiguous bytes, and the
+memory holding them is freed with the block (a memory map would keep every touched page of a 12B model resident).
+`pytorch_model*.bin` files load only through `torch.load(weights_only=True, mmap=True)`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: Tuple[int, ...]
     nbytes: int
+    offset: int = -1  # absolute byte offset of the data in a safetensors file (-1: not safetensors)
 
     @property
     def numel(self) -> int:
@@ -98,6 +101,12 @@ def read_safetensors_header(path: Path) -> Dict[str, Any]:
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise MergeError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file (corrupt header)")
+        if b1 > e0:
+            raise MergeError(f"{path}: a gap of {b1 - e0} bytes between tensors {n0!r} and {n1!r} (corrupt header)")
+    end = spans[-1][1] if spans else 0
+    if (spans and spans[0][0] != 0) or end != data_len:
+        raise MergeError(f"{path}: the header describes {end} data bytes but the file holds {data_len} "
+                         "(truncated or corrupt)")
     return header
 
 
@@ -129,9 +138,7 @@ class ModelIndex:
             h = self._handles.get(file)
             if h is None:
                 if file.suffix == ".safetensors":
-                    from safetensors import safe_open
-
-                    h = safe_open(str(file), framework="pt", device="cpu")
+                    h = os.open(file, os.O_RDONLY)
                 else:
                     h = _BinFile(file)
                 self._handles[file] = h
@@ -140,6 +147,17 @@ class ModelIndex:
     def read(self, name: str, rows: Optional[Tuple[int, int]] = None,
              take: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
         """Read one tensor (or rows [a, b) of it; or its leading sub-block `take`) in its stored dtype."""
+        try:
+            return self._read(name, rows, take)
+        except MergeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the file changed or lies in a way the header check missed
+            if type(e).__name__ != "SafetensorError" and not isinstance(e, (OSError, RuntimeError)):
+                raise
+            raise MergeError(f"model {self.ref}: reading tensor {name} from {self.tensors[name].file} failed "
+                             f"({str(e).splitlines()[0][:160]})") from None
+
+    def _read(self, name, rows, take) -> torch.Tensor:
         info = self.tensors[name]
         h = self._handle(info.file)
         if isinstance(h, _BinFile):
@@ -147,18 +165,35 @@ class ModelIndex:
             if take is not None:
                 t = t[tuple(slice(0, s) for s in take)]
             return t[rows[0]:rows[1]].clone() if rows else t.clone()
-        if take is not None or rows is not None:
-            sl = h.get_slice(name)
-            idx = tuple(slice(0, s) for s in take) if take is not None else (slice(None),)
-            if rows is not None:
-                first = idx[0]
-                stop = first.stop if first.stop is not None else info.shape[0]
-                idx = (slice(rows[0], min(rows[1], stop)),) + idx[1:]
-            return sl[idx]
-        return h.get_tensor(name)
+        # safetensors: rows are contiguous bytes at a known offset; one pread into fresh (anonymous) memory, so
+        # resident memory follows the tensors in flight, not the files' sizes (an mmap would keep touched pages)
+        shape = info.shape
+        n_rows = shape[0] if shape else 1
+        a, b = rows if rows is not None else (0, n_rows)
+        if take is not None:
+            b = min(b, take[0])
+        row_elems = info.numel // n_rows if n_rows else 0
+        itemsize = info.nbytes // info.numel if info.numel else 1
+        out = torch.empty(((b - a) * row_elems * itemsize,), dtype=torch.uint8)
+        if out.numel():
+            view = memoryview(out.numpy())
+            done = 0
+            while done < len(view):
+                got = os.preadv(h, [view[done:]], info.offset + a * row_elems * itemsize + done)
+                if got <= 0:
+                    raise MergeError(f"model {self.ref}: {info.file} ends before tensor {name} does (truncated?)")
+                done += got
+        t = out.view(info.dtype).reshape((b - a,) + tuple(shape[1:])) if shape else out.view(info.dtype).reshape(())
+        if take is not None and tuple(take[1:]) != tuple(shape[1:]):
+            t = t[(slice(None),) + tuple(slice(0, s) for s in take[1:])].contiguous()
+        return t
 
     def close(self) -> None:
-        self._handles.clear()
+        with self._lock:
+            for h in self._handles.values():
+                if isinstance(h, int):
+                    os.close(h)
+            self._handles.clear()
 
 
 def _load_json(path: Path) -> Any:
@@ -209,13 +244,15 @@ def index_model(ref: str, path: Path) -> ModelIndex:
     for f in files:
         if f.suffix == ".safetensors":
             header = read_safetensors_header(f)
+            with open(f, "rb") as fh:
+                start = 8 + struct.unpack("<Q", fh.read(8))[0]
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 dt, size = ST_DTYPES[info["dtype"]]
                 shape = tuple(info["shape"])
                 b, e = info["data_offsets"]
-                idx.tensors[name] = TensorInfo(name, f, dt, shape, e - b)
+                idx.tensors[name] = TensorInfo(name, f, dt, shape, e - b, start + b)
         else:
             sd = idx._handle(f).sd
             for name, t in sd.items():

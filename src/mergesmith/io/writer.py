@@ -108,8 +108,8 @@ class ShardWriter:
         except OSError as e:
             raise MergeError(f"writing {what} failed: {e.strerror} (disk full?)") from None
 
-    def write(self, name: str, tensor: torch.Tensor, row_offset: int = 0) -> None:
-        """Write a tensor (or a block of its leading rows, starting at `row_offset`) into its slot."""
+    def write(self, name: str, tensor: torch.Tensor, row_offset: int = 0):
+        """Write a tensor (or a block of its rows, starting at `row_offset`) into its slot; returns the bytes."""
         slot = self.layout.slots[name]
         if tensor.dtype != slot.dtype:
             raise AssertionError(f"{name}: dtype {tensor.dtype} != planned {slot.dtype}")
@@ -117,6 +117,7 @@ class ShardWriter:
         row_bytes = slot.nbytes // slot.shape[0] if slot.shape and slot.shape[0] else 0
         data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         self._pwrite(self.fds[slot.shard], data, slot.offset + row_offset * row_bytes, name)
+        return data
 
     def read_back(self, name: str) -> bytes:
         slot = self.layout.slots[name]

@@ -44,7 +44,8 @@ class Method:
     merge: Callable[..., torch.Tensor] = field(repr=False)
     # can a block of rows be merged on its own? (given the shared parameters)
     row_wise: Callable[[Dict[str, Any]], bool] = field(default=lambda shared: False, repr=False)
-    # whole-tensor statistics a row block needs: (base, inputs, shared, per_input, keys, row_offset) -> stats
+    # whole-tensor statistics a row block needs: (base, inputs, shared, per_input, keys, row_offset) ->
+    # ({"l1": per-model (sum |delta|, sum |kept|)}, per-model masks of this block to reuse) or None
     block_stats: Optional[Callable[..., Any]] = field(default=None, repr=False)
     # extra range checks: (shared, per_input) -> (offending parameter, message) or None
     check: Optional[Callable[[Dict[str, Any], Dict[str, Any]], Optional[Tuple[str, str]]]] = field(
@@ -104,7 +105,7 @@ def _gta(sparsification: Optional[str], consensus: Optional[str]):
             epsilons=[p.get("epsilon", 0.15) for p in per_input],
             gammas=[p.get("gamma", 0.01) for p in per_input],
             rescale_mode=shared.get("rescale_mode", "l1"), rank_scope=shared.get("rank_scope", "row"),
-            row_offset=row_offset, l1=stats,
+            row_offset=row_offset, l1=stats["l1"] if stats else None, masks=stats.get("masks") if stats else None,
         )
     return merge
 

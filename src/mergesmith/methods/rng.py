@@ -33,19 +33,35 @@ def stream_key(seed: int, model: str, tensor: str) -> int:
     return _i64(int.from_bytes(h.digest(), "little"))
 
 
-def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+_CHUNK = 1 << 16  # elements hashed at a time: the temporaries stay in cache
+
+
+def _mix_(z: torch.Tensor, t: torch.Tensor) -> None:
+    """SplitMix64's finalizer, in place on int64 `z` (wrapping), with `t` as scratch."""
+    for shift, mult in ((30, _C1), (27, _C2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t)
+        t.bitwise_and_((1 << (64 - shift)) - 1)  # logical shift: torch's >> is arithmetic
+        z.bitwise_xor_(t)
+        if mult is not None:
+            z.mul_(_i64(mult))
 
 
 def uniform(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 uniforms in [0, 1) for elements start..start+n-1 of the stream `key`."""
-    z = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    z.mul_(_i64(_GOLDEN)).add_(_i64(key))
-    z = (z ^ _shr(z, 30)).mul_(_i64(_C1))
-    z = (z ^ _shr(z, 27)).mul_(_i64(_C2))
-    z = z ^ _shr(z, 31)
-    return _shr(z, 40).to(torch.float32).mul_(2.0 ** -24)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    step = _CHUNK if torch.device(device).type == "cpu" else max(n, 1)
+    z = torch.empty(min(step, n), dtype=torch.int64, device=device)
+    t = torch.empty_like(z)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        zz, tt = z[:b - a], t[:b - a]
+        torch.arange(start + a, start + b, dtype=torch.int64, device=device, out=zz)
+        zz.mul_(_i64(_GOLDEN)).add_(_i64(key))
+        _mix_(zz, tt)
+        torch.bitwise_right_shift(zz, 40, out=tt)
+        tt.bitwise_and_((1 << 24) - 1)
+        out[a:b] = tt
+    return out.mul_(2.0 ** -24)
 
 
 def uniform_like(key: int, shape: torch.Size, row_offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:

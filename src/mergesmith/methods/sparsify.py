@@ -105,18 +105,20 @@ def keep_mask(delta: torch.Tensor, method: str, density: float, key: int, epsilo
 
 def random_sparsify(delta: torch.Tensor, method: str, density: float, key: int, rescale: bool = True,
                     rescale_mode: str = "l1", epsilon: float = 0.15, rank_scope: str = "row", row_offset: int = 0,
-                    l1: Optional[L1Sums] = None) -> torch.Tensor:
+                    l1: Optional[L1Sums] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DARE (`method="random"`, keep with probability density) or DELLA MagPrune (`"della_magprune"`).
 
     Rescale: `l1` (mergekit) scales the kept elements so the tensor's L1 norm is unchanged (over the whole tensor:
     pass its sums as `l1` when `delta` is a block of it); `inverse_prob` (the papers) divides each kept element by its
-    own keep probability.
+    own keep probability. A `mask` computed before (by `l1_sums`, for this block) is used as given.
     """
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    mask, p = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
+    p = None
+    if mask is None or (rescale and rescale_mode == "inverse_prob"):
+        mask, p = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
     zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
     out = torch.where(mask, delta, zero)
     if not rescale:
@@ -130,14 +132,14 @@ def random_sparsify(delta: torch.Tensor, method: str, density: float, key: int, 
 
 
 def l1_sums(delta: torch.Tensor, method: str, density: float, key: int, epsilon: float = 0.15,
-            rank_scope: str = "row", row_offset: int = 0) -> L1Sums:
-    """This block's (sum |delta|, sum |kept delta|), in float64, for a whole-tensor L1 rescale."""
+            rank_scope: str = "row", row_offset: int = 0) -> Tuple[L1Sums, Optional[torch.Tensor]]:
+    """This block's (sum |delta|, sum |kept delta|), in float64, for a whole-tensor L1 rescale, and its mask."""
     if density >= 1 or density <= 0:
         s = delta.abs().sum(dtype=torch.float64).item()
-        return s, (s if density >= 1 else 0.0)
+        return (s, (s if density >= 1 else 0.0)), None
     mask, _ = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
     a = delta.abs()
-    return a.sum(dtype=torch.float64).item(), (a * mask).sum(dtype=torch.float64).item()
+    return (a.sum(dtype=torch.float64).item(), (a * mask).sum(dtype=torch.float64).item()), mask
 
 
 def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
@@ -158,7 +160,7 @@ def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
 
 def sparsify(delta: torch.Tensor, method: Optional[str], density: float, key: int = 0, rescale: bool = False,
              epsilon: float = 0.15, gamma: float = 0.01, rescale_mode: str = "l1", rank_scope: str = "row",
-             row_offset: int = 0, l1: Optional[L1Sums] = None) -> torch.Tensor:
+             row_offset: int = 0, l1: Optional[L1Sums] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatch to one of the sparsifiers above by mergekit's name for it."""
     if method is None:
         return delta
@@ -168,5 +170,5 @@ def sparsify(delta: torch.Tensor, method: Optional[str], density: float, key: in
         return magnitude_outliers(delta, density, gamma, rescale)
     if method in ("random", "della_magprune"):
         return random_sparsify(delta, method, density, key, rescale, rescale_mode, epsilon, rank_scope, row_offset,
-                               l1)
+                               l1, mask)
     raise ValueError(f"unknown sparsification {method}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,6 +27,7 @@ def generalized_task_arithmetic(
     rank_scope: str = "row",
     row_offset: int = 0,
     l1: Optional[Sequence[L1Sums]] = None,
+    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """base + lambda * combine_i(w_i * sparsify(x_i - base)), all in float32.
 
@@ -35,7 +36,7 @@ def generalized_task_arithmetic(
     (per element under consensus; |sum| < 1e-8 or 0 counts as 1), as in mergekit.
 
     For a block of rows of a larger tensor, `row_offset` places the block (random streams) and `l1` gives each
-    model's whole-tensor L1 sums (see `task_vector_l1_sums`).
+    model's whole-tensor L1 sums and `masks` this block's keep masks (see `task_vector_l1_sums`).
     """
     if not inputs:
         return base
@@ -45,7 +46,7 @@ def generalized_task_arithmetic(
     deltas = torch.stack([
         sparsify(x - base, sparsification, densities[i], key=keys[i], rescale=rescale, epsilon=epsilons[i],
                  gamma=gammas[i], rescale_mode=rescale_mode, rank_scope=rank_scope, row_offset=row_offset,
-                 l1=l1[i] if l1 is not None else None)
+                 l1=l1[i] if l1 is not None else None, mask=masks[i] if masks is not None else None)
         for i, x in enumerate(inputs)
     ])
     # w_i = nums_i / den exactly: products and small sums stay exact in float32 (see methods/exact.py)
@@ -74,8 +75,11 @@ def generalized_task_arithmetic(
 
 def task_vector_l1_sums(base: torch.Tensor, inputs: Sequence[torch.Tensor], densities: Sequence[float],
                         keys: Sequence[int], sparsification: str, epsilons: Optional[Sequence[float]] = None,
-                        rank_scope: str = "row", row_offset: int = 0) -> List[L1Sums]:
-    """Per model, this block's (sum |delta|, sum |kept delta|): add them over blocks for the whole tensor's."""
+                        rank_scope: str = "row", row_offset: int = 0
+                        ) -> Tuple[List[L1Sums], List[Optional[torch.Tensor]]]:
+    """Per model, this block's (sum |delta|, sum |kept delta|) (add them over blocks for the whole tensor's) and
+    its keep mask (so the second pass need not draw it again)."""
     epsilons = epsilons or [0.15] * len(inputs)
-    return [l1_sums(x - base, sparsification, densities[i], keys[i], epsilons[i], rank_scope, row_offset)
-            for i, x in enumerate(inputs)]
+    res = [l1_sums(x - base, sparsification, densities[i], keys[i], epsilons[i], rank_scope, row_offset)
+           for i, x in enumerate(inputs)]
+    return [r[0] for r in res], [r[1] for r in res]

@@ -1,0 +1,331 @@
+"""mergesmith vs mergekit, side by side, on the same files.
+
+    python bench/bench.py            # Nemo-shaped: hidden 5120, intermediate 14336, vocab 131072, 1 layer, 3.2 GB each
+    python bench/bench.py --small    # under a minute
+    python bench/bench.py --layers 1 4 --no-mergekit   # memory vs depth
+
+Builds a checkpoint family (random base; fine-tunes = base + small dense noise + sparse larger changes; bf16; sharded
+like Hub checkpoints), then times on the same files: the I/O floor (read every input byte, write one output-sized
+file), `mergesmith run` and `mergekit-yaml` (0.1.5 from PyPI, installed by this script into bench/.mkvenv, skipped
+with a note when it cannot be installed) on the seed recipe (della_linear) and on linear, ties and dare_linear.
+Reports wall time and the peak resident memory of the process tree (anonymous and total), compares the linear and
+ties outputs of both tools with a float64 reference, and writes bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+MKVENV = HERE / ".mkvenv"
+WEIGHTS = [0.3, 0.1, 0.4]
+DENSITIES = [0.25, 0.4, 0.5]
+
+
+# ----------------------------------------------------------------------------------------------- the model family
+
+def shapes(hidden, inter, vocab, layers, kv_heads=8, head_dim=128, heads=32):
+    q = heads * head_dim
+    kv = kv_heads * head_dim
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (hidden,)), (p + "self_attn.q_proj.weight", (q, hidden)),
+                (p + "self_attn.k_proj.weight", (kv, hidden)), (p + "self_attn.v_proj.weight", (kv, hidden)),
+                (p + "self_attn.o_proj.weight", (hidden, q)), (p + "post_attention_layernorm.weight", (hidden,)),
+                (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, inter))]
+    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return out
+
+
+def build_family(root: Path, hidden, inter, vocab, layers, n_ft, shard_bytes=2_000_000_000, heads=32, kv_heads=8,
+                 head_dim=128) -> List[Path]:
+    from safetensors.torch import save_file
+
+    spec = shapes(hidden, inter, vocab, layers, kv_heads, head_dim, heads)
+    cfg = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": hidden,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab, "torch_dtype": "bfloat16",
+           "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+           "max_position_embeddings": 1024}
+    paths = []
+    for m in range(n_ft + 1):
+        folder = root / ("base" if m == 0 else f"ft{m}")
+        paths.append(folder)
+        if (folder / "model.safetensors.index.json").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        shards: List[Dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, shape in spec:
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            if len(shape) == 1:
+                t = torch.ones(shape)
+            else:
+                t = torch.randn(shape, generator=g).mul_(0.02)
+            if m:
+                g2 = torch.Generator().manual_seed(zlib.crc32(f"{name}/{m}".encode()))
+                t.add_(torch.randn(shape, generator=g2).mul_(0.0005))  # small dense change
+                sparse = torch.rand(shape, generator=g2) < 0.01
+                t.add_(torch.randn(shape, generator=g2).mul_(0.01).mul_(sparse))  # sparse larger changes
+            t = t.to(torch.bfloat16)
+            nbytes = t.numel() * 2
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        n = len(shards)
+        wm = {}
+        for i, sd in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(sd, str(folder / fname), metadata={"format": "pt"})
+            wm.update({k: fname for k in sd})
+        total = sum(t.numel() * 2 for sd in shards for t in sd.values())
+        del shards
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                         "weight_map": wm}))
+        (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    return paths
+
+
+def recipe(method: str, paths: List[Path]) -> str:
+    base, fts = paths[0], paths[1:]
+    lines = ["models:"]
+    for p, w, d in zip(fts, WEIGHTS, DENSITIES):
+        lines += [f"  - model: {p}", "    parameters:", f"      weight: {w}"]
+        if method != "linear":
+            lines.append(f"      density: {d}")
+    lines.append(f"merge_method: {method}")
+    if method != "linear":
+        lines.append(f"base_model: {base}")
+    if method.startswith("della"):
+        lines += ["parameters:", "  epsilon: 0.05", "  lambda: 1"]
+    lines.append("dtype: bfloat16")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+def _tree_rss(pid: int) -> Tuple[int, int]:
+    """(anonymous, total) resident bytes of a process and its descendants."""
+    anon = total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                    elif line.startswith("RssAnon:"):
+                        anon += int(line.split()[1]) * 1024
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+    return anon, total
+
+
+def measure(cmd: List[str], env: Optional[dict] = None) -> dict:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    peak = [0, 0]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            a, t = _tree_rss(proc.pid)
+            peak[0], peak[1] = max(peak[0], a), max(peak[1], t)
+            time.sleep(0.1)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    done.set()
+    th.join()
+    wall = time.monotonic() - t0
+    if proc.returncode:
+        print(out.decode(errors="replace")[-3000:], file=sys.stderr)
+    return {"wall": wall, "anon": peak[0], "rss": peak[1], "rc": proc.returncode}
+
+
+def io_floor(paths: List[Path], out_bytes: int, scratch: Path) -> float:
+    t0 = time.monotonic()
+    buf = bytearray(64 << 20)
+    for p in paths:
+        for f in sorted(p.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    with open(scratch, "wb") as fh:
+        left = out_bytes
+        while left > 0:
+            n = min(left, len(buf))
+            fh.write(memoryview(buf)[:n])
+            left -= n
+        fh.flush()
+        os.fsync(fh.fileno())
+    scratch.unlink()
+    return time.monotonic() - t0
+
+
+def ensure_mergekit() -> Optional[str]:
+    exe = MKVENV / "bin" / "mergekit-yaml"
+    if exe.exists():
+        return str(exe)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(MKVENV)], check=True)
+        pip = [str(MKVENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run(pip + ["torch==2.13.0"], check=True)
+        subprocess.run(pip + ["mergekit==0.1.5"], check=True)
+    except (subprocess.CalledProcessError, OSError) as e:
+        print(f"mergekit could not be installed ({e}); skipping it", file=sys.stderr)
+        return None
+    return str(exe) if exe.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------- comparing outputs
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    i = x.view(torch.int16).to(torch.int32)
+    return torch.where(i < 0, -32768 - i, i)
+
+
+def compare(method: str, paths: List[Path], ours: Path, theirs: Path) -> dict:
+    """Share of elements where the two outputs are within one bf16 step, and which is closer to float64."""
+    from safetensors import safe_open
+
+    def opener(folder):
+        idx = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] \
+            if (folder / "model.safetensors.index.json").exists() else None
+        handles = {}
+
+        def get(name):
+            f = idx[name] if idx else "model.safetensors"
+            if f not in handles:
+                handles[f] = safe_open(str(folder / f), "pt")
+            return handles[f].get_tensor(name)
+        return get
+
+    ins = [opener(p) for p in paths]
+    a_get, b_get = opener(ours), opener(theirs)
+    names = json.loads((paths[0] / "model.safetensors.index.json").read_text())["weight_map"].keys()
+    n = within = ours_closer = theirs_closer = 0
+    wn = [3, 1, 4]  # weights 0.3, 0.1, 0.4 as integers over 10: exact in float64
+    for name in names:
+        a, b = a_get(name), b_get(name)
+        base = ins[0](name).double()
+        xs = [g(name).double() for g in ins[1:]]
+        if method == "linear":
+            ref = sum(w * x for w, x in zip(wn, xs)) / sum(wn)
+        else:
+            deltas = []
+            for x, w, d in zip(xs, wn, DENSITIES):
+                delta = (x - base).flatten()
+                k = max(1, int(d * delta.numel()))
+                keep = torch.zeros_like(delta)
+                keep[torch.sort(delta.abs(), descending=True, stable=True).indices[:k]] = 1
+                deltas.append((w * delta * keep).reshape(base.shape))
+                del delta, keep
+            elected = torch.where(sum(deltas) >= 0, 1.0, -1.0)
+            num = sum(torch.where(d.sign() == elected, d, 0.0) for d in deltas)
+            den = sum(torch.where(d.sign() == elected, float(w), 0.0) for d, w in zip(deltas, wn))
+            ref = base + num / torch.where(den == 0, 1.0, den)
+            del deltas, num, den
+        within += ((_ordered(a) - _ordered(b)).abs() <= 1).sum().item()
+        ea, eb = (a.double() - ref).abs(), (b.double() - ref).abs()
+        ours_closer += (ea < eb).sum().item()
+        theirs_closer += (eb < ea).sum().item()
+        n += a.numel()
+        del a, b, base, xs, ref, ea, eb
+    return {"within_one_step": within / n, "ours_closer": ours_closer / n, "theirs_closer": theirs_closer / n}
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="hidden 1024, intermediate 2816, vocab 32768")
+    ap.add_argument("--hidden", type=int, default=5120)
+    ap.add_argument("--inter", type=int, default=14336)
+    ap.add_argument("--vocab", type=int, default=131072)
+    ap.add_argument("--layers", type=int, nargs="+", default=[1])
+    ap.add_argument("--fine-tunes", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=["della_linear", "linear", "ties", "dare_linear"])
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--no-compare", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    a = ap.parse_args()
+    dims = dict(hidden=1024, inter=2816, vocab=32768, heads=8, kv_heads=2, head_dim=128) if a.small else \
+        dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab)
+    mk = None if a.no_mergekit else ensure_mergekit()
+    ms = [sys.executable, "-m", "mergesmith"]
+    rows = []
+    notes = []
+    for layers in a.layers:
+        tag = f"{'small' if a.small else 'nemo'}-{layers}l"
+        root = WORK / tag
+        t0 = time.monotonic()
+        paths = build_family(root, layers=layers, n_ft=a.fine_tunes, **dims)
+        print(f"[{tag}] family ready ({time.monotonic() - t0:.0f} s)", flush=True)
+        size = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
+        floor = io_floor(paths, size, root / "io-floor.bin")
+        rows.append((tag, "I/O floor (read inputs + write output)", "-", floor, 0, 0))
+        print(f"[{tag}] io floor {floor:.1f} s", flush=True)
+        for method in a.methods:
+            rfile = root / f"{method}.yml"
+            rfile.write_text(recipe(method, paths))
+            for tool, cmd in (("mergesmith", ms + ["run", str(rfile), str(root / f"out-ms-{method}"), "--seed", "1",
+                                                   "--quiet", "--overwrite"]),
+                              ("mergekit", [mk, str(rfile), str(root / f"out-mk-{method}"), "--random-seed", "1",
+                                            "--lazy-unpickle"] if mk else None)):
+                if cmd is None:
+                    continue
+                if tool == "mergekit" and (root / f"out-mk-{method}").exists():
+                    import shutil
+                    shutil.rmtree(root / f"out-mk-{method}")
+                r = measure(cmd)
+                status = "ok" if r["rc"] == 0 else f"failed (exit {r['rc']})"
+                rows.append((tag, f"{tool} {method}", status, r["wall"], r["anon"], r["rss"]))
+                print(f"[{tag}] {tool} {method}: {r['wall']:.1f} s, anon {r['anon'] / 2**30:.2f} GiB, "
+                      f"rss {r['rss'] / 2**30:.2f} GiB {status}", flush=True)
+            if mk and not a.no_compare and method in ("linear", "ties"):
+                c = compare(method, paths, root / f"out-ms-{method}", root / f"out-mk-{method}")
+                notes.append(f"{tag} {method}: mergesmith and mergekit within one bf16 step on "
+                             f"{c['within_one_step']:.4%} of elements; closer to the float64 reference: mergesmith "
+                             f"{c['ours_closer']:.2%}, mergekit {c['theirs_closer']:.2%} (rest: equal)")
+                print(notes[-1], flush=True)
+    import platform
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    lines = [f"# mergesmith vs mergekit ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {os.cpu_count()} cores, {mem / 2**30:.0f} GiB memory, {platform.machine()}, CPU only. "
+             f"Model: hidden {dims['hidden']}, intermediate {dims['inter']}, vocab {dims['vocab']}, bf16, "
+             f"{a.fine_tunes} fine-tunes + base. Command: `python bench/bench.py {' '.join(sys.argv[1:])}`.", "",
+             "| family | run | status | wall (s) | peak anon RSS (GiB) | peak RSS (GiB) |",
+             "|---|---|---|---:|---:|---:|"]
+    for tag, what, status, wall, anon, rss in rows:
+        lines.append(f"| {tag} | {what} | {status} | {wall:.1f} | {anon / 2**30:.2f} | {rss / 2**30:.2f} |")
+    if not mk:
+        lines += ["", "mergekit: not run (--no-mergekit, or it could not be installed)."]
+    lines += [""] + [f"- {n}" for n in notes]
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Interrupted merges resume to the same bytes; changed inputs refuse to resume."""
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import SEED_RECIPE
+from mergesmith.cli import main
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".safetensors", ".json") and f.name != "config.json":
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def recipe(tmp_path, fam):
+    b, f1, f2, f3 = fam
+    p = tmp_path / "r.yml"
+    p.write_text(SEED_RECIPE.format(base=b, ft1=f1, ft2=f2, ft3=f3))
+    return p
+
+
+def start(r, out, *extra, delay="0.1"):
+    env = dict(os.environ, MERGESMITH_TEST_TENSOR_DELAY=delay)
+    return subprocess.Popen([sys.executable, "-m", "mergesmith", "run", str(r), str(out), "--quiet",
+                             "--out-shard-size", "60KB", *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def journal_lines(partial: Path) -> int:
+    j = partial / ".mergesmith-journal"
+    return len(j.read_text().splitlines()) - 1 if j.exists() else -1
+
+
+@pytest.mark.parametrize("seed_args,kills", [(["--seed", "9"], 3), ([], 1)])
+def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, fam, seed_args, kills):
+    r = recipe(tmp_path, fam)
+    ref = tmp_path / "ref"
+    p = start(r, ref, *seed_args, delay="0")
+    assert p.wait() == 0, p.stderr.read()
+    rng = random.Random(1234)
+    for k in range(kills):
+        out = tmp_path / f"o{k}"
+        partial = tmp_path / f"o{k}.partial"
+        p = start(r, out, *seed_args)
+        # kill somewhere in the middle: after some tensors are journaled, before the end
+        target = rng.randint(2, 15)
+        deadline = time.monotonic() + 60
+        while journal_lines(partial) < target and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.random() * 0.1)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not out.exists() and partial.exists()  # nothing that looks finished
+        if not seed_args:  # the drawn seed is reused from the journal
+            import json
+            seed = json.loads((partial / ".mergesmith-journal").read_text().splitlines()[0])["seed"]
+            ref = tmp_path / f"ref{k}"
+            p0 = start(r, ref, "--seed", str(seed), delay="0")
+            assert p0.wait() == 0
+        p = start(r, out, *seed_args, delay="0")
+        assert p.wait() == 0, p.stderr.read()
+        assert not partial.exists()
+        assert not (out / ".mergesmith-journal").exists()
+        assert digest(out) == digest(ref), f"kill point {k}"
+
+
+def test_changed_input_refuses_to_resume(tmp_path, fam, capsys):
+    r = recipe(tmp_path, fam)
+    out = tmp_path / "o"
+    p = start(r, out, "--seed", "1")
+    while journal_lines(tmp_path / "o.partial") < 3 and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r.write_text(r.read_text().replace("weight: 0.3", "weight: 0.35"))
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(r), str(out), "--seed", "1", "--quiet", "--out-shard-size", "60KB"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds an interrupted merge that differs from this one (changed: recipe)" in err
+    assert "--restart" in err
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(r), str(out), "--seed", "1", "--quiet", "--out-shard-size", "60KB", "--restart"])
+    assert e.value.code == 0
+    assert (out / "model.safetensors.index.json").exists()
+
+
+def test_corrupted_journaled_tensor_is_recomputed(tmp_path, fam):
+    """A journaled tensor whose bytes do not match its CRC (torn write) is recomputed, not trusted."""
+    r = recipe(tmp_path, fam)
+    ref, out = tmp_path / "ref", tmp_path / "o"
+    assert start(r, ref, "--seed", "4", delay="0").wait() == 0
+    p = start(r, out, "--seed", "4")
+    partial = tmp_path / "o.partial"
+    while journal_lines(partial) < 6 and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    shard = sorted(partial.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-10:] = b"\xff" * 10  # clobber the end of the first shard's last journaled tensor's bytes
+    shard.write_bytes(bytes(data))
+    assert start(r, out, "--seed", "4", delay="0").wait() == 0
+    assert digest(out) == digest(ref)
+
+
+def test_disk_full_mid_merge_then_rerun_with_room(tmp_path, fam, monkeypatch, capsys):
+    import errno
+
+    import mergesmith.io.writer as w
+
+    r = recipe(tmp_path, fam)
+    ref, out = tmp_path / "ref", tmp_path / "o"
+    with pytest.raises(SystemExit):
+        main(["run", str(r), str(ref), "--seed", "2", "--quiet", "--out-shard-size", "60KB"])
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def failing(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 8:  # the disk fills up after a few tensors
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(w.os, "pwrite", failing)
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(r), str(out), "--seed", "2", "--quiet", "--out-shard-size", "60KB"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: writing ") and "No space left on device (disk full?)" in err[-1]
+    assert not out.exists() and (tmp_path / "o.partial" / ".mergesmith-journal").exists()
+    monkeypatch.setattr(w.os, "pwrite", real)
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(r), str(out), "--seed", "2", "--quiet", "--out-shard-size", "60KB"])
+    assert e.value.code == 0
+    assert digest(out) == digest(ref)
