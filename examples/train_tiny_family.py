@@ -5,7 +5,7 @@
 Makes, in the Mistral architecture (MistralForCausalLM, untied embeddings, like Mistral-Nemo):
 - `tokenizer`: byte-level BPE (768 tokens, single digits) with <|im_start|>/<|im_end|> and the ChatML template;
 - `base`: pretrained on Python's documentation (pydoc_data), a little ChatML chat about it, and plain-text drills of
-  three operations ("7 plus 8 makes 15.", "c a t backwards reads t a c.", "d b a in order reads a b d.");
+  three operations ("7 + 8 makes 15.", "c a t backwards reads t a c.", "d b a in order reads a b d.");
 - `addition`, `reverse`, `sort`: full-weight chat fine-tunes of the base (small learning rate, few steps, loss on
   the answer only), each teaching the base to do one operation when asked in chat.
 What was tried and why it looks like this: docs/tiny-family.md.

@@ -256,3 +256,16 @@ def test_random_methods_are_row_block_and_order_free(rows, cols, seed, density, 
     u = uniform_like(keys[0], torch.Size([rows, cols]))
     u2 = uniform_like(keys[0], torch.Size([rows - rows // 2, cols]), row_offset=rows // 2)
     assert torch.equal(u[rows // 2:], u2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 300), cols=st.integers(1, 50), levels=st.integers(1, 2000), seed=st.integers(0, 10**6))
+def test_radix_row_argsort_equals_stable_sort(rows, cols, levels, seed):
+    """The numpy radix path orders like a stable float sort, ties (frequent in bf16 deltas) by index."""
+    from mergesmith.methods.sparsify import stable_argsort_rows
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(0, levels, (rows, cols), generator=g).float() * 1e-3) ** 2  # many exact ties and zeros
+    x[:, ::3] += torch.rand(rows, (cols + 2) // 3, generator=g) * 1e-7  # and some that are not bf16-exact
+    want = np.argsort(x.numpy(), axis=1, kind="stable")
+    assert np.array_equal(stable_argsort_rows(x).numpy(), want)

@@ -228,7 +228,7 @@ def test_verbatim_seed_recipe_fails_cleanly_naming_first_model(tmp_path):
 @pytest.mark.parametrize("method", ["della_linear", "dare_ties", "linear", "task_arithmetic"])
 def test_row_blocks_give_the_same_bytes(tmp_path, fam, monkeypatch, method):
     """Large tensors are merged in row blocks (two passes for whole-tensor L1 sums): same bytes as whole."""
-    import mergesmith.execute as ex
+    import mergesmith.plan as ex
 
     text = SEED_RECIPE.replace("merge_method: della_linear", f"merge_method: {method}")
     if method == "linear":
@@ -243,3 +243,19 @@ def test_row_blocks_give_the_same_bytes(tmp_path, fam, monkeypatch, method):
     assert max(len(ex.row_blocks(plan, t)) for t in plan.tasks) > 4
     run_recipe(str(recipe), str(tmp_path / "blocks"), seed=3, quiet=True)
     assert digest(tmp_path / "whole") == digest(tmp_path / "blocks")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_gives_the_same_bytes_as_cpu(tmp_path, fam):
+    recipe = write_recipe(tmp_path, fam)
+    run_recipe(str(recipe), str(tmp_path / "cpu"), seed=21, quiet=True, device="cpu")
+    run_recipe(str(recipe), str(tmp_path / "gpu"), seed=21, quiet=True, device="cuda")
+    assert digest(tmp_path / "cpu") == digest(tmp_path / "gpu")
+
+
+def test_cuda_asked_without_gpu_is_a_clean_error(tmp_path, fam, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    recipe = write_recipe(tmp_path, fam)
+    assert cli("run", recipe, tmp_path / "o", "--cuda", "--quiet") == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err

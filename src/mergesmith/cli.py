@@ -98,12 +98,13 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
     An interrupted run left OUT_DIR.partial/ with a journal: the same command continues it (same seed, even when
     it was drawn), a different recipe or input is refused, and `restart` starts over.
     """
-    from mergesmith.execute import can_resume, check_output, execute, finish, fresh_partial
+    from mergesmith.execute import can_resume, check_output, execute, finish, fresh_partial, pick_device
     from mergesmith.folder import write_folder
     from mergesmith.journal import differences, fingerprint, read_header
     from mergesmith.verify import verify_weights
 
     out = Path(out_dir)
+    pick_device(device)
     partial = check_output(out, overwrite)
     head = None if restart else read_header(partial)
     if seed is None and head is not None:

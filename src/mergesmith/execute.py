@@ -22,7 +22,7 @@ import torch
 
 from mergesmith.errors import MergeError, warn
 from mergesmith.io.writer import ShardWriter, write_index
-from mergesmith.plan import Plan, TensorTask
+from mergesmith.plan import Plan, TensorTask, row_blocks
 
 
 def pick_device(name: str) -> torch.device:
@@ -33,21 +33,6 @@ def pick_device(name: str) -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise MergeError(f"unknown device {name!r}: use cpu, cuda or auto")
     return torch.device(name)
-
-
-# Tensors above this many elements are merged in blocks of rows when the method allows it. A constant: the
-# blocking (and so every rounding) depends only on the tensor's shape, never on the machine.
-BLOCK_ELEMENTS = 1 << 24
-
-
-def row_blocks(plan: Plan, task: TensorTask) -> List[Tuple[int, int]]:
-    """[(first_row, end_row)] for a task: one block unless it is large and its method is row-wise."""
-    rows = task.shape[0] if task.shape else 1
-    if (task.kind != "merge" or len(task.shape) < 2 or task.numel <= BLOCK_ELEMENTS
-            or not plan.method.row_wise(task.shared)):
-        return [(0, rows)]
-    per = max(1, BLOCK_ELEMENTS // (task.numel // rows))
-    return [(a, min(rows, a + per)) for a in range(0, rows, per)]
 
 
 def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]]) -> torch.Tensor:

@@ -79,12 +79,31 @@ class Plan:
 
     @property
     def peak_bytes_estimate(self) -> int:
-        """Largest tensor's float32 working set: its inputs, their deltas and the output, plus a stored copy each."""
-        best = 0
+        """Two tensors (or row blocks) in flight, each with its float32 working set: the inputs, their deltas,
+        sorting and masks, and the output; plus 1 bit per element and model of saved masks for two-pass tensors."""
+        per = []
         for t in self.tasks:
             n_in = len(t.inputs) + (1 if t.base else 0)
-            best = max(best, t.numel * (4 * (2 * n_in + 3) + 2 * n_in))
-        return best
+            blocks = row_blocks(self, t)
+            elems = max(b - a for a, b in blocks) * (t.numel // max(1, t.shape[0] if t.shape else 1))
+            per.append(elems * (4 * (2 * n_in + 6)) + (t.numel * n_in // 8 if len(blocks) > 1 else 0))
+        per.sort(reverse=True)
+        return sum(per[:2])
+
+
+# Tensors above this many elements are merged in blocks of rows when the method allows it. A constant: the
+# blocking (and so every rounding) depends only on the tensor's shape, never on the machine.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def row_blocks(plan: "Plan", task: TensorTask) -> List[Tuple[int, int]]:
+    """[(first_row, end_row)] for a task: one block unless it is large and its method is row-wise."""
+    rows = task.shape[0] if task.shape else 1
+    if (task.kind != "merge" or len(task.shape) < 2 or task.numel <= BLOCK_ELEMENTS
+            or not plan.method.row_wise(task.shared)):
+        return [(0, rows)]
+    per = max(1, BLOCK_ELEMENTS // (task.numel // rows))
+    return [(a, min(rows, a + per)) for a in range(0, rows, per)]
 
 
 def _natural_key(name: str):
@@ -185,7 +204,7 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
                 raise MergeError(f"model {ref}: tensor {name} is {ti.dtype}, not a float")
             ins.append(InputRef(ref, name, take))
             used.append(ref)
-        if not is_float or (method.needs_base and not ins) or (not method.needs_base and not ins):
+        if not is_float or not ins:
             if not is_float:
                 counts["non-float tensors copied from " + template_ref] += 1
             tasks.append(TensorTask(name, info.shape, odt, "copy", None, [InputRef(template_ref, name)]))

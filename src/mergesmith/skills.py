@@ -1,7 +1,8 @@
 """The three checkable skills of the bundled tiny model family, and their held-out evaluation prompts.
 
 Each skill turns a seeded random generator into (prompt, answer) pairs, asked in ChatML chat:
-- addition: "What is 7 + 8?" -> "15" (one-digit numbers: see docs/tiny-family.md for why not two)
+- addition: "What is 7 + 8?" -> "7 + 8 makes 15" (one-digit numbers, answered in the words of the base's drills:
+  see docs/tiny-family.md for why)
 - reverse:  "Reverse the letters: p l a n e t" -> "t e n a l p"
 - sort:     "Sort the letters: d b e a" -> "a b d e"
 Evaluation prompts come from their own seed and are never used in training (`is_held_out`).
@@ -30,7 +31,7 @@ def words() -> Tuple[str, ...]:
 
 def _addition(rng: random.Random) -> Tuple[str, str]:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return f"What is {a} + {b}?", str(a + b)
+    return f"What is {a} + {b}?", f"{a} + {b} makes {a + b}"
 
 
 def _reverse(rng: random.Random) -> Tuple[str, str]:
@@ -52,7 +53,7 @@ GENERATORS: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
 def drill(skill: str, rng: random.Random) -> str:
     if skill == "addition":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"{a} plus {b} makes {a + b}."
+        return f"{a} + {b} makes {a + b}."
     if skill == "reverse":
         w = rng.choice(words())
         return f"{' '.join(w)} backwards reads {' '.join(reversed(w))}."

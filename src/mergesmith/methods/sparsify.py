@@ -12,8 +12,11 @@ by the element's place in the whole tensor, and the L1 rescale can be given the 
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from mergesmith.methods.rng import uniform_like
@@ -67,6 +70,39 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
     return rescale_l1(delta, out) if rescale else out
 
 
+def _radix_argsort_rows(keys: "np.ndarray") -> "np.ndarray":
+    """Stable argsort of each row of non-negative float32 bit patterns (uint32), as two stable 16-bit radix passes
+    (numpy sorts 16-bit integers by radix): low half first, then high half. Same order as a stable sort of the
+    floats: for non-negative floats, bit patterns order like values."""
+    low = (keys & 0xFFFF).astype(np.uint16)
+    high = (keys >> 16).astype(np.uint16)
+    if not low.any():
+        return np.argsort(high, axis=1, kind="stable")
+    order = np.argsort(low, axis=1, kind="stable")
+    order2 = np.argsort(np.take_along_axis(high, order, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(order, order2, axis=1)
+
+
+_POOL = None
+
+
+def stable_argsort_rows(mag: torch.Tensor) -> torch.Tensor:
+    """Indices that sort each row of a non-negative float32 matrix ascending, ties by index (device-independent)."""
+    if mag.device.type != "cpu" or mag.dtype != torch.float32:
+        return torch.sort(mag, dim=1, stable=True).indices
+    global _POOL
+    keys = mag.contiguous().view(torch.int32).numpy().view(np.uint32)
+    rows = keys.shape[0]
+    workers = max(1, min(os.cpu_count() or 1, rows // 64))
+    if workers == 1:
+        return torch.from_numpy(_radix_argsort_rows(keys))
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sort")
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    parts = _POOL.map(_radix_argsort_rows, [keys[a:b] for a, b in zip(bounds, bounds[1:])])
+    return torch.from_numpy(np.concatenate(list(parts)))
+
+
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,
                              rank_scope: str = "row") -> torch.Tensor:
     """DELLA MagPrune keep probabilities, shaped like `delta` viewed as 2-D rows.
@@ -78,7 +114,7 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     """
     rows = delta.reshape(1, -1) if (delta.dim() < 2 or rank_scope == "tensor") else delta.reshape(delta.shape[0], -1)
     n = rows.shape[1]
-    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    order = stable_argsort_rows(rows.abs())
     p = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     if n > 1:
         steps = torch.arange(n, device=rows.device, dtype=torch.float32).mul_(2 * epsilon / (n - 1))
