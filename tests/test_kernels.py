@@ -269,3 +269,13 @@ def test_radix_row_argsort_equals_stable_sort(rows, cols, levels, seed):
     x[:, ::3] += torch.rand(rows, (cols + 2) // 3, generator=g) * 1e-7  # and some that are not bf16-exact
     want = np.argsort(x.numpy(), axis=1, kind="stable")
     assert np.array_equal(stable_argsort_rows(x).numpy(), want)
+
+
+def test_magnitude_ties_keep_lower_indices_breadcrumbs_drop_lower():
+    from mergesmith.methods.sparsify import magnitude, magnitude_outliers
+
+    d = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, 2.0])
+    # k = 3: 2.0, then the first two of the four tied 1.0 magnitudes
+    assert magnitude(d, 0.5).tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 2.0]
+    # ascending order with ties by index: 0.5, 1, -1, 1, -1, 2 -> drop n_bot = 6 - 3 - 0 = 3 smallest
+    assert magnitude_outliers(d, 0.5, gamma=0.0).tolist() == [0.0, 0.0, 1.0, -1.0, 0.0, 2.0]

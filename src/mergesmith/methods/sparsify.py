@@ -43,10 +43,12 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     flat = delta.reshape(-1)
-    k = max(1, int(density * flat.numel()))
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices[:k]
+    n = flat.numel()
+    k = max(1, int(density * n))
+    # largest first, ties by lower index: an ascending stable sort of the reversed vector, read from its end
+    order_rev = stable_argsort_rows(flat.abs().flip(0).unsqueeze(0))[0]
     mask = torch.zeros_like(flat)
-    mask[order] = 1
+    mask[(n - 1) - order_rev[n - k:].to(flat.device)] = 1
     out = (flat * mask).reshape_as(delta)
     return rescale_l1(delta, out) if rescale else out
 
@@ -63,7 +65,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    order = torch.sort(flat.abs(), descending=False, stable=True).indices
+    order = stable_argsort_rows(flat.abs().unsqueeze(0))[0].to(flat.device)
     mask = torch.zeros_like(flat)
     mask[order[n_bot:n_bot + target]] = 1
     out = (flat * mask).reshape_as(delta)
