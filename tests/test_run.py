@@ -259,3 +259,66 @@ def test_cuda_asked_without_gpu_is_a_clean_error(tmp_path, fam, capsys):
     recipe = write_recipe(tmp_path, fam)
     assert cli("run", recipe, tmp_path / "o", "--cuda", "--quiet") == 2
     assert "torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,expect", [
+    ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"),
+    ("auto", "<|im_start|>user\nhi<|im_end|>"),
+    ("'{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}'", "[user] hi"),
+])
+def test_chat_template_is_written_where_transformers_reads_it(tmp_path, fam, spec, expect):
+    from transformers import AutoTokenizer
+
+    escaped = spec.replace("{", "{{").replace("}", "}}")  # write_recipe fills the paths with str.format
+    recipe = write_recipe(tmp_path, fam, SEED_RECIPE + f"chat_template: {escaped}\n")
+    out = tmp_path / "o"
+    run_recipe(str(recipe), str(out), seed=1, quiet=True)
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text.startswith(expect) or text == tok.bos_token + expect or text.startswith(tok.bos_token + expect)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == \
+        (out / "chat_template.jinja").read_text()
+
+
+def test_unknown_chat_template_is_refused_before_work(tmp_path, fam, capsys):
+    recipe = write_recipe(tmp_path, fam, SEED_RECIPE + "chat_template: chatlm\n")
+    assert cli("run", recipe, tmp_path / "o", "--quiet") == 2
+    assert "chat_template 'chatlm' is not a known name (did you mean 'chatml'?)" in capsys.readouterr().err
+    assert not (tmp_path / "o.partial").exists()
+
+
+def test_base_without_tokenizer_warns_and_still_writes(tmp_path, capsys):
+    from helpers import make_mistral
+
+    base = make_mistral(tmp_path / "b", seed=0, tokenizer=False)
+    make_mistral(tmp_path / "f", seed=1, from_state=base, noise=0.01, tokenizer=False)
+    r = tmp_path / "r.yml"
+    r.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'b'}\nmodels:\n"
+                 f"  - model: {tmp_path / 'f'}\n    parameters:\n      weight: 0.5\n")
+    assert cli("run", r, tmp_path / "o", "--quiet") == 0
+    assert "has no tokenizer files; the output has no tokenizer" in capsys.readouterr().err
+    assert (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_nan_input_warns_strict_refuses(tmp_path, fam, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    b, f1, f2, f3 = fam
+    bad = tmp_path / "ft_nan"
+    shutil.copytree(f1, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    text = f"merge_method: linear\nmodels:\n  - model: {bad}\n    parameters:\n      weight: 1\n" \
+           f"  - model: {f2}\n    parameters:\n      weight: 1\n"
+    r = tmp_path / "r.yml"
+    r.write_text(text)
+    # the NaN reaches the output: an error naming the tensor, after a warning naming model and tensor
+    assert cli("run", r, tmp_path / "o", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert f"model {bad}: tensor model.layers.0.mlp.up_proj.weight holds NaN or Inf values" in err
+    assert "error: tensor model.layers.0.mlp.up_proj.weight: the merge produced NaN or Inf" in err
+    assert cli("run", r, tmp_path / "o2", "--quiet", "--strict") == 2
+    assert "holds NaN or Inf values (refused under --strict)" in capsys.readouterr().err

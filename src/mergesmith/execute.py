@@ -35,9 +35,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]]) -> torch.Tensor:
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in x. A finite sum proves it (NaN and Inf propagate); only an overflowing sum needs the
+    elementwise check, so the common case costs one fast reduction instead of a boolean pass."""
+    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]], check: bool = True
+          ) -> torch.Tensor:
     x = plan.models[ref.model].read(ref.name, rows=rows, take=ref.take).to(device=device, dtype=torch.float32)
-    if not torch.isfinite(x).all():
+    if check and not all_finite(x):
         msg = f"model {ref.model}: tensor {ref.name} holds NaN or Inf values"
         if plan.strict:
             raise MergeError(msg + " (refused under --strict)")
@@ -71,8 +80,9 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
             saved_masks.append([None if m is None else np.packbits(m.reshape(-1).cpu().numpy()) for m in masks])
     for k, (a, b) in enumerate(blocks):
         rows = (a, b) if len(blocks) > 1 else None
-        base = _load(plan, task.base, device, rows) if task.base is not None else None
-        inputs = [_load(plan, r, device, rows) for r in task.inputs]
+        check = stats is None  # pass 1 already checked these rows
+        base = _load(plan, task.base, device, rows, check) if task.base is not None else None
+        inputs = [_load(plan, r, device, rows, check) for r in task.inputs]
         extra = None
         if stats is not None:
             shape = inputs[0].shape
@@ -84,7 +94,7 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
             extra = {"l1": stats, "masks": masks}
         out = method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stats=extra)
         del inputs, base
-        if not torch.isfinite(out).all():
+        if not all_finite(out):
             raise MergeError(f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of "
                              "this tensor)")
         yield a, out.to(dtype=task.out_dtype).cpu()
@@ -157,6 +167,7 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
     slots = threading.Semaphore(workers)
     lock = threading.Lock()
     failed: List[BaseException] = []
+    finished: List[str] = []
     delay = float(os.environ.get("MERGESMITH_TEST_TENSOR_DELAY", "0"))  # tests only: widen the kill window
 
     def work(task: TensorTask) -> None:
@@ -170,8 +181,10 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
                 time.sleep(delay)
             with lock:
                 journal.record(task.name, c)
+                finished.append(task.name)
                 bar.update(plan.layout.slots[task.name].nbytes)
-                bar.set_postfix_str(task.name[-40:], refresh=False)
+                bar.set_postfix_str(f"{len(finished) + len(done)}/{len(plan.tasks)} tensors, {task.name[-32:]}",
+                                    refresh=False)
         except BaseException as e:
             failed.append(e)
             raise
