@@ -31,12 +31,22 @@ def _dtype_name(plan: Plan) -> str:
 
 
 def write_config(plan: Plan, out: Path) -> None:
-    template = plan.base_model or next(iter(plan.models))
+    template = plan.template or plan.base_model or next(iter(plan.models))
     cfg = plan.models[template].config
     if cfg is None:
         warn(f"model {template} has no config.json; the output has none either")
         return
     cfg = dict(cfg)
+    if plan.layer_sources and (plan.sliced or cfg.get("num_hidden_layers") != plan.num_layers):
+        cfg["num_hidden_layers"] = plan.num_layers
+        # per-layer lists (layer_types, ...) follow the layers they describe
+        for key, value in list(cfg.items()):
+            if isinstance(value, list) and key.startswith("layer_"):
+                per = []
+                for ref, i in plan.layer_sources:
+                    src = (plan.models[ref].config or {}).get(key)
+                    per.append(src[i] if isinstance(src, list) and i < len(src) else value[min(i, len(value) - 1)])
+                cfg[key] = per
     name = _dtype_name(plan)
     keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
     for k in keys:
@@ -86,7 +96,9 @@ def model_card(plan: Plan, name: str) -> str:
         front.append("base_model: []")
     front += ["library_name: transformers", "tags:", "- mergesmith", "- merge", "---", ""]
     m = plan.method
-    merged = [r for r in dict.fromkeys(m_.model for m_ in plan.recipe.config.models or []) if r != plan.base_model]
+    c = plan.recipe.config
+    listed = [m_.model for m_ in c.models or []] + [src.model for sl in c.slices or [] for src in sl.sources]
+    merged = [r for r in dict.fromkeys(listed) if r != plan.base_model]
     lines = [f"# {name}", "",
              f"This is a merge of pre-trained language models created with [mergesmith](https://pypi.org/project/"
              f"mergesmith/) {__version__}.", "", "## Merge Details", "", "### Merge Method", ""]

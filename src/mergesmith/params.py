@@ -53,6 +53,10 @@ def _validate(p: Param, value: Any) -> Any:
         if isinstance(value, (int, float)) and value in (0, 1):
             return bool(value)
         raise _Invalid(f"'{p.name}' must be true or false, got {value!r}")
+    if p.kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise _Invalid(f"'{p.name}' must be a whole number, got {value!r}")
+        return int(value)
     if p.kind is float:
         if isinstance(value, bool):
             raise _Invalid(f"'{p.name}' must be a number, got {value!r}")
@@ -150,18 +154,21 @@ class ParameterResolver:
                              f"'{p.name}' for {who} (tensor {tensor_name}); add '{p.name}:' under its parameters")
         return p.default
 
-    def resolve(self, tensor_name: str, t: float, models: Sequence[str], base_model: Optional[str]
-                ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    def resolve(self, tensor_name: str, t: float, models: Sequence[str], base_model: Optional[str],
+                input_names: Optional[Sequence[str]] = None) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        """Shared values for output tensor `tensor_name`; per-model values with filters matched against each
+        model's own tensor name (`input_names`, which differ from the output's in sliced merges), as mergekit."""
+        input_names = input_names or [tensor_name] * len(models)
         shared_sources = [s for s in (self.slice_src, self.global_src) if s is not None]
         shared = {p.name: self._resolve(p, shared_sources, tensor_name, t, "the merge") for p in self.method.shared_params}
         per_input = []
-        for m in models:
+        for m, in_name in zip(models, input_names):
             sources = [s for s in (self.model_src.get(m), self.slice_src, self.global_src) if s is not None]
             vals = {}
             for p in self.method.input_params:
                 if p.scope == "non_base" and m == base_model:
                     continue
-                vals[p.name] = self._resolve(p, sources, tensor_name, t, f"model {m}")
+                vals[p.name] = self._resolve(p, sources, in_name, t, f"model {m}")
             per_input.append(vals)
         return shared, per_input
 

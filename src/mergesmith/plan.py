@@ -19,7 +19,7 @@ from mergesmith.io.resolve import resolve_model
 from mergesmith.io.writer import Layout, plan_layout
 from mergesmith.methods import Method, get_method
 from mergesmith.methods.rng import stream_key
-from mergesmith.params import ParameterResolver, is_embedding, layer_index, layer_t
+from mergesmith.params import _LAYER_RE, ParameterResolver, is_embedding, layer_index
 from mergesmith.recipe import Recipe, normalize_dtype
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -63,6 +63,10 @@ class Plan:
     tasks: List[TensorTask]
     layout: Layout
     notes: List[str] = field(default_factory=list)
+    template: Optional[str] = None  # the model whose config.json the output takes
+    num_layers: int = 0  # the output's layer count
+    layer_sources: List[Tuple[str, int]] = field(default_factory=list)  # (model, its layer) per output layer
+    sliced: bool = False
     strict: bool = False  # NaN/Inf in inputs: an error instead of a warning
 
     @property
@@ -112,11 +116,13 @@ def _natural_key(name: str):
     return (pre, i if i is not None else 0, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
 
 
-def _check_architectures(models: "OrderedDict[str, ModelIndex]", recipe: Recipe, allow_crimes: bool) -> None:
+def _check_architectures(models: "OrderedDict[str, ModelIndex]", recipe: Recipe, allow_crimes: bool,
+                         layers: bool = True) -> None:
     archs = {}
     for ref, idx in models.items():
         cfg = idx.config or {}
-        key = (tuple(cfg.get("architectures") or []), cfg.get("hidden_size"), cfg.get("num_hidden_layers"))
+        key = (tuple(cfg.get("architectures") or []), cfg.get("hidden_size"),
+               cfg.get("num_hidden_layers") if layers else None)
         archs[ref] = key
     distinct = {k for k in archs.values() if k != ((), None, None)}
     if len(distinct) > 1 and not allow_crimes:
@@ -125,42 +131,116 @@ def _check_architectures(models: "OrderedDict[str, ModelIndex]", recipe: Recipe,
                          "pass --allow-crimes to merge them anyway")
 
 
+@dataclass
+class Group:
+    """One output slice: sources (model, first layer, end layer, position), the base among them, and where its
+    layers land in the output. A `models:` recipe is one group spanning every layer."""
+    index: Optional[int]  # slice index, None for `models:`
+    sources: List[Tuple[str, int, int, int]]
+    base: Optional[Tuple[str, int, int, int]]
+    inputs: List[Tuple[str, int, int, int]]
+    out_start: int
+    resolver: ParameterResolver
+
+    @property
+    def length(self) -> int:
+        s = self.sources[0]
+        return s[2] - s[1]
+
+    @property
+    def template(self) -> Tuple[str, int, int, int]:
+        return self.base or self.sources[0]
+
+
+def model_layers(idx: ModelIndex) -> int:
+    n = max((layer_index(t) for t in idx.tensors if layer_index(t) is not None), default=-1) + 1
+    if idx.config and isinstance(idx.config.get("num_hidden_layers"), int):
+        n = max(n, idx.config["num_hidden_layers"])
+    return n
+
+
+def rename_layer(name: str, new: int) -> str:
+    """`model.layers.7.mlp...` -> `model.layers.{new}.mlp...`"""
+    m = _LAYER_RE.search(name)
+    return name if m is None else name[:m.start(1)] + str(new) + name[m.end(1):]
+
+
+def _groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[Group]:
+    c = recipe.config
+    groups: List[Group] = []
+    if c.models:
+        listed = [m.model for m in c.models]
+        refs = list(dict.fromkeys(listed))
+        if c.base_model and c.base_model not in refs and method.base_policy != "ignored":
+            refs.append(c.base_model)
+        sources = [(r, 0, model_layers(models[r]), listed.index(r) if r in listed else len(listed)) for r in refs]
+        specs = [(None, sources, c.base_model, ("models",))]
+    else:
+        specs = []
+        for si, sl in enumerate(c.slices):
+            srcs = []
+            for j, src in enumerate(sl.sources):
+                a, b = src.layer_range
+                have = model_layers(models[src.model])
+                if b > have:
+                    raise MergeError(f"{recipe.at('slices', si, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] "
+                                     f"but {src.model} has {have} layers (0 to {have - 1}); the end is exclusive")
+                srcs.append((src.model, a, b, j))
+            specs.append((si, srcs, sl.base_model or c.base_model, ("slices", si)))
+    out = 0
+    for si, sources, base_ref, path in specs:
+        base = None
+        if method.uses_base and base_ref:
+            base = next((s for s in sources if s[0] == base_ref), None)
+            if base is None:
+                raise MergeError(f"{recipe.at(*path)}: the base model {base_ref} is not among this slice's sources; "
+                                 f"{method.name} needs it as one of them (with its layer_range)")
+        if method.base_policy == "required" and base is None:
+            raise MergeError(f"{recipe.at('merge_method')}: {method.name} needs a 'base_model:'")
+        inputs = [s for s in sources if s is not base]
+        n = len(inputs)
+        what = "models besides the base" if method.uses_base else "models"
+        if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
+            want = (f"exactly {method.min_inputs}" if method.max_inputs == method.min_inputs else
+                    f"at least {method.min_inputs}" if method.max_inputs is None else
+                    f"{method.min_inputs} to {method.max_inputs}")
+            raise MergeError(f"{recipe.at(*path)}: {method.name} takes {want} {what}, got {n}"
+                             + (f" ({', '.join(s[0] for s in inputs)})" if inputs else ""))
+        g = Group(si, sources, base, inputs, out, ParameterResolver(recipe, method, si))
+        groups.append(g)
+        out += g.length
+    return groups
+
+
 def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] = None,
               out_dtype: Optional[str] = None, shard_size: int = 5 * 10**9, allow_crimes: bool = False,
               recipe_dir: Optional[Path] = None) -> Plan:
     c = recipe.config
     method = get_method(c.merge_method)
-    if c.slices:
-        raise MergeError(f"{recipe.at('slices')}: 'slices:' parses, but layer slicing is not supported yet; "
-                         "use 'models:'")
     # Parameter names the method does not know (typos like `densty`): warn early, before touching disk.
-    resolver = ParameterResolver(recipe, method)
-    resolver.warn_unknown()
-
-    if method.needs_base and not c.base_model:
+    for si in (range(len(c.slices)) if c.slices else [None]):
+        ParameterResolver(recipe, method, si).warn_unknown()
+    if method.base_policy == "required" and not c.base_model and not any(s.base_model for s in c.slices or []):
         raise MergeError(f"{recipe.at('merge_method')}: {method.name} needs a 'base_model:'")
+    if c.base_model and method.base_policy == "ignored" and c.models:
+        warn(f"{recipe.at('base_model')}: {method.name} does not use a base model; base_model is ignored")
 
     # Resolve and index every model, in recipe order: the first problem is the one reported.
     models: "OrderedDict[str, ModelIndex]" = OrderedDict()
     for ref, path in recipe.model_refs():
+        if ref in models:
+            continue
         local = resolve_model(ref, recipe.at(*path), recipe_dir)
         try:
             models[ref] = index_model(ref, local)
         except MergeError as e:
             raise MergeError(f"{recipe.at(*path)}: {e}") from None
-    _check_architectures(models, recipe, allow_crimes)
+    _check_architectures(models, recipe, allow_crimes, layers=not c.slices)
 
-    base_ref = c.base_model
-    listed = [m.model for m in c.models]
-    inputs_refs = [m for m in dict.fromkeys(listed) if not (method.needs_base and m == base_ref)]
-    if not inputs_refs and not method.needs_base:
+    groups = _groups(recipe, method, models)
+    if not groups or not any(g.inputs or g.base for g in groups):
         raise MergeError(f"{recipe.at('models')}: no models to merge")
-    template_ref = base_ref or listed[0]
-    template = models[template_ref]
-
-    num_layers = max((layer_index(n) for n in template.tensors if layer_index(n) is not None), default=-1) + 1
-    if template.config and isinstance(template.config.get("num_hidden_layers"), int):
-        num_layers = max(num_layers, template.config["num_hidden_layers"])
+    num_layers = sum(g.length for g in groups)
 
     if seed is None:
         seed_given = False
@@ -174,17 +254,24 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     notes: List[str] = []
     counts: Counter = Counter()
     tasks: List[TensorTask] = []
-    for name in sorted(template.tensors, key=_natural_key):
-        info = template.tensors[name]
+
+    def add(g: Group, out_name: str, k: Optional[int]) -> None:
+        """One output tensor of group g: layer k of the slice (None for a non-layer tensor)."""
+        def in_name(src) -> str:
+            return out_name if k is None else rename_layer(out_name, src[1] + k)
+        tref = g.template
+        tname = in_name(tref)
+        info = models[tref[0]].tensors[tname]
         is_float = info.dtype.is_floating_point
         odt = TORCH_DTYPES[final_dtype] if (final_dtype and is_float) else info.dtype
-        base = InputRef(base_ref, name) if method.needs_base else None
+        base = InputRef(g.base[0], in_name(g.base)) if g.base is not None else None
         ins: List[InputRef] = []
-        used: List[str] = []
-        for ref in inputs_refs:
+        used = []
+        for src in g.inputs:
+            ref, name = src[0], in_name(src)
             ti = models[ref].tensors.get(name)
             if ti is None:
-                counts[f"{ref} lacks some tensors of {template_ref}; those merge without it"] += 1
+                counts[f"{ref} lacks some tensors of {tref[0]}; those merge without it"] += 1
                 continue
             take = None
             if ti.shape != info.shape:
@@ -193,49 +280,83 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
                     take = info.shape
                     counts[f"{ref}: {name} is {list(ti.shape)}, using its leading {list(info.shape)} block"] += 1
                 elif is_embedding(name) or allow_crimes:
-                    counts[f"{ref}: {name} is {list(ti.shape)} but {template_ref}'s is {list(info.shape)}; "
+                    counts[f"{ref}: {name} is {list(ti.shape)} but {tref[0]}'s is {list(info.shape)}; "
                            "skipped for that tensor"] += 1
                     continue
                 else:
-                    raise MergeError(f"model {ref}: tensor {name} has shape {list(ti.shape)} but {template_ref}'s "
+                    raise MergeError(f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tref[0]}'s "
                                      f"is {list(info.shape)}; the models are not the same architecture "
                                      "(--allow-crimes skips such tensors)")
             if not ti.dtype.is_floating_point and is_float:
                 raise MergeError(f"model {ref}: tensor {name} is {ti.dtype}, not a float")
             ins.append(InputRef(ref, name, take))
-            used.append(ref)
-        if not is_float or not ins:
+            used.append(src)
+        copy_from = InputRef(tref[0], tname)
+        if not is_float or (not ins and base is None):
             if not is_float:
-                counts["non-float tensors copied from " + template_ref] += 1
-            tasks.append(TensorTask(name, info.shape, odt, "copy", None, [InputRef(template_ref, name)]))
-            continue
-        t = layer_t(name, num_layers)
-        shared, per_input = resolver.resolve(name, t, used, base_ref)
-        for ref, p in zip(used, per_input):
+                counts[f"non-float tensors copied from {tref[0]}"] += 1
+            tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [copy_from]))
+            return
+        if not ins:
+            # only the base has it: the base's own value (what every method returns without inputs)
+            tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [base]))
+            return
+        t = 0.0 if k is None else (k / (g.length - 1) if g.length > 1 else 1.0)
+        refs = [u[0] for u in used]
+        shared, per_input = g.resolver.resolve(out_name, t, refs, g.base[0] if g.base else None,
+                                               input_names=[r.name for r in ins])
+        for ref, p in zip(refs, per_input):
             problem = method.check(shared, p) if method.check else None
             if problem:
                 bad, msg = problem
-                raise MergeError(f"{resolver.where(ref, bad)}: model {ref}, tensor {name}: {msg}")
+                raise MergeError(f"{g.resolver.where(ref, bad)}: model {ref}, tensor {out_name}: {msg}")
         if method.name == "linear" and shared["normalize"] and abs(sum(p["weight"] for p in per_input)) < 1e-12:
-            raise MergeError(f"{resolver.where(used[0], 'weight')}: tensor {name}: the weights sum to 0, "
+            raise MergeError(f"{g.resolver.where(refs[0], 'weight')}: tensor {out_name}: the weights sum to 0, "
                              "so normalize cannot divide by them; set normalize: false or change the weights")
-        keys = [stream_key(seed, f"model{listed.index(ref)}", name) for ref in used] if method.randomized else \
-            [0] * len(used)
-        tasks.append(TensorTask(name, info.shape, odt, "merge", base, ins, shared, per_input, keys))
+        if method.name == "passthrough" and per_input[0].get("scale") is None:
+            tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [ins[0]]))
+            return
+        keys = [stream_key(seed, f"model{u[3]}", out_name) for u in used] if method.randomized else [0] * len(used)
+        tasks.append(TensorTask(out_name, info.shape, odt, "merge", base, ins, shared, per_input, keys))
+
+    first, last = groups[0], groups[-1]
+    pre = [n for n in models[first.template[0]].tensors if layer_index(n) is None and _natural_key(n)[0] == 0]
+    post = [n for n in models[last.template[0]].tensors if layer_index(n) is None and _natural_key(n)[0] != 0]
+    for name in sorted(pre, key=_natural_key):
+        add(first, name, None)
+    layer_sources: List[Tuple[str, int]] = []
+    for g in groups:
+        tref = g.template
+        tm = models[tref[0]]
+        for k in range(g.length):
+            src_layer = tref[1] + k
+            names = [n for n in tm.tensors if layer_index(n) == src_layer]
+            for name in sorted(names, key=_natural_key):
+                add(g, rename_layer(name, g.out_start + k), k)
+            layer_sources.append((tref[0], src_layer))
+    for name in sorted(post, key=_natural_key):
+        add(last, name, None)
+    seen = Counter(t.name for t in tasks)
+    dup = [n for n, k in seen.items() if k > 1]
+    if dup:
+        raise MergeError(f"{recipe.at()}: the output would hold tensor {dup[0]} twice; check the slices")
     for msg, n in counts.items():
         notes.append(f"{msg} ({n} tensor{'s' if n != 1 else ''})")
     extra = Counter()
-    for ref in inputs_refs:
-        missing = [n for n in models[ref].tensors if n not in template.tensors]
-        if missing:
-            extra[ref] = len(missing)
-    for ref, n in extra.items():
-        notes.append(f"{ref} has {n} tensor(s) that {template_ref} lacks; they are not in the output")
+    if c.models:
+        tref = first.template[0]
+        for src in first.inputs:
+            missing = [n for n in models[src[0]].tensors if n not in models[tref].tensors]
+            if missing:
+                extra[src[0]] = len(missing)
+        for ref, n in extra.items():
+            notes.append(f"{ref} has {n} tensor(s) that {tref} lacks; they are not in the output")
     for n in notes:
         warn(n)
     layout = plan_layout([(t.name, t.out_dtype, t.shape) for t in tasks], shard_size)
-    return Plan(recipe=recipe, method=method, models=models, base_model=base_ref, seed=seed, seed_given=seed_given,
-                tasks=tasks, layout=layout, notes=notes)
+    return Plan(recipe=recipe, method=method, models=models, base_model=c.base_model, seed=seed,
+                seed_given=seed_given, tasks=tasks, layout=layout, notes=notes, template=first.template[0],
+                num_layers=num_layers, layer_sources=layer_sources, sliced=bool(c.slices))
 
 
 def _fmt_bytes(n: float) -> str:

@@ -12,7 +12,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergesmith.methods.arcee_fusion import arcee_fusion
 from mergesmith.methods.linear import linear
+from mergesmith.methods.model_stock import model_stock
+from mergesmith.methods.nearswap import nearswap
+from mergesmith.methods.sce import sce
+from mergesmith.methods.spherical import karcher, multislerp, nuslerp, slerp
 from mergesmith.methods.task_arithmetic import generalized_task_arithmetic, task_vector_l1_sums
 
 REQUIRED = object()
@@ -21,7 +26,7 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: type  # bool, float or str
+    kind: type  # bool, int, float or str
     scope: str  # "shared", "input" or "non_base"
     default: Any = REQUIRED
     choices: Tuple[str, ...] = ()
@@ -42,6 +47,12 @@ class Method:
     needs_base: bool
     randomized: bool
     merge: Callable[..., torch.Tensor] = field(repr=False)
+    # "required": the base is its own argument; "optional": used as the base when the recipe names one;
+    # "input": the base model is one more input (karcher); "ignored": base_model plays no part (linear)
+    base_policy: str = ""
+    # how many inputs besides the base (all inputs for "input"/"ignored" policies) the method takes
+    min_inputs: int = 1
+    max_inputs: Optional[int] = None
     # can a block of rows be merged on its own? (given the shared parameters)
     row_wise: Callable[[Dict[str, Any]], bool] = field(default=lambda shared: False, repr=False)
     # whole-tensor statistics a row block needs: (base, inputs, shared, per_input, keys, row_offset) ->
@@ -50,6 +61,15 @@ class Method:
     # extra range checks: (shared, per_input) -> (offending parameter, message) or None
     check: Optional[Callable[[Dict[str, Any], Dict[str, Any]], Optional[Tuple[str, str]]]] = field(
         default=None, repr=False)
+
+    def __post_init__(self):
+        if not self.base_policy:
+            object.__setattr__(self, "base_policy", "required" if self.needs_base else "ignored")
+
+    @property
+    def uses_base(self) -> bool:
+        """The base model, when the recipe names one, is passed as the kernel's `base` argument."""
+        return self.base_policy in ("required", "optional")
 
     def param(self, name: str) -> Optional[Param]:
         return next((p for p in self.params if p.name == name), None)
@@ -205,6 +225,144 @@ _register_gta("della", "DELLA", "https://arxiv.org/abs/2406.11617",
               "della_magprune", "sum", True, True)
 _register_gta("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
               "Magnitude-ranked random pruning (MagPrune), rescale, weighted sum.", "della_magprune", None, False, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spherical interpolation and friends
+
+def _slerp_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
+    return slerp(shared["t"], base, inputs[0])
+
+
+def _nuslerp_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
+    w0, w1 = per_input[0]["weight"], per_input[1]["weight"]
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    row_wise, flatten = shared["nuslerp_row_wise"], shared["nuslerp_flatten"]
+    if base is None:
+        return nuslerp(t, inputs[0], inputs[1], row_wise=row_wise, flatten=flatten)
+    b = base.float()
+    return b + nuslerp(t, inputs[0].float() - b, inputs[1].float() - b, row_wise=row_wise, flatten=flatten)
+
+
+def _multislerp_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
+    return multislerp(inputs, [p["weight"] for p in per_input], base=base,
+                      normalize_weights=shared["normalize_weights"], eps=shared["eps"])
+
+
+def _karcher_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
+    return karcher(inputs, None, max_iter=shared["max_iter"], tol=shared["tol"])
+
+
+register(Method(
+    name="slerp", pretty="SLERP", url="https://en.wikipedia.org/wiki/Slerp",
+    description="Spherical interpolation between the base and one other model by t.",
+    params=(Param("t", float, "shared", doc="position from the base (0) to the other model (1)"),),
+    needs_base=True, randomized=False, merge=_slerp_merge, min_inputs=1, max_inputs=1,
+))
+register(Method(
+    name="nuslerp", pretty="NuSLERP", url="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+    description="Slerp of two models (or of their task vectors when a base is given) by relative weight.",
+    params=(
+        Param("weight", float, "non_base", doc="this model's relative weight (t = w2 / (w1 + w2))"),
+        Param("nuslerp_flatten", bool, "shared", True, doc="slerp whole tensors (false: row vectors)"),
+        Param("nuslerp_row_wise", bool, "shared", False, doc="when not flattened, slerp columns instead of rows"),
+    ),
+    needs_base=False, base_policy="optional", randomized=False, merge=_nuslerp_merge, min_inputs=2, max_inputs=2,
+))
+register(Method(
+    name="multislerp", pretty="Multi-SLERP", url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    description="Barycentric interpolation of any number of models on the hypersphere (optionally around a base).",
+    params=(
+        Param("weight", float, "non_base", doc="this model's weight"),
+        Param("normalize_weights", bool, "shared", True, doc="divide the weights by their sum"),
+        Param("eps", float, "shared", 1e-8, doc="numerical floor for norms"),
+    ),
+    needs_base=False, base_policy="optional", randomized=False, merge=_multislerp_merge, min_inputs=1,
+))
+register(Method(
+    name="karcher", pretty="Karcher Mean", url="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean",
+    description="Riemannian (Karcher) mean of the models' directions, scaled by their mean norm.",
+    params=(
+        Param("max_iter", int, "shared", 10, doc="most fixed-point iterations"),
+        Param("tol", float, "shared", 1e-5, doc="stop when the tangent norm is below this"),
+    ),
+    needs_base=False, base_policy="input", randomized=False, merge=_karcher_merge, min_inputs=1,
+))
+
+
+def _model_stock_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
+    return model_stock(base, inputs, filter_wise=shared["filter_wise"])
+
+
+register(Method(
+    name="model_stock", pretty="Model Stock", url="https://arxiv.org/abs/2403.19522",
+    description="Interpolate from the base toward the fine-tunes' average by the angle between their deltas.",
+    params=(Param("filter_wise", bool, "shared", False, doc="one ratio per row instead of per tensor"),),
+    needs_base=True, randomized=False, merge=_model_stock_merge, min_inputs=2,
+))
+
+
+def _sce_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
+    return sce(base, inputs, select_topk=shared["select_topk"])
+
+
+def _check_topk(shared: Dict[str, Any], per_input: Dict[str, Any]) -> Optional[Tuple[str, str]]:
+    k = shared.get("select_topk", 1.0)
+    if not 0 <= k <= 1:
+        return "select_topk", f"select_topk {k:g} must lie in [0, 1]"
+    return None
+
+
+register(Method(
+    name="sce", pretty="SCE", url="https://arxiv.org/abs/2408.07990",
+    description="Select high-variance elements, weight task vectors by energy, erase sign conflicts.",
+    params=(
+        Param("select_topk", float, "shared", 1.0, doc="fraction of elements kept by variance across models"),
+        Param("int8_mask", bool, "shared", False, doc="accepted for compatibility (masks are booleans here)"),
+    ),
+    needs_base=True, randomized=False, merge=_sce_merge, check=_check_topk, min_inputs=1,
+))
+
+
+def _nearswap_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
+    return nearswap(base, inputs[0], shared["t"])
+
+
+register(Method(
+    name="nearswap", pretty="NearSwap", url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    description="Take the other model's value where it lies within t of the base's, move by t elsewhere.",
+    params=(Param("t", float, "shared", doc="similarity threshold"),),
+    needs_base=True, randomized=False, merge=_nearswap_merge, row_wise=lambda shared: True,
+    min_inputs=1, max_inputs=1,
+))
+
+
+def _fusion_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
+    return arcee_fusion(base, inputs[0])
+
+
+register(Method(
+    name="arcee_fusion", pretty="Arcee Fusion", url="https://arcee.ai",
+    description="Keep the base except where the other model's change is important (|delta| x KL above a "
+                "quartile threshold).",
+    params=(), needs_base=True, randomized=False, merge=_fusion_merge, min_inputs=1, max_inputs=1,
+))
+
+
+def _passthrough_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
+    scale = per_input[0].get("scale")
+    x = inputs[0].float()
+    return x.clone() if scale is None else x * scale
+
+
+register(Method(
+    name="passthrough", pretty="Passthrough", url="https://github.com/arcee-ai/mergekit",
+    description="Copy one model's tensors unchanged (optionally scaled): layer stacking with slices.",
+    params=(Param("scale", float, "input", None, doc="multiply the tensor by this (default: copy it)"),),
+    needs_base=False, randomized=False, merge=_passthrough_merge, row_wise=lambda shared: True,
+    min_inputs=1, max_inputs=1,
+))
 
 
 def get_method(name: str) -> Method:
