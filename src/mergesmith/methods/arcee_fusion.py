@@ -16,7 +16,7 @@ def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """base + (other - base) * [importance >= median + 1.5 * (q3 - q1)] (mergekit `arcee_fusion`).
+    """other where importance >= median + 1.5 * (q3 - q1), else base (mergekit `arcee_fusion`).
 
     Quantiles are the sorted importances at index floor(q (n - 1)). mergekit estimates them from 1,000,000
     elements drawn with an unseeded generator when a tensor is larger; here they are always exact, so the result
@@ -26,6 +26,6 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     s = torch.sort(imp.reshape(-1)).values
     n = s.numel()
     q1, med, q3 = (s[int(q * (n - 1))] for q in (0.25, 0.5, 0.75))
-    mask = (imp >= med + 1.5 * (q3 - q1)).float()
-    a = base.float()
-    return a + (other.float() - a) * mask
+    # where(mask, other, base) is mergekit's base + (other - base) * mask without its rounding: taken elements
+    # are exactly the other model's
+    return torch.where(imp >= med + 1.5 * (q3 - q1), other.float(), base.float())
