@@ -60,3 +60,29 @@ def test_example_recipe_is_the_seed_recipe_with_only_paths_changed():
             assert a.split("model:")[0] == b.split("model:")[0]
         else:
             assert a == b
+
+
+def test_every_method_runs_on_the_tiny_family_and_is_scored(tmp_path):
+    """`mergesmith demo --all-methods`: each method's example recipe merges the bundled models, the result loads,
+    and eval scores it (the table in docs/methods.md)."""
+    from mergesmith.demo import method_recipes, run_demo
+    from mergesmith.methods import METHODS
+
+    res = run_demo(tmp_path, all_methods=True)
+    models = {m["name"]: m for m in res["models"]}
+    merged = set(models) - set(NAMES)
+    # every registered method except the breadcrumbs/dare_ties variants of methods already covered
+    assert set(method_recipes()) | {"linear", "task_arithmetic", "ties", "dare_linear", "della", "della_linear"} \
+        == merged
+    assert merged >= set(METHODS) - {"breadcrumbs", "breadcrumbs_ties", "dare_ties"}
+    for name in merged:
+        m = models[name]
+        assert all(0 <= m["token_accuracy"][s] <= 1 for s in SKILLS) and m["perplexity"] < 1000, (name, m)
+    base = models["base"]
+    # slerp toward the addition expert moves addition, and the three-expert means move every skill
+    assert models["slerp"]["token_accuracy"]["addition"] > base["token_accuracy"]["addition"] + 0.1
+    for name in ("karcher", "sce", "multislerp"):
+        assert all(models[name]["token_accuracy"][s] > base["token_accuracy"][s] for s in ("reverse", "sort")), name
+    # the frankenmerge has 6 layers
+    cfg = json.loads((tmp_path / "passthrough" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 6

@@ -289,3 +289,25 @@ def test_sce_of_one_model_is_that_model(n, seed):
     g = torch.Generator().manual_seed(seed)
     base, x = torch.randn(n, generator=g), torch.randn(n, generator=g)
     close(merge("sce", base, [x], [{}]), np64(x), tol=1e-6)
+
+
+def test_methods_command_lists_every_method_with_its_parameters():
+    from click.testing import CliRunner
+
+    from mergesmith.cli import cli
+    from mergesmith.methods import METHODS
+
+    out = CliRunner().invoke(cli, ["methods"]).output
+    blocks = {}
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            name = line.split()[0]
+            blocks[name] = [line]
+        else:
+            blocks[name].append(line)
+    assert set(blocks) == set(METHODS) and len(METHODS) == 18
+    for name, m in METHODS.items():
+        text = "\n".join(blocks[name])
+        assert m.description in text
+        for p in m.params:
+            assert any(ln.split()[0] == p.name for ln in blocks[name][1:]), (name, p.name)

@@ -157,7 +157,8 @@ def run_cmd(recipe, out_dir, seed, dtype, out_dtype, out_shard_size, allow_crime
                    strict=strict, restart=restart)
     if not quiet:
         click.echo(f"wrote {out_dir}: {len(p.tasks)} tensors, {p.bytes_written / 1e6:.1f} MB in "
-                   f"{len(p.layout.files)} file(s), {time.monotonic() - t0:.1f} s; seed {p.seed}", err=True)
+                   f"{len(p.layout.files)} file(s), {time.monotonic() - t0:.1f} s"
+                   + (f"; seed {p.seed}" if p.method.randomized else ""), err=True)
 
 
 @cli.command("verify")
@@ -180,6 +181,11 @@ def methods_cmd():
 
     for m in METHODS.values():
         click.echo(f"{m.name:18s} {m.description}  [{m.url}]")
+        n = (f"exactly {m.min_inputs}" if m.max_inputs == m.min_inputs else f"{m.min_inputs}+"
+             if m.max_inputs is None else f"{m.min_inputs}-{m.max_inputs}")
+        base = {"required": "base_model required", "optional": "base_model optional (merges task vectors)",
+                "input": "base_model, if given, is one more input", "ignored": "no base_model"}[m.base_policy]
+        click.echo(f"    {base}; {n} other model(s){'; randomized (seeded)' if m.randomized else ''}")
         for prm in m.params:
             default = "required" if prm.default is REQUIRED else f"default {prm.default}"
             scope = "per model" if prm.scope != "shared" else "global"
@@ -217,10 +223,13 @@ def eval_cmd(models, tasks, text, as_json, verbose):
 @click.option("--out", "out_dir", default="out/demo", show_default=True, type=click.Path(),
               help="Where the merged folders go.")
 @click.option("--compare", is_flag=True, help="Also merge with linear, task_arithmetic, ties, dare_linear, della.")
+@click.option("--all-methods", "all_methods", is_flag=True,
+              help="Merge with every method: the --compare set plus the example recipe of each other method "
+                   "(examples/methods/).")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("-v", "--verbose", is_flag=True)
-def demo_cmd(out_dir, compare, seed, as_json, verbose):
+def demo_cmd(out_dir, compare, all_methods, seed, as_json, verbose):
     """Merge the bundled tiny models with the Stellar Odyssey recipe and print what each model can do."""
     import json
 
@@ -228,8 +237,9 @@ def demo_cmd(out_dir, compare, seed, as_json, verbose):
 
     if not as_json:
         click.echo(f"merging the bundled tiny models with {recipe_path().name} (della_linear"
-                   f"{' and five other methods' if compare else ''}) into {out_dir}/ ...", err=True)
-    result = run_demo(Path(out_dir), compare=compare, seed=seed)
+                   f"{' and every other method' if all_methods else ' and five other methods' if compare else ''}"
+                   f") into {out_dir}/ ...", err=True)
+    result = run_demo(Path(out_dir), compare=compare, seed=seed, all_methods=all_methods)
     if as_json:
         click.echo(json.dumps({"models": result["models"]}, indent=2))
     else:

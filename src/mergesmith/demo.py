@@ -24,6 +24,11 @@ def recipe_path() -> Path:
     return data_dir() / "stellar-odyssey-tiny.yml"
 
 
+def method_recipes() -> Dict[str, Path]:
+    """One example recipe per method beyond the task-arithmetic family (examples/methods links here)."""
+    return {p.stem: p for p in sorted((data_dir() / "methods").glob("*.yml"))}
+
+
 def _variant(method: str, out: Path) -> Path:
     """The demo recipe with another merge method (same weights and densities)."""
     from mergesmith.recipe import load_recipe
@@ -43,7 +48,8 @@ def _variant(method: str, out: Path) -> Path:
     return out
 
 
-def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = False) -> Dict[str, object]:
+def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = False,
+             all_methods: bool = False) -> Dict[str, object]:
     import logging
 
     from mergesmith.cli import run_recipe
@@ -55,7 +61,9 @@ def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = 
         raise MergeError(f"the bundled tiny models are missing from {tiny_dir()} (train them with "
                          "examples/train_tiny_family.py)")
     out_dir = Path(out_dir)
-    methods = list(COMPARE_METHODS) if compare else ["della_linear"]
+    methods = list(COMPARE_METHODS) if (compare or all_methods) else ["della_linear"]
+    examples = method_recipes() if all_methods else {}
+    methods += list(examples)
     merges: List[tuple] = []
     times: Dict[str, float] = {}
     log = logging.getLogger("mergesmith")
@@ -63,7 +71,8 @@ def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = 
     log.setLevel(logging.ERROR)  # the variant recipes carry keys some methods do not use
     try:
         for m in methods:
-            recipe = recipe_path() if m == "della_linear" else _variant(m, out_dir / "recipes" / f"{m}.yml")
+            recipe = (recipe_path() if m == "della_linear" else examples[m] if m in examples else
+                      _variant(m, out_dir / "recipes" / f"{m}.yml"))
             t0 = time.monotonic()
             run_recipe(str(recipe), str(out_dir / m), seed=seed, quiet=True, overwrite=True)
             times[m] = time.monotonic() - t0
