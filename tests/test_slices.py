@@ -85,9 +85,11 @@ merge_method: passthrough
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
 
 
-def test_slices_merge_with_a_method_and_gradients_run_per_slice(six, tmp_path):
+@pytest.mark.parametrize("span", ["slice", "output"])
+def test_slices_merge_with_a_method_and_gradients_run_per_slice(six, tmp_path, span):
     """linear over two slices; the weight gradient [0, 1] is evaluated over each slice's own layers (mergekit:
-    t = k / (n - 1) within the slice), and layer_range offsets pick the source layers."""
+    t = k / (n - 1) within the slice) or with --gradient-span output over the 4 output layers, and layer_range
+    offsets pick the source layers."""
     out = _run(tmp_path, f"""
 slices:
   - sources:
@@ -106,12 +108,13 @@ slices:
         parameters: {{weight: 1}}
 merge_method: linear
 dtype: float32
-""")
+""", gradient_span=span)
     got, a, f = read_folder(out), read_folder(six / "a"), read_folder(six / "a_ft")
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
     leaf = "self_attn.q_proj.weight"
     # (output layer, a's layer, a_ft's layer, t)
-    for o, ia, ib, t in [(0, 0, 3, 0.0), (1, 1, 4, 0.5), (2, 2, 5, 1.0), (3, 5, 0, 1.0)]:
+    ts = [0.0, 0.5, 1.0, 1.0] if span == "slice" else [0.0, 1 / 3, 2 / 3, 1.0]
+    for (o, ia, ib), t in zip([(0, 0, 3), (1, 1, 4), (2, 2, 5), (3, 5, 0)], ts):
         xa = a[f"model.layers.{ia}.{leaf}"].double().numpy()
         xb = f[f"model.layers.{ib}.{leaf}"].double().numpy()
         want = (t * xa + 1.0 * xb) / (t + 1.0)

@@ -37,6 +37,7 @@ def fingerprint(plan: Plan) -> Dict[str, str]:
         "mergesmith": __version__,
         "recipe": h(plan.recipe.config.model_dump(mode="json")),
         "seed": str(plan.seed),
+        "parameters": h([(t.name, t.kind, t.shared, t.per_input, [r.name for r in t.inputs]) for t in plan.tasks]),
         "layout": h([(f, s) for f, s in zip(plan.layout.files, plan.layout.sizes)]
                     + [(t.name, str(t.out_dtype), t.shape) for t in plan.tasks]),
         **{f"input {ref}": v for ref, v in inputs.items()},
@@ -91,4 +92,6 @@ def crc(data) -> int:
 
 def differences(old: Dict[str, str], new: Dict[str, str]) -> str:
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if "recipe" in changed and "parameters" in changed:
+        changed.remove("parameters")  # follows from the recipe; "parameters" alone means an option changed them
     return ", ".join(changed) or "nothing"

@@ -214,7 +214,7 @@ def _groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex
 
 def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] = None,
               out_dtype: Optional[str] = None, shard_size: int = 5 * 10**9, allow_crimes: bool = False,
-              recipe_dir: Optional[Path] = None) -> Plan:
+              recipe_dir: Optional[Path] = None, gradient_span: str = "slice") -> Plan:
     c = recipe.config
     method = get_method(c.merge_method)
     # Parameter names the method does not know (typos like `densty`): warn early, before touching disk.
@@ -301,7 +301,12 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
             # only the base has it: the base's own value (what every method returns without inputs)
             tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [base]))
             return
-        t = 0.0 if k is None else (k / (g.length - 1) if g.length > 1 else 1.0)
+        if k is None:
+            t = 0.0
+        elif gradient_span == "output":  # over the output's layers (one `models:` slice: the same thing)
+            t = (g.out_start + k) / (num_layers - 1) if num_layers > 1 else 1.0
+        else:  # mergekit: over the slice's own layers
+            t = k / (g.length - 1) if g.length > 1 else 1.0
         refs = [u[0] for u in used]
         shared, per_input = g.resolver.resolve(out_name, t, refs, g.base[0] if g.base else None,
                                                input_names=[r.name for r in ins])
