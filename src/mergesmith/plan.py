@@ -376,12 +376,24 @@ def describe(plan: Plan) -> str:
     """Human-readable summary: models, methods, parameters per tensor group, bytes, expected peak memory."""
     lines = [f"recipe: {plan.recipe.source}",
              f"method: {plan.method.name} ({plan.method.pretty}, {plan.method.url})",
-             f"seed:   {plan.seed}{'' if plan.seed_given else ' (chosen now; pass --seed to fix it)'}",
+             f"seed:   {plan.seed}{'' if plan.seed_given else ' (chosen now; pass --seed to fix it)'}"
+             if plan.method.randomized else "seed:   not used (the method draws nothing at random)",
              "models:"]
     for ref, idx in plan.models.items():
         role = " (base)" if ref == plan.base_model else ""
         size = sum(t.nbytes for t in idx.tensors.values())
         lines.append(f"  {ref}{role}: {len(idx.tensors)} tensors, {_fmt_bytes(size)} at {idx.path}")
+    if plan.sliced:
+        lines.append(f"layers: {plan.num_layers} in the output")
+        runs: List[List[Any]] = []  # [first out layer, last out layer, model, first source layer]
+        for o, (ref, i) in enumerate(plan.layer_sources):
+            if runs and runs[-1][2] == ref and runs[-1][3] + (o - runs[-1][0]) == i:
+                runs[-1][1] = o
+            else:
+                runs.append([o, o, ref, i])
+        for a, b, ref, i in runs:
+            lines.append(f"  {a}-{b} <- {ref} layers {i}-{i + b - a} (template; merged with the slice's sources)"
+                         if plan.method.name != "passthrough" else f"  {a}-{b} <- {ref} layers {i}-{i + b - a}")
     groups: "OrderedDict[str, List[str]]" = OrderedDict()
     for t in plan.tasks:
         if t.kind == "copy":
