@@ -34,6 +34,12 @@ TEMPLATES: Dict[str, str] = {
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
     ),
+    "gemma": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+        "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
 }
 
 

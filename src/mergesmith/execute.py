@@ -54,6 +54,16 @@ def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]]
     return x
 
 
+def _permute(plan: Plan, task: TensorTask, base, inputs):
+    """Lay the inputs' vocabulary rows out in the output vocabulary (mergesmith.vocab)."""
+    from mergesmith.vocab import permute_rows
+
+    refs = ([task.base.model] if task.base is not None else []) + [r.model for r in task.inputs]
+    tensors = dict(zip(refs, ([base] if base is not None else []) + inputs))
+    out = permute_rows(plan.vocabulary, tensors)
+    return (out[task.base.model] if task.base is not None else None), [out[r.model] for r in task.inputs]
+
+
 def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield (first_row, block) of one output tensor, in its output dtype, on the CPU."""
     if task.kind == "copy":
@@ -83,6 +93,8 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
         check = stats is None  # pass 1 already checked these rows
         base = _load(plan, task.base, device, rows, check) if task.base is not None else None
         inputs = [_load(plan, r, device, rows, check) for r in task.inputs]
+        if task.vocab:
+            base, inputs = _permute(plan, task, base, inputs)
         extra = None
         if stats is not None:
             shape = inputs[0].shape
@@ -92,7 +104,8 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
                      for m in saved_masks[k]]
             saved_masks[k] = []
             extra = {"l1": stats, "masks": masks}
-        out = method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stats=extra)
+        out = (method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stats=extra)
+               if inputs else base)
         del inputs, base
         if not all_finite(out):
             raise MergeError(f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of "

@@ -37,6 +37,8 @@ def write_config(plan: Plan, out: Path) -> None:
         warn(f"model {template} has no config.json; the output has none either")
         return
     cfg = dict(cfg)
+    if plan.vocabulary is not None:
+        cfg["vocab_size"] = plan.vocabulary.size
     if plan.layer_sources and (plan.sliced or cfg.get("num_hidden_layers") != plan.num_layers):
         cfg["num_hidden_layers"] = plan.num_layers
         # per-layer lists (layer_types, ...) follow the layers they describe
@@ -62,15 +64,16 @@ def copy_tokenizer(plan: Plan, out: Path, chat_template: Optional[str]) -> None:
     src_ref = plan.base_model or next(iter(plan.models))
     if c.tokenizer_source and c.tokenizer_source not in ("base", "union"):
         src_ref = c.tokenizer_source
-    elif c.tokenizer_source == "union" or c.tokenizer is not None:
-        warn("tokenizer_source: union (and the tokenizer: block) are not supported yet; using the base tokenizer")
-    folder = model_folder(plan.models[src_ref])
-    copied = [f for f in TOKENIZER_FILES if (folder / f).exists()]
-    if not copied:
-        warn(f"model {src_ref} has no tokenizer files; the output has no tokenizer")
-        return
-    for f in copied:
-        shutil.copyfile(folder / f, out / f)
+    if plan.vocabulary is not None:
+        plan.vocabulary.tokenizer.save_pretrained(str(out))
+    else:
+        folder = model_folder(plan.models[src_ref])
+        copied = [f for f in TOKENIZER_FILES if (folder / f).exists()]
+        if not copied:
+            warn(f"model {src_ref} has no tokenizer files; the output has no tokenizer")
+            return
+        for f in copied:
+            shutil.copyfile(folder / f, out / f)
     if chat_template is not None:
         tc_path = out / "tokenizer_config.json"
         tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.exists() else {}

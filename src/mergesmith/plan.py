@@ -43,6 +43,7 @@ class TensorTask:
     shared: Dict[str, Any] = field(default_factory=dict)
     per_input: List[Dict[str, Any]] = field(default_factory=list)
     keys: List[int] = field(default_factory=list)
+    vocab: bool = False  # rows are token ids: permute each input into the output vocabulary first
 
     @property
     def numel(self) -> int:
@@ -67,6 +68,7 @@ class Plan:
     num_layers: int = 0  # the output's layer count
     layer_sources: List[Tuple[str, int]] = field(default_factory=list)  # (model, its layer) per output layer
     sliced: bool = False
+    vocabulary: Any = None  # mergesmith.vocab.Vocabulary when the recipe builds an output tokenizer
     strict: bool = False  # NaN/Inf in inputs: an error instead of a warning
 
     @property
@@ -103,7 +105,7 @@ BLOCK_ELEMENTS = 1 << 24
 def row_blocks(plan: "Plan", task: TensorTask) -> List[Tuple[int, int]]:
     """[(first_row, end_row)] for a task: one block unless it is large and its method is row-wise."""
     rows = task.shape[0] if task.shape else 1
-    if (task.kind != "merge" or len(task.shape) < 2 or task.numel <= BLOCK_ELEMENTS
+    if (task.kind != "merge" or task.vocab or len(task.shape) < 2 or task.numel <= BLOCK_ELEMENTS
             or not plan.method.row_wise(task.shared)):
         return [(0, rows)]
     per = max(1, BLOCK_ELEMENTS // (task.numel // rows))
@@ -157,6 +159,15 @@ def model_layers(idx: ModelIndex) -> int:
     if idx.config and isinstance(idx.config.get("num_hidden_layers"), int):
         n = max(n, idx.config["num_hidden_layers"])
     return n
+
+
+def embedding_rows(idx: ModelIndex) -> int:
+    """Rows of a model's input embedding (its usable vocabulary), else its config's vocab_size."""
+    for name, t in idx.tensors.items():
+        if "embed_tokens" in name or (is_embedding(name) and "lm_head" not in name and t.shape):
+            return t.shape[0]
+    v = (idx.config or {}).get("vocab_size")
+    return v if isinstance(v, int) else 0
 
 
 def rename_layer(name: str, new: int) -> str:
@@ -238,6 +249,13 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     _check_architectures(models, recipe, allow_crimes, layers=not c.slices)
 
     groups = _groups(recipe, method, models)
+    vocabulary = None
+    if c.tokenizer_source or c.tokenizer is not None:
+        from mergesmith.io.index import model_folder
+        from mergesmith.vocab import build_vocabulary
+
+        vocabulary = build_vocabulary(recipe, {r: model_folder(m) for r, m in models.items()},
+                                      {r: embedding_rows(m) for r, m in models.items()}, c.base_model)
     if not groups or not any(g.inputs or g.base for g in groups):
         raise MergeError(f"{recipe.at('models')}: no models to merge")
     num_layers = sum(g.length for g in groups)
@@ -263,6 +281,8 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
         tname = in_name(tref)
         info = models[tref[0]].tensors[tname]
         is_float = info.dtype.is_floating_point
+        vocab = vocabulary is not None and is_float and is_embedding(out_name) and len(info.shape) >= 1
+        shape = (vocabulary.size, *info.shape[1:]) if vocab else info.shape
         odt = TORCH_DTYPES[final_dtype] if (final_dtype and is_float) else info.dtype
         base = InputRef(g.base[0], in_name(g.base)) if g.base is not None else None
         ins: List[InputRef] = []
@@ -270,11 +290,21 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
         for src in g.inputs:
             ref, name = src[0], in_name(src)
             ti = models[ref].tensors.get(name)
+            if ti is None and "lm_head" in name and (models[ref].config or {}).get("tie_word_embeddings"):
+                tied = next((n for n in models[ref].tensors if "embed_tokens" in n), None)
+                if tied is not None:  # a tied model's output embedding is its input embedding
+                    name, ti = tied, models[ref].tensors[tied]
+                    counts[f"{ref} ties its embeddings: its {tied} stands in for {out_name}"] += 1
             if ti is None:
                 counts[f"{ref} lacks some tensors of {tref[0]}; those merge without it"] += 1
                 continue
             take = None
-            if ti.shape != info.shape:
+            if vocab and tuple(ti.shape[1:]) != tuple(info.shape[1:]):
+                raise MergeError(f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tref[0]}'s is "
+                                 f"{list(info.shape)}; only the vocabulary dimension may differ")
+            if vocab:
+                pass
+            elif ti.shape != info.shape:
                 same_rank = len(ti.shape) == len(info.shape)
                 if same_rank and is_embedding(name) and all(a >= b for a, b in zip(ti.shape, info.shape)):
                     take = info.shape
@@ -297,7 +327,7 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
                 counts[f"non-float tensors copied from {tref[0]}"] += 1
             tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [copy_from]))
             return
-        if not ins:
+        if not ins and not vocab:
             # only the base has it: the base's own value (what every method returns without inputs)
             tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [base]))
             return
@@ -318,11 +348,11 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
         if method.name == "linear" and shared["normalize"] and abs(sum(p["weight"] for p in per_input)) < 1e-12:
             raise MergeError(f"{g.resolver.where(refs[0], 'weight')}: tensor {out_name}: the weights sum to 0, "
                              "so normalize cannot divide by them; set normalize: false or change the weights")
-        if method.name == "passthrough" and per_input[0].get("scale") is None:
+        if method.name == "passthrough" and per_input[0].get("scale") is None and not vocab:
             tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [ins[0]]))
             return
         keys = [stream_key(seed, f"model{u[3]}", out_name) for u in used] if method.randomized else [0] * len(used)
-        tasks.append(TensorTask(out_name, info.shape, odt, "merge", base, ins, shared, per_input, keys))
+        tasks.append(TensorTask(out_name, shape, odt, "merge", base, ins, shared, per_input, keys, vocab=vocab))
 
     first, last = groups[0], groups[-1]
     pre = [n for n in models[first.template[0]].tensors if layer_index(n) is None and _natural_key(n)[0] == 0]
@@ -361,7 +391,7 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     layout = plan_layout([(t.name, t.out_dtype, t.shape) for t in tasks], shard_size)
     return Plan(recipe=recipe, method=method, models=models, base_model=c.base_model, seed=seed,
                 seed_given=seed_given, tasks=tasks, layout=layout, notes=notes, template=first.template[0],
-                num_layers=num_layers, layer_sources=layer_sources, sliced=bool(c.slices))
+                num_layers=num_layers, layer_sources=layer_sources, sliced=bool(c.slices), vocabulary=vocabulary)
 
 
 def _fmt_bytes(n: float) -> str:
