@@ -252,6 +252,39 @@ def demo_cmd(out_dir, compare, all_methods, seed, as_json, verbose):
                    "(expert - base) in answer-token accuracy.")
 
 
+@cli.command("extract-lora")
+@click.argument("out_dir", type=click.Path())
+@click.option("--model", "model", required=True, help="The fine-tuned (or merged) model: a folder or Hub id.")
+@click.option("--base", "base", required=True, help="The model it was made from.")
+@click.option("--rank", type=int, required=True, help="LoRA rank (the most, with --energy).")
+@click.option("--energy", type=float, default=None,
+              help="Per tensor, the smallest rank keeping this share of the delta's squared singular values.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="dtype of the saved factors.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("-v", "--verbose", is_flag=True)
+def extract_lora_cmd(out_dir, model, base, rank, energy, dtype, overwrite, verbose):
+    """Write a PEFT LoRA adapter to OUT_DIR approximating MODEL - BASE (truncated SVD per linear weight)."""
+    import torch
+
+    from mergesmith.lora import extract_lora
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MergeError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+    t0 = time.monotonic()
+    res = extract_lora(model, base, out, rank, energy, dtype=getattr(torch, dtype))
+    errs = sorted(res.errors.values())
+    click.echo(f"wrote {out}: {len(res.modules)} modules, rank {min(res.modules.values())}-{max(res.modules.values())}, "
+               f"relative error median {errs[len(errs) // 2]:.2e}, max {errs[-1]:.2e}, "
+               f"{time.monotonic() - t0:.1f} s", err=True)
+    if res.left_out:
+        from mergesmith.errors import warn
+
+        warn(f"{len(res.left_out)} tensor(s) differ but are not linear weights, so the adapter does not hold them "
+             f"(norms, embeddings, head): {', '.join(res.left_out[:4])}{' ...' if len(res.left_out) > 4 else ''}")
+
+
 def main(argv: Optional[list] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in args or "--verbose" in args

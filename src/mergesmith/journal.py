@@ -31,8 +31,10 @@ def fingerprint(plan: Plan) -> Dict[str, str]:
     inputs = {}
     for ref, idx in plan.models.items():
         files = sorted({str(t.file) for t in idx.tensors.values()})
+        if idx.lora is not None:
+            files += sorted(str(p) for p in idx.lora.path.iterdir() if p.is_file())
         inputs[ref] = h([[n, str(t.dtype), t.shape, t.nbytes] for n, t in sorted(idx.tensors.items())]
-                        + [[Path(f).name, os.stat(f).st_size] for f in files])
+                        + [[Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files])
     return {
         "mergesmith": __version__,
         "recipe": h(plan.recipe.config.model_dump(mode="json")),

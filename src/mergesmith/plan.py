@@ -161,6 +161,23 @@ def model_layers(idx: ModelIndex) -> int:
     return n
 
 
+def load_model(ref: str, where: str, recipe_dir: Optional[Path]) -> ModelIndex:
+    """Resolve and index one recipe model; `model+adapter` attaches a LoRA adapter applied while reading."""
+    from mergesmith.lora import check_targets, load_adapter, split_lora_ref
+
+    lora = split_lora_ref(ref)
+    try:
+        if lora is None:
+            return index_model(ref, resolve_model(ref, where, recipe_dir))
+        idx = index_model(ref, resolve_model(lora[0], where, recipe_dir))
+        idx.lora = load_adapter(resolve_model(lora[1], where, recipe_dir), lora[1])
+        check_targets(idx.lora, lora[1], {n: t.shape for n, t in idx.tensors.items()})
+        return idx
+    except MergeError as e:
+        msg = str(e)
+        raise MergeError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
 def embedding_rows(idx: ModelIndex) -> int:
     """Rows of a model's input embedding (its usable vocabulary), else its config's vocab_size."""
     for name, t in idx.tensors.items():
@@ -241,11 +258,7 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     for ref, path in recipe.model_refs():
         if ref in models:
             continue
-        local = resolve_model(ref, recipe.at(*path), recipe_dir)
-        try:
-            models[ref] = index_model(ref, local)
-        except MergeError as e:
-            raise MergeError(f"{recipe.at(*path)}: {e}") from None
+        models[ref] = load_model(ref, recipe.at(*path), recipe_dir)
     _check_architectures(models, recipe, allow_crimes, layers=not c.slices)
 
     groups = _groups(recipe, method, models)

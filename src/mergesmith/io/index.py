@@ -129,6 +129,7 @@ class ModelIndex:
     path: Path
     tensors: Dict[str, TensorInfo] = field(default_factory=dict)
     config: Optional[Dict[str, Any]] = None
+    lora: Any = None  # mergesmith.lora.LoraAdapter applied while reading (`model+adapter`)
     _handles: Dict[Path, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -148,7 +149,10 @@ class ModelIndex:
              take: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
         """Read one tensor (or rows [a, b) of it; or its leading sub-block `take`) in its stored dtype."""
         try:
-            return self._read(name, rows, take)
+            t = self._read(name, rows, take)
+            if self.lora is not None:
+                t = self._adapt(name, t, rows)
+            return t
         except MergeError:
             raise
         except Exception as e:  # noqa: BLE001 - the file changed or lies in a way the header check missed
@@ -156,6 +160,18 @@ class ModelIndex:
                 raise
             raise MergeError(f"model {self.ref}: reading tensor {name} from {self.tensors[name].file} failed "
                              f"({str(e).splitlines()[0][:160]})") from None
+
+    def _adapt(self, name: str, t: torch.Tensor, rows) -> torch.Tensor:
+        """The LoRA-adapted value of a tensor (float32 when adapted: no rounding before the merge)."""
+        ad = self.lora
+        if name in ad.replace:
+            r = ad.replace[name]
+            r = r[rows[0]:rows[1]] if rows else r
+            return r[tuple(slice(0, s) for s in t.shape)].clone() if t.dim() else r.clone()
+        if name not in ad.factors:
+            return t
+        d = ad.delta(name, rows)
+        return t.float() + d[tuple(slice(0, s) for s in t.shape)]
 
     def _read(self, name, rows, take) -> torch.Tensor:
         info = self.tensors[name]

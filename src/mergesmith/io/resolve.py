@@ -24,8 +24,6 @@ def is_hub_id(ref: str) -> bool:
 
 def resolve_model(ref: str, where: str, recipe_dir: Optional[Path] = None) -> Path:
     """Local path for `ref`; MergeError naming `where` (the recipe line) when it cannot be found."""
-    if "+" in ref and not Path(ref).exists():
-        raise MergeError(f"{where}: model '{ref}': LoRA inputs (model+adapter) are not supported yet")
     candidates = [Path(ref).expanduser()]
     if recipe_dir is not None and not Path(ref).is_absolute():
         candidates.append(recipe_dir / ref)
