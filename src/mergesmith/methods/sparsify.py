@@ -24,14 +24,25 @@ from mergesmith.methods.rng import uniform_like
 L1Sums = Tuple[float, float]  # (sum |delta|, sum |kept delta|) over the whole tensor
 
 
+def abs_sum(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
+    """sum |x| (over the elements where `mask`), accumulated in float64. On the CPU through numpy, whose buffered
+    pairwise float64 sum is ~5x faster than torch's here."""
+    a = x.abs()
+    if mask is not None:
+        a = torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    if a.device.type == "cpu" and a.dtype == torch.float32:
+        return float(np.add.reduce(a.contiguous().numpy().reshape(-1), dtype=np.float64))
+    return a.sum(dtype=torch.float64).item()
+
+
 def _l1_factor(before: float, after: float, eps: float = 1e-7) -> float:
     return 1.0 if before < eps or after < eps else before / after
 
 
 def rescale_l1(delta: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale `masked` so its L1 norm equals `delta`'s (mergekit's `rescale: true`); unchanged if either is ~0."""
-    before = delta.abs().sum(dtype=torch.float64).item()
-    after = masked.abs().sum(dtype=torch.float64).item()
+    before = abs_sum(delta)
+    after = abs_sum(masked)
     f = _l1_factor(before, after, eps)
     return masked if f == 1.0 else masked * f
 
@@ -85,6 +96,19 @@ def _radix_argsort_rows(keys: "np.ndarray") -> "np.ndarray":
     return np.take_along_axis(order, order2, axis=1)
 
 
+def _packed_argsort_into(keys: "np.ndarray", out: "np.ndarray") -> None:
+    """Stable argsort of each row of non-negative float32 bit patterns, written to `out` (int64): sort the values
+    (bits << b | column), which are unique, so any sort is stable (numpy sorts int64 with SIMD quicksort); the low b
+    bits of the sorted values are then the column order."""
+    cols = keys.shape[1]
+    b = max(1, (cols - 1).bit_length())
+    out[...] = keys
+    out <<= b
+    out |= np.arange(cols, dtype=np.int64)
+    out.sort(axis=1)
+    out &= (1 << b) - 1
+
+
 _POOL = None
 
 
@@ -94,15 +118,20 @@ def stable_argsort_rows(mag: torch.Tensor) -> torch.Tensor:
         return torch.sort(mag, dim=1, stable=True).indices
     global _POOL
     keys = mag.contiguous().view(torch.int32).numpy().view(np.uint32)
-    rows = keys.shape[0]
+    rows, cols = keys.shape
+    if (cols - 1).bit_length() > 32:
+        return torch.from_numpy(_radix_argsort_rows(keys))
+    result = torch.empty((rows, cols), dtype=torch.int64)
+    out = result.numpy()
     workers = max(1, min(os.cpu_count() or 1, rows // 64))
     if workers == 1:
-        return torch.from_numpy(_radix_argsort_rows(keys))
+        _packed_argsort_into(keys, out)
+        return result
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sort")
     bounds = [rows * i // workers for i in range(workers + 1)]
-    parts = _POOL.map(_radix_argsort_rows, [keys[a:b] for a, b in zip(bounds, bounds[1:])])
-    return torch.from_numpy(np.concatenate(list(parts)))
+    list(_POOL.map(lambda ab: _packed_argsort_into(keys[ab[0]:ab[1]], out[ab[0]:ab[1]]), zip(bounds, bounds[1:])))
+    return result
 
 
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,
@@ -173,11 +202,10 @@ def l1_sums(delta: torch.Tensor, method: str, density: float, key: int, epsilon:
             rank_scope: str = "row", row_offset: int = 0) -> Tuple[L1Sums, Optional[torch.Tensor]]:
     """This block's (sum |delta|, sum |kept delta|), in float64, for a whole-tensor L1 rescale, and its mask."""
     if density >= 1 or density <= 0:
-        s = delta.abs().sum(dtype=torch.float64).item()
+        s = abs_sum(delta)
         return (s, (s if density >= 1 else 0.0)), None
     mask, _ = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
-    a = delta.abs()
-    return (a.sum(dtype=torch.float64).item(), (a * mask).sum(dtype=torch.float64).item()), mask
+    return (abs_sum(delta), abs_sum(delta, mask)), mask
 
 
 def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:

@@ -43,17 +43,17 @@ def generalized_task_arithmetic(
     n = len(inputs)
     epsilons = epsilons or [0.15] * n
     gammas = gammas or [0.01] * n
-    deltas = torch.stack([
-        sparsify(x - base, sparsification, densities[i], key=keys[i], rescale=rescale, epsilon=epsilons[i],
-                 gamma=gammas[i], rescale_mode=rescale_mode, rank_scope=rank_scope, row_offset=row_offset,
-                 l1=l1[i] if l1 is not None else None, mask=masks[i] if masks is not None else None)
-        for i, x in enumerate(inputs)
-    ])
+    def sparse(i: int, x: torch.Tensor) -> torch.Tensor:
+        return sparsify(x - base, sparsification, densities[i], key=keys[i], rescale=rescale, epsilon=epsilons[i],
+                        gamma=gammas[i], rescale_mode=rescale_mode, rank_scope=rank_scope, row_offset=row_offset,
+                        l1=l1[i] if l1 is not None else None, mask=masks[i] if masks is not None else None)
+
     # w_i = nums_i / den exactly: products and small sums stay exact in float32 (see methods/exact.py)
     nums, den = integer_weights(weights)
-    w = torch.tensor(nums, dtype=deltas.dtype, device=deltas.device).reshape((n,) + (1,) * base.dim())
-    weighted = deltas.mul_(w)
     if consensus:
+        deltas = torch.stack([sparse(i, x) for i, x in enumerate(inputs)])
+        w = torch.tensor(nums, dtype=deltas.dtype, device=deltas.device).reshape((n,) + (1,) * base.dim())
+        weighted = deltas.mul_(w)
         mask = sign_consensus(weighted, consensus)
         mixed = (weighted * mask).sum(dim=0)
         if normalize:
@@ -61,13 +61,19 @@ def generalized_task_arithmetic(
             mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
         elif den != 1:
             mixed = mixed / den
+        del weighted
     else:
-        mixed = weighted.sum(dim=0)
+        # one model at a time, summed in recipe order (the same order on every device; no stack of N deltas)
+        mixed = None
+        for i, x in enumerate(inputs):
+            d = sparse(i, x)  # always a fresh tensor (x - base, sparsified): safe to scale in place
+            if nums[i] != 1:
+                d.mul_(nums[i])
+            mixed = d if mixed is None else mixed.add_(d)
         total = sum(nums) / den
         divisor = sum(nums) if normalize and abs(total) >= 1e-8 else den
         if divisor != 1:
             mixed = mixed / divisor
-    del weighted
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
