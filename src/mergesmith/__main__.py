@@ -1,3 +1,3 @@
-from mergesmith.cli import main
+from mergesmith.cli import entry
 
-main()
+entry()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import traceback
@@ -283,6 +284,27 @@ def extract_lora_cmd(out_dir, model, base, rank, energy, dtype, overwrite, verbo
 
         warn(f"{len(res.left_out)} tensor(s) differ but are not linear weights, so the adapter does not hold them "
              f"(norms, embeddings, head): {', '.join(res.left_out[:4])}{' ...' if len(res.left_out) > 4 else ''}")
+
+
+# glibc allocator settings for a merge: one arena and no mmap/trim for large blocks, so the tensors freed after
+# each block are reused instead of returned to the kernel and faulted in again (measured: a DELLA block went from
+# 4.8 to 2.7 CPU-seconds, most of the difference being page-fault system time).
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
+              "MALLOC_TRIM_THRESHOLD_": str(1 << 34), "MALLOC_TOP_PAD_": str(1 << 29)}
+
+
+def entry() -> None:
+    """The `mergesmith` command: for merges on glibc Linux, restart once with MALLOC_ENV (the allocator reads it
+    only at process start); MERGESMITH_MALLOC=0 or a MALLOC_ARENA_MAX already set skips this."""
+    args = sys.argv[1:]
+    heavy = any(a in ("run", "extract-lora", "demo") for a in args[:1])
+    if (heavy and sys.platform.startswith("linux") and "MALLOC_ARENA_MAX" not in os.environ
+            and os.environ.get("MERGESMITH_MALLOC", "1") != "0"):
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "mergesmith", *args], {**os.environ, **MALLOC_ENV})
+        except OSError:
+            pass
+    main()
 
 
 def main(argv: Optional[list] = None) -> None:

@@ -9,7 +9,11 @@ tensors are processed in or however a tensor is split into row blocks. The mixer
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 import torch
 
@@ -46,8 +50,46 @@ def _mix_(z: torch.Tensor, t: torch.Tensor) -> None:
             z.mul_(_i64(mult))
 
 
+def _uniform_np(key: int, start: int, out: "np.ndarray") -> None:
+    """The same stream with numpy's native uint64 arithmetic (wrapping multiply, logical shifts): fewer passes
+    than torch's int64 emulation and it releases the GIL, so chunks run on several cores."""
+    z = np.empty(min(_CHUNK, out.size), dtype=np.uint64)
+    t = np.empty_like(z)
+    golden, k = np.uint64(_GOLDEN), np.uint64(key & ((1 << 64) - 1))
+    c1, c2 = np.uint64(_C1), np.uint64(_C2)
+    for a in range(0, out.size, _CHUNK):
+        b = min(out.size, a + _CHUNK)
+        zz, tt = z[:b - a], t[:b - a]
+        zz[...] = np.arange(start + a, start + b, dtype=np.uint64)
+        np.multiply(zz, golden, out=zz)
+        np.add(zz, k, out=zz)
+        for shift, mult in ((30, c1), (27, c2), (31, None)):
+            np.right_shift(zz, np.uint64(shift), out=tt)
+            np.bitwise_xor(zz, tt, out=zz)
+            if mult is not None:
+                np.multiply(zz, mult, out=zz)
+        np.right_shift(zz, np.uint64(40), out=zz)
+        np.multiply(zz, 2.0 ** -24, out=out[a:b], casting="unsafe")
+
+
+_POOL = None
+
+
 def uniform(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 uniforms in [0, 1) for elements start..start+n-1 of the stream `key`."""
+    global _POOL
+    if torch.device(device).type == "cpu":
+        res = torch.empty(n, dtype=torch.float32)
+        out = res.numpy()
+        parts = max(1, min(os.cpu_count() or 1, n // (16 * _CHUNK)))
+        if parts == 1:
+            _uniform_np(key, start, out)
+        else:
+            if _POOL is None:
+                _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="rng")
+            bounds = [n * i // parts for i in range(parts + 1)]
+            list(_POOL.map(lambda ab: _uniform_np(key, start + ab[0], out[ab[0]:ab[1]]), zip(bounds, bounds[1:])))
+        return res
     out = torch.empty(n, dtype=torch.float32, device=device)
     step = _CHUNK if torch.device(device).type == "cpu" else max(n, 1)
     z = torch.empty(min(step, n), dtype=torch.int64, device=device)
