@@ -102,7 +102,7 @@ def build_family(root: Path, hidden, inter, vocab, layers, n_ft, shard_bytes=2_0
     return paths
 
 
-def recipe(method: str, paths: List[Path]) -> str:
+def recipe(method: str, paths: List[Path], work_dtype: str = "bfloat16") -> str:
     base, fts = paths[0], paths[1:]
     lines = ["models:"]
     for p, w, d in zip(fts, WEIGHTS, DENSITIES):
@@ -114,7 +114,9 @@ def recipe(method: str, paths: List[Path]) -> str:
         lines.append(f"base_model: {base}")
     if method.startswith("della"):
         lines += ["parameters:", "  epsilon: 0.05", "  lambda: 1"]
-    lines.append("dtype: bfloat16")
+    lines.append(f"dtype: {work_dtype}")
+    if work_dtype != "bfloat16":
+        lines.append("out_dtype: bfloat16")
     return "\n".join(lines) + "\n"
 
 
@@ -292,6 +294,9 @@ def main():
     ap.add_argument("--fine-tunes", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["della_linear", "linear", "ties", "dare_linear"])
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--work-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="the recipes' dtype (what mergekit computes in; mergesmith always computes in float32); "
+                         "float32 adds out_dtype: bfloat16")
     ap.add_argument("--no-compare", action="store_true")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--append", action="store_true", help="add this run's table to --out instead of replacing it")
@@ -314,7 +319,7 @@ def main():
         print(f"[{tag}] io floor {floor:.1f} s", flush=True)
         for method in a.methods:
             rfile = root / f"{method}.yml"
-            rfile.write_text(recipe(method, paths))
+            rfile.write_text(recipe(method, paths, a.work_dtype))
             for tool, cmd in (("mergesmith", ms + ["run", str(rfile), str(root / f"out-ms-{method}"), "--seed", "1",
                                                    "--quiet", "--overwrite"]),
                               ("mergekit", [mk, str(rfile), str(root / f"out-mk-{method}"), "--random-seed", "1",
