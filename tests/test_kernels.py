@@ -279,3 +279,19 @@ def test_magnitude_ties_keep_lower_indices_breadcrumbs_drop_lower():
     assert magnitude(d, 0.5).tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 2.0]
     # ascending order with ties by index: 0.5, 1, -1, 1, -1, 2 -> drop n_bot = 6 - 3 - 0 = 3 smallest
     assert magnitude_outliers(d, 0.5, gamma=0.0).tolist() == [0.0, 0.0, 1.0, -1.0, 0.0, 2.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300), levels=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
+       lo=st.integers(0, 300), width=st.integers(0, 300), largest=st.booleans())
+def test_rank_range_mask_equals_a_stable_sort(n, levels, seed, lo, width, largest):
+    """Selection-based top-k / rank ranges keep exactly what a stable sort keeps, ties (few levels) by index."""
+    from mergesmith.methods.sparsify import rank_range_mask
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, levels, n).astype(np.float32) * 0.5
+    order = np.argsort(-a if largest else a, kind="stable")
+    want = np.zeros(n, dtype=bool)
+    want[order[lo:lo + width]] = True
+    got = rank_range_mask(torch.from_numpy(a), lo, lo + width, largest_first=largest).numpy()
+    assert np.array_equal(got, want)

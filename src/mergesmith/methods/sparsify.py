@@ -47,8 +47,45 @@ def rescale_l1(delta: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> 
     return masked if f == 1.0 else masked * f
 
 
+def _kth_smallest(a: torch.Tensor, ks) -> list:
+    """The values of ascending ranks `ks` (0-based) of a flat tensor: a selection (quickselect), not a sort."""
+    if a.device.type == "cpu":
+        part = np.partition(a.numpy(), list(ks))
+        return [part[k].item() for k in ks]
+    return [torch.kthvalue(a, k + 1).values.item() for k in ks]
+
+
+def rank_range_mask(a: torch.Tensor, lo: int, hi: int, largest_first: bool = False) -> torch.Tensor:
+    """Mask of the elements of flat non-negative `a` whose rank lies in [lo, hi), ranks ascending by value (or
+    descending with `largest_first`), ties by lower index in both cases. Found by selecting the boundary values
+    and placing the tied elements at each boundary by index: O(n) time and a few bytes per element, where a stable
+    argsort of a whole embedding would need 12 bytes per element and O(n log n)."""
+    n = a.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=a.device)
+    lo, hi = max(0, lo), min(n, hi)
+    if lo >= hi:
+        return mask
+    if largest_first:  # descending rank r is ascending rank n-1-r; ties stay by lower index (handled below)
+        vl, vh = _kth_smallest(a, [n - hi, n - 1 - lo])  # smallest kept value, largest kept value
+        # elements strictly between are kept; at each boundary value, the tied group is ranked by lower index
+        # first in descending order
+        mask |= (a > vl) & (a < vh)
+        for v, first, last in ((vl, lo, hi), (vh, lo, hi)) if vl != vh else ((vl, lo, hi),):
+            group = torch.nonzero(a == v).flatten()  # ascending index = descending-rank order within the group
+            before = int((a > v).sum())  # descending ranks taken by larger values
+            mask[group[max(0, first - before):max(0, last - before)]] = True
+        return mask
+    vl, vh = _kth_smallest(a, [lo, hi - 1])
+    mask |= (a > vl) & (a < vh)
+    for v in ((vl, vh) if vl != vh else (vl,)):
+        group = torch.nonzero(a == v).flatten()  # ascending index = ascending-rank order within the group
+        before = int((a < v).sum())
+        mask[group[max(0, lo - before):max(0, hi - before)]] = True
+    return mask
+
+
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """TIES trim: keep the k = max(1, floor(density * n)) largest-magnitude elements."""
+    """TIES trim: keep the k = max(1, floor(density * n)) largest-magnitude elements (ties by lower index)."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
@@ -56,18 +93,16 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
     flat = delta.reshape(-1)
     n = flat.numel()
     k = max(1, int(density * n))
-    # largest first, ties by lower index: an ascending stable sort of the reversed vector, read from its end
-    order_rev = stable_argsort_rows(flat.abs().flip(0).unsqueeze(0))[0]
-    mask = torch.zeros_like(flat)
-    mask[(n - 1) - order_rev[n - k:].to(flat.device)] = 1
-    out = (flat * mask).reshape_as(delta)
+    mask = rank_range_mask(flat.abs(), 0, k, largest_first=True)
+    out = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape_as(delta)
     return rescale_l1(delta, out) if rescale else out
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False) -> torch.Tensor:
     """Model Breadcrumbs: drop the top `gamma` fraction by magnitude, then the smallest, keeping floor(density*n).
 
-    When density + gamma > 1, fewer outliers are dropped so that floor(density * n) elements remain.
+    When density + gamma > 1, fewer outliers are dropped so that floor(density * n) elements remain. Ranks are
+    ascending by magnitude, ties by lower index.
     """
     if density >= 1:
         return delta
@@ -76,10 +111,8 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    order = stable_argsort_rows(flat.abs().unsqueeze(0))[0].to(flat.device)
-    mask = torch.zeros_like(flat)
-    mask[order[n_bot:n_bot + target]] = 1
-    out = (flat * mask).reshape_as(delta)
+    mask = rank_range_mask(flat.abs(), n_bot, n_bot + target)
+    out = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape_as(delta)
     return rescale_l1(delta, out) if rescale else out
 
 
