@@ -200,3 +200,39 @@ def test_bad_token_source_is_one_line(vocab_family, tmp_path):
                                f"{root / 'chat'}, token: nope}}\n"))
     with pytest.raises(MergeError, match=r"r.yml:\d+: token 'nope' is not in model"):
         run_recipe(str(r), str(tmp_path / "out"), quiet=True)
+
+
+def test_a_tied_model_lends_its_embeddings_as_lm_head(vocab_family, tmp_path):
+    """A model with tie_word_embeddings and no lm_head.weight, merged with untied ones: its embedding rows stand in
+    for its lm_head rows (after permutation into the union vocabulary)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root = vocab_family
+    tied = tmp_path / "tied"
+    shutil.copytree(root / "chat2", tied)
+    sd = read_folder(tied)
+    del sd[HEAD]
+    (tied / "model.safetensors").unlink()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tied / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(cfg))
+    r = tmp_path / "r.yml"
+    r.write_text(f"merge_method: linear\nmodels:\n  - model: {root / 'chat'}\n    parameters: {{weight: 1}}\n"
+                 f"  - model: {tied}\n    parameters: {{weight: 1}}\ntokenizer_source: union\ndtype: float32\n")
+    run_recipe(str(r), str(tmp_path / "out"), quiet=True)
+    from transformers import AutoTokenizer
+
+    out_vocab = AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab()
+    got = read_folder(tmp_path / "out")[HEAD].double().numpy()
+    # the tied model's lm_head rows are its embedding rows, filled by the same rules
+    v_chat, v_tied = vocabs(root, ["chat"])["chat"], vocabs(tmp_path, ["tied"])["tied"]
+    emb_tied = sd[EMB].double().numpy()
+    head_chat = read_folder(root / "chat")[HEAD].double().numpy()
+    for tok, i in out_vocab.items():
+        a = head_chat[v_chat[tok]] if tok in v_chat else emb_tied[v_tied[tok]]  # single holder: the other's row
+        b = emb_tied[v_tied[tok]] if tok in v_tied else head_chat[v_chat[tok]]
+        np.testing.assert_allclose(got[i], (a + b) / 2, atol=2e-6, err_msg=tok)
+    assert got.shape[0] == len(out_vocab)
