@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mergesmith.methods.exact import integer_weights
-from mergesmith.methods.sparsify import L1Sums, l1_sums, sign_consensus, sparsify
+from mergesmith.methods.sparsify import L1Sums, l1_sums, sparsify
 
 
 def generalized_task_arithmetic(
@@ -51,17 +51,35 @@ def generalized_task_arithmetic(
     # w_i = nums_i / den exactly: products and small sums stay exact in float32 (see methods/exact.py)
     nums, den = integer_weights(weights)
     if consensus:
-        deltas = torch.stack([sparse(i, x) for i, x in enumerate(inputs)])
-        w = torch.tensor(nums, dtype=deltas.dtype, device=deltas.device).reshape((n,) + (1,) * base.dim())
-        weighted = deltas.mul_(w)
-        mask = sign_consensus(weighted, consensus)
-        mixed = (weighted * mask).sum(dim=0)
-        if normalize:
-            divisor = (w * mask).sum(dim=0)  # in units of 1/den, like mixed: den cancels
+        # TIES disjoint merge, one model at a time (no stack of N deltas, no float sign tensors): elect the sign
+        # from the sum (or count) of the weighted deltas, then add the deltas that agree with it, in recipe order
+        wd = []
+        votes = None
+        for i, x in enumerate(inputs):
+            d = sparse(i, x)
+            if nums[i] != 1:
+                d.mul_(nums[i])
+            wd.append(d)
+            v = d if consensus == "sum" else d.sign()
+            votes = v.clone() if votes is None else votes.add_(v)
+        if consensus not in ("sum", "count"):
+            raise ValueError(consensus)
+        positive = votes >= 0
+        del votes
+        zero = torch.zeros((), dtype=base.dtype, device=base.device)
+        mixed = divisor = None
+        for i, d in enumerate(wd):
+            agree = torch.where(positive, d > 0, d < 0)
+            term = torch.where(agree, d, zero)
+            mixed = term if mixed is None else mixed.add_(term)
+            if normalize:
+                c = agree.to(base.dtype).mul_(nums[i])
+                divisor = c if divisor is None else divisor.add_(c)
+            wd[i] = None
+        if normalize:  # in units of 1/den, like mixed: den cancels
             mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
         elif den != 1:
             mixed = mixed / den
-        del weighted
     else:
         # one model at a time, summed in recipe order (the same order on every device; no stack of N deltas)
         mixed = None
