@@ -295,3 +295,26 @@ def test_rank_range_mask_equals_a_stable_sort(n, levels, seed, lo, width, larges
     want[order[lo:lo + width]] = True
     got = rank_range_mask(torch.from_numpy(a), lo, lo + width, largest_first=largest).numpy()
     assert np.array_equal(got, want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 300), levels=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+       lo=st.integers(0, 300), width=st.integers(0, 300), largest=st.booleans(), n_blocks=st.integers(1, 7))
+def test_a_cut_applied_block_by_block_keeps_what_a_stable_sort_keeps(n, levels, seed, lo, width, largest, n_blocks):
+    """Row-block TIES: the whole tensor's RankCut, applied to blocks with the tie-group counts of earlier blocks."""
+    from mergesmith.methods.sparsify import apply_cut, cut_group_counts, rank_cut
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, levels, n).astype(np.float32) * 0.25
+    order = np.argsort(-a if largest else a, kind="stable")
+    want = np.zeros(n, dtype=bool)
+    want[order[lo:lo + width]] = True
+    cut = rank_cut(a.copy(), lo, lo + width, largest, in_place=True)
+    bounds = sorted(set([0, n] + rng.integers(0, n + 1, n_blocks - 1).tolist()))
+    running = [0] * len(cut.groups)
+    got = []
+    for x, y in zip(bounds, bounds[1:]):
+        blk = torch.from_numpy(a[x:y])
+        got.append(apply_cut(blk, cut, running).numpy())
+        running = [r + c for r, c in zip(running, cut_group_counts(blk, cut))]
+    assert np.array_equal(np.concatenate(got), want)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.test_kernels import merge
@@ -224,6 +224,7 @@ def test_slerp_keeps_the_norm_of_equal_norm_inputs(n, seed, t):
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(n, generator=g).double(), torch.randn(n, generator=g).double()
     a, b = a / a.norm(), b / b.norm()
+    assume(abs(float(a @ b)) <= 0.9995)  # nearly collinear inputs take the lerp (by design), which shortens
     out = merge("slerp", a, [b], [{}], t=t)
     assert abs(float(out.double().norm()) - 1) < 1e-5
 

@@ -75,7 +75,16 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
     method = plan.method
     stats = None
     saved_masks: List[List[Optional[np.ndarray]]] = []
-    if len(blocks) > 1 and method.block_stats is not None:
+    per_block = None
+    if len(blocks) > 1 and method.tensor_stats is not None:
+        def load(a: int, b: int, i: int):
+            base = _load(plan, task.base, device, (a, b), check=False) if task.base is not None else None
+            return base, _load(plan, task.inputs[i], device, (a, b), check=False)
+        res = method.tensor_stats(load, blocks, task.numel, task.shared, task.per_input)
+        if res is not None:
+            stats = {"cuts": res["cuts"]}
+            per_block = res["offsets"]
+    elif len(blocks) > 1 and method.block_stats is not None:
         # pass 1: whole-tensor statistics (L1 sums), added block by block in a fixed order; the keep masks drawn
         # for them are kept (1 bit per element) for pass 2
         for a, b in blocks:
@@ -90,13 +99,15 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
             saved_masks.append([None if m is None else np.packbits(m.reshape(-1).cpu().numpy()) for m in masks])
     for k, (a, b) in enumerate(blocks):
         rows = (a, b) if len(blocks) > 1 else None
-        check = stats is None  # pass 1 already checked these rows
+        check = stats is None or per_block is not None  # the L1 pass already checked these rows
         base = _load(plan, task.base, device, rows, check) if task.base is not None else None
         inputs = [_load(plan, r, device, rows, check) for r in task.inputs]
         if task.vocab:
             base, inputs = _permute(plan, task, base, inputs)
         extra = None
-        if stats is not None:
+        if per_block is not None:
+            extra = {"cuts": stats["cuts"], "offsets": per_block[k]}
+        elif stats is not None:
             shape = inputs[0].shape
             n = inputs[0].numel()
             masks = [None if m is None else

@@ -18,7 +18,7 @@ from mergesmith.methods.model_stock import model_stock
 from mergesmith.methods.nearswap import nearswap
 from mergesmith.methods.sce import sce
 from mergesmith.methods.spherical import karcher, multislerp, nuslerp, slerp
-from mergesmith.methods.task_arithmetic import generalized_task_arithmetic, task_vector_l1_sums
+from mergesmith.methods.task_arithmetic import generalized_task_arithmetic, magnitude_cuts, task_vector_l1_sums
 
 REQUIRED = object()
 
@@ -58,6 +58,9 @@ class Method:
     # whole-tensor statistics a row block needs: (base, inputs, shared, per_input, keys, row_offset) ->
     # ({"l1": per-model (sum |delta|, sum |kept|)}, per-model masks of this block to reuse) or None
     block_stats: Optional[Callable[..., Any]] = field(default=None, repr=False)
+    # whole-tensor statistics gathered model by model before a row-block merge (TIES trims):
+    # (load(a, b, i) -> (base rows, input i rows), blocks, n, shared, per_input) -> stats, or None
+    tensor_stats: Optional[Callable[..., Any]] = field(default=None, repr=False)
     # extra range checks: (shared, per_input) -> (offending parameter, message) or None
     check: Optional[Callable[[Dict[str, Any], Dict[str, Any]], Optional[Tuple[str, str]]]] = field(
         default=None, repr=False)
@@ -125,7 +128,9 @@ def _gta(sparsification: Optional[str], consensus: Optional[str]):
             epsilons=[p.get("epsilon", 0.15) for p in per_input],
             gammas=[p.get("gamma", 0.01) for p in per_input],
             rescale_mode=shared.get("rescale_mode", "l1"), rank_scope=shared.get("rank_scope", "row"),
-            row_offset=row_offset, l1=stats["l1"] if stats else None, masks=stats.get("masks") if stats else None,
+            row_offset=row_offset, l1=stats.get("l1") if stats else None,
+            masks=stats.get("masks") if stats else None, cuts=stats.get("cuts") if stats else None,
+            offsets=stats.get("offsets") if stats else None,
         )
     return merge
 
@@ -136,7 +141,8 @@ def _gta_row_wise(sparsification: Optional[str]):
             return True
         if sparsification == "della_magprune":
             return shared.get("rank_scope", "row") == "row"
-        return False  # magnitude top-k is over the whole tensor
+        # magnitude trims are over the whole tensor: blocks get its cut from `tensor_stats` (no L1 rescale there)
+        return not shared["rescale"]
     return row_wise
 
 
@@ -151,6 +157,16 @@ def _gta_stats(sparsification: Optional[str]):
         return task_vector_l1_sums(base, inputs, [p["density"] for p in per_input], keys, sparsification,
                                    [p.get("epsilon", 0.15) for p in per_input], shared.get("rank_scope", "row"),
                                    row_offset)
+    return stats
+
+
+def _gta_tensor_stats(sparsification: Optional[str]):
+    if sparsification not in ("magnitude", "magnitude_outliers"):
+        return None
+
+    def stats(load, blocks, n, shared, per_input):
+        return magnitude_cuts(load, blocks, n, sparsification, [p["density"] for p in per_input],
+                              [p.get("gamma", 0.01) for p in per_input])
     return stats
 
 
@@ -204,6 +220,7 @@ def _register_gta(name, pretty, url, description, sparsification, consensus, nor
         name=name, pretty=pretty, url=url, description=description, params=tuple(params), needs_base=True,
         randomized=sparsification in ("random", "della_magprune"), merge=_gta(sparsification, consensus),
         check=check, row_wise=_gta_row_wise(sparsification), block_stats=_gta_stats(sparsification),
+        tensor_stats=_gta_tensor_stats(sparsification),
     ))
 
 

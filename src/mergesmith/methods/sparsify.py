@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,50 +56,103 @@ def _kth_smallest(a: torch.Tensor, ks) -> list:
     return [torch.kthvalue(a, k + 1).values.item() for k in ks]
 
 
+@dataclass(frozen=True)
+class RankCut:
+    """Which elements of a tensor a rank range keeps: values strictly between `low` and `high`, and at each boundary
+    value the members of its tie group with group rank (index order) in [first, last)."""
+    low: float
+    high: float
+    groups: Tuple[Tuple[float, int, int], ...]
+    empty: bool = False
+
+
+def rank_cut(a: "np.ndarray | torch.Tensor", lo: int, hi: int, largest_first: bool = False,
+             in_place: bool = False) -> RankCut:
+    """The RankCut of ranks [lo, hi) of flat non-negative `a` (ascending, or descending with `largest_first`; ties by
+    lower index either way). A selection (np.partition / kthvalue), not a sort; `in_place` lets it reorder `a`."""
+    n = a.numel() if isinstance(a, torch.Tensor) else a.size
+    lo, hi = max(0, lo), min(n, hi)
+    if lo >= hi:
+        return RankCut(0.0, 0.0, (), empty=True)
+    ks = [n - hi, n - 1 - lo] if largest_first else [lo, hi - 1]
+    if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+        vl, vh = (torch.kthvalue(a, k + 1).values.item() for k in ks)
+        count = (lambda f: int(f(a).sum()))
+    else:
+        x = a.numpy() if isinstance(a, torch.Tensor) else a
+        if in_place:
+            x.partition(ks)
+            part = x
+        else:
+            part = np.partition(x, ks)
+        vl, vh = part[ks[0]].item(), part[ks[1]].item()
+        count = (lambda f: int(np.count_nonzero(f(part))))
+    groups = []
+    for v in ((vl, vh) if vl != vh else (vl,)):
+        before = count(lambda t: t > v) if largest_first else count(lambda t: t < v)
+        groups.append((v, max(0, lo - before), max(0, hi - before)))
+    return RankCut(vl, vh, tuple(groups))
+
+
+def cut_group_counts(a: torch.Tensor, cut: RankCut) -> List[int]:
+    """How many members of each boundary tie group a block holds (to place the next block's members)."""
+    return [int((a == v).sum()) for v, _, _ in cut.groups]
+
+
+def apply_cut(a: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Mask of a flat block `a` (of the tensor the cut was taken on); `offsets[g]`: members of group g in earlier
+    blocks."""
+    mask = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
+    if cut.empty:
+        return mask
+    mask |= (a > cut.low) & (a < cut.high)
+    for g, (v, first, last) in enumerate(cut.groups):
+        members = torch.nonzero(a == v).flatten()
+        off = offsets[g] if offsets is not None else 0
+        mask[members[max(0, first - off):max(0, last - off)]] = True
+    return mask
+
+
 def rank_range_mask(a: torch.Tensor, lo: int, hi: int, largest_first: bool = False) -> torch.Tensor:
     """Mask of the elements of flat non-negative `a` whose rank lies in [lo, hi), ranks ascending by value (or
     descending with `largest_first`), ties by lower index in both cases. Found by selecting the boundary values
     and placing the tied elements at each boundary by index: O(n) time and a few bytes per element, where a stable
     argsort of a whole embedding would need 12 bytes per element and O(n log n)."""
-    n = a.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=a.device)
-    lo, hi = max(0, lo), min(n, hi)
-    if lo >= hi:
-        return mask
-    if largest_first:  # descending rank r is ascending rank n-1-r; ties stay by lower index (handled below)
-        vl, vh = _kth_smallest(a, [n - hi, n - 1 - lo])  # smallest kept value, largest kept value
-        # elements strictly between are kept; at each boundary value, the tied group is ranked by lower index
-        # first in descending order
-        mask |= (a > vl) & (a < vh)
-        for v, first, last in ((vl, lo, hi), (vh, lo, hi)) if vl != vh else ((vl, lo, hi),):
-            group = torch.nonzero(a == v).flatten()  # ascending index = descending-rank order within the group
-            before = int((a > v).sum())  # descending ranks taken by larger values
-            mask[group[max(0, first - before):max(0, last - before)]] = True
-        return mask
-    vl, vh = _kth_smallest(a, [lo, hi - 1])
-    mask |= (a > vl) & (a < vh)
-    for v in ((vl, vh) if vl != vh else (vl,)):
-        group = torch.nonzero(a == v).flatten()  # ascending index = ascending-rank order within the group
-        before = int((a < v).sum())
-        mask[group[max(0, lo - before):max(0, hi - before)]] = True
-    return mask
+    return apply_cut(a, rank_cut(a, lo, hi, largest_first))
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """TIES trim: keep the k = max(1, floor(density * n)) largest-magnitude elements (ties by lower index)."""
+def magnitude_range(n: int, method: str, density: float, gamma: float = 0.01) -> Tuple[int, int, bool]:
+    """(lo, hi, largest_first) of the ranks a magnitude sparsifier keeps in a tensor of n elements."""
+    if method == "magnitude":
+        return 0, max(1, int(density * n)), True
+    target = int(density * n)
+    n_bot = max(0, n - target - int(gamma * n))
+    return n_bot, n_bot + target, False
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False, cut: Optional[RankCut] = None,
+              offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """TIES trim: keep the k = max(1, floor(density * n)) largest-magnitude elements (ties by lower index).
+
+    For a row block of a larger tensor, `cut` (from the whole tensor) and `offsets` (tie-group members in earlier
+    blocks) say which of the block's elements are kept."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     flat = delta.reshape(-1)
     n = flat.numel()
-    k = max(1, int(density * n))
-    mask = rank_range_mask(flat.abs(), 0, k, largest_first=True)
+    if cut is not None:
+        mask = apply_cut(flat.abs(), cut, offsets)
+    else:
+        lo, hi, largest = magnitude_range(n, "magnitude", density)
+        mask = rank_range_mask(flat.abs(), lo, hi, largest_first=largest)
     out = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape_as(delta)
     return rescale_l1(delta, out) if rescale else out
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False) -> torch.Tensor:
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False,
+                       cut: Optional[RankCut] = None, offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Model Breadcrumbs: drop the top `gamma` fraction by magnitude, then the smallest, keeping floor(density*n).
 
     When density + gamma > 1, fewer outliers are dropped so that floor(density * n) elements remain. Ranks are
@@ -108,10 +162,11 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
         return delta
     flat = delta.reshape(-1)
     n = flat.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    mask = rank_range_mask(flat.abs(), n_bot, n_bot + target)
+    if cut is not None:
+        mask = apply_cut(flat.abs(), cut, offsets)
+    else:
+        lo, hi, _ = magnitude_range(n, "magnitude_outliers", density, gamma)
+        mask = rank_range_mask(flat.abs(), lo, hi)
     out = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape_as(delta)
     return rescale_l1(delta, out) if rescale else out
 
@@ -259,14 +314,15 @@ def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
 
 def sparsify(delta: torch.Tensor, method: Optional[str], density: float, key: int = 0, rescale: bool = False,
              epsilon: float = 0.15, gamma: float = 0.01, rescale_mode: str = "l1", rank_scope: str = "row",
-             row_offset: int = 0, l1: Optional[L1Sums] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+             row_offset: int = 0, l1: Optional[L1Sums] = None, mask: Optional[torch.Tensor] = None,
+             cut: Optional[RankCut] = None, offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Dispatch to one of the sparsifiers above by mergekit's name for it."""
     if method is None:
         return delta
     if method == "magnitude":
-        return magnitude(delta, density, rescale)
+        return magnitude(delta, density, rescale, cut, offsets)
     if method == "magnitude_outliers":
-        return magnitude_outliers(delta, density, gamma, rescale)
+        return magnitude_outliers(delta, density, gamma, rescale, cut, offsets)
     if method in ("random", "della_magprune"):
         return random_sparsify(delta, method, density, key, rescale, rescale_mode, epsilon, rank_scope, row_offset,
                                l1, mask)

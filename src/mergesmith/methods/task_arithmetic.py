@@ -7,7 +7,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mergesmith.methods.exact import integer_weights
-from mergesmith.methods.sparsify import L1Sums, l1_sums, sparsify
+from mergesmith.methods.sparsify import (L1Sums, RankCut, apply_cut, cut_group_counts, l1_sums, magnitude_range,
+                                         rank_cut, sparsify)
 
 
 def generalized_task_arithmetic(
@@ -28,6 +29,8 @@ def generalized_task_arithmetic(
     row_offset: int = 0,
     l1: Optional[Sequence[L1Sums]] = None,
     masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    cuts: Optional[Sequence[Optional[RankCut]]] = None,
+    offsets: Optional[Sequence[Sequence[int]]] = None,
 ) -> torch.Tensor:
     """base + lambda * combine_i(w_i * sparsify(x_i - base)), all in float32.
 
@@ -46,7 +49,8 @@ def generalized_task_arithmetic(
     def sparse(i: int, x: torch.Tensor) -> torch.Tensor:
         return sparsify(x - base, sparsification, densities[i], key=keys[i], rescale=rescale, epsilon=epsilons[i],
                         gamma=gammas[i], rescale_mode=rescale_mode, rank_scope=rank_scope, row_offset=row_offset,
-                        l1=l1[i] if l1 is not None else None, mask=masks[i] if masks is not None else None)
+                        l1=l1[i] if l1 is not None else None, mask=masks[i] if masks is not None else None,
+                        cut=cuts[i] if cuts is not None else None, offsets=offsets[i] if offsets is not None else None)
 
     # w_i = nums_i / den exactly: products and small sums stay exact in float32 (see methods/exact.py)
     nums, den = integer_weights(weights)
@@ -107,3 +111,41 @@ def task_vector_l1_sums(base: torch.Tensor, inputs: Sequence[torch.Tensor], dens
     res = [l1_sums(x - base, sparsification, densities[i], keys[i], epsilons[i], rank_scope, row_offset)
            for i, x in enumerate(inputs)]
     return [r[0] for r in res], [r[1] for r in res]
+
+
+def magnitude_cuts(load, blocks: Sequence[Tuple[int, int]], n: int, sparsification: str,
+                   densities: Sequence[float], gammas: Sequence[float]):
+    """Whole-tensor TIES/breadcrumbs trims for a tensor merged in row blocks. `load(a, b, i)` returns (base, x_i)
+    rows [a, b) in float32. Per model: |x_i - base| gathered block by block into one float32 array (4 bytes per
+    element, one model at a time), its RankCut found by in-place selection; then one more read counts each block's
+    members of the boundary tie groups, so block k knows how many come before it. Returns
+    {"cuts": [RankCut per model], "offsets": [per block: per model: per group]}."""
+    import numpy as np
+
+    cuts: List[Optional[RankCut]] = []
+    for i, (d, g) in enumerate(zip(densities, gammas)):
+        if d >= 1 or d <= 0:
+            cuts.append(None)
+            continue
+        mags = np.empty(n, dtype=np.float32)
+        pos = 0
+        for a, b in blocks:
+            base, x = load(a, b, i)
+            m = (x - base).abs_().reshape(-1).cpu().numpy()
+            mags[pos:pos + m.size] = m
+            pos += m.size
+            del base, x, m
+        lo, hi, largest = magnitude_range(n, sparsification, d, g)
+        cuts.append(rank_cut(mags, lo, hi, largest, in_place=True))
+        del mags
+    offsets = []
+    running = [[0] * len(c.groups) if c is not None else [] for c in cuts]
+    for a, b in blocks:
+        offsets.append([list(r) for r in running])
+        for i, c in enumerate(cuts):
+            if c is None or not c.groups:
+                continue
+            base, x = load(a, b, i)
+            counts = cut_group_counts((x - base).abs_().reshape(-1), c)
+            running[i] = [r + k for r, k in zip(running[i], counts)]
+    return {"cuts": cuts, "offsets": offsets}
