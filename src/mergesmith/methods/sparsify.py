@@ -48,14 +48,6 @@ def rescale_l1(delta: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> 
     return masked if f == 1.0 else masked * f
 
 
-def _kth_smallest(a: torch.Tensor, ks) -> list:
-    """The values of ascending ranks `ks` (0-based) of a flat tensor: a selection (quickselect), not a sort."""
-    if a.device.type == "cpu":
-        part = np.partition(a.numpy(), list(ks))
-        return [part[k].item() for k in ks]
-    return [torch.kthvalue(a, k + 1).values.item() for k in ks]
-
-
 @dataclass(frozen=True)
 class RankCut:
     """Which elements of a tensor a rank range keeps: values strictly between `low` and `high`, and at each boundary

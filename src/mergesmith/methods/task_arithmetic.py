@@ -7,8 +7,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mergesmith.methods.exact import integer_weights
-from mergesmith.methods.sparsify import (L1Sums, RankCut, apply_cut, cut_group_counts, l1_sums, magnitude_range,
-                                         rank_cut, sparsify)
+from mergesmith.methods.sparsify import (L1Sums, RankCut, cut_group_counts, l1_sums, magnitude_range, rank_cut,
+                                         sparsify)
 
 
 def generalized_task_arithmetic(
