@@ -235,6 +235,7 @@ def compare(method: str, paths: List[Path], ours: Path, theirs: Path) -> dict:
     a_get, b_get = opener(ours), opener(theirs)
     names = json.loads((paths[0] / "model.safetensors.index.json").read_text())["weight_map"].keys()
     n = within = ours_closer = theirs_closer = 0
+    within_clear = n_clear = refs_within = ours_closer_clear = theirs_closer_clear = 0
     wn = [3, 1, 4]  # weights 0.3, 0.1, 0.4 as integers over 10: exact in float64
     skipped = 0
     for name in names:
@@ -259,27 +260,54 @@ def compare(method: str, paths: List[Path], ours: Path, theirs: Path) -> dict:
             continue
         base = ins[0](name).double()
         xs = [g(name).double() for g in ins[1:]]
-        deltas = []
-        for x, w, d in zip(xs, wn, DENSITIES):
-            delta = (x - base).flatten()
-            k = max(1, int(d * delta.numel()))
-            keep = torch.zeros_like(delta)
-            keep[torch.sort(delta.abs(), descending=True, stable=True).indices[:k]] = 1
-            deltas.append((w * delta * keep).reshape(base.shape))
-            del delta, keep
-        elected = torch.where(sum(deltas) >= 0, 1.0, -1.0)
-        num = sum(torch.where(d.sign() == elected, d, 0.0) for d in deltas)
-        den = sum(torch.where(d.sign() == elected, float(w), 0.0) for d, w in zip(deltas, wn))
-        ref = base + num / torch.where(den == 0, 1.0, den)
-        del deltas, num, den
-        within += ((_ordered(a) - _ordered(b)).abs() <= 1).sum().item()
+        # Two float64 references that differ only in which tied magnitudes at a model's density cut they keep:
+        # by lowest index (mergesmith's rule) and by highest index. Both are exact top-k trims; where their tie
+        # group straddles the cut, any choice is as right as another ("ambiguous" elements).
+        refs = []
+        amb = torch.zeros(base.numel(), dtype=torch.bool)
+        for from_end in (False, True):
+            deltas = []
+            for x, w, d in zip(xs, wn, DENSITIES):
+                delta = (x - base).flatten()
+                mag = delta.abs()
+                k = max(1, int(d * delta.numel()))
+                order = torch.sort(mag, descending=True, stable=True).indices
+                cut = mag[order[k - 1]]
+                del order
+                keep = mag > cut
+                tied = (mag == cut).nonzero().squeeze(1)
+                need = k - int(keep.sum())
+                keep[tied[len(tied) - need:] if from_end else tied[:need]] = True
+                if len(tied) > need:
+                    amb[tied] = True
+                deltas.append((w * delta * keep).reshape(base.shape))
+                del delta, mag, keep, tied
+            elected = torch.where(sum(deltas) >= 0, 1.0, -1.0)
+            num = sum(torch.where(d.sign() == elected, d, 0.0) for d in deltas)
+            den = sum(torch.where(d.sign() == elected, float(w), 0.0) for d, w in zip(deltas, wn))
+            refs.append(base + num / torch.where(den == 0, 1.0, den))
+            del deltas, num, den, elected
+        ref, ref_end = refs
+        amb = amb.reshape(base.shape)
+        close = (_ordered(a) - _ordered(b)).abs() <= 1
+        within += close.sum().item()
+        within_clear += (close & ~amb).sum().item()
+        n_clear += (~amb).sum().item()
+        refs_within += ((_ordered(ref.to(torch.bfloat16)) - _ordered(ref_end.to(torch.bfloat16))).abs() <= 1
+                        ).sum().item()
         ea, eb = (a.double() - ref).abs(), (b.double() - ref).abs()
         ours_closer += (ea < eb).sum().item()
         theirs_closer += (eb < ea).sum().item()
+        # outside the ambiguous elements the two references are equal, so "closer" has one meaning there
+        ours_closer_clear += ((ea < eb) & ~amb).sum().item()
+        theirs_closer_clear += ((eb < ea) & ~amb).sum().item()
         n += a.numel()
-        del a, b, base, xs, ref, ea, eb
+        del a, b, base, xs, ref, ref_end, refs, ea, eb, amb, close
     return {"within_one_step": within / n, "ours_closer": ours_closer / n, "theirs_closer": theirs_closer / n,
-            "skipped": skipped}
+            "skipped": skipped, "within_clear": within_clear / n_clear if n_clear else None,
+            "ambiguous": 1 - n_clear / n if n_clear else None, "refs_within": refs_within / n if n_clear else None,
+            "ours_closer_clear": ours_closer_clear / n_clear if n_clear else None,
+            "theirs_closer_clear": theirs_closer_clear / n_clear if n_clear else None}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -339,6 +367,12 @@ def main():
                 notes.append(f"{tag} {method}: mergesmith and mergekit within one bf16 step on "
                              f"{c['within_one_step']:.4%} of elements; closer to the float64 reference: mergesmith "
                              f"{c['ours_closer']:.2%}, mergekit {c['theirs_closer']:.2%} (rest: equal)"
+                             + (f"; {c['ambiguous']:.2%} of elements sit in a tie group that straddles a model's "
+                                f"density cut (any choice there is an exact top-k): outside them the two agree on "
+                                f"{c['within_clear']:.4%} and the closer to float64 there is mergesmith on {c['ours_closer_clear']:.3%}, "
+                                f"mergekit on {c['theirs_closer_clear']:.3%}; two float64 references that break those ties from "
+                                f"opposite ends agree on {c['refs_within']:.4%}" if c["within_clear"] is not None
+                                else "")
                              + (f"; {c['skipped'] / 1e6:.0f} M elements of tensors over 100 M elements not compared"
                                 if c["skipped"] else ""))
                 print(notes[-1], flush=True)

@@ -298,23 +298,27 @@ def test_rank_range_mask_equals_a_stable_sort(n, levels, seed, lo, width, larges
 
 
 @settings(max_examples=150, deadline=None)
-@given(n=st.integers(1, 300), levels=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+@given(n=st.integers(1, 300), levels=st.integers(1, 7), seed=st.integers(0, 2**31 - 1),
        lo=st.integers(0, 300), width=st.integers(0, 300), largest=st.booleans(), n_blocks=st.integers(1, 7))
 def test_a_cut_applied_block_by_block_keeps_what_a_stable_sort_keeps(n, levels, seed, lo, width, largest, n_blocks):
-    """Row-block TIES: the whole tensor's RankCut, applied to blocks with the tie-group counts of earlier blocks."""
-    from mergesmith.methods.sparsify import apply_cut, cut_group_counts, rank_cut
+    """Row-block TIES: the whole tensor's RankCut, found block by block (radix selection) and applied to blocks
+    with the tie-group counts of earlier blocks, keeps what a stable sort of the whole tensor keeps."""
+    from mergesmith.methods.sparsify import apply_cut, rank_cut, rank_cut_blocks
 
     rng = np.random.default_rng(seed)
-    a = rng.integers(0, levels, n).astype(np.float32) * 0.25
+    # values sharing their high 16 bits (1, the next float32 up, 1 + 2**-20) and not (0, 0.25, 3, 1e-30)
+    values = np.array([0.0, 0.25, 1.0, np.nextafter(np.float32(1), np.float32(2)), 1 + 2.0**-20, 3.0, 1e-30],
+                      dtype=np.float32)[:levels]
+    a = values[rng.integers(0, levels, n)]
     order = np.argsort(-a if largest else a, kind="stable")
     want = np.zeros(n, dtype=bool)
     want[order[lo:lo + width]] = True
-    cut = rank_cut(a.copy(), lo, lo + width, largest, in_place=True)
     bounds = sorted(set([0, n] + rng.integers(0, n + 1, n_blocks - 1).tolist()))
+    cut, counts = rank_cut_blocks(lambda k: a[bounds[k]:bounds[k + 1]], len(bounds) - 1, n, lo, lo + width, largest)
+    assert cut == rank_cut(a, lo, lo + width, largest)
     running = [0] * len(cut.groups)
     got = []
-    for x, y in zip(bounds, bounds[1:]):
-        blk = torch.from_numpy(a[x:y])
-        got.append(apply_cut(blk, cut, running).numpy())
-        running = [r + c for r, c in zip(running, cut_group_counts(blk, cut))]
+    for k, (x, y) in enumerate(zip(bounds, bounds[1:])):
+        got.append(apply_cut(torch.from_numpy(a[x:y]), cut, running).numpy())
+        running = [r + c for r, c in zip(running, counts[k])]
     assert np.array_equal(np.concatenate(got), want)

@@ -330,11 +330,11 @@ def test_allocator_settings_only_for_row_block_merges(tmp_path):
     benchmark) and not for whole-tensor ones (their peak memory grows with a never-trimmed heap)."""
     from mergesmith.cli import _wants_malloc_env
 
-    della, ties = tmp_path / "d.yml", tmp_path / "t.yml"
+    della, slerp = tmp_path / "d.yml", tmp_path / "s.yml"
     della.write_text("merge_method: della_linear\nmodels: []\n")
-    ties.write_text("merge_method: ties\nmodels: []\n")
+    slerp.write_text("merge_method: slerp\nmodels: []\n")
     assert _wants_malloc_env(["run", str(della), "out", "--seed", "1"])
     assert _wants_malloc_env(["run", "--seed", "1", str(della), "out"])
-    assert not _wants_malloc_env(["run", str(ties), "out"])
+    assert not _wants_malloc_env(["run", str(slerp), "out"])
     assert not _wants_malloc_env(["run", str(tmp_path / "missing.yml"), "out"])
     assert not _wants_malloc_env(["methods"])

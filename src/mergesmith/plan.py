@@ -99,7 +99,7 @@ class Plan:
 
 # Tensors above this many elements are merged in blocks of rows when the method allows it. A constant: the
 # blocking (and so every rounding) depends only on the tensor's shape, never on the machine.
-BLOCK_ELEMENTS = 1 << 24
+BLOCK_ELEMENTS = 1 << 22
 
 
 def row_blocks(plan: "Plan", task: TensorTask) -> List[Tuple[int, int]]:

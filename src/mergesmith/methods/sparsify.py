@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,10 +58,9 @@ class RankCut:
     empty: bool = False
 
 
-def rank_cut(a: "np.ndarray | torch.Tensor", lo: int, hi: int, largest_first: bool = False,
-             in_place: bool = False) -> RankCut:
+def rank_cut(a: "np.ndarray | torch.Tensor", lo: int, hi: int, largest_first: bool = False) -> RankCut:
     """The RankCut of ranks [lo, hi) of flat non-negative `a` (ascending, or descending with `largest_first`; ties by
-    lower index either way). A selection (np.partition / kthvalue), not a sort; `in_place` lets it reorder `a`."""
+    lower index either way). A selection (np.partition / kthvalue), not a sort."""
     n = a.numel() if isinstance(a, torch.Tensor) else a.size
     lo, hi = max(0, lo), min(n, hi)
     if lo >= hi:
@@ -71,12 +70,7 @@ def rank_cut(a: "np.ndarray | torch.Tensor", lo: int, hi: int, largest_first: bo
         vl, vh = (torch.kthvalue(a, k + 1).values.item() for k in ks)
         count = (lambda f: int(f(a).sum()))
     else:
-        x = a.numpy() if isinstance(a, torch.Tensor) else a
-        if in_place:
-            x.partition(ks)
-            part = x
-        else:
-            part = np.partition(x, ks)
+        part = np.partition(a.numpy() if isinstance(a, torch.Tensor) else a, ks)
         vl, vh = part[ks[0]].item(), part[ks[1]].item()
         count = (lambda f: int(np.count_nonzero(f(part))))
     groups = []
@@ -86,9 +80,52 @@ def rank_cut(a: "np.ndarray | torch.Tensor", lo: int, hi: int, largest_first: bo
     return RankCut(vl, vh, tuple(groups))
 
 
-def cut_group_counts(a: torch.Tensor, cut: RankCut) -> List[int]:
-    """How many members of each boundary tie group a block holds (to place the next block's members)."""
-    return [int((a == v).sum()) for v, _, _ in cut.groups]
+def rank_cut_blocks(read: Callable[[int], "np.ndarray"], n_blocks: int, n: int, lo: int, hi: int,
+                    largest_first: bool = False) -> Tuple[RankCut, List[List[int]]]:
+    """rank_cut of a flat non-negative float32 array of n elements given as blocks (`read(k)`: block k, 1-D
+    float32), in O(block) memory: a radix selection on the float32 bit patterns, which order non-negative floats
+    as integers. Read 1 counts the high 16 bits of every element; read 2 counts the low 16 bits inside the one or
+    two buckets that hold the boundary ranks, per block. Returns the same RankCut as rank_cut on the whole array,
+    and for each block how many members of each boundary tie group it holds (what apply_cut's offsets add up)."""
+    lo, hi = max(0, lo), min(n, hi)
+    if lo >= hi:
+        return RankCut(0.0, 0.0, (), empty=True), [[] for _ in range(n_blocks)]
+    ks = [n - hi, n - 1 - lo] if largest_first else [lo, hi - 1]
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for k in range(n_blocks):
+        high += np.bincount(read(k).view(np.uint32) >> 16, minlength=1 << 16)
+    high_cum = np.cumsum(high)
+    buckets = sorted({int(np.searchsorted(high_cum, k, side="right")) for k in ks})
+    low = {b: np.zeros(1 << 16, dtype=np.int64) for b in buckets}
+    per_block = []
+    for k in range(n_blocks):
+        u = read(k).view(np.uint32)
+        top = u >> 16
+        seen = {}
+        for b in buckets:
+            vals, counts = np.unique(u[top == b] & 0xFFFF, return_counts=True)
+            low[b][vals] += counts
+            seen[b] = dict(zip(vals.tolist(), counts.tolist()))
+        per_block.append(seen)
+
+    def locate(k: int) -> Tuple[int, int, int, int]:
+        """(bucket, low bits, elements below the value, elements equal to it) of ascending rank k."""
+        b = int(np.searchsorted(high_cum, k, side="right"))
+        below_bucket = int(high_cum[b - 1]) if b else 0
+        low_cum = np.cumsum(low[b])
+        lb = int(np.searchsorted(low_cum, k - below_bucket, side="right"))
+        return b, lb, below_bucket + (int(low_cum[lb - 1]) if lb else 0), int(low[b][lb])
+
+    found = [locate(k) for k in ks]
+    groups, members = [], []
+    for b, lb, below, equal in (found if found[0][:2] != found[1][:2] else found[:1]):
+        v = np.array([(b << 16) | lb], dtype=np.uint32).view(np.float32)[0].item()
+        before = n - below - equal if largest_first else below
+        groups.append((v, max(0, lo - before), max(0, hi - before)))
+        members.append((b, lb))
+    vl, vh = groups[0][0], groups[-1][0]
+    counts = [[seen[b].get(lb, 0) for b, lb in members] for seen in per_block]
+    return RankCut(vl, vh, tuple(groups)), counts
 
 
 def apply_cut(a: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = None) -> torch.Tensor:

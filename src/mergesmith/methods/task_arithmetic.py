@@ -7,8 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mergesmith.methods.exact import integer_weights
-from mergesmith.methods.sparsify import (L1Sums, RankCut, cut_group_counts, l1_sums, magnitude_range, rank_cut,
-                                         sparsify)
+from mergesmith.methods.sparsify import L1Sums, RankCut, l1_sums, magnitude_range, rank_cut_blocks, sparsify
 
 
 def generalized_task_arithmetic(
@@ -116,36 +115,29 @@ def task_vector_l1_sums(base: torch.Tensor, inputs: Sequence[torch.Tensor], dens
 def magnitude_cuts(load, blocks: Sequence[Tuple[int, int]], n: int, sparsification: str,
                    densities: Sequence[float], gammas: Sequence[float]):
     """Whole-tensor TIES/breadcrumbs trims for a tensor merged in row blocks. `load(a, b, i)` returns (base, x_i)
-    rows [a, b) in float32. Per model: |x_i - base| gathered block by block into one float32 array (4 bytes per
-    element, one model at a time), its RankCut found by in-place selection; then one more read counts each block's
-    members of the boundary tie groups, so block k knows how many come before it. Returns
+    rows [a, b) in float32. Per model, two reads of |x_i - base| block by block find its RankCut by radix selection
+    (sparsify.rank_cut_blocks: memory of one block, not of the tensor) and count each block's members of the
+    boundary tie groups, so block k knows how many come before it. Returns
     {"cuts": [RankCut per model], "offsets": [per block: per model: per group]}."""
-    import numpy as np
-
     cuts: List[Optional[RankCut]] = []
+    counts = []
     for i, (d, g) in enumerate(zip(densities, gammas)):
         if d >= 1 or d <= 0:
             cuts.append(None)
+            counts.append([[] for _ in blocks])
             continue
-        mags = np.empty(n, dtype=np.float32)
-        pos = 0
-        for a, b in blocks:
-            base, x = load(a, b, i)
-            m = (x - base).abs_().reshape(-1).cpu().numpy()
-            mags[pos:pos + m.size] = m
-            pos += m.size
-            del base, x, m
+
+        def read(k: int, i: int = i):
+            base, x = load(*blocks[k], i)
+            return (x - base).abs_().reshape(-1).cpu().numpy()
+
         lo, hi, largest = magnitude_range(n, sparsification, d, g)
-        cuts.append(rank_cut(mags, lo, hi, largest, in_place=True))
-        del mags
+        cut, per_block = rank_cut_blocks(read, len(blocks), n, lo, hi, largest)
+        cuts.append(cut)
+        counts.append(per_block)
     offsets = []
     running = [[0] * len(c.groups) if c is not None else [] for c in cuts]
-    for a, b in blocks:
+    for k in range(len(blocks)):
         offsets.append([list(r) for r in running])
-        for i, c in enumerate(cuts):
-            if c is None or not c.groups:
-                continue
-            base, x = load(a, b, i)
-            counts = cut_group_counts((x - base).abs_().reshape(-1), c)
-            running[i] = [r + k for r, k in zip(running[i], counts)]
+        running = [[r + c for r, c in zip(run, counts[i][k])] for i, run in enumerate(running)]
     return {"cuts": cuts, "offsets": offsets}
