@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -83,7 +82,7 @@ def main():
                 sys.exit(p.stderr)
             rss = int(next(ln.split()[1] for ln in p.stderr.splitlines() if ln.startswith("MAXRSS"))) * 1024
             rows.append((layers, total, largest, wall, rss))
-    print(f"| layers | model size (bf16) | largest tensor | wall (s) | peak RSS |")
+    print("| layers | model size (bf16) | largest tensor | wall (s) | peak RSS |")
     print("|---:|---:|---:|---:|---:|")
     for layers, total, largest, wall, rss in rows:
         print(f"| {layers} | {total / 1e6:.0f} MB | {largest / 1e6:.1f} M elements | {wall:.1f} | {rss / 2**20:.0f} MiB |")

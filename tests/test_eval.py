@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mergesmith.evaluate import Task, evaluate, exact_match, load, perplexity, token_accuracy
+from mergesmith.evaluate import Task, exact_match, load, perplexity, token_accuracy
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 ?:\n")
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]

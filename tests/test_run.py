@@ -167,7 +167,6 @@ def test_sharded_output_loads_with_transformers(tmp_path, fam):
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in sd.values())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.float32
-    ref = read_folder(tmp_path.parent / "x") if False else None  # noqa: F841
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k])
 

@@ -178,6 +178,61 @@ def verify_cmd(out_dir, no_load, verbose):
         click.echo(line)
 
 
+@cli.command("inspect")
+@click.argument("merged", type=click.Path())
+@click.option("--base", default=None, help="The base model (default: the base_model of MERGED's recipe copy).")
+@click.option("--model", "models", multiple=True,
+              help="An input model; repeat in recipe order (default: the models of MERGED's recipe copy).")
+@click.option("--by", type=click.Choice(["layer", "module", "tensor"]), default="layer", show_default=True,
+              help="One row per layer (plus embeddings, head & norm), per module kind, or per tensor.")
+@click.option("--plot", type=click.Path(), default=None, help="Also write an SVG chart of the rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-v", "--verbose", is_flag=True)
+def inspect_cmd(merged, base, models, by, plot, as_json, verbose):
+    """Show what a merge did: per layer, how far it moved from the base and each input's effective weight (a
+    least-squares fit of the merge's change by the inputs' task vectors). Works on mergekit's outputs too."""
+    import json
+
+    from mergesmith import inspection
+    from mergesmith.io.index import index_model
+    from mergesmith.plan import load_model
+
+    folder = Path(merged)
+    if not folder.is_dir():
+        raise MergeError(f"merged model folder not found: {merged}")
+    resolved, source = {}, "--model"
+    if not models:
+        base_ref, refs, resolved, source = inspection.recipe_inputs(folder)
+        base = base if base is not None else base_ref
+        models = tuple(refs)
+    if not models:
+        raise MergeError(f"{folder}: no input models to compare with; pass --model (and --base)")
+
+    def open_model(ref: str):
+        return load_model(ref, str(folder / source) if source != "--model" else "--model", folder, resolved.get(ref))
+
+    idx = index_model("merged", folder)
+    report = inspection.inspect_merge(idx, open_model(base) if base else None, [open_model(m) for m in models],
+                                      by=by, progress=not as_json)
+    names = inspection.labels(models)
+    report["inputs"] = dict(zip(names, models))
+    report["base"] = base
+    if plot:
+        try:
+            Path(plot).write_text(inspection.svg_plot(report, names, f"{folder.name}: what the merge did"),
+                                  encoding="utf-8")
+        except OSError as e:
+            raise MergeError(f"cannot write {plot}: {e.strerror}") from None
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"{folder}: base {base or '(none: inputs compared as they are)'}; inputs "
+                   + ", ".join(f"{n} = {m}" for n, m in zip(names, models)))
+        click.echo(inspection.format_table(report, names))
+        if plot:
+            click.echo(f"chart: {plot}")
+
+
 @cli.command("methods")
 def methods_cmd():
     """List the merge methods with their parameters."""
@@ -251,6 +306,8 @@ def demo_cmd(out_dir, compare, all_methods, seed, as_json, verbose):
         click.echo("\nexact match: greedy answer equals the truth; answer-token accuracy: next answer token right "
                    "given the prompt and the answer so far;\nrecovered: mean over skills of (merge - base) / "
                    "(expert - base) in answer-token accuracy.")
+        click.echo(f"\nwhat the merge did, layer by layer: mergesmith inspect {Path(out_dir) / 'della_linear'} "
+                   f"--plot {Path(out_dir) / 'della_linear.svg'}")
 
 
 @cli.command("extract-lora")

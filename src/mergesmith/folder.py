@@ -85,6 +85,11 @@ def copy_tokenizer(plan: Plan, out: Path, chat_template: Optional[str]) -> None:
 
 def write_recipe_copy(plan: Plan, out: Path) -> None:
     header = f"# merged with mergesmith {__version__}\n"
+    relative = [(ref, idx.path) for ref, idx in plan.models.items()
+                if idx.lora is None and not Path(ref).is_absolute() and Path(ref).resolve() != idx.path.resolve()]
+    if relative:  # where the relative paths pointed (recipe.Recipe.found_at)
+        header += "# relative model paths, as found when merging:\n"
+        header += "".join(f"#   {ref} -> {path.resolve()}\n" for ref, path in relative)
     (out / "mergesmith_config.yml").write_text(plan.recipe.to_yaml(seed=plan.seed, header=header), encoding="utf-8")
 
 

@@ -161,14 +161,20 @@ def model_layers(idx: ModelIndex) -> int:
     return n
 
 
-def load_model(ref: str, where: str, recipe_dir: Optional[Path]) -> ModelIndex:
-    """Resolve and index one recipe model; `model+adapter` attaches a LoRA adapter applied while reading."""
+def load_model(ref: str, where: str, recipe_dir: Optional[Path], found_at: Optional[str] = None) -> ModelIndex:
+    """Resolve and index one recipe model; `model+adapter` attaches a LoRA adapter applied while reading.
+    `found_at`: where an earlier merge found a relative path (Recipe.found_at), tried when the path itself misses."""
     from mergesmith.lora import check_targets, load_adapter, split_lora_ref
 
     lora = split_lora_ref(ref)
     try:
         if lora is None:
-            return index_model(ref, resolve_model(ref, where, recipe_dir))
+            try:
+                return index_model(ref, resolve_model(ref, where, recipe_dir))
+            except MergeError:
+                if not found_at or not Path(found_at).is_dir():
+                    raise
+                return index_model(ref, Path(found_at))
         idx = index_model(ref, resolve_model(lora[0], where, recipe_dir))
         idx.lora = load_adapter(resolve_model(lora[1], where, recipe_dir), lora[1])
         check_targets(idx.lora, lora[1], {n: t.shape for n, t in idx.tensors.items()})
@@ -255,10 +261,11 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
 
     # Resolve and index every model, in recipe order: the first problem is the one reported.
     models: "OrderedDict[str, ModelIndex]" = OrderedDict()
+    found = recipe.found_at()
     for ref, path in recipe.model_refs():
         if ref in models:
             continue
-        models[ref] = load_model(ref, recipe.at(*path), recipe_dir)
+        models[ref] = load_model(ref, recipe.at(*path), recipe_dir, found.get(ref))
     _check_architectures(models, recipe, allow_crimes, layers=not c.slices)
 
     groups = _groups(recipe, method, models)

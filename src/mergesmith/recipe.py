@@ -7,6 +7,7 @@ line and the closest known key, and refuse them only with `strict=True`. Wrong t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -163,6 +164,9 @@ def _pattern_of(path: Path_) -> Path_:
 # The parsed recipe
 
 
+FOUND_AT = re.compile(r"^#   (.+?) -> (.+)$")
+
+
 @dataclass
 class Recipe:
     config: MergeConfiguration
@@ -170,6 +174,17 @@ class Recipe:
     text: str = ""
     lines: Dict[Path_, int] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
+
+    def found_at(self) -> Dict[str, str]:
+        """Where a merge found this recipe's relative model paths, from the comment lines mergesmith writes into
+        an output's mergesmith_config.yml (`#   ref -> /absolute/path`): a recipe copy still runs, and
+        `mergesmith inspect` still finds the inputs, from any working directory."""
+        found = {}
+        for line in self.text.splitlines():
+            m = FOUND_AT.match(line)
+            if m:
+                found[m.group(1)] = m.group(2)
+        return found
 
     def line(self, *path: Union[str, int]) -> Optional[int]:
         """The line of the nearest enclosing recipe key for `path`."""

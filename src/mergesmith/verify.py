@@ -61,7 +61,7 @@ def verify_folder(folder: Path, load: bool = True) -> list:
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise MergeError(f"{folder / f}: tensor {name} holds NaN or Inf")
                 shapes[name] = tuple(t.shape)
-    report.append(f"ok  every tensor reads back, no NaN or Inf")
+    report.append("ok  every tensor reads back, no NaN or Inf")
     if (folder / "config.json").exists():
         try:
             from transformers import AutoConfig, AutoModelForCausalLM
