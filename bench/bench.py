@@ -165,14 +165,18 @@ def measure(cmd: List[str], env: Optional[dict] = None) -> dict:
     return {"wall": wall, "anon": peak[0], "rss": peak[1], "rc": proc.returncode}
 
 
-def io_floor(paths: List[Path], out_bytes: int, scratch: Path) -> float:
-    t0 = time.monotonic()
-    buf = bytearray(64 << 20)
+def read_all(paths: List[Path], buf: bytearray) -> None:
     for p in paths:
         for f in sorted(p.glob("*.safetensors")):
             with open(f, "rb", buffering=0) as fh:
                 while fh.readinto(buf):
                     pass
+
+
+def io_floor(paths: List[Path], out_bytes: int, scratch: Path) -> float:
+    t0 = time.monotonic()
+    buf = bytearray(64 << 20)
+    read_all(paths, buf)
     with open(scratch, "wb") as fh:
         left = out_bytes
         while left > 0:
@@ -326,6 +330,9 @@ def main():
                     help="the recipes' dtype (what mergekit computes in; mergesmith always computes in float32); "
                          "float32 adds out_dtype: bfloat16")
     ap.add_argument("--no-compare", action="store_true")
+    ap.add_argument("--no-warm", action="store_true",
+                    help="do not read the inputs (untimed) before each timed run; runs then start with whatever "
+                         "page cache the previous run left (mergekit's 23 GiB della_linear evicts it)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--append", action="store_true", help="add this run's table to --out instead of replacing it")
     a = ap.parse_args()
@@ -357,6 +364,8 @@ def main():
                 if tool == "mergekit" and (root / f"out-mk-{method}").exists():
                     import shutil
                     shutil.rmtree(root / f"out-mk-{method}")
+                if not a.no_warm:  # every run starts from the same page cache: the inputs read once, untimed
+                    read_all(paths, bytearray(64 << 20))
                 r = measure(cmd)
                 status = "ok" if r["rc"] == 0 else f"failed (exit {r['rc']})"
                 rows.append((tag, f"{tool} {method}", status, r["wall"], r["anon"], r["rss"]))

@@ -75,10 +75,16 @@ def _uniform_np(key: int, start: int, out: "np.ndarray") -> None:
 _POOL = None
 
 
+def numpy_path(device: torch.device | str) -> bool:
+    """Whether the numpy SplitMix64 serves this device (the CPU); elsewhere the same integer arithmetic runs in
+    torch on the device. tests/test_device_paths.py patches this to run the device path on the CPU."""
+    return torch.device(device).type == "cpu"
+
+
 def uniform(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 uniforms in [0, 1) for elements start..start+n-1 of the stream `key`."""
     global _POOL
-    if torch.device(device).type == "cpu":
+    if numpy_path(device):
         res = torch.empty(n, dtype=torch.float32)
         out = res.numpy()
         parts = max(1, min(os.cpu_count() or 1, n // (16 * _CHUNK)))

@@ -25,13 +25,19 @@ from mergesmith.methods.rng import uniform_like
 L1Sums = Tuple[float, float]  # (sum |delta|, sum |kept delta|) over the whole tensor
 
 
+def numpy_path(t: torch.Tensor) -> bool:
+    """Whether a CPU fast path (numpy) serves `t`; on other devices torch's own ops compute the same values.
+    tests/test_device_paths.py patches this (and rng.numpy_path) to run the device paths on the CPU."""
+    return t.device.type == "cpu"
+
+
 def abs_sum(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
     """sum |x| (over the elements where `mask`), accumulated in float64. On the CPU through numpy, whose buffered
     pairwise float64 sum is ~5x faster than torch's here."""
     a = x.abs()
     if mask is not None:
         a = torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
-    if a.device.type == "cpu" and a.dtype == torch.float32:
+    if numpy_path(a) and a.dtype == torch.float32:
         return float(np.add.reduce(a.contiguous().numpy().reshape(-1), dtype=np.float64))
     return a.sum(dtype=torch.float64).item()
 
@@ -66,7 +72,7 @@ def rank_cut(a: "np.ndarray | torch.Tensor", lo: int, hi: int, largest_first: bo
     if lo >= hi:
         return RankCut(0.0, 0.0, (), empty=True)
     ks = [n - hi, n - 1 - lo] if largest_first else [lo, hi - 1]
-    if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+    if isinstance(a, torch.Tensor) and not numpy_path(a):
         vl, vh = (torch.kthvalue(a, k + 1).values.item() for k in ks)
         count = (lambda f: int(f(a).sum()))
     else:
@@ -231,7 +237,7 @@ _POOL = None
 
 def stable_argsort_rows(mag: torch.Tensor) -> torch.Tensor:
     """Indices that sort each row of a non-negative float32 matrix ascending, ties by index (device-independent)."""
-    if mag.device.type != "cpu" or mag.dtype != torch.float32:
+    if not numpy_path(mag) or mag.dtype != torch.float32:
         return torch.sort(mag, dim=1, stable=True).indices
     global _POOL
     keys = mag.contiguous().view(torch.int32).numpy().view(np.uint32)
