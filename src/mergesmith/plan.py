@@ -86,15 +86,21 @@ class Plan:
     @property
     def peak_bytes_estimate(self) -> int:
         """Two tensors (or row blocks) in flight, each with its float32 working set: the inputs, their deltas,
-        sorting and masks, and the output; plus 1 bit per element and model of saved masks for two-pass tensors."""
-        per = []
+        sorting and masks, and the output; of the two-pass tensors in row blocks (1 bit per element and model of
+        saved masks), at most one at a time (execute.keeps_masks)."""
+        two_pass_sizes, others = [0], [0]
         for t in self.tasks:
             n_in = len(t.inputs) + (1 if t.base else 0)
             blocks = row_blocks(self, t)
             elems = max(b - a for a, b in blocks) * (t.numel // max(1, t.shape[0] if t.shape else 1))
-            per.append(elems * (4 * (2 * n_in + 6)) + (t.numel * n_in // 8 if len(blocks) > 1 else 0))
-        per.sort(reverse=True)
-        return sum(per[:2])
+            two_pass = len(blocks) > 1 and self.method.block_stats is not None
+            work = elems * (4 * (2 * n_in + 6))
+            if two_pass:  # two blocks at a time, and the saved masks
+                two_pass_sizes.append(2 * work + t.numel * n_in // 8)
+            else:
+                others.append(work)
+        others.sort(reverse=True)
+        return max(max(two_pass_sizes) + others[0], sum(others[:2]))
 
 
 # Tensors above this many elements are merged in blocks of rows when the method allows it. A constant: the
