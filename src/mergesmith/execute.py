@@ -202,8 +202,8 @@ def keeps_masks(plan: Plan, task: TensorTask) -> bool:
     1 bit per element and model. Two of them in flight (an embedding and an lm_head) would add up, so they take
     turns, and each merges two of its blocks at a time instead (compute_blocks). Peak memory is then the same
     whatever the order of the tensors and the number of layers. della_linear on the Nemo-shaped 1- and 4-layer
-    models, same files: both tensors at once 149 s, 1.72 GB (4 layers: 1.43 GiB in another run); taking turns
-    177 s, 1.10 GB; taking turns with two blocks at a time 146 s, 1.58 GB (4 layers: 1.60 GB)."""
+    models, same files: both tensors at once 149 s, 1.64 GiB peak RSS (4 layers: 1.43 GiB in another run); taking
+    turns 177 s, 1.05 GiB; taking turns with two blocks at a time 146 s, 1.50 GiB (4 layers: 1.53 GiB)."""
     return plan.method.block_stats is not None and len(row_blocks(plan, task)) > 1
 
 
