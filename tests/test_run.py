@@ -337,3 +337,27 @@ def test_allocator_settings_only_for_row_block_merges(tmp_path):
     assert not _wants_malloc_env(["run", str(slerp), "out"])
     assert not _wants_malloc_env(["run", str(tmp_path / "missing.yml"), "out"])
     assert not _wants_malloc_env(["methods"])
+
+
+def test_blocks_two_at_a_time_come_back_in_order():
+    """execute.in_order: results in the items' order even when an earlier item finishes last, never more than
+    `width` running at once."""
+    import threading
+    import time
+
+    from mergesmith.execute import in_order
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def fn(i):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05 if i % 2 == 0 else 0.0)
+        with lock:
+            running[0] -= 1
+        return i
+
+    assert list(in_order(fn, list(range(9)), 2)) == list(range(9))
+    assert peak[0] == 2
+    assert list(in_order(fn, range(3), 1)) == [0, 1, 2]

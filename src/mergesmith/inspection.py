@@ -31,8 +31,8 @@ import torch
 from mergesmith.errors import MergeError
 from mergesmith.io.index import ModelIndex
 from mergesmith.params import is_embedding, layer_index
+from mergesmith.plan import BLOCK_ELEMENTS
 
-BLOCK_ELEMENTS = 1 << 22
 CONFIG_NAMES = ("mergesmith_config.yml", "mergekit_config.yml")
 
 
@@ -140,7 +140,7 @@ def inspect_merge(merged: ModelIndex, base: Optional[ModelIndex], inputs: Sequen
         per = max(1, BLOCK_ELEMENTS // max(1, info.numel // max(1, rows)))
         s = Sums(len(inputs))
         for a in range(0, rows, per):
-            r = (a, min(rows, a + per)) if len(shape) >= 1 and rows > per else None
+            r = (a, min(rows, a + per)) if rows > per else None
             part = tensor_sums(merged.read(name, rows=r), base.read(name, rows=r) if base is not None else None,
                                [x.read(name, rows=r) for x in inputs])
             s.add(part)
