@@ -219,11 +219,28 @@ def _load_json(path: Path) -> Any:
         raise MergeError(f"{path}: unreadable JSON ({e})") from None
 
 
-def _safe_name(folder: Path, name: str) -> Path:
+def safe_member(folder: Path, name: str) -> Path:
+    """The file `name` (from an index or a listing) of a model folder, refused when it lies outside the folder."""
     p = (folder / name).resolve()
     if folder.resolve() not in p.parents:
         raise MergeError(f"{folder}: index names a file outside the model folder: {name!r}")
     return p
+
+
+def refuse_custom_code(folder: Path, command: str) -> None:
+    """A folder whose config asks transformers to run its own Python (`auto_map`) is refused by `command`:
+    mergesmith reads such a folder's weights and config, never its code."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise MergeError(f"{f}: 'auto_map' asks to run Python code shipped with the model; mergesmith never "
+                             f"runs model code, so `{command}` cannot load it (merging its weights still works)")
 
 
 def index_model(ref: str, path: Path) -> ModelIndex:
@@ -241,12 +258,12 @@ def index_model(ref: str, path: Path) -> ModelIndex:
             wm = _load_json(st_index).get("weight_map")
             if not isinstance(wm, dict):
                 raise MergeError(f"{st_index}: no weight_map")
-            files = sorted({_safe_name(path, f) for f in wm.values()})
+            files = sorted({safe_member(path, f) for f in wm.values()})
         elif list(path.glob("*.safetensors")):
             files = sorted(path.glob("*.safetensors"))
         elif bin_index.exists():
             wm = _load_json(bin_index).get("weight_map") or {}
-            files = sorted({_safe_name(path, f) for f in wm.values()})
+            files = sorted({safe_member(path, f) for f in wm.values()})
         elif (path / "pytorch_model.bin").exists():
             files = [path / "pytorch_model.bin"]
         else:
