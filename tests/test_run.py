@@ -178,8 +178,13 @@ def test_existing_output_refused_without_overwrite(tmp_path, fam):
     (out / "keep.txt").write_text("mine")
     assert cli("run", recipe, out, "--quiet") == 2
     assert (out / "keep.txt").exists()
+    assert cli("run", recipe, out, "--quiet", "--overwrite") == 2  # --overwrite replaces only mergesmith's outputs
+    assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert cli("run", recipe, out, "--quiet") == 0
+    assert cli("run", recipe, out, "--quiet") == 2
     assert cli("run", recipe, out, "--quiet", "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists()
 
 
 def test_della_epsilon_out_of_range_is_refused_before_work(tmp_path, fam, capsys):

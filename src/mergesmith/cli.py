@@ -99,39 +99,66 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
     """The whole `mergesmith run`; returns the Plan. Used by the CLI, the demo and tests.
 
     An interrupted run left OUT_DIR.partial/ with a journal: the same command continues it (same seed, even when
-    it was drawn), a different recipe or input is refused, and `restart` starts over.
+    it was drawn), a different recipe or input is refused, and `restart` starts over. What may be written,
+    replaced or removed, and the lock that keeps a second run off the same OUT_DIR: mergesmith.outdir.
     """
-    from mergesmith.execute import can_resume, check_output, execute, finish, fresh_partial, pick_device
-    from mergesmith.folder import write_folder
-    from mergesmith.journal import differences, fingerprint, read_header
+    from mergesmith import outdir
+    from mergesmith.execute import execute, pick_device
+    from mergesmith.folder import folder_bytes, write_folder
     from mergesmith.verify import verify_weights
 
-    out = Path(out_dir)
+    if threads is not None and threads < 1:
+        raise MergeError(f"--threads {threads}: give at least 1 thread (or leave --threads out to use every core)")
+    out = outdir.output_path(out_dir)
     pick_device(device)
-    partial = check_output(out, overwrite)
-    head = None if restart else read_header(partial)
+    head = None if restart else outdir.resume_header(outdir.partial_of(out))
     if seed is None and head is not None:
         seed = head.get("seed")
     p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span)
     template = _chat_template(p)
-    resume = False
-    if head is not None:
-        changed = differences(head.get("fingerprint", {}), fingerprint(p))
-        if changed != "nothing":
-            raise MergeError(f"{partial} holds an interrupted merge that differs from this one (changed: {changed}); "
-                             "rerun with --restart to start over")
-        resume = can_resume(p, partial)
-    if not resume:
-        fresh_partial(partial)
-    done = execute(p, partial, device=device, threads=threads, progress=not quiet, resume=resume)
-    if done:
-        from mergesmith.errors import log
+    with outdir.claim(out, _inputs(p, recipe), overwrite, f"mergesmith run {recipe} {out_dir}") as partial:
+        resume = not restart and _continues(p, partial)
+        if not resume:
+            outdir.fresh_partial(partial)
+            other = folder_bytes(p, out.name, copy_tokenizer, write_model_card, template)
+            outdir.check_disk(partial, outdir.disk_need(sum(p.layout.sizes), list(p.layout.slots), other))
+        done = execute(p, partial, device=device, threads=threads, progress=not quiet, resume=resume)
+        if done:
+            from mergesmith.errors import log
 
-        log.info(f"resumed {partial}: {done} of {len(p.tasks)} tensors were already done")
-    write_folder(p, partial, name=out.name, tokenizer=copy_tokenizer, card=write_model_card, chat_template=template)
-    verify_weights(partial, {t.name: (t.out_dtype, tuple(t.shape)) for t in p.tasks})
-    finish(partial, out)
+            log.info(f"resumed {partial}: {done} of {len(p.tasks)} tensors were already done")
+        write_folder(p, partial, name=out.name, tokenizer=copy_tokenizer, card=write_model_card,
+                     chat_template=template)
+        verify_weights(partial, {t.name: (t.out_dtype, tuple(t.shape)) for t in p.tasks})
+        outdir.finish(partial, out)
     return p
+
+
+def _inputs(p, recipe: str) -> list:
+    """What the output must keep apart from: every model (folder, weight files, adapter) and the recipe."""
+    from mergesmith.outdir import model_inputs
+
+    items = [("the recipe", Path(recipe))]
+    for ref, idx in p.models.items():
+        items += model_inputs(f"model {ref}", idx)
+    return items
+
+
+def _continues(p, partial: Path) -> bool:
+    """`partial` holds an interrupted run of this same merge, to be continued; an interrupted different merge is
+    refused."""
+    from mergesmith.execute import can_resume
+    from mergesmith.journal import differences, fingerprint
+    from mergesmith.outdir import resume_header
+
+    head = resume_header(partial)  # read again under the lock: the one read before planning gave only the seed
+    if head is None:
+        return False
+    changed = differences(head.get("fingerprint", {}), fingerprint(p))
+    if changed != "nothing":
+        raise MergeError(f"{partial} holds an interrupted merge that differs from this one (changed: {changed}); "
+                         "rerun with --restart to start over")
+    return can_resume(p, partial)
 
 
 @cli.command("run")
@@ -328,10 +355,8 @@ def extract_lora_cmd(out_dir, model, base, rank, energy, dtype, overwrite, verbo
     from mergesmith.lora import extract_lora
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MergeError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
     t0 = time.monotonic()
-    res = extract_lora(model, base, out, rank, energy, dtype=getattr(torch, dtype))
+    res = extract_lora(model, base, out, rank, energy, dtype=getattr(torch, dtype), overwrite=overwrite)
     errs = sorted(res.errors.values())
     click.echo(f"wrote {out}: {len(res.modules)} modules, rank {min(res.modules.values())}-{max(res.modules.values())}, "
                f"relative error median {errs[len(errs) // 2]:.2e}, max {errs[-1]:.2e}, "

@@ -3,19 +3,18 @@
 Walks the plan in output-file order, reads each tensor's inputs through mmap, upcasts to float32, calls the method's
 kernel, rounds once to the output dtype and writes the bytes straight to their place in the output shard. A bounded
 number of tensors is in flight, so memory follows the largest tensor, not the model. Work happens in
-`OUT_DIR.partial/`, renamed to OUT_DIR only when everything is written and checked.
+`OUT_DIR.partial/`, renamed to OUT_DIR only when everything is written and checked (mergesmith.outdir).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -163,31 +162,6 @@ def compute_tensor(plan: Plan, task: TensorTask, device: torch.device) -> torch.
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _check_disk(folder: Path, need: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise MergeError(f"not enough free disk in {folder}: the output needs {need / 1e9:.2f} GB, "
-                         f"{free / 1e9:.2f} GB are free")
-
-
-def check_output(out_dir: Path, overwrite: bool) -> Path:
-    """Refuse a non-empty OUT_DIR without --overwrite; return the OUT_DIR.partial/ path to work in."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MergeError(f"output {out_dir} exists and is not a folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise MergeError(f"output folder {out_dir} exists and is not empty; pass --overwrite to replace it")
-    return out_dir.parent / (out_dir.name + ".partial")
-
-
-def fresh_partial(partial: Path) -> None:
-    try:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    except OSError as e:
-        raise MergeError(f"cannot create {partial}: {e.strerror}") from None
-
-
 def can_resume(plan: Plan, partial: Path) -> bool:
     """The shard files of an interrupted run are all there, at their planned sizes."""
     for name, size in zip(plan.layout.files, plan.layout.sizes):
@@ -211,19 +185,20 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
             progress: bool = True, resume: bool = False) -> int:
     """Compute every tensor of the plan into the shard files in `partial`; returns how many were already done."""
     from mergesmith.journal import Journal, crc, done_tensors
+    from mergesmith.outdir import write_checksums
 
     dev = pick_device(device)
     if threads:
         torch.set_num_threads(threads)
     workers = 2  # one tensor reading while another computes; torch uses the cores within each
-    if not resume:
-        _check_disk(partial, plan.bytes_written)
     writer = ShardWriter(partial, plan.layout, create=not resume)
     done = set()
+    crcs: Dict[str, int] = {}  # for the checksum list of the finished folder
     if resume:
         for name, c in done_tensors(partial).items():
             if name in plan.layout.slots and crc(writer.read_back(name)) == c:
                 done.add(name)
+                crcs[name] = c
     journal = Journal(partial, plan, fresh=not resume)
     order = sorted((t for t in plan.tasks if t.name not in done),
                    key=lambda t: (plan.layout.slots[t.name].shard, plan.layout.slots[t.name].offset))
@@ -249,6 +224,7 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
                 time.sleep(delay)
             with lock:
                 journal.record(task.name, c)
+                crcs[task.name] = c
                 finished.append(task.name)
                 bar.update(plan.layout.slots[task.name].nbytes)
                 bar.set_postfix_str(f"{len(finished) + len(done)}/{len(plan.tasks)} tensors, {task.name[-32:]}",
@@ -284,22 +260,7 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
         journal.close()
         writer.close(sync=not failed)
     write_index(partial, plan.layout)
+    write_checksums(partial, plan.layout, crcs)
     plan.notes.append(f"merged {len(order)} tensors in {time.monotonic() - t0:.1f} s"
                       + (f" ({len(done)} done before)" if done else ""))
     return len(done)
-
-
-def finish(partial: Path, out_dir: Path) -> None:
-    """Atomically put the finished folder in place of OUT_DIR."""
-    from mergesmith.journal import NAME
-
-    (partial / NAME).unlink(missing_ok=True)
-    if out_dir.exists():
-        old = out_dir.parent / (out_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out_dir, old)
-        os.replace(partial, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(partial, out_dir)

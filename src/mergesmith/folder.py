@@ -30,12 +30,16 @@ def _dtype_name(plan: Plan) -> str:
     return "float32"
 
 
-def write_config(plan: Plan, out: Path) -> None:
-    template = plan.template or plan.base_model or next(iter(plan.models))
-    cfg = plan.models[template].config
+def _template(plan: Plan) -> str:
+    """The model whose config.json the output takes."""
+    return plan.template or plan.base_model or next(iter(plan.models))
+
+
+def config_text(plan: Plan) -> Optional[str]:
+    """The output's config.json, None when the template model has none."""
+    cfg = plan.models[_template(plan)].config
     if cfg is None:
-        warn(f"model {template} has no config.json; the output has none either")
-        return
+        return None
     cfg = dict(cfg)
     if plan.vocabulary is not None:
         cfg["vocab_size"] = plan.vocabulary.size
@@ -53,17 +57,30 @@ def write_config(plan: Plan, out: Path) -> None:
     keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
     for k in keys:
         cfg[k] = name
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+
+
+def write_config(plan: Plan, out: Path) -> None:
+    template = _template(plan)
+    text = config_text(plan)
+    if text is None:
+        warn(f"model {template} has no config.json; the output has none either")
+        return
+    (out / "config.json").write_text(text)
     gen = model_folder(plan.models[template]) / "generation_config.json"
     if gen.exists():
         shutil.copyfile(gen, out / "generation_config.json")
 
 
-def copy_tokenizer(plan: Plan, out: Path, chat_template: Optional[str]) -> None:
+def _tokenizer_source(plan: Plan) -> str:
     c = plan.recipe.config
-    src_ref = plan.base_model or next(iter(plan.models))
     if c.tokenizer_source and c.tokenizer_source not in ("base", "union"):
-        src_ref = c.tokenizer_source
+        return c.tokenizer_source
+    return plan.base_model or next(iter(plan.models))
+
+
+def copy_tokenizer(plan: Plan, out: Path, chat_template: Optional[str]) -> None:
+    src_ref = _tokenizer_source(plan)
     if plan.vocabulary is not None:
         plan.vocabulary.tokenizer.save_pretrained(str(out))
     else:
@@ -83,14 +100,18 @@ def copy_tokenizer(plan: Plan, out: Path, chat_template: Optional[str]) -> None:
         (out / "chat_template.json").unlink(missing_ok=True)
 
 
-def write_recipe_copy(plan: Plan, out: Path) -> None:
+def recipe_copy(plan: Plan) -> str:
     header = f"# merged with mergesmith {__version__}\n"
     relative = [(ref, idx.path) for ref, idx in plan.models.items()
                 if idx.lora is None and not Path(ref).is_absolute() and Path(ref).resolve() != idx.path.resolve()]
     if relative:  # where the relative paths pointed (recipe.Recipe.found_at)
         header += "# relative model paths, as found when merging:\n"
         header += "".join(f"#   {ref} -> {path.resolve()}\n" for ref, path in relative)
-    (out / "mergesmith_config.yml").write_text(plan.recipe.to_yaml(seed=plan.seed, header=header), encoding="utf-8")
+    return plan.recipe.to_yaml(seed=plan.seed, header=header)
+
+
+def write_recipe_copy(plan: Plan, out: Path) -> None:
+    (out / "mergesmith_config.yml").write_text(recipe_copy(plan), encoding="utf-8")
 
 
 def model_card(plan: Plan, name: str) -> str:
@@ -133,3 +154,22 @@ def write_folder(plan: Plan, out: Path, name: str, tokenizer: bool = True, card:
     write_recipe_copy(plan, out)
     if card:
         (out / "README.md").write_text(model_card(plan, name), encoding="utf-8")
+
+
+def _file_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def folder_bytes(plan: Plan, name: str, tokenizer: bool = True, card: bool = True,
+                 chat_template: Optional[str] = None) -> int:
+    """The bytes write_folder writes, for the free-space check: config, recipe copy and card exactly, the tokenizer
+    files as large as their source's (every input's, for a built vocabulary)."""
+    total = len((config_text(plan) or "").encode("utf-8")) + len(recipe_copy(plan).encode("utf-8"))
+    total += _file_bytes(model_folder(plan.models[_template(plan)]) / "generation_config.json")
+    if card:
+        total += len(model_card(plan, name).encode("utf-8"))
+    if tokenizer:
+        refs = list(plan.models) if plan.vocabulary is not None else [_tokenizer_source(plan)]
+        total += sum(_file_bytes(model_folder(plan.models[r]) / f) for r in refs for f in TOKENIZER_FILES)
+        total += 2 * len((chat_template or "").encode("utf-8"))
+    return total

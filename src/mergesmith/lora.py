@@ -166,14 +166,10 @@ class Extraction:
 
 
 def extract_lora(model: str, base: str, out: Path, rank: int, energy: Optional[float] = None,
-                 dtype: torch.dtype = torch.float32, progress: bool = True) -> Extraction:
-    """Write a PEFT LoRA adapter to `out` whose delta is the rank-`rank` SVD of (model - base), per linear weight."""
-    import os
-    import shutil
-
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
+                 dtype: torch.dtype = torch.float32, progress: bool = True, overwrite: bool = False) -> Extraction:
+    """Write a PEFT LoRA adapter to `out` whose delta is the rank-`rank` SVD of (model - base), per linear weight.
+    `out` follows mergesmith.outdir's rules: apart from both models, locked, replaced only when ours."""
+    from mergesmith import outdir
     from mergesmith.io.index import index_model
     from mergesmith.io.resolve import resolve_model
 
@@ -181,6 +177,7 @@ def extract_lora(model: str, base: str, out: Path, rank: int, energy: Optional[f
         raise MergeError(f"--rank {rank}: the rank must be at least 1")
     if energy is not None and not 0 < energy <= 1:
         raise MergeError(f"--energy {energy}: give a share in (0, 1], like 0.99")
+    target = outdir.output_path(out)
     ft = index_model(model, resolve_model(model, "--model", None))
     bs = index_model(base, resolve_model(base, "--base", None))
     shapes = {n: t.shape for n, t in ft.tensors.items()}
@@ -191,6 +188,24 @@ def extract_lora(model: str, base: str, out: Path, rank: int, energy: Optional[f
     for n, s in shapes.items():
         if tuple(bs.tensors[n].shape) != tuple(s):
             raise MergeError(f"tensor {n} is {list(s)} in --model but {list(bs.tensors[n].shape)} in --base")
+    inputs = outdir.model_inputs("--model", ft) + outdir.model_inputs("--base", bs)
+    with outdir.claim(target, inputs, overwrite, f"mergesmith extract-lora {out}") as partial:
+        tensors, res = _factors(ft, bs, rank, energy, dtype, progress)
+        if not res.modules:
+            raise MergeError(f"--model {model} and --base {base} have the same linear weights: there is nothing "
+                             "to extract")
+        outdir.fresh_partial(partial)
+        save_adapter(partial, tensors, adapter_config(base, res.modules, rank))
+        outdir.finish(partial, target)
+    return res
+
+
+def _factors(ft, bs, rank: int, energy: Optional[float], dtype: torch.dtype, progress: bool
+             ) -> Tuple[Dict[str, torch.Tensor], Extraction]:
+    """The adapter's tensors (PEFT names) for every linear weight that differs, and what was extracted."""
+    from tqdm import tqdm
+
+    shapes = {n: t.shape for n, t in ft.tensors.items()}
     targets = linear_targets(list(ft.tensors), shapes)
     tensors: Dict[str, torch.Tensor] = {}
     res = Extraction({}, {}, [])
@@ -210,16 +225,11 @@ def extract_lora(model: str, base: str, out: Path, rank: int, energy: Optional[f
             continue
         if not torch.equal(ft.read(n), bs.read(n)):
             res.left_out.append(n)
-    if not res.modules:
-        raise MergeError(f"--model {model} and --base {base} have the same linear weights: there is nothing to extract")
-    partial = out.parent / (out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    save_file(tensors, str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = adapter_config(base, res.modules, rank)
-    (partial / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    return res
+    return tensors, res
+
+
+def save_adapter(folder: Path, tensors: Dict[str, torch.Tensor], config: Dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
