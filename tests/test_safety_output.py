@@ -100,9 +100,13 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_finishes(tmp
 # --------------------------------------------------------------------------------------------- inputs stay
 
 @pytest.mark.parametrize("case", ["is an input", "holds the inputs", "inside an input", "input via a symlink",
-                                  "holds the recipe"])
+                                  "holds the recipe", "is an input mergesmith wrote"])
 def test_an_output_overlapping_an_input_is_refused_and_the_inputs_stay(tmp_path, fam, case, capsys):
     m = copied_family(fam, tmp_path / "models")
+    if case == "is an input mergesmith wrote":  # an earlier merge merged into itself: --overwrite may not apply
+        run_recipe(str(write_recipe(tmp_path / "first.yml", *fam[:3])), str(tmp_path / "models" / "merged"),
+                   seed=1, quiet=True)
+        m["ft1"] = tmp_path / "models" / "merged"
     ft1 = m["ft1"]
     if case == "input via a symlink":
         (tmp_path / "link").symlink_to(ft1)
@@ -110,7 +114,7 @@ def test_an_output_overlapping_an_input_is_refused_and_the_inputs_stay(tmp_path,
     work = tmp_path / "work"
     work.mkdir()
     r = write_recipe(work / "r.yml", m["base"], ft1, m["ft2"])
-    out = {"is an input": m["ft1"], "holds the inputs": tmp_path / "models", "inside an input": m["ft1"] / "merged",
+    out = {"is an input": m["ft1"], "is an input mergesmith wrote": m["ft1"], "holds the inputs": tmp_path / "models", "inside an input": m["ft1"] / "merged",
            "input via a symlink": m["ft1"], "holds the recipe": work}[case]
     before = snapshot(tmp_path)
     assert cli("run", r, out, "--overwrite", "--quiet") == 2
@@ -128,9 +132,11 @@ def test_an_output_next_to_the_recipe_is_fine(tmp_path, fam):
 @pytest.mark.parametrize("which", ["--model", "--base"])
 def test_extract_lora_never_writes_over_its_inputs(tmp_path, fam, which, capsys):
     m = copied_family(fam, tmp_path / "models")
+    merged = tmp_path / "models" / "merged"  # one of ours: only its being an input keeps --overwrite off it
+    run_recipe(str(write_recipe(tmp_path / "r.yml", *fam[:3])), str(merged), seed=1, quiet=True)
     before = snapshot(tmp_path)
-    out = m["ft1"] if which == "--model" else m["base"]
-    assert cli("extract-lora", out, "--model", m["ft1"], "--base", m["base"], "--rank", 2, "--overwrite") == 2
+    out = merged if which == "--model" else m["base"]
+    assert cli("extract-lora", out, "--model", merged, "--base", m["base"], "--rank", 2, "--overwrite") == 2
     assert which in error_line(capsys)
     assert snapshot(tmp_path) == before
 
@@ -288,17 +294,28 @@ def test_a_tensor_zero_in_every_input_passes_verify(tmp_path, capsys):
     assert "1 all-zero tensor(s) are all zeros in every input too" in capsys.readouterr().out
 
 
-def test_verify_reads_only_regular_files_inside_the_folder(tmp_path, fam, capsys):
-    folder = tmp_path / "v"
-    folder.mkdir()
-    os.mkfifo(folder / "model-00001-of-00001.safetensors")
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+def verify_in_a_process(folder: Path) -> str:
+    """`mergesmith verify` in a child process (a hang fails the test instead of stalling it); its one error."""
     p = subprocess.run([sys.executable, "-m", "mergesmith", "verify", str(folder), "--no-load"],
                        capture_output=True, text=True, timeout=60)
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith(("error", "internal"))]
-    assert p.returncode == 2 and len(errors) == 1 and "model-00001-of-00001.safetensors" in errors[0], p.stderr
-    (folder / "model-00001-of-00001.safetensors").unlink()
+    assert p.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), p.stderr
+    return errors[0]
+
+
+def test_verify_reads_only_regular_files_inside_the_folder(tmp_path, fam, capsys):
+    folder = tmp_path / "v"
+    (folder / "shards").mkdir(parents=True)
+    os.mkfifo(folder / "shards" / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "shards/model-00001-of-00001.safetensors"}}))
+    assert "model-00001-of-00001.safetensors" in verify_in_a_process(folder)
+    r = write_recipe(tmp_path / "r.yml", *fam[:3])
+    out = tmp_path / "o"
+    assert cli("run", r, out, "--quiet") == 0
+    (out / "tokenizer_config.json").unlink()
+    os.mkfifo(out / "tokenizer_config.json")  # transformers would wait on it forever
+    assert "tokenizer_config.json" in verify_in_a_process(out)
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"w": "../outside/model.safetensors"}}))
     shutil.copytree(fam[0], tmp_path / "outside")
