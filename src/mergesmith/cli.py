@@ -119,9 +119,7 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
     with outdir.claim(out, _inputs(p, recipe), overwrite, f"mergesmith run {recipe} {out_dir}") as partial:
         resume = not restart and _continues(p, partial)
         if not resume:
-            outdir.fresh_partial(partial)
-            other = folder_bytes(p, out.name, copy_tokenizer, write_model_card, template)
-            outdir.check_disk(partial, outdir.disk_need(sum(p.layout.sizes), list(p.layout.slots), other))
+            _fresh(p, partial, folder_bytes(p, out.name, copy_tokenizer, write_model_card, template))
         done = execute(p, partial, device=device, threads=threads, progress=not quiet, resume=resume)
         if done:
             from mergesmith.errors import log
@@ -132,6 +130,18 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
         verify_weights(partial, {t.name: (t.out_dtype, tuple(t.shape)) for t in p.tasks})
         outdir.finish(partial, out)
     return p
+
+
+def _fresh(p, partial: Path, other_bytes: int) -> None:
+    """A new OUT_DIR.partial/, kept only when the disk has room for the whole output folder."""
+    from mergesmith import outdir
+
+    outdir.fresh_partial(partial)
+    try:
+        outdir.check_disk(partial, outdir.disk_need(sum(p.layout.sizes), list(p.layout.slots), other_bytes))
+    except MergeError:
+        outdir.remove_ours(partial)  # nothing in it yet: a refused run leaves no trace
+        raise
 
 
 def _inputs(p, recipe: str) -> list:
@@ -168,7 +178,7 @@ def _continues(p, partial: Path) -> bool:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--cuda", is_flag=True, help="Same as --device cuda (mergekit-yaml's flag).")
 @click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@click.option("--overwrite", is_flag=True, help="Replace an OUT_DIR that mergesmith wrote (never another folder).")
 @click.option("--restart", is_flag=True, help="Discard an interrupted run's OUT_DIR.partial/ instead of resuming.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True)
@@ -346,7 +356,7 @@ def demo_cmd(out_dir, compare, all_methods, seed, as_json, verbose):
               help="Per tensor, the smallest rank keeping this share of the delta's squared singular values.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="dtype of the saved factors.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if mergesmith wrote it (never another folder).")
 @click.option("-v", "--verbose", is_flag=True)
 def extract_lora_cmd(out_dir, model, base, rank, energy, dtype, overwrite, verbose):
     """Write a PEFT LoRA adapter to OUT_DIR approximating MODEL - BASE (truncated SVD per linear weight)."""
