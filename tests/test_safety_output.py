@@ -114,7 +114,8 @@ def test_an_output_overlapping_an_input_is_refused_and_the_inputs_stay(tmp_path,
     work = tmp_path / "work"
     work.mkdir()
     r = write_recipe(work / "r.yml", m["base"], ft1, m["ft2"])
-    out = {"is an input": m["ft1"], "is an input mergesmith wrote": m["ft1"], "holds the inputs": tmp_path / "models", "inside an input": m["ft1"] / "merged",
+    out = {"is an input": m["ft1"], "is an input mergesmith wrote": m["ft1"], "holds the inputs": tmp_path / "models",
+           "inside an input": m["ft1"] / "merged",
            "input via a symlink": m["ft1"], "holds the recipe": work}[case]
     before = snapshot(tmp_path)
     assert cli("run", r, out, "--overwrite", "--quiet") == 2
