@@ -161,7 +161,8 @@ def test_pad_to_multiple_of_is_bounded(fam):
 
 def test_gradient_and_condition_lists_are_bounded(fam):
     grad = "[" + ", ".join(["0.5"] * 2000) + "]"
-    refused(linear(fam[1], fam[2], weights=[grad, 1]), "r.yml:4: 'weight' lists 2000 values or conditions; at most 1024")
+    refused(linear(fam[1], fam[2], weights=[grad, 1]),
+            "r.yml:4: 'weight' lists 2000 values or conditions; at most 1024")
 
 
 # ---------------------------------------------------------------------------------------------------------------
