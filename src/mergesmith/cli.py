@@ -22,6 +22,9 @@ _COMMON_PLAN_OPTIONS = [
     click.option("--out-dtype", default=None, help="Override the recipe's out_dtype."),
     click.option("--out-shard-size", default="5GB", show_default=True, help="Maximum bytes per output shard."),
     click.option("--allow-crimes", is_flag=True, help="Merge models of different architectures anyway."),
+    click.option("--allow-extrapolation", is_flag=True,
+                 help="Accept parameters beyond interpolation, as mergekit does (slerp t outside [0, 1], "
+                      "negative nuslerp/multislerp weights)."),
     click.option("--gradient-span", type=click.Choice(["slice", "output"]), default="slice", show_default=True,
                  help="Evaluate layer gradients over each slice's layers (mergekit) or over the whole output."),
     click.option("--strict", is_flag=True, help="Refuse unknown recipe keys and NaN/Inf inputs instead of warning."),
@@ -54,7 +57,8 @@ def cli() -> None:
     """Merge language-model weights from mergekit-style YAML recipes."""
 
 
-def _load(recipe: str, strict: bool, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span="slice"):
+def _load(recipe: str, strict: bool, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span="slice",
+          allow_extrapolation=False):
     from mergesmith.io.writer import parse_size
     from mergesmith.plan import make_plan
     from mergesmith.recipe import DTYPES, load_recipe
@@ -65,7 +69,8 @@ def _load(recipe: str, strict: bool, seed, dtype, out_dtype, out_shard_size, all
     shard = parse_size(out_shard_size)
     r = load_recipe(recipe, strict=strict)
     plan = make_plan(r, seed=seed, dtype=dtype, out_dtype=out_dtype, shard_size=shard, allow_crimes=allow_crimes,
-                     recipe_dir=Path(recipe).resolve().parent, gradient_span=gradient_span)
+                     recipe_dir=Path(recipe).resolve().parent, gradient_span=gradient_span,
+                     allow_extrapolation=allow_extrapolation)
     plan.strict = strict
     return plan
 
@@ -73,11 +78,12 @@ def _load(recipe: str, strict: bool, seed, dtype, out_dtype, out_shard_size, all
 @cli.command("plan")
 @click.argument("recipe", type=click.Path())
 @_plan_options
-def plan_cmd(recipe, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span, strict, verbose):
+def plan_cmd(recipe, seed, dtype, out_dtype, out_shard_size, allow_crimes, allow_extrapolation, gradient_span, strict,
+             verbose):
     """Validate RECIPE and print what a run would do, without merging."""
     from mergesmith.plan import describe
 
-    p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes)
+    p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span, allow_extrapolation)
     _chat_template(p)
     click.echo(describe(p))
 
@@ -95,7 +101,8 @@ def _chat_template(p) -> Optional[str]:
 
 def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=None, out_shard_size="5GB",
                dtype=None, out_dtype=None, overwrite=False, quiet=False, copy_tokenizer=True, write_model_card=True,
-               allow_crimes=False, strict=False, restart=False, gradient_span="slice") -> "object":
+               allow_crimes=False, strict=False, restart=False, gradient_span="slice",
+               allow_extrapolation=False) -> "object":
     """The whole `mergesmith run`; returns the Plan. Used by the CLI, the demo and tests.
 
     An interrupted run left OUT_DIR.partial/ with a journal: the same command continues it (same seed, even when
@@ -114,7 +121,7 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
     head = None if restart else outdir.resume_header(outdir.partial_of(out))
     if seed is None and head is not None:
         seed = head.get("seed")
-    p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span)
+    p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span, allow_extrapolation)
     template = _chat_template(p)
     with outdir.claim(out, _inputs(p, recipe), overwrite, f"mergesmith run {recipe} {out_dir}") as partial:
         resume = not restart and _continues(p, partial)
@@ -186,8 +193,8 @@ def _continues(p, partial: Path) -> bool:
 @click.option("--lazy-unpickle", is_flag=True, hidden=True, help="Accepted for mergekit compatibility (no-op).")
 @click.option("--lora-merge-cache", default=None, hidden=True)
 @click.option("--transformers-cache", default=None, hidden=True)
-def run_cmd(recipe, out_dir, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span, strict, verbose,
-            device, cuda,
+def run_cmd(recipe, out_dir, seed, dtype, out_dtype, out_shard_size, allow_crimes, allow_extrapolation, gradient_span,
+            strict, verbose, device, cuda,
             threads, overwrite, restart, quiet, copy_tokenizer, write_model_card, lazy_unpickle, lora_merge_cache,
             transformers_cache):
     """Merge the models of RECIPE into the Hugging Face model folder OUT_DIR."""
@@ -195,7 +202,8 @@ def run_cmd(recipe, out_dir, seed, dtype, out_dtype, out_shard_size, allow_crime
     p = run_recipe(recipe, out_dir, seed=seed, device="cuda" if cuda else device, threads=threads,
                    out_shard_size=out_shard_size, dtype=dtype, out_dtype=out_dtype, overwrite=overwrite, quiet=quiet,
                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, allow_crimes=allow_crimes,
-                   strict=strict, restart=restart, gradient_span=gradient_span)
+                   strict=strict, restart=restart, gradient_span=gradient_span,
+                   allow_extrapolation=allow_extrapolation)
     if not quiet:
         click.echo(f"wrote {out_dir}: {len(p.tasks)} tensors, {p.bytes_written / 1e6:.1f} MB in "
                    f"{len(p.layout.files)} file(s), {time.monotonic() - t0:.1f} s"
@@ -405,10 +413,11 @@ def _wants_malloc_env(args: list) -> bool:
         import yaml
 
         with open(recipe, encoding="utf-8") as f:
-            method = (yaml.safe_load(f) or {}).get("merge_method")
+            text = f.read(1 << 20)  # recipe.MAX_RECIPE_BYTES: the real run refuses a larger one
+        method = (yaml.safe_load(text) or {}).get("merge_method")
     except Exception:  # noqa: BLE001 - the real run reports any problem with the recipe
         return False
-    return method in ROW_BLOCK_METHODS
+    return isinstance(method, str) and method in ROW_BLOCK_METHODS
 
 
 def entry() -> None:

@@ -42,15 +42,42 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+def _check_input(plan: Plan, ref, x: torch.Tensor) -> bool:
+    """NaN or Inf in an input: a warning, or under --strict an error. Returns whether x is finite."""
+    if all_finite(x):
+        return True
+    msg = f"model {ref.model}: tensor {ref.name} holds NaN or Inf values"
+    if plan.strict:
+        raise MergeError(msg + " (refused under --strict)")
+    warn(msg)
+    return False
+
+
 def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]], check: bool = True
           ) -> torch.Tensor:
     x = plan.models[ref.model].read(ref.name, rows=rows, take=ref.take).to(device=device, dtype=torch.float32)
-    if check and not all_finite(x):
-        msg = f"model {ref.model}: tensor {ref.name} holds NaN or Inf values"
-        if plan.strict:
-            raise MergeError(msg + " (refused under --strict)")
-        warn(msg)
+    if check:
+        _check_input(plan, ref, x)
     return x
+
+
+def _narrowed(task: TensorTask, x: torch.Tensor, what: str) -> torch.Tensor:
+    """x (finite) in the task's output dtype; float16 tops out at 65504, and a value beyond it would become Inf."""
+    out = x.to(dtype=task.out_dtype)
+    if task.out_dtype == torch.float16 and x.dtype != torch.float16 and not all_finite(out):
+        raise MergeError(f"{what} holds values beyond float16's range (65504); use out_dtype bfloat16 or float32")
+    return out
+
+
+def _copy(plan: Plan, task: TensorTask) -> torch.Tensor:
+    """A tensor taken as it is (passthrough, non-float, only one model has it), checked like a merge's inputs."""
+    ref = task.inputs[0]
+    t = plan.models[ref.model].read(ref.name)
+    if not t.dtype.is_floating_point:
+        return t
+    if not _check_input(plan, ref, t):
+        return t.to(task.out_dtype)
+    return _narrowed(task, t, f"model {ref.model}: tensor {ref.name}")
 
 
 def _permute(plan: Plan, task: TensorTask, base, inputs):
@@ -66,9 +93,7 @@ def _permute(plan: Plan, task: TensorTask, base, inputs):
 def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield (first_row, block) of one output tensor, in its output dtype, on the CPU."""
     if task.kind == "copy":
-        ref = task.inputs[0]
-        t = plan.models[ref.model].read(ref.name)
-        yield 0, (t.to(task.out_dtype) if t.dtype.is_floating_point else t)
+        yield 0, _copy(plan, task)
         return
     blocks = row_blocks(plan, task)
     method = plan.method
@@ -131,7 +156,7 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
         if not all_finite(out):
             raise MergeError(f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of "
                              "this tensor)")
-        return a, out.to(dtype=task.out_dtype).cpu()
+        return a, _narrowed(task, out, f"tensor {task.name}: the merge").cpu()
 
     yield from in_order(merge_block, range(len(blocks)), width)
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mergesmith.errors import MergeError, did_you_mean, warn
-from mergesmith.methods import Method, Param
-from mergesmith.recipe import ConditionalParameter, Recipe
+from mergesmith.methods import ABSURD, Method, Param
+from mergesmith.recipe import ConditionalParameter, Recipe, short
+
+MAX_LIST = 1024  # values in a gradient, or conditions in a list: mergekit recipes use a handful
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers)\.(\d+)(?:\.|$)")
 _EMBED_RE = re.compile(r"(embed_tokens|embed_in|embed_out|wte|word_embeddings|lm_head|tok_embeddings|output\.weight$)")
@@ -52,25 +54,29 @@ def _validate(p: Param, value: Any) -> Any:
             return value.lower() == "true"
         if isinstance(value, (int, float)) and value in (0, 1):
             return bool(value)
-        raise _Invalid(f"'{p.name}' must be true or false, got {value!r}")
+        raise _Invalid(f"'{p.name}' must be true or false, got {short(value)}")
     if p.kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise _Invalid(f"'{p.name}' must be a whole number, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value)):
+            raise _Invalid(f"'{p.name}' must be a whole number, got {short(value)}")
         return int(value)
     if p.kind is float:
         if isinstance(value, bool):
-            raise _Invalid(f"'{p.name}' must be a number, got {value!r}")
+            raise _Invalid(f"'{p.name}' must be a number, got {short(value)}")
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise _Invalid(f"'{p.name}' must be a number, got {value!r}") from None
+            raise _Invalid(f"'{p.name}' must be a number, got {short(value)}") from None
+        except OverflowError:  # an integer beyond any float
+            raise _Invalid(f"'{p.name}' must be a number of at most {ABSURD:g}, got {short(value)}") from None
         if not math.isfinite(v):
-            raise _Invalid(f"'{p.name}' must be finite, got {value!r}")
+            raise _Invalid(f"'{p.name}' must be finite, got {short(value)}")
         return v
     if p.kind is str:
         v = str(value)
         if p.choices and v not in p.choices:
-            raise _Invalid(f"'{p.name}' must be one of {', '.join(p.choices)}, got {value!r}{did_you_mean(v, p.choices)}")
+            raise _Invalid(f"'{p.name}' must be one of {', '.join(p.choices)}, got {short(value)}"
+                           f"{did_you_mean(v, p.choices)}")
         return v
     return value
 
@@ -84,6 +90,8 @@ def evaluate_setting(tensor_name: str, setting: Any, t: float, p: Param) -> Any:
     if isinstance(setting, list):
         if not setting:
             return None
+        if len(setting) > MAX_LIST:  # each tensor walks the list: keep that bounded
+            raise _Invalid(f"'{p.name}' lists {len(setting)} values or conditions; at most {MAX_LIST}")
         if all(isinstance(e, (bool, int, float, str)) for e in setting):
             values = [_validate(p, e) for e in setting]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -99,7 +107,7 @@ def evaluate_setting(tensor_name: str, setting: Any, t: float, p: Param) -> Any:
             if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
                 return evaluate_setting(tensor_name, cond.value, t, p)
         return None
-    raise _Invalid(f"'{p.name}' has an unexpected value {setting!r}")
+    raise _Invalid(f"'{p.name}' has an unexpected value {short(setting)}")
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,7 @@ class ParameterResolver:
                 continue
             for k in src.values:
                 if self.method.param(k) is None:
-                    warn(f"{self.recipe.at(*src.path, k)}: parameter '{k}' is not used by {self.method.name}"
+                    warn(f"{self.recipe.at(*src.path, k)}: parameter {short(k)} is not used by {self.method.name}"
                          f"{did_you_mean(k, names)}; ignored")
 
     def _resolve(self, p: Param, sources: Sequence[Source], tensor_name: str, t: float, who: str) -> Any:

@@ -160,10 +160,31 @@ class Group:
         return self.base or self.sources[0]
 
 
-def model_layers(idx: ModelIndex) -> int:
-    n = max((layer_index(t) for t in idx.tensors if layer_index(t) is not None), default=-1) + 1
-    if idx.config and isinstance(idx.config.get("num_hidden_layers"), int):
-        n = max(n, idx.config["num_hidden_layers"])
+def layer_names(idx: ModelIndex) -> Dict[int, List[str]]:
+    """{layer: its tensor names} of a model."""
+    out: Dict[int, List[str]] = {}
+    for name in idx.tensors:
+        i = layer_index(name)
+        if i is not None:
+            out.setdefault(i, []).append(name)
+    return out
+
+
+def model_layers(idx: ModelIndex, where: str = "") -> int:
+    """A model's layer count, from its tensors: every loop over layers is then bounded by what the files hold. A
+    config.json that claims more layers than the tensors hold, or layers with no tensors, is refused: the weights
+    are incomplete or the config is wrong (a config may count fewer, as for a multi-token-prediction layer)."""
+    held = layer_names(idx)
+    n = max(held, default=-1) + 1
+    at = f"{where}: " if where else ""
+    if len(held) != n:
+        gap = min(set(range(n)) - set(held))
+        raise MergeError(f"{at}model {idx.ref}: its tensors hold layers up to {n - 1} but nothing of layer {gap}; "
+                         "the weights are incomplete")
+    claimed = (idx.config or {}).get("num_hidden_layers")
+    if n and isinstance(claimed, int) and not isinstance(claimed, bool) and claimed > n:
+        raise MergeError(f"{at}model {idx.ref}: its config.json says num_hidden_layers {claimed} but its tensors "
+                         f"hold {n} layers; the weights are incomplete or the config is wrong")
     return n
 
 
@@ -213,7 +234,9 @@ def _groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex
         refs = list(dict.fromkeys(listed))
         if c.base_model and c.base_model not in refs and method.base_policy != "ignored":
             refs.append(c.base_model)
-        sources = [(r, 0, model_layers(models[r]), listed.index(r) if r in listed else len(listed)) for r in refs]
+        paths = dict(recipe.model_refs())
+        sources = [(r, 0, model_layers(models[r], recipe.at(*paths.get(r, ()))),
+                    listed.index(r) if r in listed else len(listed)) for r in refs]
         specs = [(None, sources, c.base_model, ("models",))]
     else:
         specs = []
@@ -221,7 +244,7 @@ def _groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex
             srcs = []
             for j, src in enumerate(sl.sources):
                 a, b = src.layer_range
-                have = model_layers(models[src.model])
+                have = model_layers(models[src.model], recipe.at('slices', si, 'sources', j, 'model'))
                 if b > have:
                     raise MergeError(f"{recipe.at('slices', si, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] "
                                      f"but {src.model} has {have} layers (0 to {have - 1}); the end is exclusive")
@@ -252,9 +275,29 @@ def _groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex
     return groups
 
 
+def _check_values(method: Method, resolver: ParameterResolver, tensor: str, shared: Dict[str, Any],
+                  refs: List[str], per_input: List[Dict[str, Any]], allow_extrapolation: bool) -> None:
+    """Every resolved parameter value of one output tensor within its method's range (methods.Param)."""
+    for p in method.shared_params:
+        why = p.out_of_range(shared.get(p.name), allow_extrapolation)
+        if why:
+            raise MergeError(f"{resolver.where(None, p.name)}: tensor {tensor}: {why}")
+    for ref, values in zip(refs, per_input):
+        problems = [(p.name, p.out_of_range(values.get(p.name), allow_extrapolation)) for p in method.input_params]
+        problems.append(method.check(shared, values) if method.check else None)
+        bad = next((pr for pr in problems if pr and pr[1]), None)
+        if bad:
+            raise MergeError(f"{resolver.where(ref, bad[0])}: model {ref}, tensor {tensor}: {bad[1]}")
+    normalizer = {"linear": "normalize", "multislerp": "normalize_weights"}.get(method.name)
+    if normalizer and shared[normalizer] and abs(sum(p["weight"] for p in per_input)) < 1e-12:
+        raise MergeError(f"{resolver.where(refs[0], 'weight')}: tensor {tensor}: the weights sum to 0, so "
+                         f"{normalizer} cannot divide by them; set {normalizer}: false or change the weights")
+
+
 def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] = None,
               out_dtype: Optional[str] = None, shard_size: int = 5 * 10**9, allow_crimes: bool = False,
-              recipe_dir: Optional[Path] = None, gradient_span: str = "slice") -> Plan:
+              recipe_dir: Optional[Path] = None, gradient_span: str = "slice",
+              allow_extrapolation: bool = False) -> Plan:
     c = recipe.config
     method = get_method(c.merge_method)
     # Parameter names the method does not know (typos like `densty`): warn early, before touching disk.
@@ -322,6 +365,9 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
                     name, ti = tied, models[ref].tensors[tied]
                     counts[f"{ref} ties its embeddings: its {tied} stands in for {out_name}"] += 1
             if ti is None:
+                if not allow_crimes:
+                    raise MergeError(f"model {ref} lacks tensor {name}, which {tref[0]} has (the output takes "
+                                     f"{tref[0]}'s tensors); pass --allow-crimes to merge such tensors without it")
                 counts[f"{ref} lacks some tensors of {tref[0]}; those merge without it"] += 1
                 continue
             take = None
@@ -366,14 +412,7 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
         refs = [u[0] for u in used]
         shared, per_input = g.resolver.resolve(out_name, t, refs, g.base[0] if g.base else None,
                                                input_names=[r.name for r in ins])
-        for ref, p in zip(refs, per_input):
-            problem = method.check(shared, p) if method.check else None
-            if problem:
-                bad, msg = problem
-                raise MergeError(f"{g.resolver.where(ref, bad)}: model {ref}, tensor {out_name}: {msg}")
-        if method.name == "linear" and shared["normalize"] and abs(sum(p["weight"] for p in per_input)) < 1e-12:
-            raise MergeError(f"{g.resolver.where(refs[0], 'weight')}: tensor {out_name}: the weights sum to 0, "
-                             "so normalize cannot divide by them; set normalize: false or change the weights")
+        _check_values(method, g.resolver, out_name, shared, refs, per_input, allow_extrapolation)
         if method.name == "passthrough" and per_input[0].get("scale") is None and not vocab:
             tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [ins[0]]))
             return
@@ -386,13 +425,12 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     for name in sorted(pre, key=_natural_key):
         add(first, name, None)
     layer_sources: List[Tuple[str, int]] = []
+    held = {ref: layer_names(idx) for ref, idx in models.items()}
     for g in groups:
         tref = g.template
-        tm = models[tref[0]]
         for k in range(g.length):
             src_layer = tref[1] + k
-            names = [n for n in tm.tensors if layer_index(n) == src_layer]
-            for name in sorted(names, key=_natural_key):
+            for name in sorted(held[tref[0]].get(src_layer, []), key=_natural_key):
                 add(g, rename_layer(name, g.out_start + k), k)
             layer_sources.append((tref[0], src_layer))
     for name in sorted(post, key=_natural_key):

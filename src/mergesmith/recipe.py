@@ -96,13 +96,50 @@ DTYPES = {
 # YAML with line numbers
 
 
-def _load_yaml(text: str, source: str) -> Tuple[Any, Dict[Path_, int], List[str]]:
-    """Parse YAML, returning (data, {path: line}, warnings). Duplicate keys: same value warns, else an error."""
-    lines: Dict[Path_, int] = {}
-    notes: List[str] = []
+# Bounds on the work a recipe can ask of the parser: mergekit recipes are a few KB, tens of values deep at most.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NODES = 100_000  # values built, aliases expanded: a 600-byte "billion laughs" recipe stops here
+
+
+# Control characters (but tab and line breaks) and unpaired surrogates: nothing a recipe means, and they garble
+# messages and paths. A model reference may not even hold a tab or a line break.
+_BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_BAD_IN_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def short(value: Any, width: int = 60) -> str:
+    """repr(value) cut to `width` characters: what a one-line message may quote of a user's value."""
+    r = repr(value)
+    return r if len(r) <= width else r[:width - 3] + "..."
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's composer recurses once per nesting level: refuse deep nesting before Python's stack runs out."""
+
+    def __init__(self, text: str, source: str):
+        super().__init__(text)
+        self.source, self.depth = source, 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise MergeError(f"{where(self.source, line)}: YAML nested more than {MAX_DEPTH} levels deep; "
+                                 "a recipe needs a handful")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _compose(text: str, source: str) -> Tuple[yaml.Node, _Loader]:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise MergeError(f"{source}: the recipe is {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES} "
+                         "(mergekit recipes are a few KB)")
     loader = None
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text, source)  # the reader refuses unprintable characters here
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -115,43 +152,67 @@ def _load_yaml(text: str, source: str) -> Tuple[Any, Dict[Path_, int], List[str]
             loader.dispose()
     if node is None:
         raise MergeError(f"{source}: the recipe is empty")
+    return node, loader
+
+
+def _scalar(loader: _Loader, n: yaml.Node, source: str) -> Any:
+    try:
+        value = loader.construct_object(n, deep=True)
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of thousands of digits
+        raise MergeError(f"{where(source, n.start_mark.line + 1)}: bad YAML value: {' '.join(str(e).split())}"
+                         ) from None
+    if isinstance(value, str) and _BAD_CHARS.search(value):
+        raise MergeError(f"{where(source, n.start_mark.line + 1)}: the value {short(value)} holds a control or "
+                         "unpaired surrogate character; remove it")
+    return value
+
+
+def _load_yaml(text: str, source: str) -> Tuple[Any, Dict[Path_, int], List[str]]:
+    """Parse YAML, returning (data, {path: line}, warnings). Duplicate keys: same value warns, else an error."""
+    node, loader = _compose(text, source)
+    lines: Dict[Path_, int] = {}
+    notes: List[str] = []
+    built = [0]
 
     def build(n: yaml.Node, path: Path_, depth: int = 0) -> Any:
-        if depth > 64:
-            raise MergeError(f"{where(source, n.start_mark.line + 1)}: YAML nested too deeply")
-        lines[path] = n.start_mark.line + 1
+        line = n.start_mark.line + 1
+        built[0] += 1
+        if built[0] > MAX_NODES:
+            raise MergeError(f"{where(source, line)}: the recipe expands to more than {MAX_NODES} values "
+                             "(YAML aliases repeat what they point to); write it out without them")
+        if depth > MAX_DEPTH:
+            raise MergeError(f"{where(source, line)}: YAML nested too deeply")
+        lines[path] = line
         if isinstance(n, yaml.MappingNode):
-            out: Dict[Any, Any] = {}
-            key_line: Dict[Any, int] = {}
-            for knode, vnode in n.value:
-                if not isinstance(knode, yaml.ScalarNode):
-                    raise MergeError(f"{where(source, knode.start_mark.line + 1)}: a mapping key must be a plain value")
-                key = loader.construct_object(knode)
-                if not isinstance(key, (str, int, float, bool)) or key is None:
-                    key = str(key)
-                value = build(vnode, path + (key,), depth + 1)
-                kline = knode.start_mark.line + 1
-                if key in out:
-                    if out[key] == value:
-                        notes.append(
-                            f"{where(source, kline)}: '{key}' is given twice (lines {key_line[key]} and {kline}) "
-                            "with the same value; using it once"
-                        )
-                    else:
-                        raise MergeError(
-                            f"{where(source, kline)}: '{key}' is given twice with different values "
-                            f"(line {key_line[key]}: {out[key]!r}, line {kline}: {value!r}); keep one"
-                        )
-                out[key] = value
-                key_line[key] = kline
-                lines[path + (key,)] = kline
-            return out
+            return build_mapping(n, path, depth)
         if isinstance(n, yaml.SequenceNode):
             return [build(item, path + (i,), depth + 1) for i, item in enumerate(n.value)]
-        try:
-            return loader.construct_object(n, deep=True)
-        except yaml.YAMLError as e:
-            raise MergeError(f"{where(source, n.start_mark.line + 1)}: bad YAML value: {e}") from None
+        return _scalar(loader, n, source)
+
+    def build_mapping(n: yaml.MappingNode, path: Path_, depth: int) -> Dict[Any, Any]:
+        out: Dict[Any, Any] = {}
+        key_line: Dict[Any, int] = {}
+        for knode, vnode in n.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                raise MergeError(f"{where(source, knode.start_mark.line + 1)}: a mapping key must be a plain value")
+            key = _scalar(loader, knode, source)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                key = str(key)
+            value = build(vnode, path + (key,), depth + 1)
+            kline = knode.start_mark.line + 1
+            if key in out:
+                if out[key] == value:
+                    notes.append(f"{where(source, kline)}: {short(key)} is given twice (lines {key_line[key]} and "
+                                 f"{kline}) with the same value; using it once")
+                else:
+                    raise MergeError(
+                        f"{where(source, kline)}: {short(key)} is given twice with different values "
+                        f"(line {key_line[key]}: {short(out[key])}, line {kline}: {short(value)}); keep one"
+                    )
+            out[key] = value
+            key_line[key] = kline
+            lines[path + (key,)] = kline
+        return out
 
     return build(node, ()), lines, notes
 
@@ -249,7 +310,7 @@ def parse_recipe(text: str, source: str = "<recipe>", strict: bool = False) -> R
             out = {}
             for k, v in obj.items():
                 if known is not None and k not in known:
-                    msg = f"{loc(path + (k,))}: unknown key '{k}'{did_you_mean(k, known)}; mergekit ignores it"
+                    msg = f"{loc(path + (k,))}: unknown key {short(k)}{did_you_mean(k, known)}; mergekit ignores it"
                     if strict:
                         raise MergeError(msg + " (refused under --strict)")
                     notes.append(msg + ", and so do we")
@@ -269,20 +330,41 @@ def parse_recipe(text: str, source: str = "<recipe>", strict: bool = False) -> R
     try:
         config = MergeConfiguration.model_validate(clean)
     except ValidationError as e:
-        err = e.errors()[0]
-        path = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or "[" in p)))
-        key = ".".join(str(p) for p in path) or "recipe"
-        got = err.get("input")
-        got_s = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 60 else type(got).__name__
-        if err["type"] == "missing":
-            raise MergeError(f"{loc(path[:-1])}: '{key}' is required") from None
-        raise MergeError(f"{loc(path)}: '{key}' has a wrong value {got_s}: {err['msg']}") from None
+        raise MergeError(_schema_error(e, clean, loc)) from None
 
     recipe = Recipe(config=config, source=source, text=text, lines=lines, warnings=notes)
     _check_structure(recipe, strict)
     for n in notes:
         warn(n)
     return recipe
+
+
+def _is_tag(p: Any) -> bool:
+    """pydantic's names of union members in an error location (`ConditionalParameter`, `list[...]`, `float`)."""
+    return isinstance(p, str) and (p[:1].isupper() or "[" in p or p in ("bool", "float", "int", "str"))
+
+
+def _schema_error(e: ValidationError, data: Any, loc) -> str:
+    """The first schema error, on one line, at its recipe line."""
+    err = e.errors()[0]
+    raw = tuple(err["loc"])
+    cut = next((i for i, p in enumerate(raw) if _is_tag(p)), len(raw))
+    if "parameters" in raw[:cut] and cut < len(raw):  # a parameter's value fits no form of the union
+        path = raw[:cut]
+        if raw[cut] == "[key]":
+            return f"{loc(path)}: parameter name {short(path[-1])} must be text (like weight or density)"
+        got = data
+        for p in path:
+            got = got[p]
+        return (f"{loc(path)}: parameter {short(path[-1], 40)} has a wrong value {short(got)}: give a number, "
+                "true/false, a list of numbers (a gradient) or a list of {filter: ..., value: ...}")
+    path = tuple(p for p in raw if not _is_tag(p))
+    key = short(".".join(str(p) for p in path) or "recipe", 80)[1:-1]
+    if err["type"] == "missing":
+        return f"{loc(path[:-1])}: '{key}' is required"
+    got = err.get("input")
+    got_s = short(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 60 else type(got).__name__
+    return f"{loc(path)}: '{key}' has a wrong value {got_s}: {' '.join(str(err['msg']).split())}"
 
 
 def _check_structure(r: Recipe, strict: bool) -> None:
@@ -299,10 +381,16 @@ def _check_structure(r: Recipe, strict: bool) -> None:
         v = getattr(c, key)
         if v is not None:
             if v not in DTYPES:
-                raise MergeError(f"{r.at(key)}: {key} '{v}' is not a dtype{did_you_mean(v, DTYPES)}; "
+                raise MergeError(f"{r.at(key)}: {key} {short(v)} is not a dtype{did_you_mean(v, DTYPES)}; "
                                  "use bfloat16, float16 or float32")
     if c.tokenizer_source and c.tokenizer:
         raise MergeError(f"{r.at('tokenizer')}: give either 'tokenizer_source:' or 'tokenizer:', not both")
+    pad = c.tokenizer.pad_to_multiple_of if c.tokenizer else None
+    if pad is not None and not 1 <= pad <= MAX_PAD:
+        raise MergeError(f"{r.at('tokenizer', 'pad_to_multiple_of')}: pad_to_multiple_of {short(pad)} must lie in "
+                         f"[1, {MAX_PAD}] (vocabularies are padded to multiples of 8 to 256)")
+    _check_names(r)
+    _check_duplicates(r)
     for si, s in enumerate(c.slices or []):
         lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
         if len(lens) > 1:
@@ -310,13 +398,54 @@ def _check_structure(r: Recipe, strict: bool) -> None:
         for j, src in enumerate(s.sources):
             a, b = src.layer_range
             if not (0 <= a < b):
-                raise MergeError(f"{r.at('slices', si, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] "
-                                 "must be [start, end) with 0 <= start < end")
+                raise MergeError(f"{r.at('slices', si, 'sources', j, 'layer_range')}: layer_range "
+                                 f"[{short(a, 24)}, {short(b, 24)}] must be [start, end) with 0 <= start < end")
+
+
+MAX_PAD = 1 << 16
+
+
+def _check_names(r: Recipe) -> None:
+    """Model references are paths or Hub ids: not empty, no control characters (they would garble every message
+    that names the model, and no file is called that)."""
+    c = r.config
+    named = [(m.model, ("models", i, "model")) for i, m in enumerate(c.models or [])]
+    for si, s in enumerate(c.slices or []):
+        named += [(src.model, ("slices", si, "sources", j, "model")) for j, src in enumerate(s.sources)]
+        named += [(s.base_model, ("slices", si, "base_model"))] if s.base_model is not None else []
+    named += [(c.base_model, ("base_model",))] if c.base_model is not None else []
+    named += [(c.tokenizer_source, ("tokenizer_source",))] if c.tokenizer_source is not None else []
+    for ref, path in named:
+        if not ref.strip():
+            raise MergeError(f"{r.at(*path)}: an empty model reference; give a folder path or a Hub id")
+        if _BAD_IN_NAME.search(ref):
+            raise MergeError(f"{r.at(*path)}: the model reference {short(ref)} holds a control character; "
+                             "give a folder path or a Hub id")
+
+
+def _check_duplicates(r: Recipe) -> None:
+    """A model listed twice counts once, with its first entry's parameters (so in mergekit): refuse a repeat, but
+    for a slice's other layers of the same model with the same parameters."""
+    c = r.config
+    lists = [(("models",), [(m.model, None, m.parameters) for m in c.models or []])]
+    lists += [(("slices", si, "sources"), [(src.model, tuple(src.layer_range), src.parameters) for src in s.sources])
+              for si, s in enumerate(c.slices or [])]
+    for path, entries in lists:
+        first: Dict[str, int] = {}
+        for j, (model, layers, params) in enumerate(entries):
+            k = first.setdefault(model, j)
+            if k != j and (layers is None or layers == entries[k][1] or params != entries[k][2]):
+                raise MergeError(f"{r.at(*path, j, 'model')}: model {model} is listed twice (entries {k + 1} and "
+                                 f"{j + 1} of '{path[-1]}:', lines {r.line(*path, k, 'model')} and "
+                                 f"{r.line(*path, j, 'model')}); list each model once, with all of its parameters")
 
 
 def load_recipe(path: Union[str, Path], strict: bool = False) -> Recipe:
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > MAX_RECIPE_BYTES:
+            raise MergeError(f"{p}: the recipe is {p.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} "
+                             "(mergekit recipes are a few KB)")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MergeError(f"recipe not found: {p}") from None

@@ -10,6 +10,7 @@ order, from any thread.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,10 +150,11 @@ def parse_size(text: str) -> int:
              "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     num = s.rstrip("KMGTIB")
     unit = s[len(num):]
+    bad = f"bad size {text!r}: use bytes with an optional suffix, like 5GB or 500MB"
     try:
-        value = float(num)
-    except ValueError:
-        raise MergeError(f"bad size {text!r}: use bytes with an optional suffix, like 5GB or 500MB") from None
-    if unit not in units or value <= 0:
-        raise MergeError(f"bad size {text!r}: use bytes with an optional suffix, like 5GB or 500MB")
-    return int(value * units[unit])
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise MergeError(bad) from None
+    if not math.isfinite(value) or value < 1:  # nan, inf, 1e400GB, 0, negative, or under a byte
+        raise MergeError(bad)
+    return int(value)

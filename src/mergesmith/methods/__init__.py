@@ -21,6 +21,8 @@ from mergesmith.methods.spherical import karcher, multislerp, nuslerp, slerp
 from mergesmith.methods.task_arithmetic import generalized_task_arithmetic, magnitude_cuts, task_vector_l1_sums
 
 REQUIRED = object()
+# No weight, scale or lambda is meant beyond this: 1e300 only overflows the merge into Inf.
+ABSURD = 1e6
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,26 @@ class Param:
     default: Any = REQUIRED
     choices: Tuple[str, ...] = ()
     doc: str = ""
+    # numbers: always within [lo, hi]; within `usual` too unless --allow-extrapolation (mergekit extrapolates there)
+    lo: float = -ABSURD
+    hi: float = ABSURD
+    usual: Optional[Tuple[float, float]] = None
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def out_of_range(self, v: Any, allow_extrapolation: bool) -> Optional[str]:
+        """Why the resolved value v is refused, or None."""
+        if self.kind not in (int, float) or not isinstance(v, (int, float)) or isinstance(v, bool):
+            return None
+        if not self.lo <= v <= self.hi:
+            return f"{self.name} {v:g} must lie in [{self.lo:g}, {self.hi:g}]"
+        if self.usual and not allow_extrapolation and not self.usual[0] <= v <= self.usual[1]:
+            lo, hi = self.usual
+            return (f"{self.name} {v:g} lies outside [{lo:g}, {hi:g}], so the merge would extrapolate; "
+                    "pass --allow-extrapolation if that is meant")
+        return None
 
 
 @dataclass(frozen=True)
@@ -175,51 +193,35 @@ def _check_della(shared: Dict[str, Any], per_input: Dict[str, Any]) -> Optional[
     if d < 1 and d > 0 and (d - e <= 0 or d + e >= 1):
         return "density", (f"density {d:g} with epsilon {e:g} gives keep probabilities from {d - e:g} to "
                            f"{d + e:g}; density - epsilon and density + epsilon must both lie in (0, 1)")
-    if e < 0:
-        return "epsilon", f"epsilon {e:g} must be >= 0"
-    return None
-
-
-def _check_density(shared: Dict[str, Any], per_input: Dict[str, Any]) -> Optional[Tuple[str, str]]:
-    d = per_input.get("density", 1.0)
-    if not 0 <= d <= 1:
-        return "density", f"density {d:g} must lie in [0, 1]"
-    g = per_input.get("gamma")
-    if g is not None and not 0 <= g <= 1:
-        return "gamma", f"gamma {g:g} must lie in [0, 1]"
     return None
 
 
 def _register_gta(name, pretty, url, description, sparsification, consensus, normalize, rescale):
     params = [
         Param("weight", float, "non_base", doc="this model's weight"),
-        Param("density", float, "non_base", 1.0, doc="fraction of the delta to keep"),
+        Param("density", float, "non_base", 1.0, doc="fraction of the delta to keep", lo=0, hi=1),
         Param("int8_mask", bool, "shared", False, doc="accepted for compatibility (masks are booleans here)"),
         Param("normalize", bool, "shared", normalize, doc="divide by the sum of contributing weights"),
         Param("rescale", bool, "shared", rescale, doc="rescale kept deltas after sparsification"),
         Param("lambda", float, "shared", 1.0, doc="scale of the merged delta"),
     ]
     if sparsification == "magnitude_outliers":
-        params.append(Param("gamma", float, "non_base", 0.01, doc="fraction of largest-magnitude outliers to drop"))
+        params.append(Param("gamma", float, "non_base", 0.01, doc="fraction of largest-magnitude outliers to drop",
+                            lo=0, hi=1))
     if sparsification == "della_magprune":
         params.append(Param("epsilon", float, "non_base", 0.15,
-                            doc="half-width of the keep-probability range around density"))
+                            doc="half-width of the keep-probability range around density", lo=0, hi=1))
         params.append(Param("rank_scope", str, "shared", "row", ("row", "tensor"),
                             doc="rank magnitudes per row (mergekit) or over the whole tensor (paper)"))
     if sparsification in ("della_magprune", "random"):
         params.append(Param("rescale_mode", str, "shared", "l1", ("l1", "inverse_prob"),
                             doc="l1: match the delta's L1 norm (mergekit); inverse_prob: divide by keep probability"))
 
-    def check(shared, per_input):
-        msg = _check_density(shared, per_input)
-        if msg is None and sparsification == "della_magprune":
-            msg = _check_della(shared, per_input)
-        return msg
-
     register(Method(
         name=name, pretty=pretty, url=url, description=description, params=tuple(params), needs_base=True,
         randomized=sparsification in ("random", "della_magprune"), merge=_gta(sparsification, consensus),
-        check=check, row_wise=_gta_row_wise(sparsification), block_stats=_gta_stats(sparsification),
+        check=_check_della if sparsification == "della_magprune" else None, row_wise=_gta_row_wise(sparsification),
+        block_stats=_gta_stats(sparsification),
         tensor_stats=_gta_tensor_stats(sparsification),
     ))
 
@@ -274,14 +276,15 @@ def _karcher_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=No
 register(Method(
     name="slerp", pretty="SLERP", url="https://en.wikipedia.org/wiki/Slerp",
     description="Spherical interpolation between the base and one other model by t.",
-    params=(Param("t", float, "shared", doc="position from the base (0) to the other model (1)"),),
+    params=(Param("t", float, "shared", doc="position from the base (0) to the other model (1)", usual=(0, 1)),),
     needs_base=True, randomized=False, merge=_slerp_merge, min_inputs=1, max_inputs=1,
 ))
 register(Method(
     name="nuslerp", pretty="NuSLERP", url="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
     description="Slerp of two models (or of their task vectors when a base is given) by relative weight.",
     params=(
-        Param("weight", float, "non_base", doc="this model's relative weight (t = w2 / (w1 + w2))"),
+        Param("weight", float, "non_base", doc="this model's relative weight (t = w2 / (w1 + w2))",
+              usual=(0, ABSURD)),
         Param("nuslerp_flatten", bool, "shared", True, doc="slerp whole tensors (false: row vectors)"),
         Param("nuslerp_row_wise", bool, "shared", False, doc="when not flattened, slerp columns instead of rows"),
     ),
@@ -291,9 +294,9 @@ register(Method(
     name="multislerp", pretty="Multi-SLERP", url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     description="Barycentric interpolation of any number of models on the hypersphere (optionally around a base).",
     params=(
-        Param("weight", float, "non_base", doc="this model's weight"),
+        Param("weight", float, "non_base", doc="this model's weight", usual=(0, ABSURD)),
         Param("normalize_weights", bool, "shared", True, doc="divide the weights by their sum"),
-        Param("eps", float, "shared", 1e-8, doc="numerical floor for norms"),
+        Param("eps", float, "shared", 1e-8, doc="numerical floor for norms", lo=0, hi=1e-2),
     ),
     needs_base=False, base_policy="optional", randomized=False, merge=_multislerp_merge, min_inputs=1,
 ))
@@ -301,8 +304,8 @@ register(Method(
     name="karcher", pretty="Karcher Mean", url="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean",
     description="Riemannian (Karcher) mean of the models' directions, scaled by their mean norm.",
     params=(
-        Param("max_iter", int, "shared", 10, doc="most fixed-point iterations"),
-        Param("tol", float, "shared", 1e-5, doc="stop when the tangent norm is below this"),
+        Param("max_iter", int, "shared", 10, doc="most fixed-point iterations", lo=1, hi=1000),
+        Param("tol", float, "shared", 1e-5, doc="stop when the tangent norm is below this", lo=0, hi=1),
     ),
     needs_base=False, base_policy="input", randomized=False, merge=_karcher_merge, min_inputs=1,
 ))
@@ -324,21 +327,15 @@ def _sce_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=None):
     return sce(base, inputs, select_topk=shared["select_topk"])
 
 
-def _check_topk(shared: Dict[str, Any], per_input: Dict[str, Any]) -> Optional[Tuple[str, str]]:
-    k = shared.get("select_topk", 1.0)
-    if not 0 <= k <= 1:
-        return "select_topk", f"select_topk {k:g} must lie in [0, 1]"
-    return None
-
-
 register(Method(
     name="sce", pretty="SCE", url="https://arxiv.org/abs/2408.07990",
     description="Select high-variance elements, weight task vectors by energy, erase sign conflicts.",
     params=(
-        Param("select_topk", float, "shared", 1.0, doc="fraction of elements kept by variance across models"),
+        Param("select_topk", float, "shared", 1.0, doc="fraction of elements kept by variance across models",
+              lo=0, hi=1),
         Param("int8_mask", bool, "shared", False, doc="accepted for compatibility (masks are booleans here)"),
     ),
-    needs_base=True, randomized=False, merge=_sce_merge, check=_check_topk, min_inputs=1,
+    needs_base=True, randomized=False, merge=_sce_merge, min_inputs=1,
 ))
 
 
@@ -349,7 +346,7 @@ def _nearswap_merge(base, inputs, shared, per_input, keys, row_offset=0, stats=N
 register(Method(
     name="nearswap", pretty="NearSwap", url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     description="Take the other model's value where it lies within t of the base's, move by t elsewhere.",
-    params=(Param("t", float, "shared", doc="similarity threshold"),),
+    params=(Param("t", float, "shared", doc="similarity threshold", lo=0),),
     needs_base=True, randomized=False, merge=_nearswap_merge, row_wise=lambda shared: True,
     min_inputs=1, max_inputs=1,
 ))
@@ -386,6 +383,7 @@ def get_method(name: str) -> Method:
     from mergesmith.errors import MergeError, did_you_mean
 
     if name not in METHODS:
-        raise MergeError(f"unknown merge_method '{name}'{did_you_mean(name, METHODS)}; "
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise MergeError(f"unknown merge_method {shown}{did_you_mean(name, METHODS)}; "
                          f"known: {', '.join(sorted(METHODS))}")
     return METHODS[name]
