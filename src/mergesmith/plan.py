@@ -17,7 +17,7 @@ from mergesmith.errors import MergeError, warn
 from mergesmith.io.index import ModelIndex, index_model
 from mergesmith.io.resolve import resolve_model
 from mergesmith.io.writer import Layout, plan_layout
-from mergesmith.methods import Method, get_method
+from mergesmith.methods import Method, check_params, get_method
 from mergesmith.methods.rng import stream_key
 from mergesmith.params import _LAYER_RE, ParameterResolver, is_embedding, layer_index
 from mergesmith.recipe import Recipe, normalize_dtype
@@ -87,13 +87,13 @@ class Plan:
     def peak_bytes_estimate(self) -> int:
         """Two tensors (or row blocks) in flight, each with its float32 working set: the inputs, their deltas,
         sorting and masks, and the output; of the two-pass tensors in row blocks (1 bit per element and model of
-        saved masks), at most one at a time (execute.keeps_masks)."""
+        saved masks), at most one at a time (execute.keeps_state)."""
         two_pass_sizes, others = [0], [0]
         for t in self.tasks:
             n_in = len(t.inputs) + (1 if t.base else 0)
             blocks = row_blocks(self, t)
             elems = max(b - a for a, b in blocks) * (t.numel // max(1, t.shape[0] if t.shape else 1))
-            two_pass = len(blocks) > 1 and self.method.block_stats is not None
+            two_pass = len(blocks) > 1 and self.method.keeps_state(t.shared)
             work = elems * (4 * (2 * n_in + 6))
             if two_pass:  # two blocks at a time, and the saved masks
                 two_pass_sizes.append(2 * work + t.numel * n_in // 8)
@@ -112,7 +112,7 @@ def row_blocks(plan: "Plan", task: TensorTask) -> List[Tuple[int, int]]:
     """[(first_row, end_row)] for a task: one block unless it is large and its method is row-wise."""
     rows = task.shape[0] if task.shape else 1
     if (task.kind != "merge" or task.vocab or len(task.shape) < 2 or task.numel <= BLOCK_ELEMENTS
-            or not plan.method.row_wise(task.shared)):
+            or not plan.method.in_row_blocks(task.shared)):
         return [(0, rows)]
     per = max(1, BLOCK_ELEMENTS // (task.numel // rows))
     return [(a, min(rows, a + per)) for a in range(0, rows, per)]
@@ -366,15 +366,14 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
         refs = [u[0] for u in used]
         shared, per_input = g.resolver.resolve(out_name, t, refs, g.base[0] if g.base else None,
                                                input_names=[r.name for r in ins])
-        for ref, p in zip(refs, per_input):
-            problem = method.check(shared, p) if method.check else None
-            if problem:
-                bad, msg = problem
-                raise MergeError(f"{g.resolver.where(ref, bad)}: model {ref}, tensor {out_name}: {msg}")
-        if method.name == "linear" and shared["normalize"] and abs(sum(p["weight"] for p in per_input)) < 1e-12:
-            raise MergeError(f"{g.resolver.where(refs[0], 'weight')}: tensor {out_name}: the weights sum to 0, "
-                             "so normalize cannot divide by them; set normalize: false or change the weights")
-        if method.name == "passthrough" and per_input[0].get("scale") is None and not vocab:
+        problem = check_params(method, shared, per_input)
+        if problem is not None:
+            bad, msg, i = problem
+            shared_param = getattr(method.param(bad), "scope", None) == "shared"
+            who = f"model {refs[i]}, " if i is not None else ""
+            raise MergeError(f"{g.resolver.where(None if shared_param else refs[i or 0], bad)}: {who}tensor "
+                             f"{out_name}: {msg}")
+        if method.copies(shared, per_input) and not vocab:
             tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [ins[0]]))
             return
         keys = [stream_key(seed, f"model{u[3]}", out_name) for u in used] if method.randomized else [0] * len(used)
@@ -449,7 +448,8 @@ def describe(plan: Plan) -> str:
                 runs.append([o, o, ref, i])
         for a, b, ref, i in runs:
             lines.append(f"  {a}-{b} <- {ref} layers {i}-{i + b - a} (template; merged with the slice's sources)"
-                         if plan.method.name != "passthrough" else f"  {a}-{b} <- {ref} layers {i}-{i + b - a}")
+                         if plan.method.uses_base or plan.method.max_inputs != 1
+                         else f"  {a}-{b} <- {ref} layers {i}-{i + b - a}")
     groups: "OrderedDict[str, List[str]]" = OrderedDict()
     for t in plan.tasks:
         if t.kind == "copy":
