@@ -21,7 +21,7 @@ import mergesmith.plan as plan_module
 from mergesmith.demo import tiny_dir
 from mergesmith.errors import MergeError
 from mergesmith.execute import compute_tensor
-from mergesmith.methods import METHODS, PerModel, Range, Streaming, TwoPass, check_params, registry, \
+from mergesmith.methods import METHODS, PerModel, Range, Streaming, check_params, registry, \
     row_block_methods
 from mergesmith.methods.registry import make_method
 from mergesmith.methods.rng import stream_key

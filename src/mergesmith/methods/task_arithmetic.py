@@ -4,7 +4,7 @@ under eight names, and the two whole-tensor statistics its row blocks need (`L1_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -167,9 +167,10 @@ class CutShare:
         return {"cut": self.cuts[i], "offsets": self.offsets[i]}
 
 
-def _magnitudes(base, inputs, density) -> List[Optional[np.ndarray]]:
-    """Per model, this block's |x_i - base| (flat float32), or None where the model keeps all or nothing."""
-    return [(x - base).abs_().reshape(-1).cpu().numpy() if 0 < d < 1 else None for x, d in zip(inputs, density)]
+def _magnitudes(base, inputs, density) -> Iterator[Optional[np.ndarray]]:
+    """Per model, one at a time, this block's |x_i - base| (flat float32), or None where the model keeps all or
+    nothing."""
+    return ((x - base).abs_().reshape(-1).cpu().numpy() if 0 < d < 1 else None for x, d in zip(inputs, density))
 
 
 def _count_high(base, inputs, density):
