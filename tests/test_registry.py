@@ -324,14 +324,12 @@ def entry_points_of(*eps):
 
 
 @pytest.fixture
-def caplog(caplog):
+def caplog(caplog, monkeypatch):
     """The CLI's logging setup (from other tests) stops mergesmith's records at its own handler."""
     import logging
 
-    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(logging.getLogger("mergesmith"), "propagate", True)
-    yield caplog
-    monkeypatch.undo()
+    return caplog
 
 
 def test_a_broken_plugin_is_skipped_with_a_warning(monkeypatch, caplog):
