@@ -281,19 +281,22 @@ def inspect_cmd(merged, base, models, by, plot, as_json, verbose):
 @cli.command("methods")
 def methods_cmd():
     """List the merge methods with their parameters."""
-    from mergesmith.methods import METHODS, REQUIRED
+    from mergesmith.methods import METHODS
 
+    bases = {"required": "base_model required", "optional": "base_model optional (merges task vectors)",
+             "input": "base_model, if given, is one more input", "ignored": "no base_model"}
     for m in METHODS.values():
         click.echo(f"{m.name:18s} {m.description}  [{m.url}]")
         n = (f"exactly {m.min_inputs}" if m.max_inputs == m.min_inputs else f"{m.min_inputs}+"
              if m.max_inputs is None else f"{m.min_inputs}-{m.max_inputs}")
-        base = {"required": "base_model required", "optional": "base_model optional (merges task vectors)",
-                "input": "base_model, if given, is one more input", "ignored": "no base_model"}[m.base_policy]
-        click.echo(f"    {base}; {n} other model(s){'; randomized (seeded)' if m.randomized else ''}")
+        extra = ("; randomized (seeded)" if m.randomized else "") + ("" if m.builtin else "; plugin")
+        click.echo(f"    {bases[m.base_policy]}; {n} other model(s){extra}")
         for prm in m.params:
-            default = "required" if prm.default is REQUIRED else f"default {prm.default}"
+            default = "required" if prm.required else f"default {prm.default}"
             scope = "per model" if prm.scope != "shared" else "global"
-            click.echo(f"    {prm.name:14s} {prm.kind.__name__:5s} {scope:9s} {default:14s} {prm.doc}")
+            limits = (f" (one of {', '.join(prm.choices)})" if prm.choices else "") + \
+                (f" (in {prm.range})" if prm.range else "")
+            click.echo(f"    {prm.name:14s} {prm.kind.__name__:5s} {scope:9s} {default:14s} {prm.doc}{limits}")
 
 
 @cli.command("eval")

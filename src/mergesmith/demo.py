@@ -31,12 +31,13 @@ def method_recipes() -> Dict[str, Path]:
 
 def _variant(method: str, out: Path) -> Path:
     """The demo recipe with another merge method (same weights and densities)."""
+    from mergesmith.methods import get_method
     from mergesmith.recipe import load_recipe
 
     r = load_recipe(recipe_path())
     c = r.config.model_copy(deep=True)
     c.merge_method = method
-    if method == "linear":
+    if get_method(method).base_policy == "ignored":  # no base, and none of the seed recipe's global parameters
         c.base_model = None
         c.parameters = None
     c.models = [m.model_copy(update={"model": str((recipe_path().parent / m.model).resolve())}) for m in c.models]

@@ -16,11 +16,11 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from mergesmith.errors import MergeError, warn
 from mergesmith.io.writer import ShardWriter, write_index
+from mergesmith.methods import TwoPass
 from mergesmith.plan import Plan, TensorTask, row_blocks
 
 
@@ -90,6 +90,33 @@ def _permute(plan: Plan, task: TensorTask, base, inputs):
     return (out[task.base.model] if task.base is not None else None), [out[r.model] for r in task.inputs]
 
 
+def _read(plan: Plan, task: TensorTask, device: torch.device, rows: Optional[Tuple[int, int]], check: bool):
+    """The base (or None) and inputs of one block of rows (None: the whole tensor), in the output vocabulary."""
+    base = _load(plan, task.base, device, rows, check) if task.base is not None else None
+    inputs = [_load(plan, r, device, rows, check) for r in task.inputs]
+    if task.vocab:
+        base, inputs = _permute(plan, task, base, inputs)
+    return base, inputs
+
+
+def _statistic(plan: Plan, task: TensorTask, device: torch.device, blocks: List[Tuple[int, int]],
+               two_pass: TwoPass, width: int):
+    """Pass 1 of a two-pass merge: each round reads every block, folds the blocks' partials in block order into
+    the previous round's result and finishes it. The inputs are checked for NaN/Inf on the first read."""
+    method, stat = plan.method, None
+    for r, rnd in enumerate(two_pass.rounds):
+        def partial(ab: Tuple[int, int], rnd=rnd, prev=stat, check: bool = r == 0):
+            base, inputs = _read(plan, task, device, ab, check)
+            return method.call(rnd.collect, task.shared, task.per_input, base=base, inputs=inputs, keys=task.keys,
+                               row_offset=ab[0], stat=prev)
+
+        total = stat
+        for part in in_order(partial, blocks, width):
+            total = rnd.reduce(total, part)
+        stat = method.call(rnd.finish, task.shared, task.per_input, stat=total) if rnd.finish else total
+    return stat
+
+
 def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield (first_row, block) of one output tensor, in its output dtype, on the CPU."""
     if task.kind == "copy":
@@ -97,60 +124,17 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
         return
     blocks = row_blocks(plan, task)
     method = plan.method
-    stats = None
-    saved_masks: List[List[Optional[np.ndarray]]] = []
-    per_block = None
-    # Tensors whose blocks keep masks between two passes take turns (keeps_masks); their blocks go two at a time
-    # instead, so both cores stay busy. Results are used in block order either way: same bytes.
-    width = 2 if keeps_masks(plan, task) else 1
-    if len(blocks) > 1 and method.tensor_stats is not None:
-        def load(a: int, b: int, i: int):
-            base = _load(plan, task.base, device, (a, b), check=False) if task.base is not None else None
-            return base, _load(plan, task.inputs[i], device, (a, b), check=False)
-        res = method.tensor_stats(load, blocks, task.numel, task.shared, task.per_input)
-        if res is not None:
-            stats = {"cuts": res["cuts"]}
-            per_block = res["offsets"]
-    elif len(blocks) > 1 and method.block_stats is not None:
-        # pass 1: whole-tensor statistics (L1 sums), added block by block in a fixed order; the keep masks drawn
-        # for them are kept (1 bit per element) for pass 2
-        def block_stats(ab: Tuple[int, int]):
-            a, b = ab
-            base = _load(plan, task.base, device, (a, b)) if task.base is not None else None
-            inputs = [_load(plan, r, device, (a, b)) for r in task.inputs]
-            part = method.block_stats(base, inputs, task.shared, task.per_input, task.keys, a)
-            del base, inputs
-            if part is None:
-                return None
-            sums, masks = part
-            return sums, [None if m is None else np.packbits(m.reshape(-1).cpu().numpy()) for m in masks]
-
-        first = block_stats(blocks[0])
-        if first is not None:
-            for sums, packed in [first, *in_order(block_stats, blocks[1:], width)]:
-                stats = sums if stats is None else [(s0 + p0, s1 + p1) for (s0, s1), (p0, p1) in zip(stats, sums)]
-                saved_masks.append(packed)
+    two_pass = method.two_pass(task.shared) if len(blocks) > 1 else None
+    # Tensors whose statistic keeps per-element state between the passes take turns (keeps_state); their blocks
+    # go two at a time instead, so both cores stay busy. Results are used in block order either way: same bytes.
+    width = 2 if keeps_state(plan, task) else 1
+    stat = _statistic(plan, task, device, blocks, two_pass, width) if two_pass is not None else None
 
     def merge_block(k: int) -> Tuple[int, torch.Tensor]:
         a, b = blocks[k]
-        rows = (a, b) if len(blocks) > 1 else None
-        check = stats is None or per_block is not None  # the L1 pass already checked these rows
-        base = _load(plan, task.base, device, rows, check) if task.base is not None else None
-        inputs = [_load(plan, r, device, rows, check) for r in task.inputs]
-        if task.vocab:
-            base, inputs = _permute(plan, task, base, inputs)
-        extra = None
-        if per_block is not None:
-            extra = {"cuts": stats["cuts"], "offsets": per_block[k]}
-        elif stats is not None:
-            shape = inputs[0].shape
-            n = inputs[0].numel()
-            masks = [None if m is None else
-                     torch.from_numpy(np.unpackbits(m, count=n).view(np.bool_)).reshape(shape).to(device)
-                     for m in saved_masks[k]]
-            saved_masks[k] = []
-            extra = {"l1": stats, "masks": masks}
-        out = (method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stats=extra)
+        base, inputs = _read(plan, task, device, (a, b) if len(blocks) > 1 else None, check=two_pass is None)
+        share = two_pass.share(stat, k) if two_pass is not None else None
+        out = (method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stat=share)
                if inputs else base)
         del inputs, base
         if not all_finite(out):
@@ -196,14 +180,15 @@ def can_resume(plan: Plan, partial: Path) -> bool:
     return True
 
 
-def keeps_masks(plan: Plan, task: TensorTask) -> bool:
-    """Two-pass tensors in row blocks (DARE/DELLA's whole-tensor L1 sums) keep their keep masks between the passes,
-    1 bit per element and model. Two of them in flight (an embedding and an lm_head) would add up, so they take
-    turns, and each merges two of its blocks at a time instead (compute_blocks). Peak memory is then the same
-    whatever the order of the tensors and the number of layers. della_linear on the Nemo-shaped 1- and 4-layer
-    models, same files: both tensors at once 149 s, 1.64 GiB peak RSS (4 layers: 1.43 GiB in another run); taking
-    turns 177 s, 1.05 GiB; taking turns with two blocks at a time 146 s, 1.50 GiB (4 layers: 1.53 GiB)."""
-    return plan.method.block_stats is not None and len(row_blocks(plan, task)) > 1
+def keeps_state(plan: Plan, task: TensorTask) -> bool:
+    """Two-pass tensors in row blocks whose statistic keeps per-element state between the passes (DARE/DELLA's
+    keep masks for their whole-tensor L1 sums: 1 bit per element and model; TwoPass.keeps_state). Two of them in
+    flight (an embedding and an lm_head) would add up, so they take turns, and each merges two of its blocks at a
+    time instead (compute_blocks). Peak memory is then the same whatever the order of the tensors and the number
+    of layers. della_linear on the Nemo-shaped 1- and 4-layer models, same files: both tensors at once 149 s,
+    1.64 GiB peak RSS (4 layers: 1.43 GiB in another run); taking turns 177 s, 1.05 GiB; taking turns with two
+    blocks at a time 146 s, 1.50 GiB (4 layers: 1.53 GiB)."""
+    return plan.method.keeps_state(task.shared) and len(row_blocks(plan, task)) > 1
 
 
 def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[int] = None,
@@ -232,7 +217,7 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
     bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="merging", disable=not progress,
                dynamic_ncols=True, initial=sum(plan.layout.slots[n].nbytes for n in done))
     slots = threading.Semaphore(workers)
-    masks = threading.Semaphore(1)  # keeps_masks tensors take turns
+    masks = threading.Semaphore(1)  # keeps_state tensors take turns
     lock = threading.Lock()
     failed: List[BaseException] = []
     finished: List[str] = []
@@ -267,7 +252,7 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
             for task in order:
-                heavy = keeps_masks(plan, task)
+                heavy = keeps_state(plan, task)
                 slots.acquire()
                 if heavy:
                     masks.acquire()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mergesmith.errors import MergeError, did_you_mean, warn
-from mergesmith.methods import ABSURD, Method, Param
+from mergesmith.methods import Method, Param
+from mergesmith.methods.registry import ABSURD
 from mergesmith.recipe import ConditionalParameter, Recipe, short
 
 MAX_LIST = 1024  # values in a gradient, or conditions in a list: mergekit recipes use a handful
@@ -68,7 +69,7 @@ def _validate(p: Param, value: Any) -> Any:
         except (TypeError, ValueError):
             raise _Invalid(f"'{p.name}' must be a number, got {short(value)}") from None
         except OverflowError:  # an integer beyond any float
-            raise _Invalid(f"'{p.name}' must be a number of at most {ABSURD:g}, got {short(value)}") from None
+            raise _Invalid(f"'{p.name}' must be a number of at most {ABSURD.high:g}, got {short(value)}") from None
         if not math.isfinite(v):
             raise _Invalid(f"'{p.name}' must be finite, got {short(value)}")
         return v

@@ -17,7 +17,7 @@ from mergesmith.errors import MergeError, warn
 from mergesmith.io.index import ModelIndex, index_model
 from mergesmith.io.resolve import resolve_model
 from mergesmith.io.writer import Layout, plan_layout
-from mergesmith.methods import Method, get_method
+from mergesmith.methods import Method, check_params, get_method
 from mergesmith.methods.rng import stream_key
 from mergesmith.params import _LAYER_RE, ParameterResolver, is_embedding, layer_index
 from mergesmith.recipe import Recipe, normalize_dtype
@@ -87,13 +87,13 @@ class Plan:
     def peak_bytes_estimate(self) -> int:
         """Two tensors (or row blocks) in flight, each with its float32 working set: the inputs, their deltas,
         sorting and masks, and the output; of the two-pass tensors in row blocks (1 bit per element and model of
-        saved masks), at most one at a time (execute.keeps_masks)."""
+        saved masks), at most one at a time (execute.keeps_state)."""
         two_pass_sizes, others = [0], [0]
         for t in self.tasks:
             n_in = len(t.inputs) + (1 if t.base else 0)
             blocks = row_blocks(self, t)
             elems = max(b - a for a, b in blocks) * (t.numel // max(1, t.shape[0] if t.shape else 1))
-            two_pass = len(blocks) > 1 and self.method.block_stats is not None
+            two_pass = len(blocks) > 1 and self.method.keeps_state(t.shared)
             work = elems * (4 * (2 * n_in + 6))
             if two_pass:  # two blocks at a time, and the saved masks
                 two_pass_sizes.append(2 * work + t.numel * n_in // 8)
@@ -112,7 +112,7 @@ def row_blocks(plan: "Plan", task: TensorTask) -> List[Tuple[int, int]]:
     """[(first_row, end_row)] for a task: one block unless it is large and its method is row-wise."""
     rows = task.shape[0] if task.shape else 1
     if (task.kind != "merge" or task.vocab or len(task.shape) < 2 or task.numel <= BLOCK_ELEMENTS
-            or not plan.method.row_wise(task.shared)):
+            or not plan.method.in_row_blocks(task.shared)):
         return [(0, rows)]
     per = max(1, BLOCK_ELEMENTS // (task.numel // rows))
     return [(a, min(rows, a + per)) for a in range(0, rows, per)]
@@ -277,21 +277,14 @@ def _groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex
 
 def _check_values(method: Method, resolver: ParameterResolver, tensor: str, shared: Dict[str, Any],
                   refs: List[str], per_input: List[Dict[str, Any]], allow_extrapolation: bool) -> None:
-    """Every resolved parameter value of one output tensor within its method's range (methods.Param)."""
-    for p in method.shared_params:
-        why = p.out_of_range(shared.get(p.name), allow_extrapolation)
-        if why:
-            raise MergeError(f"{resolver.where(None, p.name)}: tensor {tensor}: {why}")
-    for ref, values in zip(refs, per_input):
-        problems = [(p.name, p.out_of_range(values.get(p.name), allow_extrapolation)) for p in method.input_params]
-        problems.append(method.check(shared, values) if method.check else None)
-        bad = next((pr for pr in problems if pr and pr[1]), None)
-        if bad:
-            raise MergeError(f"{resolver.where(ref, bad[0])}: model {ref}, tensor {tensor}: {bad[1]}")
-    normalizer = {"linear": "normalize", "multislerp": "normalize_weights"}.get(method.name)
-    if normalizer and shared[normalizer] and abs(sum(p["weight"] for p in per_input)) < 1e-12:
-        raise MergeError(f"{resolver.where(refs[0], 'weight')}: tensor {tensor}: the weights sum to 0, so "
-                         f"{normalizer} cannot divide by them; set {normalizer}: false or change the weights")
+    """Every resolved parameter value of one output tensor within its method's ranges (methods.check_params)."""
+    problem = check_params(method, shared, per_input, allow_extrapolation)
+    if problem is None:
+        return
+    bad, msg, i = problem
+    shared_param = getattr(method.param(bad), "scope", None) == "shared"
+    who = f"model {refs[i]}, " if i is not None else ""
+    raise MergeError(f"{resolver.where(None if shared_param else refs[i or 0], bad)}: {who}tensor {tensor}: {msg}")
 
 
 def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] = None,
@@ -413,7 +406,7 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
         shared, per_input = g.resolver.resolve(out_name, t, refs, g.base[0] if g.base else None,
                                                input_names=[r.name for r in ins])
         _check_values(method, g.resolver, out_name, shared, refs, per_input, allow_extrapolation)
-        if method.name == "passthrough" and per_input[0].get("scale") is None and not vocab:
+        if method.copies(shared, per_input) and not vocab:
             tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [ins[0]]))
             return
         keys = [stream_key(seed, f"model{u[3]}", out_name) for u in used] if method.randomized else [0] * len(used)
@@ -487,7 +480,8 @@ def describe(plan: Plan) -> str:
                 runs.append([o, o, ref, i])
         for a, b, ref, i in runs:
             lines.append(f"  {a}-{b} <- {ref} layers {i}-{i + b - a} (template; merged with the slice's sources)"
-                         if plan.method.name != "passthrough" else f"  {a}-{b} <- {ref} layers {i}-{i + b - a}")
+                         if plan.method.uses_base or plan.method.max_inputs != 1
+                         else f"  {a}-{b} <- {ref} layers {i}-{i + b - a}")
     groups: "OrderedDict[str, List[str]]" = OrderedDict()
     for t in plan.tasks:
         if t.kind == "copy":

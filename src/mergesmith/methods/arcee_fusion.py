@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from mergesmith.methods.registry import merge_method
 
 
 def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -15,13 +19,17 @@ def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (b - a).abs() * kl
 
 
-def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """other where importance >= median + 1.5 * (q3 - q1), else base (mergekit `arcee_fusion`).
+@merge_method("arcee_fusion", pretty="Arcee Fusion", url="https://arcee.ai", inputs=(1, 1))
+def arcee_fusion(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Keep the base except where the other model's change is important (|delta| x KL above a quartile threshold).
+
+    other where importance >= median + 1.5 * (q3 - q1), else base (mergekit `arcee_fusion`).
 
     Quantiles are the sorted importances at index floor(q (n - 1)). mergekit estimates them from 1,000,000
     elements drawn with an unseeded generator when a tensor is larger; here they are always exact, so the result
     is reproducible (and equal to mergekit's for tensors up to 1M elements).
     """
+    other = inputs[0]
     imp = fusion_importance(base, other)
     s = torch.sort(imp.reshape(-1)).values
     n = s.numel()

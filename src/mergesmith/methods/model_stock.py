@@ -6,13 +6,21 @@ from typing import Sequence
 
 import torch
 
+from mergesmith.methods.registry import merge_method
 
-def model_stock(base: torch.Tensor, inputs: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
-    """t * mean(w_i) + (1 - t) * w_0 with t = N cos / (1 + (N - 1) cos) (mergekit `model_stock`).
+
+@merge_method("model_stock", pretty="Model Stock", url="https://arxiv.org/abs/2403.19522", inputs=(2, None))
+def model_stock(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
+    """Interpolate from the base toward the fine-tunes' average by the angle between their deltas.
+
+    t * mean(w_i) + (1 - t) * w_0 with t = N cos / (1 + (N - 1) cos) (mergekit `model_stock`).
 
     cos is the mean over pairs of the cosine between the fine-tunes' offsets w_i - w_0 (norm products clamped to
     >= 1e-6, cosines to [-1, 1]); over the whole tensor, or per row with `filter_wise`. Where 1 + (N-1) cos is
     within 1e-6 of 0, t = 0 (the base). Needs N >= 2 fine-tunes.
+
+    Args:
+        filter_wise: one ratio per row instead of per tensor
     """
     shape = base.shape
     w0 = base.float()

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from mergesmith.methods.registry import merge_method
 from mergesmith.methods.sparsify import sign_consensus
 
 
@@ -25,11 +26,19 @@ def sce_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     return mask.reshape(var.shape)
 
 
-def sce(base: torch.Tensor, inputs: Sequence[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
-    """base + sum_i(m_i w_i d_i) / max(sum_i m_i w_i, 1e-6) (mergekit `sce`).
+@merge_method("sce", pretty="SCE", url="https://arxiv.org/abs/2408.07990", ranges={"select_topk": (0, 1)})
+def sce(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, select_topk: float = 1.0,
+        int8_mask: bool = False) -> torch.Tensor:
+    """Select high-variance elements, weight task vectors by energy, erase sign conflicts.
+
+    base + sum_i(m_i w_i d_i) / max(sum_i m_i w_i, 1e-6) (mergekit `sce`).
 
     d_i = (x_i - base) masked by `sce_mask`; w_i = mean(d_i^2) / sum_j mean(d_j^2) (1/N each when that sum is
     < 1e-6); m_i = TIES sign agreement of d_i with the sign of sum_j d_j.
+
+    Args:
+        select_topk: fraction of elements kept by variance across models
+        int8_mask: accepted for compatibility (masks are booleans here)
     """
     if not inputs:
         return base.float().clone()

@@ -86,52 +86,76 @@ def rank_cut(a: "np.ndarray | torch.Tensor", lo: int, hi: int, largest_first: bo
     return RankCut(vl, vh, tuple(groups))
 
 
+class RadixSelect:
+    """rank_cut of a flat non-negative float32 array of n elements given block by block, in O(block) memory: a
+    radix selection on the float32 bit patterns, which order non-negative floats as integers. Read 1 counts the
+    high 16 bits of every element (`high_counts` of each block, added up); read 2 counts the low 16 bits inside
+    the one or two buckets that hold the boundary ranks (`low_counts` of each block, given to `add_low` in block
+    order). `result` is the same RankCut as rank_cut on the whole array, and for each block how many members of
+    each boundary tie group it holds (what apply_cut's offsets add up)."""
+
+    def __init__(self, high: "np.ndarray", n: int, lo: int, hi: int, largest_first: bool = False):
+        self.lo, self.hi = max(0, lo), min(n, hi)
+        self.n, self.largest_first = n, largest_first
+        self.empty = self.lo >= self.hi
+        self.ks = [n - self.hi, n - 1 - self.lo] if largest_first else [self.lo, self.hi - 1]
+        self.high_cum = np.cumsum(high)
+        self.buckets = [] if self.empty else sorted({int(np.searchsorted(self.high_cum, k, side="right"))
+                                                     for k in self.ks})
+        self.low = {b: np.zeros(1 << 16, dtype=np.int64) for b in self.buckets}
+        self.per_block: List[dict] = []
+
+    @staticmethod
+    def high_counts(a: "np.ndarray") -> "np.ndarray":
+        return np.bincount(a.view(np.uint32) >> 16, minlength=1 << 16)
+
+    def low_counts(self, a: "np.ndarray") -> dict:
+        """{bucket: (low bits, counts)} of one block."""
+        u = a.view(np.uint32)
+        top = u >> 16
+        return {b: np.unique(u[top == b] & 0xFFFF, return_counts=True) for b in self.buckets}
+
+    def add_low(self, counts: dict) -> None:
+        seen = {}
+        for b, (vals, c) in counts.items():
+            self.low[b][vals] += c
+            seen[b] = dict(zip(vals.tolist(), c.tolist()))
+        self.per_block.append(seen)
+
+    def _locate(self, k: int) -> Tuple[int, int, int, int]:
+        """(bucket, low bits, elements below the value, elements equal to it) of ascending rank k."""
+        b = int(np.searchsorted(self.high_cum, k, side="right"))
+        below_bucket = int(self.high_cum[b - 1]) if b else 0
+        low_cum = np.cumsum(self.low[b])
+        lb = int(np.searchsorted(low_cum, k - below_bucket, side="right"))
+        return b, lb, below_bucket + (int(low_cum[lb - 1]) if lb else 0), int(self.low[b][lb])
+
+    def result(self) -> Tuple[RankCut, List[List[int]]]:
+        if self.empty:
+            return RankCut(0.0, 0.0, (), empty=True), [[] for _ in self.per_block]
+        found = [self._locate(k) for k in self.ks]
+        groups, members = [], []
+        for b, lb, below, equal in (found if found[0][:2] != found[1][:2] else found[:1]):
+            v = np.array([(b << 16) | lb], dtype=np.uint32).view(np.float32)[0].item()
+            before = self.n - below - equal if self.largest_first else below
+            groups.append((v, max(0, self.lo - before), max(0, self.hi - before)))
+            members.append((b, lb))
+        vl, vh = groups[0][0], groups[-1][0]
+        counts = [[seen[b].get(lb, 0) for b, lb in members] for seen in self.per_block]
+        return RankCut(vl, vh, tuple(groups)), counts
+
+
 def rank_cut_blocks(read: Callable[[int], "np.ndarray"], n_blocks: int, n: int, lo: int, hi: int,
                     largest_first: bool = False) -> Tuple[RankCut, List[List[int]]]:
-    """rank_cut of a flat non-negative float32 array of n elements given as blocks (`read(k)`: block k, 1-D
-    float32), in O(block) memory: a radix selection on the float32 bit patterns, which order non-negative floats
-    as integers. Read 1 counts the high 16 bits of every element; read 2 counts the low 16 bits inside the one or
-    two buckets that hold the boundary ranks, per block. Returns the same RankCut as rank_cut on the whole array,
-    and for each block how many members of each boundary tie group it holds (what apply_cut's offsets add up)."""
-    lo, hi = max(0, lo), min(n, hi)
-    if lo >= hi:
-        return RankCut(0.0, 0.0, (), empty=True), [[] for _ in range(n_blocks)]
-    ks = [n - hi, n - 1 - lo] if largest_first else [lo, hi - 1]
+    """RadixSelect over blocks `read(k)` (block k, 1-D float32): (RankCut, per block its boundary group counts)."""
     high = np.zeros(1 << 16, dtype=np.int64)
+    if max(0, lo) < min(n, hi):
+        for k in range(n_blocks):
+            high += RadixSelect.high_counts(read(k))
+    sel = RadixSelect(high, n, lo, hi, largest_first)
     for k in range(n_blocks):
-        high += np.bincount(read(k).view(np.uint32) >> 16, minlength=1 << 16)
-    high_cum = np.cumsum(high)
-    buckets = sorted({int(np.searchsorted(high_cum, k, side="right")) for k in ks})
-    low = {b: np.zeros(1 << 16, dtype=np.int64) for b in buckets}
-    per_block = []
-    for k in range(n_blocks):
-        u = read(k).view(np.uint32)
-        top = u >> 16
-        seen = {}
-        for b in buckets:
-            vals, counts = np.unique(u[top == b] & 0xFFFF, return_counts=True)
-            low[b][vals] += counts
-            seen[b] = dict(zip(vals.tolist(), counts.tolist()))
-        per_block.append(seen)
-
-    def locate(k: int) -> Tuple[int, int, int, int]:
-        """(bucket, low bits, elements below the value, elements equal to it) of ascending rank k."""
-        b = int(np.searchsorted(high_cum, k, side="right"))
-        below_bucket = int(high_cum[b - 1]) if b else 0
-        low_cum = np.cumsum(low[b])
-        lb = int(np.searchsorted(low_cum, k - below_bucket, side="right"))
-        return b, lb, below_bucket + (int(low_cum[lb - 1]) if lb else 0), int(low[b][lb])
-
-    found = [locate(k) for k in ks]
-    groups, members = [], []
-    for b, lb, below, equal in (found if found[0][:2] != found[1][:2] else found[:1]):
-        v = np.array([(b << 16) | lb], dtype=np.uint32).view(np.float32)[0].item()
-        before = n - below - equal if largest_first else below
-        groups.append((v, max(0, lo - before), max(0, hi - before)))
-        members.append((b, lb))
-    vl, vh = groups[0][0], groups[-1][0]
-    counts = [[seen[b].get(lb, 0) for b, lb in members] for seen in per_block]
-    return RankCut(vl, vh, tuple(groups)), counts
+        sel.add_low(sel.low_counts(read(k)) if not sel.empty else {})
+    return sel.result()
 
 
 def apply_cut(a: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
