@@ -423,16 +423,34 @@ def _wants_malloc_env(args: list) -> bool:
     return isinstance(method, str) and method in ROW_BLOCK_METHODS
 
 
+def _import_path() -> list:
+    """The import path for the restarted process: this one's, without the working directory (an empty entry, or
+    the folder itself, e.g. from an empty PYTHONPATH component), plus the folder mergesmith was imported from when
+    that is not on it (a source checkout run with `python -m`)."""
+    import mergesmith
+
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the working directory was removed: nothing can be imported from it
+        cwd = None
+    paths = [p for p in sys.path if p and os.path.isabs(p) and os.path.realpath(p) != cwd]
+    root = str(Path(mergesmith.__file__).resolve().parent.parent)
+    return paths if root in paths else paths + [root]
+
+
 def entry() -> None:
     """The `mergesmith` command: for merges that profit (see ROW_BLOCK_METHODS) on glibc Linux, restart once with
     MALLOC_ENV (the allocator reads it only at process start); MERGESMITH_MALLOC=0 or a MALLOC_ARENA_MAX already
-    set skips this."""
+    set skips this. The restart runs the same interpreter isolated (-I: no PYTHON* variables, no user site, no
+    script folder or working directory on the path) with this process's import path minus the working directory,
+    so it imports from exactly where this process did and never runs a torch.py or mergesmith.py found there."""
     args = sys.argv[1:]
     heavy = _wants_malloc_env(args)
     if (heavy and sys.platform.startswith("linux") and "MALLOC_ARENA_MAX" not in os.environ
-            and os.environ.get("MERGESMITH_MALLOC", "1") != "0"):
+            and os.environ.get("MERGESMITH_MALLOC", "1") != "0" and sys.executable):
+        code = f"import sys; sys.path[:] = {_import_path()!r}; from mergesmith.cli import main; main()"
         try:
-            os.execve(sys.executable, [sys.executable, "-m", "mergesmith", *args], {**os.environ, **MALLOC_ENV})
+            os.execve(sys.executable, [sys.executable, "-I", "-c", code, *args], {**os.environ, **MALLOC_ENV})
         except OSError:
             pass
     main()

@@ -55,11 +55,16 @@ def load_tasks(path: Path) -> List[Task]:
 
 
 def load(path: Path):
+    """A model folder's model and tokenizer, through transformers' built-in classes only: a folder that asks for its
+    own code (`auto_map`) is refused before transformers sees it, so it can neither run it nor ask whether to."""
+    from mergesmith.io.index import refuse_custom_code
+
+    refuse_custom_code(path, "eval")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise MergeError(f"cannot load model {path}: {str(e).splitlines()[0][:200]}") from None
     model.eval()
@@ -143,8 +148,11 @@ def perplexity(model, tok, text: str, window: Optional[int] = None) -> float:
 
 def evaluate(paths: Sequence[Path], names: Optional[Sequence[str]] = None, tasks: Optional[List[Task]] = None,
              text: Optional[str] = None) -> List[dict]:
+    from mergesmith.io.index import refuse_custom_code
     from mergesmith.skills import heldout_text
 
+    for path in paths:  # all of them before the first evaluation
+        refuse_custom_code(Path(path), "eval")
     tasks = builtin_tasks() if tasks is None else tasks
     text = heldout_text() if text is None else text
     results = []

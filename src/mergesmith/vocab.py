@@ -86,7 +86,7 @@ def _load_tokenizer(folder: Path, who: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+        return AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         raise MergeError(f"model {who}: its tokenizer does not load ({type(e).__name__}: {str(e)[:200]}); "
                          "a tokenizer merge needs every model's tokenizer") from None
@@ -112,7 +112,7 @@ def union_tokenizer(base_tok, toks: Dict[str, Any], rows: Dict[str, int]):
                 added.setdefault(info.content, info)
     with tempfile.TemporaryDirectory() as d:
         base_tok.save_pretrained(d)
-        res = AutoTokenizer.from_pretrained(d, use_fast=True)
+        res = AutoTokenizer.from_pretrained(d, use_fast=True, trust_remote_code=False)
     have = set(res.get_vocab())
     new_plain = [t for t in plain if t not in have and t not in added]
     if new_plain:
