@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -329,19 +330,28 @@ def test_nan_input_warns_strict_refuses(tmp_path, fam, capsys):
     assert "holds NaN or Inf values (refused under --strict)" in capsys.readouterr().err
 
 
-def test_allocator_settings_only_for_row_block_merges(tmp_path):
-    """`mergesmith run` restarts with MALLOC_ENV for row-block methods (della_linear: 267 -> 144 s on the Nemo-shaped
-    benchmark) and not for whole-tensor ones (their peak memory grows with a never-trimmed heap)."""
-    from mergesmith.cli import _wants_malloc_env
+def test_allocator_settings_only_for_row_block_merges(tmp_path, fam, monkeypatch):
+    """`mergesmith run` keeps freed block buffers in the heap (mergesmith.allocator) when the plan streams row
+    blocks (della_linear: 267 -> 144 s on the Nemo-shaped benchmark), and not for whole-tensor merges (their peak
+    memory grows with a never-trimmed heap)."""
+    import mergesmith.allocator
+    import mergesmith.plan
 
-    della, slerp = tmp_path / "d.yml", tmp_path / "s.yml"
-    della.write_text("merge_method: della_linear\nmodels: []\n")
-    slerp.write_text("merge_method: slerp\nmodels: []\n")
-    assert _wants_malloc_env(["run", str(della), "out", "--seed", "1"])
-    assert _wants_malloc_env(["run", "--seed", "1", str(della), "out"])
-    assert not _wants_malloc_env(["run", str(slerp), "out"])
-    assert not _wants_malloc_env(["run", str(tmp_path / "missing.yml"), "out"])
-    assert not _wants_malloc_env(["methods"])
+    calls = []
+    monkeypatch.setattr(mergesmith.allocator, "reuse_freed_blocks", lambda: calls.append(1))
+    recipe = write_recipe(tmp_path, fam)
+    run_recipe(str(recipe), str(tmp_path / "whole"), seed=1, quiet=True)  # the family's tensors fit one block
+    assert calls == []
+    monkeypatch.setattr(mergesmith.plan, "BLOCK_ELEMENTS", 1000)
+    run_recipe(str(recipe), str(tmp_path / "blocks"), seed=1, quiet=True)
+    assert calls == [1]
+
+
+def test_allocator_settings_apply_in_process():
+    """mallopt accepts every setting on glibc Linux (checked in a child: the settings last for the process)."""
+    code = "from mergesmith.allocator import reuse_freed_blocks as r; print(r())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert out.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False"), out.stderr
 
 
 def test_blocks_two_at_a_time_come_back_in_order():

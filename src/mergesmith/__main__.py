@@ -19,6 +19,6 @@ if __name__ == "__main__":
     if not isolated and sys.path and sys.path[0] in ("", _cwd()):
         del sys.path[0]
 
-    from mergesmith.cli import entry
+    from mergesmith.cli import main
 
-    entry()
+    main()

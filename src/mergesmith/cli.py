@@ -110,7 +110,9 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
     replaced or removed, and the lock that keeps a second run off the same OUT_DIR: mergesmith.outdir.
     """
     from mergesmith import outdir
+    from mergesmith.allocator import reuse_freed_blocks
     from mergesmith.execute import execute, pick_device
+    from mergesmith.plan import row_blocks
     from mergesmith.folder import folder_bytes, write_folder
     from mergesmith.verify import verify_weights
 
@@ -127,6 +129,8 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
         resume = not restart and _continues(p, partial)
         if not resume:
             _fresh(p, partial, folder_bytes(p, out.name, copy_tokenizer, write_model_card, template))
+        if any(len(row_blocks(p, t)) > 1 for t in p.tasks):
+            reuse_freed_blocks()
         done = execute(p, partial, device=device, threads=threads, progress=not quiet, resume=resume)
         if done:
             from mergesmith.errors import log
@@ -389,70 +393,8 @@ def extract_lora_cmd(out_dir, model, base, rank, energy, dtype, overwrite, verbo
              f"(norms, embeddings, head): {', '.join(res.left_out[:4])}{' ...' if len(res.left_out) > 4 else ''}")
 
 
-# glibc allocator settings for a merge: one arena and no mmap/trim for large blocks, so the tensors freed after
-# each block are reused instead of returned to the kernel and faulted in again (measured: a DELLA block went from
-# 4.8 to 2.7 CPU-seconds, most of the difference being page-fault system time).
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
-              "MALLOC_TRIM_THRESHOLD_": str(1 << 34), "MALLOC_TOP_PAD_": str(1 << 29)}
-
-
-# Methods merged in row blocks of one size, where reusing freed memory pays (della_linear on the Nemo-shaped
-# benchmark: 267 -> 144 s). Whole-tensor methods (slerp, ...) allocate tensors of many sizes, and a heap that
-# never returns memory fragments: small-family ties, when it still took whole tensors, peaked at 4.3 GiB with
-# MALLOC_ENV, 3.4 GiB without. TIES and breadcrumbs now run in row blocks (without `rescale`): 1.06 -> 0.99 GiB and
-# 11.5 -> 10.3 s with MALLOC_ENV on the small family.
-ROW_BLOCK_METHODS = {"linear", "task_arithmetic", "dare_linear", "dare_ties", "della", "della_linear", "nearswap",
-                     "passthrough", "ties", "breadcrumbs", "breadcrumbs_ties"}
-
-
-def _wants_malloc_env(args: list) -> bool:
-    """`run` of a row-block method, `demo` and `extract-lora`; judged from the recipe's text, before importing torch."""
-    if not args or args[0] not in ("run", "demo", "extract-lora"):
-        return False
-    if args[0] != "run":
-        return True
-    recipe = next((a for a in args[1:] if not a.startswith("-") and os.path.isfile(a)), None)
-    try:
-        import yaml
-
-        with open(recipe, encoding="utf-8") as f:
-            text = f.read(1 << 20)  # recipe.MAX_RECIPE_BYTES: the real run refuses a larger one
-        method = (yaml.safe_load(text) or {}).get("merge_method")
-    except Exception:  # noqa: BLE001 - the real run reports any problem with the recipe
-        return False
-    return isinstance(method, str) and method in ROW_BLOCK_METHODS
-
-
-def _import_path() -> list:
-    """The import path for the restarted process: this one's, without the working directory (an empty entry, or
-    the folder itself, e.g. from an empty PYTHONPATH component), plus the folder mergesmith was imported from when
-    that is not on it (a source checkout run with `python -m`)."""
-    import mergesmith
-
-    try:
-        cwd = os.path.realpath(os.getcwd())
-    except OSError:  # the working directory was removed: nothing can be imported from it
-        cwd = None
-    paths = [p for p in sys.path if p and os.path.isabs(p) and os.path.realpath(p) != cwd]
-    root = str(Path(mergesmith.__file__).resolve().parent.parent)
-    return paths if root in paths else paths + [root]
-
-
 def entry() -> None:
-    """The `mergesmith` command: for merges that profit (see ROW_BLOCK_METHODS) on glibc Linux, restart once with
-    MALLOC_ENV (the allocator reads it only at process start); MERGESMITH_MALLOC=0 or a MALLOC_ARENA_MAX already
-    set skips this. The restart runs the same interpreter isolated (-I: no PYTHON* variables, no user site, no
-    script folder or working directory on the path) with this process's import path minus the working directory,
-    so it imports from exactly where this process did and never runs a torch.py or mergesmith.py found there."""
-    args = sys.argv[1:]
-    heavy = _wants_malloc_env(args)
-    if (heavy and sys.platform.startswith("linux") and "MALLOC_ARENA_MAX" not in os.environ
-            and os.environ.get("MERGESMITH_MALLOC", "1") != "0" and sys.executable):
-        code = f"import sys; sys.path[:] = {_import_path()!r}; from mergesmith.cli import main; main()"
-        try:
-            os.execve(sys.executable, [sys.executable, "-I", "-c", code, *args], {**os.environ, **MALLOC_ENV})
-        except OSError:
-            pass
+    """The `mergesmith` command."""
     main()
 
 
