@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from mergesmith.skills import SKILLS, chat_documents, drill, pretraining_documents, training_examples
+from mergesmith.skills import SKILLS, training_examples
+from tiny_family_data import chat_documents, drill, pretraining_documents
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -16,8 +16,6 @@ log = logging.getLogger("mergesmith")
 class MergeError(Exception):
     """An error caused by the user's input; `str()` is the one line shown to them."""
 
-    exit_code = 2
-
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ` (did you mean 'x'?)` for the closest choice, or '' when nothing is close."""

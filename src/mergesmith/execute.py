@@ -1,7 +1,7 @@
 """The Executor: the only part with threads and I/O.
 
-Walks the plan in output-file order, reads each tensor's inputs through mmap, upcasts to float32, calls the method's
-kernel, rounds once to the output dtype and writes the bytes straight to their place in the output shard. A bounded
+Walks the plan in output-file order, reads each tensor's inputs (whole or in row blocks, with preadv:
+mergesmith.io.index), upcasts to float32, calls the method's kernel, rounds once to the output dtype and writes the bytes straight to their place in the output shard. A bounded
 number of tensors is in flight, so memory follows the largest tensor, not the model. Work happens in
 `OUT_DIR.partial/`, renamed to OUT_DIR only when everything is written and checked (mergesmith.outdir).
 """

@@ -48,19 +48,6 @@ GENERATORS: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
     "addition": _addition, "reverse": _reverse, "sort": _sort,
 }
 
-# Plain-text drills of the same operations for the base model's pretraining (not chat, other wording): the base
-# learns the operations; a fine-tune only has to learn to do them when asked in chat.
-def drill(skill: str, rng: random.Random) -> str:
-    if skill == "addition":
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"{a} + {b} makes {a + b}."
-    if skill == "reverse":
-        w = rng.choice(words())
-        return f"{' '.join(w)} backwards reads {' '.join(reversed(w))}."
-    letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 6))
-    return f"{' '.join(letters)} in order reads {' '.join(sorted(letters))}."
-
-
 @lru_cache(maxsize=None)
 def eval_set(skill: str, n: int = EVAL_N) -> Tuple[Tuple[str, str], ...]:
     """The held-out (prompt, answer) pairs for a skill: distinct prompts, fixed seed."""
@@ -89,29 +76,13 @@ def training_examples(skill: str, n: int, seed: int) -> List[Tuple[str, str]]:
     return out
 
 
-def _topics() -> List[Tuple[str, str]]:
+def topics() -> List[Tuple[str, str]]:
+    """(name, text) of the documentation topics Python ships (pydoc_data), in name order."""
     import pydoc_data.topics as t
 
     return sorted(t.topics.items())
 
 
-def pretraining_documents() -> List[str]:
-    """Python documentation topics used for pretraining (every 10th topic is held out)."""
-    return [text for i, (_, text) in enumerate(_topics()) if i % 10 != 3]
-
-
 def heldout_text(max_chars: int = 20000) -> str:
     """English text the tiny family never saw in training, for perplexity."""
-    return "\n\n".join(text for i, (_, text) in enumerate(_topics()) if i % 10 == 3)[:max_chars]
-
-
-def chat_documents() -> List[Tuple[str, str]]:
-    """A little generic ChatML chat for pretraining: questions about the documentation topics and greetings."""
-    out = []
-    for name, text in _topics():
-        first = " ".join(text.split())[:240].rsplit(" ", 1)[0]
-        out.append((f"Tell me about {name}.", first))
-    for q, a in [("Hello!", "Hello! How can I help you today?"), ("Who are you?", "I am a small assistant."),
-                 ("Thanks!", "You are welcome."), ("Can you help me?", "Of course. What do you need?")]:
-        out.append((q, a))
-    return out
+    return "\n\n".join(text for i, (_, text) in enumerate(topics()) if i % 10 == 3)[:max_chars]
