@@ -548,3 +548,12 @@ def test_index_that_disagrees_with_the_files_is_refused(w, capsys, lie):
     else:
         edit_json(index, lambda d: {**d, "weight_map": {**wm, "model.ghost.weight": other}})
     assert "the index puts tensor" in refused_before_work(capsys, w)
+
+
+def test_empty_per_layer_list_in_config_does_not_break_a_sliced_merge(w):
+    edit_json(w.base / "config.json", lambda d: {**d, "layer_types": []})
+    w.recipe.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {w.base}\n"
+                        "        layer_range: [0, 1]\ndtype: bfloat16\n")
+    assert cli("run", w.recipe, w.out, "--quiet") == 0
+    cfg = json.loads((w.out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 1 and cfg["layer_types"] == []

@@ -112,7 +112,7 @@ def _template_file(spec: str, roots: List[Path], where: str) -> Optional[str]:
 
 
 def choose_template(spec: str, folders: List[Path], base_folder: Optional[Path], recipe_dir: Path,
-                    where: str = "chat_template") -> Optional[str]:
+                    where: str) -> Optional[str]:
     """Resolve a recipe's `chat_template:` (line `where`): a name, `auto`, an inline Jinja string, or a template
     file in `recipe_dir` or one of the models' `folders`."""
     if spec in TEMPLATES:

@@ -15,7 +15,8 @@ from mergesmith.errors import MergeError, warn
 from mergesmith.io.index import has_member, model_folder, read_json_object, safe_member
 from mergesmith.io.resolve import is_hub_id
 from mergesmith.plan import Plan
-from mergesmith.vocab import TOKENIZER_FILES, check_tokenizer_files
+from mergesmith.vocab import TOKENIZER_FILES, check_tokenizer_files  # noqa: F401 - TOKENIZER_FILES: its old home
+
 
 def _dtype_name(plan: Plan) -> str:
     float_dtypes = {t.out_dtype for t in plan.tasks if t.out_dtype.is_floating_point}
@@ -37,7 +38,7 @@ def write_config(plan: Plan, out: Path) -> None:
         cfg["num_hidden_layers"] = plan.num_layers
         # per-layer lists (layer_types, ...) follow the layers they describe
         for key, value in list(cfg.items()):
-            if isinstance(value, list) and key.startswith("layer_"):
+            if isinstance(value, list) and value and key.startswith("layer_"):  # [] has no entry to spread
                 per = []
                 for ref, i in plan.layer_sources:
                     src = (plan.models[ref].config or {}).get(key)
@@ -86,13 +87,12 @@ def copy_tokenizer(plan: Plan, out: Path, chat_template: Optional[str]) -> None:
         plan.vocabulary.tokenizer.save_pretrained(str(out))
     else:
         src_ref = _tokenizer_source(plan)
-        folder = model_folder(plan.models[src_ref])
-        names = [f for f in TOKENIZER_FILES if has_member(folder, f)]
-        if not names:
+        files = check_tokenizer_files(model_folder(plan.models[src_ref]), src_ref)  # as at plan time
+        if not files:
             warn(f"model {src_ref} has no tokenizer files; the output has no tokenizer")
             return
-        for f in names:  # checked at plan time; copied from where the check resolved them
-            shutil.copyfile(safe_member(folder, f), out / f)
+        for name, src in files:  # copied from where the check resolved them
+            shutil.copyfile(src, out / name)
     if chat_template is not None:
         tc_path = out / "tokenizer_config.json"
         tc = read_json_object(tc_path) if tc_path.exists() else {}

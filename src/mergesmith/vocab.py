@@ -112,8 +112,8 @@ def check_tokenizer_files(folder: Path, who: str, names: List[str] = TOKENIZER_F
 
 
 def _file_arguments(folder: Path, who: str) -> None:
-    """transformers before 5 opens the `*_file` paths a tokenizer_config.json names (vocab_file, tokenizer_file,
-    ...) as they are: one leading to an existing file outside the folder is refused."""
+    """Older transformers open the `*_file` paths a tokenizer_config.json names (vocab_file, tokenizer_file, ...)
+    as they are: one leading to an existing file outside the folder is refused."""
     from mergesmith.io.index import has_member, lies_inside, member_json
 
     if not has_member(folder, "tokenizer_config.json"):
