@@ -372,6 +372,8 @@ def test_pickled_code_in_an_adapter_never_runs(w, adapter, capsys, recwarn, how)
     ({"rank_pattern": [1]}, "'rank_pattern' must be an object"),
     ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern['q_proj']"),
     ({"rank_pattern": {"(": 2}}, "not a regular expression"),
+    ({"rank_pattern": {"(.*)*x": 2}}, "can take forever to match"),  # matching it hung
+    ({"alpha_pattern": {".*.*.*.*x": 2}}, "can take forever to match"),
 ])
 def test_adapter_config_with_wrong_types_is_one_line(w, adapter, capsys, change, expect):
     edit_json(adapter / "adapter_config.json", lambda d: {**d, **change})

@@ -76,6 +76,16 @@ def _check_patterns(cfg: Dict, key: str, ref: str) -> None:
         except re.error as e:
             raise MergeError(f"adapter {ref}: adapter_config.json: {key} key {k!r} is not a regular expression ({e})"
                              ) from None
+        if _backtracks(k):
+            raise MergeError(f"adapter {ref}: adapter_config.json: {key} key {k[:60]!r} repeats a group or repeats "
+                             "more than twice; such a pattern can take forever to match, refused")
+
+
+def _backtracks(pattern: str) -> bool:
+    """Whether a pattern may backtrack for ages on a module name (`(a+)+`, `(.*)*x`, `.*.*.*x`): a repeated
+    group, or more than 2 unbounded or counted repetitions. Module names and PEFT's patterns need neither."""
+    plain = re.sub(r"\\.", "", pattern)  # escaped characters repeat nothing
+    return bool(re.search(r"\)[*+{]", plain)) or len(re.findall(r"[*+{]", plain)) > 2
 
 
 def _adapter_config(path: Path, ref: str) -> Dict:

@@ -148,7 +148,8 @@ def safe_member(folder: Path, name: str) -> Path:
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
         raise MergeError(f"{folder}: cannot open {name} ({getattr(e, 'strerror', None) or e})") from None
     if not lies_inside(folder, p):
-        raise MergeError(f"{folder}: {name} leads outside the model folder (to {p}); refused")
+        raise MergeError(f"{folder}: {name} leads outside the model folder (to {p}); refused (if that file is "
+                         "yours, put a copy of it in the folder instead of the link)")
     if not stat.S_ISREG(mode):
         raise MergeError(f"{folder}: {name} is not a regular file (a folder, FIFO or device); refused")
     return p
