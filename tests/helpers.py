@@ -105,3 +105,28 @@ parameters:
 merge_method: della_linear
 dtype: bfloat16
 """
+
+
+def hub_cache(root: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay `folder` out in `root` as huggingface_hub's cache does (HF_HUB_CACHE=root): the files' bytes in
+    `models--org--name/blobs/<sha256>`, `snapshots/<commit>/<file>` relative symlinks to them, `refs/main` holding
+    the commit. Returns the snapshot folder."""
+    import hashlib
+    import os
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    blobs, snap = repo / "blobs", repo / "snapshots" / commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(folder)
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        os.replace(f, blobs / digest)
+        link = snap / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blobs / digest, link.parent))
+    return snap

@@ -177,7 +177,7 @@ def test_config_claiming_a_billion_layers_is_refused_at_once(tmp_path, fam):
                          timeout=120)
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and "num_hidden_layers 1000000000 but its tensors hold 2 layers" in err[0]
+    assert len(err) == 1 and "1000000000 layers" in err[0]
 
 
 def test_config_claiming_one_layer_more_is_refused(tmp_path, fam):

@@ -84,19 +84,25 @@ def plan_cmd(recipe, seed, dtype, out_dtype, out_shard_size, allow_crimes, allow
     from mergesmith.plan import describe
 
     p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span, allow_extrapolation)
-    _chat_template(p)
+    _chat_template(p, Path(recipe).resolve().parent)
     click.echo(describe(p))
 
 
-def _chat_template(p) -> Optional[str]:
+def _chat_template(p, recipe_dir: Path, tokenizer: bool = True) -> Optional[str]:
+    """Before any work: the tokenizer files the output will take are checked, and the recipe's chat_template
+    resolved (a file only from `recipe_dir`, the recipe's folder, or a model's folder)."""
     from mergesmith.chat_templates import choose_template
+    from mergesmith.folder import check_tokenizer
     from mergesmith.io.index import model_folder
 
+    if tokenizer:
+        check_tokenizer(p)
     spec = p.recipe.config.chat_template
     if not spec:
         return None
     base = p.models.get(p.base_model) if p.base_model else None
-    return choose_template(spec, [model_folder(m) for m in p.models.values()], model_folder(base) if base else None)
+    return choose_template(spec, [model_folder(m) for m in p.models.values()], model_folder(base) if base else None,
+                           recipe_dir, p.recipe.at("chat_template"))
 
 
 def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=None, out_shard_size="5GB",
@@ -124,7 +130,7 @@ def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=No
     if seed is None and head is not None:
         seed = head.get("seed")
     p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span, allow_extrapolation)
-    template = _chat_template(p)
+    template = _chat_template(p, Path(recipe).resolve().parent, copy_tokenizer)
     with outdir.claim(out, _inputs(p, recipe), overwrite, f"mergesmith run {recipe} {out_dir}") as partial:
         resume = not restart and _continues(p, partial)
         if not resume:

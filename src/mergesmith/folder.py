@@ -11,16 +11,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from mergesmith import __version__
-from mergesmith.errors import warn
-from mergesmith.io.index import model_folder
+from mergesmith.errors import MergeError, warn
+from mergesmith.io.index import has_member, model_folder, read_json_object, safe_member
 from mergesmith.io.resolve import is_hub_id
 from mergesmith.plan import Plan
-
-TOKENIZER_FILES = [
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken", "chat_template.jinja",
-    "chat_template.json",
-]
+from mergesmith.vocab import TOKENIZER_FILES, check_tokenizer_files
 
 
 def _dtype_name(plan: Plan) -> str:
@@ -47,7 +42,7 @@ def config_text(plan: Plan) -> Optional[str]:
         cfg["num_hidden_layers"] = plan.num_layers
         # per-layer lists (layer_types, ...) follow the layers they describe
         for key, value in list(cfg.items()):
-            if isinstance(value, list) and key.startswith("layer_"):
+            if isinstance(value, list) and value and key.startswith("layer_"):  # [] has no entry to spread
                 per = []
                 for ref, i in plan.layer_sources:
                     src = (plan.models[ref].config or {}).get(key)
@@ -67,33 +62,53 @@ def write_config(plan: Plan, out: Path) -> None:
         warn(f"model {template} has no config.json; the output has none either")
         return
     (out / "config.json").write_text(text)
-    gen = model_folder(plan.models[template]) / "generation_config.json"
-    if gen.exists():
-        shutil.copyfile(gen, out / "generation_config.json")
+    _copy_generation_config(model_folder(plan.models[template]), out)
+
+
+def _copy_generation_config(folder: Path, out: Path) -> None:
+    """generation_config.json, copied only when it is a regular file inside the model folder holding a JSON
+    object; else a warning (the output works without it, and a link could lead to any file)."""
+    if not has_member(folder, "generation_config.json"):
+        return
+    try:
+        src = safe_member(folder, "generation_config.json")
+        read_json_object(src)
+    except MergeError as e:
+        warn(f"{e}; the output has no generation_config.json")
+        return
+    shutil.copyfile(src, out / "generation_config.json")
 
 
 def _tokenizer_source(plan: Plan) -> str:
+    """The model whose tokenizer files the output copies."""
     c = plan.recipe.config
     if c.tokenizer_source and c.tokenizer_source not in ("base", "union"):
         return c.tokenizer_source
     return plan.base_model or next(iter(plan.models))
 
 
+def check_tokenizer(plan: Plan) -> None:
+    """Before any work: the tokenizer files the output will copy are regular files of their folder, JSON ones
+    objects (a tokenizer the recipe builds was checked when it was read)."""
+    if plan.vocabulary is None:
+        ref = _tokenizer_source(plan)
+        check_tokenizer_files(model_folder(plan.models[ref]), ref)
+
+
 def copy_tokenizer(plan: Plan, out: Path, chat_template: Optional[str]) -> None:
-    src_ref = _tokenizer_source(plan)
     if plan.vocabulary is not None:
         plan.vocabulary.tokenizer.save_pretrained(str(out))
     else:
-        folder = model_folder(plan.models[src_ref])
-        copied = [f for f in TOKENIZER_FILES if (folder / f).exists()]
-        if not copied:
+        src_ref = _tokenizer_source(plan)
+        files = check_tokenizer_files(model_folder(plan.models[src_ref]), src_ref)  # as at plan time
+        if not files:
             warn(f"model {src_ref} has no tokenizer files; the output has no tokenizer")
             return
-        for f in copied:
-            shutil.copyfile(folder / f, out / f)
+        for name, src in files:  # copied from where the check resolved them
+            shutil.copyfile(src, out / name)
     if chat_template is not None:
         tc_path = out / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.exists() else {}
+        tc = read_json_object(tc_path) if tc_path.exists() else {}
         tc["chat_template"] = chat_template
         tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
         (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")

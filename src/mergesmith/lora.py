@@ -57,29 +57,108 @@ class LoraAdapter:
         return (Bs @ A) * s
 
 
-def load_adapter(path: Path, ref: str) -> LoraAdapter:
-    """Read a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors or .bin)."""
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.exists():
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_patterns(cfg: Dict, key: str, ref: str) -> None:
+    """rank_pattern / alpha_pattern: {regex: number}, each key a valid regular expression."""
+    pat = cfg.get(key)
+    if pat is None:
+        return
+    if not isinstance(pat, dict):
+        raise MergeError(f"adapter {ref}: adapter_config.json: '{key}' must be an object of module -> number")
+    for k, v in pat.items():
+        if not _is_number(v) or v < 0:
+            raise MergeError(f"adapter {ref}: adapter_config.json: {key}[{k!r}] is {json.dumps(v)[:40]}, not a number")
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise MergeError(f"adapter {ref}: adapter_config.json: {key} key {k!r} is not a regular expression ({e})"
+                             ) from None
+        if _backtracks(k):
+            raise MergeError(f"adapter {ref}: adapter_config.json: {key} key {k[:60]!r} repeats a group or repeats "
+                             "more than twice; such a pattern can take forever to match, refused")
+
+
+def _backtracks(pattern: str) -> bool:
+    """Whether a pattern may backtrack for ages on a module name (`(a+)+`, `(.*)*x`, `.*.*.*x`): a repeated
+    group, or more than 2 unbounded or counted repetitions. Module names and PEFT's patterns need neither."""
+    plain = re.sub(r"\\.", "", pattern)  # escaped characters repeat nothing
+    return bool(re.search(r"\)[*+{]", plain)) or len(re.findall(r"[*+{]", plain)) > 2
+
+
+def _adapter_config(path: Path, ref: str) -> Dict:
+    """adapter_config.json, read as hostile (a regular file inside the folder, capped, an object) and with the
+    types of the fields mergesmith uses checked."""
+    from mergesmith.io.index import has_member, member_json
+
+    if not has_member(path, "adapter_config.json"):
         raise MergeError(f"adapter {ref}: {path} has no adapter_config.json (is it a PEFT LoRA folder?)")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise MergeError(f"adapter {ref}: adapter_config.json is not JSON ({e})") from None
+        cfg = member_json(path, "adapter_config.json")
+    except MergeError as e:
+        raise MergeError(f"adapter {ref}: {e}") from None
+    bad = next((f"'{k}' must be {want}" for k, want, ok in (
+        ("peft_type", "a name", lambda v: isinstance(v, str)),
+        ("r", "a whole number >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        ("lora_alpha", "a number", _is_number),
+        ("use_rslora", "true or false", lambda v: isinstance(v, bool)),
+        ("use_dora", "true or false", lambda v: isinstance(v, bool)),
+        ("fan_in_fan_out", "true or false", lambda v: isinstance(v, bool)),
+    ) if cfg.get(k) is not None and not ok(cfg[k])), None)
+    if bad:
+        raise MergeError(f"adapter {ref}: adapter_config.json: {bad}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        _check_patterns(cfg, key, ref)
+    return cfg
+
+
+def _adapter_tensors(path: Path, ref: str) -> Dict[str, torch.Tensor]:
+    """The adapter's tensors: safetensors checked like a model's, .bin only through weights_only=True."""
+    from mergesmith.io.index import has_member, load_pickled_weights, read_safetensors_header, safe_member
+
+    try:
+        if has_member(path, "adapter_model.safetensors"):
+            from safetensors.torch import load_file
+
+            st = safe_member(path, "adapter_model.safetensors")
+            read_safetensors_header(st)
+            return load_file(str(st))
+        if has_member(path, "adapter_model.bin"):
+            sd = load_pickled_weights(safe_member(path, "adapter_model.bin"))
+            odd = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+            if odd is not None:
+                raise MergeError(f"{path / 'adapter_model.bin'}: entry {odd!r} is not a tensor")
+            return sd
+    except MergeError as e:
+        raise MergeError(f"adapter {ref}: {e}") from None
+    raise MergeError(f"adapter {ref}: no adapter_model.safetensors or adapter_model.bin in {path}")
+
+
+def _factor_pair(p: Dict[str, torch.Tensor], module: str, ref: str) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """(A, B, embedding?) of one module: two float matrices whose inner (rank) dimensions agree."""
+    emb = "lora_embedding_A" in p
+    A = p.get("lora_embedding_A" if emb else "lora_A")
+    B = p.get("lora_embedding_B" if emb else "lora_B")
+    if A is None or B is None:
+        raise MergeError(f"adapter {ref}: module {module} has only one of its two LoRA factors")
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] < 1:
+        raise MergeError(f"adapter {ref}: module {module}: LoRA factors A {list(A.shape)} and B {list(B.shape)} "
+                         "are not [r, in] and [out, r] with the same rank r >= 1")
+    return A, B, emb
+
+
+def load_adapter(path: Path, ref: str) -> LoraAdapter:
+    """Read a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors or .bin). Every file is read as
+    hostile: a bad one is one line, and pickled code never runs."""
+    cfg = _adapter_config(path, ref)
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise MergeError(f"adapter {ref}: peft_type {cfg.get('peft_type')} is not supported (only LORA)")
     for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
         if cfg.get(flag):
             raise MergeError(f"adapter {ref}: {what} adapters are not supported; merge it with PEFT first")
-    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
-    if st.exists():
-        from safetensors.torch import load_file
-
-        sd = load_file(str(st))
-    elif binf.exists():
-        sd = torch.load(str(binf), map_location="cpu", weights_only=True)
-    else:
-        raise MergeError(f"adapter {ref}: no adapter_model.safetensors or adapter_model.bin in {path}")
+    sd = _adapter_tensors(path, ref)
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rslora = bool(cfg.get("use_rslora"))
     ad = LoraAdapter(path, cfg)
@@ -87,6 +166,8 @@ def load_adapter(path: Path, ref: str) -> LoraAdapter:
     for key, t in sd.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = re.match(r"(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.default)?(\.weight)?$", k)
+        if m and not t.is_floating_point():
+            raise MergeError(f"adapter {ref}: LoRA factor {key} is {t.dtype}, not a float")
         if m:
             parts.setdefault(m.group(1), {})[m.group(2)] = t.float()
         elif ".modules_to_save." in k or k.endswith((".weight", ".bias")):
@@ -94,11 +175,7 @@ def load_adapter(path: Path, ref: str) -> LoraAdapter:
         else:
             raise MergeError(f"adapter {ref}: cannot place tensor {key}")
     for module, p in parts.items():
-        emb = "lora_embedding_A" in p
-        A = p.get("lora_embedding_A" if emb else "lora_A")
-        B = p.get("lora_embedding_B" if emb else "lora_B")
-        if A is None or B is None:
-            raise MergeError(f"adapter {ref}: module {module} has only one of its two LoRA factors")
+        A, B, emb = _factor_pair(p, module, ref)
         r = A.shape[0]
         alpha = _pattern_value(cfg.get("alpha_pattern"), module, alpha0)
         rank = _pattern_value(cfg.get("rank_pattern"), module, r0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -82,13 +82,62 @@ def parse_tokens(recipe, tokens: Optional[Dict[str, Any]]) -> Dict[str, TokenSou
     return out
 
 
+TOKENIZER_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken", "chat_template.jinja",
+    "chat_template.json",
+]
+
+
+def check_tokenizer_files(folder: Path, who: str, names: List[str] = TOKENIZER_FILES) -> List[Tuple[str, Path]]:
+    """(name, resolved path) of the tokenizer files `names` a model folder has, each a regular file inside it
+    (safe_member: a link to a secret elsewhere would end up in the output) and, for JSON, an object."""
+    from mergesmith.io.index import MAX_JSON, has_member, read_json_object, safe_member
+
+    found = []
+    for name in names:
+        if not has_member(folder, name):
+            continue
+        try:
+            p = safe_member(folder, name)
+            if name.endswith(".json"):
+                read_json_object(p)
+            elif p.stat().st_size > MAX_JSON:  # the cap of JSON files: the largest real tokenizer files are ~35 MB
+                raise MergeError(f"{folder}: {name} is {p.stat().st_size / 2**20:.0f} MiB, too large for a "
+                                 f"tokenizer file (at most {MAX_JSON / 2**20:g} MiB); refused")
+        except MergeError as e:
+            raise MergeError(f"model {who}: tokenizer file {e}") from None
+        found.append((name, p))
+    return found
+
+
+def _file_arguments(folder: Path, who: str) -> None:
+    """Older transformers open the `*_file` paths a tokenizer_config.json names (vocab_file, tokenizer_file, ...)
+    as they are: one leading to an existing file outside the folder is refused."""
+    from mergesmith.io.index import has_member, lies_inside, member_json
+
+    if not has_member(folder, "tokenizer_config.json"):
+        return
+    for key, v in member_json(folder, "tokenizer_config.json").items():
+        if key.endswith("_file") and isinstance(v, str) and v:
+            target = (folder / v).resolve()
+            if target.exists() and not lies_inside(folder, target):
+                raise MergeError(f"model {who}: tokenizer_config.json's {key} names {v}, outside the model folder; "
+                                 "refused")
+
+
 def _load_tokenizer(folder: Path, who: str):
     from transformers import AutoTokenizer
 
+    extra = [f"additional_chat_templates/{p.name}" for p in sorted(folder.glob("additional_chat_templates/*.jinja"))]
+    check_tokenizer_files(folder, who, [*TOKENIZER_FILES, "config.json", *extra])
+    _file_arguments(folder, who)
     try:
-        return AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(folder), use_fast=True, local_files_only=True,
+                                             trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        raise MergeError(f"model {who}: its tokenizer does not load ({type(e).__name__}: {str(e)[:200]}); "
+        reason = " ".join(str(e).split())[:200]
+        raise MergeError(f"model {who}: its tokenizer does not load ({type(e).__name__}: {reason}); "
                          "a tokenizer merge needs every model's tokenizer") from None
 
 

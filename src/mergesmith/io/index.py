@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import threading
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -28,7 +30,9 @@ ST_DTYPES: Dict[str, Tuple[torch.dtype, int]] = {
     "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
 }
 TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+MAX_JSON = 64 * 1024 * 1024  # config, index and tokenizer JSON: the largest real ones are a few tens of MB
+MAX_DIMS, MAX_DIM = 16, 1 << 48  # a tensor's rank and extent (a zero-size tensor could claim any other extent)
 
 
 @dataclass(frozen=True)
@@ -48,56 +52,200 @@ class TensorInfo:
         return n
 
 
-def read_safetensors_header(path: Path) -> Dict[str, Any]:
-    """Parse and validate a safetensors header; returns {name: {dtype, shape, data_offsets}} (+ __metadata__)."""
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path`, refused unless it is a regular file: a FIFO would block the open (hence
+    O_NONBLOCK), a device would never end, a folder is no file."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise MergeError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > MAX_HEADER or n > size - 8:
-                raise MergeError(f"{path}: safetensors header size {n} is impossible for a {size}-byte file "
-                                 "(truncated or not a safetensors file)")
-            raw = f.read(n)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise MergeError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MergeError(f"{path}: not a regular file (a folder, FIFO or device); refused")
+    return fd
+
+
+def _read_all(fd: int, n: int, offset: int = 0) -> bytes:
+    """Up to `n` bytes at `offset` (fewer only at the end of the file)."""
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, n - got, offset + got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def read_capped(path: Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a regular file, refused (before reading) when larger than `limit`."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        raw = _read_all(fd, limit + 1) if size <= limit else b""
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if size > limit or len(raw) > limit:
+        raise MergeError(f"{path}: {max(size, len(raw)) / 2**20:.0f} MiB is too large for a {what} "
+                         f"(at most {limit / 2**20:g} MiB is read); refused")
+    return raw
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, size-capped (MAX_JSON); any flaw is one line."""
+    raw = read_capped(path, MAX_JSON, "JSON file")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise MergeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:
+        raise MergeError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    except RecursionError:
+        raise MergeError(f"{path}: JSON nested too deeply") from None
+
+
+def read_json_object(path: Path) -> Dict[str, Any]:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise MergeError(f"{path}: holds a JSON {type(data).__name__}, not an object ({{...}}); the file is corrupt")
+    return data
+
+
+def _hub_blobs(root: Path) -> Optional[Path]:
+    """`.../models--org--name/blobs` when the resolved folder `root` is (inside) a Hugging Face cache snapshot,
+    `models--org--name/snapshots/<commit>/`: the cache keeps a snapshot's files there, linked from the snapshot."""
+    for a in (root, *root.parents):
+        if a.parent.name == "snapshots" and a.parent.parent.name.startswith("models--"):
+            return a.parent.parent / "blobs"
+    return None
+
+
+def lies_inside(folder: Path, target: Path) -> bool:
+    """Whether the resolved path `target` belongs to the model folder `folder`: inside it, or, for a Hugging Face
+    cache snapshot, one of its repository's blobs (never another repository's)."""
+    root = folder.resolve()
+    if root in target.parents:
+        return True
+    blobs = _hub_blobs(root)
+    return blobs is not None and target.parent == blobs
+
+
+def safe_member(folder: Path, name: str) -> Path:
+    """The file `name` (from an index or a listing) of a model folder, resolved: a regular file inside the folder
+    (or a Hub cache link to its repository's blobs). Refused: a name with `..` or absolute, a link leading
+    elsewhere, a folder, FIFO or device, a missing file."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or ".." in parts or parts[0] == "/" or "\\" in name or "\0" in name:
+        raise MergeError(f"{folder}: names the file {str(name)[:80]!r}, which is not a file name inside the model "
+                         "folder; refused")
+    try:
+        p = (folder.resolve() / name).resolve(strict=True)
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise MergeError(f"{folder}: {name} is missing (incomplete download?)") from None
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
+        raise MergeError(f"{folder}: cannot open {name} ({getattr(e, 'strerror', None) or e})") from None
+    if not lies_inside(folder, p):
+        raise MergeError(f"{folder}: {name} leads outside the model folder (to {p}); refused (if that file is "
+                         "yours, put a copy of it in the folder instead of the link)")
+    if not stat.S_ISREG(mode):
+        raise MergeError(f"{folder}: {name} is not a regular file (a folder, FIFO or device); refused")
+    return p
+
+
+def member_json(folder: Path, name: str) -> Dict[str, Any]:
+    """A JSON object file of a model folder, through safe_member and read_json_object."""
+    return read_json_object(safe_member(folder, name))
+
+
+def has_member(folder: Path, name: str) -> bool:
+    """Whether the folder has an entry `name` (a dangling link counts: safe_member then says what is wrong)."""
+    return os.path.lexists(folder / name)
+
+
+def load_pickled_weights(path: Path, mmap: bool = False) -> Dict[str, Any]:
+    """A `.bin` state dict through torch.load(weights_only=True): pickled code never runs, and anything else
+    than a plain {name: tensor} file is one line."""
+    try:
+        with warnings.catch_warnings():  # torch warns (two more lines) about pickle protocols it then refuses
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a refusal
+        raise MergeError(f"{path}: refused to load: it is not a plain weights file that loads with "
+                         f"weights_only=True ({type(e).__name__}); convert it to safetensors") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        raise MergeError(f"{path}: does not hold a state dict ({{tensor name: tensor}})")
+    return sd
+
+
+def _header_bytes(path: Path) -> Tuple[int, bytes]:
+    """(file size, the header's JSON bytes) of a safetensors file; the length field is checked before reading."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise MergeError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_HEADER or n > size - 8:
+            raise MergeError(f"{path}: safetensors header size {n} is impossible for a {size}-byte file "
+                             "(truncated or not a safetensors file)")
+        raw = _read_all(fd, n, 8)
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(raw) < n:
+        raise MergeError(f"{path}: the file ends inside its safetensors header (truncated)")
+    return size, raw
+
+
+def _check_entry(path: Path, name: str, info: Any, data_len: int) -> Tuple[int, int]:
+    """One tensor's header entry checked against the file: its (begin, end) data offsets."""
+    if not isinstance(info, dict):
+        raise MergeError(f"{path}: tensor {name!r}: header entry is not an object")
+    dt = info.get("dtype")
+    if dt not in ST_DTYPES:
+        raise MergeError(f"{path}: tensor {name!r}: unsupported dtype {str(dt)[:40]!r}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape):
+        raise MergeError(f"{path}: tensor {name!r}: bad shape {str(shape)[:80]}")
+    off = info.get("data_offsets")
+    if (not isinstance(off, list) or len(off) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in off)):
+        raise MergeError(f"{path}: tensor {name!r}: bad data_offsets {str(off)[:80]}")
+    b, e = off
+    numel = 1
+    for s in shape:
+        numel *= s
+    if not (0 <= b <= e <= data_len):
+        raise MergeError(f"{path}: tensor {name!r}: data_offsets [{b}, {e}] lie outside the file's "
+                         f"{data_len} data bytes (truncated download?)")
+    if e - b != numel * ST_DTYPES[dt][1]:
+        raise MergeError(f"{path}: tensor {name!r}: {e - b} bytes stored for shape {shape} of {dt}")
+    return b, e
+
+
+def read_safetensors_header(path: Path) -> Dict[str, Any]:
+    """Parse and validate a safetensors header; returns {name: {dtype, shape, data_offsets}} (+ __metadata__)."""
+    return _parse_header(path)[0]
+
+
+def _parse_header(path: Path) -> Tuple[Dict[str, Any], int]:
+    """read_safetensors_header's header, and the file offset where the tensor data begins."""
+    size, raw = _header_bytes(path)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise MergeError(f"{path}: safetensors header is not valid JSON (corrupt file?)") from None
     if not isinstance(header, dict):
         raise MergeError(f"{path}: safetensors header is not a JSON object")
-    data_len = size - 8 - n
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict):
-            raise MergeError(f"{path}: tensor {name!r}: header entry is not an object")
-        dt = info.get("dtype")
-        if dt not in ST_DTYPES:
-            raise MergeError(f"{path}: tensor {name!r}: unsupported dtype {dt!r}")
-        shape = info.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                  for s in shape):
-            raise MergeError(f"{path}: tensor {name!r}: bad shape {shape!r}")
-        off = info.get("data_offsets")
-        if (not isinstance(off, list) or len(off) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in off)):
-            raise MergeError(f"{path}: tensor {name!r}: bad data_offsets {off!r}")
-        b, e = off
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not (0 <= b <= e <= data_len):
-            raise MergeError(f"{path}: tensor {name!r}: data_offsets [{b}, {e}] lie outside the file's "
-                             f"{data_len} data bytes (truncated download?)")
-        if e - b != numel * ST_DTYPES[dt][1]:
-            raise MergeError(f"{path}: tensor {name!r}: {e - b} bytes stored for shape {shape} of {dt}")
-        spans.append((b, e, name))
-    spans.sort()
+    data_len = size - 8 - len(raw)
+    spans = sorted((*_check_entry(path, name, info, data_len), name)
+                   for name, info in header.items() if name != "__metadata__")
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise MergeError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file (corrupt header)")
@@ -107,20 +255,14 @@ def read_safetensors_header(path: Path) -> Dict[str, Any]:
     if (spans and spans[0][0] != 0) or end != data_len:
         raise MergeError(f"{path}: the header describes {end} data bytes but the file holds {data_len} "
                          "(truncated or corrupt)")
-    return header
+    return header, 8 + len(raw)
 
 
 class _BinFile:
     """A pytorch_model*.bin loaded with weights_only=True (never arbitrary pickle code), memory-mapped."""
 
     def __init__(self, path: Path):
-        try:
-            self.sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a refusal
-            raise MergeError(f"{path}: refused to load: it is not a plain weights file that loads with "
-                             f"weights_only=True ({type(e).__name__}); convert it to safetensors") from None
-        if not isinstance(self.sd, dict):
-            raise MergeError(f"{path}: does not hold a state dict")
+        self.sd = load_pickled_weights(path, mmap=True)
 
 
 @dataclass
@@ -134,14 +276,13 @@ class ModelIndex:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def _handle(self, file: Path):
+    def _handle(self, file: Path, safetensors: bool):
+        """An open file: a descriptor of a safetensors file, or a loaded .bin (its format is the listed name's,
+        as a Hub cache blob has no suffix)."""
         with self._lock:
             h = self._handles.get(file)
             if h is None:
-                if file.suffix == ".safetensors":
-                    h = os.open(file, os.O_RDONLY)
-                else:
-                    h = _BinFile(file)
+                h = open_regular(file) if safetensors else _BinFile(file)
                 self._handles[file] = h
             return h
 
@@ -175,7 +316,7 @@ class ModelIndex:
 
     def _read(self, name, rows, take) -> torch.Tensor:
         info = self.tensors[name]
-        h = self._handle(info.file)
+        h = self._handle(info.file, info.offset >= 0)
         if isinstance(h, _BinFile):
             t = h.sd[name]
             if take is not None:
@@ -212,87 +353,149 @@ class ModelIndex:
             self._handles.clear()
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{path}: unreadable JSON ({e})") from None
-
-
-def safe_member(folder: Path, name: str) -> Path:
-    """The file `name` (from an index or a listing) of a model folder, refused when it lies outside the folder."""
-    p = (folder / name).resolve()
-    if folder.resolve() not in p.parents:
-        raise MergeError(f"{folder}: index names a file outside the model folder: {name!r}")
-    return p
-
-
 def refuse_custom_code(folder: Path, command: str) -> None:
     """A folder whose config asks transformers to run its own Python (`auto_map`) is refused by `command`:
     mergesmith reads such a folder's weights and config, never its code."""
     for name in ("config.json", "tokenizer_config.json"):
-        f = folder / name
-        if not f.is_file():
+        if not has_member(folder, name):
             continue
         try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = member_json(folder, name)
+        except MergeError:
             continue
-        if isinstance(data, dict) and data.get("auto_map"):
-            raise MergeError(f"{f}: 'auto_map' asks to run Python code shipped with the model; mergesmith never "
-                             f"runs model code, so `{command}` cannot load it (merging its weights still works)")
+        if data.get("auto_map"):
+            raise MergeError(f"{folder / name}: 'auto_map' asks to run Python code shipped with the model; mergesmith "
+                             f"never runs model code, so `{command}` cannot load it (merging its weights still works)")
+
+
+# config.json fields mergesmith reads itself, with the types they must have
+_CONFIG_FIELDS = {"hidden_size": "a whole number", "num_hidden_layers": "a whole number",
+                  "vocab_size": "a whole number", "tie_word_embeddings": "true or false",
+                  "architectures": "a list of class names"}
+
+
+def _config_field_ok(key: str, v: Any) -> bool:
+    if v is None:
+        return True
+    if key == "tie_word_embeddings":
+        return isinstance(v, bool)
+    if key == "architectures":
+        return isinstance(v, list) and all(isinstance(a, str) for a in v)
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def read_config(folder: Path) -> Optional[Dict[str, Any]]:
+    """A model folder's config.json (None without one), refused when it is not an object or a field mergesmith
+    uses has the wrong type."""
+    if not has_member(folder, "config.json"):
+        return None
+    cfg = member_json(folder, "config.json")
+    for key, want in _CONFIG_FIELDS.items():
+        if not _config_field_ok(key, cfg.get(key)):
+            raise MergeError(f"{folder / 'config.json'}: '{key}' is {json.dumps(cfg[key])[:60]}, not {want}; "
+                             "the config is corrupt")
+    return cfg
+
+
+def _weight_map(folder: Path, index: str, suffix: str) -> Dict[str, str]:
+    """{tensor: file name} of an index file, each value a `suffix` file name."""
+    wm = member_json(folder, index).get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise MergeError(f"{folder / index}: no 'weight_map' (an object of tensor name -> file name)")
+    for tensor, fname in wm.items():
+        if not isinstance(fname, str) or not fname.endswith(suffix) or fname == index:
+            raise MergeError(f"{folder / index}: tensor {tensor!r} maps to {json.dumps(fname)[:80]}, which is not a "
+                             f"{suffix} file name; the index is corrupt")
+    return wm
+
+
+# (name as listed, resolved path, whether it is safetensors): a Hub cache blob has neither the name nor the suffix
+WeightsFile = Tuple[str, Path, bool]
+
+
+def _indexed(folder: Path, index: str, suffix: str) -> Tuple[List[WeightsFile], Dict[str, str]]:
+    wm = _weight_map(folder, index, suffix)
+    return [(f, safe_member(folder, f), suffix == ".safetensors") for f in sorted(set(wm.values()))], wm
+
+
+def _weight_files(ref: str, folder: Path) -> Tuple[List[WeightsFile], Optional[Dict[str, str]]]:
+    """The weights files of a model folder in name order, each checked by safe_member, and {tensor: file name}
+    when an index maps them."""
+    if has_member(folder, "model.safetensors.index.json"):
+        return _indexed(folder, "model.safetensors.index.json", ".safetensors")
+    names = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not names and has_member(folder, "pytorch_model.bin.index.json"):
+        return _indexed(folder, "pytorch_model.bin.index.json", ".bin")
+    if not names and has_member(folder, "pytorch_model.bin"):
+        names = ["pytorch_model.bin"]
+    if not names:
+        raise MergeError(f"model {ref}: no weights in {folder} (expected *.safetensors or pytorch_model.bin)")
+    return [(n, safe_member(folder, n), n.endswith(".safetensors")) for n in names], None
+
+
+def _tensors_of(idx: ModelIndex, f: Path, safetensors: bool) -> List[TensorInfo]:
+    if safetensors:
+        header, start = _parse_header(f)
+        return [TensorInfo(name, f, ST_DTYPES[info["dtype"]][0], tuple(info["shape"]),
+                           info["data_offsets"][1] - info["data_offsets"][0], start + info["data_offsets"][0])
+                for name, info in header.items() if name != "__metadata__"]
+    sd = idx._handle(f, False).sd
+    return [TensorInfo(n, f, t.dtype, tuple(t.shape), t.numel() * t.element_size())
+            for n, t in sd.items() if isinstance(t, torch.Tensor)]
+
+
+def _add_files(idx: ModelIndex, files: List[WeightsFile]) -> Dict[str, str]:
+    """Index the tensors of every file; a tensor name in two files is refused. Returns {tensor: file name}."""
+    where: Dict[str, str] = {}
+    for name, f, safetensors in files:
+        for t in _tensors_of(idx, f, safetensors):
+            if t.name in where:
+                raise MergeError(f"model {idx.ref}: tensor {t.name} is in both {where[t.name]} and {name}; which one "
+                                 "is meant? (corrupt or mixed download)")
+            where[t.name] = name
+            idx.tensors[t.name] = t
+    return where
+
+
+def _check_index(ref: str, index: Dict[str, str], where: Dict[str, str]) -> None:
+    """Every tensor the index lists is in the file it names."""
+    for name, f in index.items():
+        if where.get(name) != f:
+            actual = f"is in {where[name]}" if name in where else "is in no weights file"
+            raise MergeError(f"model {ref}: the index puts tensor {name} in {f}, but it {actual}; the index does not "
+                             "match the files (incomplete or mixed download?)")
+
+
+def _check_layers(idx: ModelIndex) -> None:
+    """A model has at least one tensor per layer: a layer count (config.json's, or a tensor name's index) above its
+    tensor count is a lie that would have the planner walk that many layers."""
+    from mergesmith.params import layer_index
+
+    named = max((i for i in map(layer_index, idx.tensors) if i is not None), default=-1) + 1
+    said = (idx.config or {}).get("num_hidden_layers") or 0
+    if max(named, said) > len(idx.tensors):
+        what = f"config.json says {said}" if said >= named else f"a tensor name says {named}"
+        raise MergeError(f"model {idx.ref}: {what} layers, but the model holds only {len(idx.tensors)} tensors; "
+                         "the config or a header is corrupt")
 
 
 def index_model(ref: str, path: Path) -> ModelIndex:
-    """Index a model folder (sharded or single safetensors, or .bin) or a single weights file."""
+    """Index a model folder (sharded or single safetensors, or .bin) or a single weights file. Every file is
+    read as hostile: see safe_member, read_json and read_safetensors_header."""
     idx = ModelIndex(ref=ref, path=path)
-    files: List[Path]
+    index = None
     if path.is_file():
-        files = [path]
-        folder = path.parent
+        files, folder = [(path.name, path, path.suffix == ".safetensors")], path.parent
     else:
         folder = path
-        st_index = path / "model.safetensors.index.json"
-        bin_index = path / "pytorch_model.bin.index.json"
-        if st_index.exists():
-            wm = _load_json(st_index).get("weight_map")
-            if not isinstance(wm, dict):
-                raise MergeError(f"{st_index}: no weight_map")
-            files = sorted({safe_member(path, f) for f in wm.values()})
-        elif list(path.glob("*.safetensors")):
-            files = sorted(path.glob("*.safetensors"))
-        elif bin_index.exists():
-            wm = _load_json(bin_index).get("weight_map") or {}
-            files = sorted({safe_member(path, f) for f in wm.values()})
-        elif (path / "pytorch_model.bin").exists():
-            files = [path / "pytorch_model.bin"]
-        else:
-            raise MergeError(f"model {ref}: no weights in {path} (expected *.safetensors or pytorch_model.bin)")
-        for f in files:
-            if not f.exists():
-                raise MergeError(f"model {ref}: {f.name} is listed in the index but missing (incomplete download?)")
-    if (folder / "config.json").exists():
-        cfg = _load_json(folder / "config.json")
-        idx.config = cfg if isinstance(cfg, dict) else None
-    for f in files:
-        if f.suffix == ".safetensors":
-            header = read_safetensors_header(f)
-            with open(f, "rb") as fh:
-                start = 8 + struct.unpack("<Q", fh.read(8))[0]
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dt, size = ST_DTYPES[info["dtype"]]
-                shape = tuple(info["shape"])
-                b, e = info["data_offsets"]
-                idx.tensors[name] = TensorInfo(name, f, dt, shape, e - b, start + b)
-        else:
-            sd = idx._handle(f).sd
-            for name, t in sd.items():
-                if isinstance(t, torch.Tensor):
-                    idx.tensors[name] = TensorInfo(name, f, t.dtype, tuple(t.shape), t.numel() * t.element_size())
+        files, index = _weight_files(ref, path)
+    idx.config = read_config(folder)
+    where = _add_files(idx, files)
+    if index is not None:
+        _check_index(ref, index, where)
     if not idx.tensors:
         raise MergeError(f"model {ref}: {path} holds no tensors")
+    _check_layers(idx)
     return idx
 
 

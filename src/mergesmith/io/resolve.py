@@ -15,6 +15,7 @@ from typing import Optional
 from mergesmith.errors import MergeError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 WEIGHT_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "pytorch_model*.bin"]
 
 
@@ -32,6 +33,7 @@ def resolve_model(ref: str, where: str, recipe_dir: Optional[Path] = None) -> Pa
             return c
     if is_hub_id(ref):
         repo, _, rev = ref.partition("@")
+        _check_cache_ref(repo, rev, where)
         try:
             from huggingface_hub import snapshot_download
 
@@ -47,3 +49,22 @@ def resolve_model(ref: str, where: str, recipe_dir: Optional[Path] = None) -> Pa
             raise MergeError(f"{where}: model '{ref}' is not on disk nor in the Hugging Face cache, and could not "
                              f"be downloaded ({reason})") from None
     raise MergeError(f"{where}: model path not found: {ref}")
+
+
+def _check_cache_ref(repo: str, rev: str, where: str) -> None:
+    """huggingface_hub takes `refs/<revision>` of the cache as a path and its content as a snapshot folder name: a
+    revision with `..`, or a ref that is no regular file holding a commit hash, could lead it out of the cache (or
+    block it on a FIFO). Checked before it looks."""
+    if rev and (rev.startswith("/") or ".." in rev.split("/")):
+        raise MergeError(f"{where}: revision {rev!r} is not a branch, tag or commit name")
+    from huggingface_hub import constants
+
+    from mergesmith.io.index import read_capped
+
+    ref = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--")) / "refs" / (rev or "main")
+    if not os.path.lexists(ref) or _COMMIT.match(rev or ""):
+        return
+    text = read_capped(ref, 1024, "Hub cache ref").decode("ascii", "replace").strip()
+    if not _COMMIT.match(text):
+        raise MergeError(f"{where}: the Hugging Face cache's {ref} does not hold a commit hash; the cache is corrupt "
+                         "(delete that ref file and download again)")
