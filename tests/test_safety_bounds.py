@@ -4,6 +4,7 @@ planner or a merge blow up, hang or quietly write a broken model get one line an
 import json
 import logging
 import shutil
+import os
 import subprocess
 import sys
 import time
@@ -308,3 +309,12 @@ def test_a_parameter_of_the_wrong_shape_says_what_fits(value):
     with pytest.raises(MergeError, match=r"r.yml:5: parameter 'weight' has a wrong value .*: give a number, "
                                          r"true/false, a list of numbers \(a gradient\) or a list of \{filter"):
         parse_recipe(f"merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: {value}\n", "r.yml")
+
+
+def test_a_recipe_that_is_a_pipe_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "r.yml"
+    os.mkfifo(fifo)
+    res = subprocess.run([sys.executable, "-m", "mergesmith", "plan", str(fifo)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"error: recipe {fifo} is not a regular file; save the recipe to a file"]

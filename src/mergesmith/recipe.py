@@ -443,6 +443,8 @@ def _check_duplicates(r: Recipe) -> None:
 def load_recipe(path: Union[str, Path], strict: bool = False) -> Recipe:
     p = Path(path)
     try:
+        if p.exists() and not p.is_dir() and not p.is_file():  # a pipe or device would block or never end
+            raise MergeError(f"recipe {p} is not a regular file; save the recipe to a file")
         if p.is_file() and p.stat().st_size > MAX_RECIPE_BYTES:
             raise MergeError(f"{p}: the recipe is {p.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} "
                              "(mergekit recipes are a few KB)")
