@@ -290,7 +290,7 @@ def _check_values(method: Method, resolver: ParameterResolver, tensor: str, shar
 def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] = None,
               out_dtype: Optional[str] = None, shard_size: int = 5 * 10**9, allow_crimes: bool = False,
               recipe_dir: Optional[Path] = None, gradient_span: str = "slice",
-              allow_extrapolation: bool = False) -> Plan:
+              allow_extrapolation: bool = False, strict: bool = False) -> Plan:
     c = recipe.config
     method = get_method(c.merge_method)
     # Parameter names the method does not know (typos like `densty`): warn early, before touching disk.
@@ -448,7 +448,8 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     layout = plan_layout([(t.name, t.out_dtype, t.shape) for t in tasks], shard_size)
     return Plan(recipe=recipe, method=method, models=models, base_model=c.base_model, seed=seed,
                 seed_given=seed_given, tasks=tasks, layout=layout, notes=notes, template=first.template[0],
-                num_layers=num_layers, layer_sources=layer_sources, sliced=bool(c.slices), vocabulary=vocabulary)
+                num_layers=num_layers, layer_sources=layer_sources, sliced=bool(c.slices), vocabulary=vocabulary,
+                strict=strict)
 
 
 def _fmt_bytes(n: float) -> str:
