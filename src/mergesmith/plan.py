@@ -25,14 +25,14 @@ from mergesmith.recipe import Recipe, normalize_dtype
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-@dataclass
+@dataclass(frozen=True)
 class InputRef:
     model: str  # recipe reference
     name: str  # tensor name in that model
     take: Optional[Tuple[int, ...]] = None  # read only this leading sub-block (embedding rows beyond the base's)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorTask:
     name: str
     shape: Tuple[int, ...]
@@ -53,20 +53,22 @@ class TensorTask:
         return n
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """What a run does, decided before the first tensor is read; not changed afterwards (the run's options that
+    the executor needs, like `strict`, are part of it)."""
     recipe: Recipe
     method: Method
     models: "OrderedDict[str, ModelIndex]"
     base_model: Optional[str]
     seed: int
     seed_given: bool
-    tasks: List[TensorTask]
+    tasks: Tuple[TensorTask, ...]
     layout: Layout
-    notes: List[str] = field(default_factory=list)
+    notes: Tuple[str, ...] = ()
     template: Optional[str] = None  # the model whose config.json the output takes
     num_layers: int = 0  # the output's layer count
-    layer_sources: List[Tuple[str, int]] = field(default_factory=list)  # (model, its layer) per output layer
+    layer_sources: Tuple[Tuple[str, int], ...] = ()  # (model, its layer) per output layer
     sliced: bool = False
     vocabulary: Any = None  # mergesmith.vocab.Vocabulary when the recipe builds an output tokenizer
     strict: bool = False  # NaN/Inf in inputs: an error instead of a warning
@@ -265,7 +267,7 @@ def _check_base_named(recipe: Recipe, method: Method) -> None:
         warn(f"{recipe.at('base_model')}: {method.name} does not use a base model; base_model is ignored")
 
 
-def _resolve_models(recipe: Recipe, recipe_dir: Optional[Path], allow_crimes: bool
+def resolve_models(recipe: Recipe, recipe_dir: Optional[Path], allow_crimes: bool
                     ) -> "OrderedDict[str, ModelIndex]":
     """Resolve and index every model, in recipe order: the first problem is the one reported."""
     models: "OrderedDict[str, ModelIndex]" = OrderedDict()
@@ -352,7 +354,7 @@ def _check_arity(recipe: Recipe, method: Method, inputs: List[SliceSource], path
                      + (f" ({', '.join(s.model for s in inputs)})" if inputs else ""))
 
 
-def _groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[Group]:
+def output_groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[Group]:
     """The output slices in order, each placed after the layers of the ones before it."""
     groups: List[Group] = []
     out = 0
@@ -598,8 +600,8 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     c = recipe.config
     method = get_method(c.merge_method)
     _check_method_use(recipe, method)
-    models = _resolve_models(recipe, recipe_dir, allow_crimes)
-    groups = _groups(recipe, method, models)
+    models = resolve_models(recipe, recipe_dir, allow_crimes)
+    groups = output_groups(recipe, method, models)
     vocabulary = _vocabulary(recipe, models)
     _check_inputs(recipe, groups)
     num_layers = sum(g.length for g in groups)
@@ -613,8 +615,8 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
         warn(n)
     layout = plan_layout([(t.name, t.out_dtype, t.shape) for t in planner.tasks], shard_size)
     return Plan(recipe=recipe, method=method, models=models, base_model=c.base_model, seed=seed,
-                seed_given=seed_given, tasks=planner.tasks, layout=layout, notes=notes,
-                template=groups[0].template.model, num_layers=num_layers, layer_sources=layer_sources,
+                seed_given=seed_given, tasks=tuple(planner.tasks), layout=layout, notes=tuple(notes),
+                template=groups[0].template.model, num_layers=num_layers, layer_sources=tuple(layer_sources),
                 sliced=bool(c.slices), vocabulary=vocabulary, strict=strict)
 
 
