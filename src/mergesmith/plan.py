@@ -268,7 +268,7 @@ def _check_base_named(recipe: Recipe, method: Method) -> None:
 
 
 def resolve_models(recipe: Recipe, recipe_dir: Optional[Path], allow_crimes: bool
-                    ) -> "OrderedDict[str, ModelIndex]":
+                   ) -> "OrderedDict[str, ModelIndex]":
     """Resolve and index every model, in recipe order: the first problem is the one reported."""
     models: "OrderedDict[str, ModelIndex]" = OrderedDict()
     found = recipe.found_at()
@@ -448,6 +448,7 @@ class _TensorPlanner:
         self.tasks.append(self._task(g, tgt, base, used))
 
     def _target(self, g: Group, out_name: str, k: Optional[int]) -> _Target:
+        """The output tensor as its group's template model holds it, in the output dtype."""
         tsrc = g.template
         name = tsrc.tensor(out_name, k)
         info = self.models[tsrc.model].tensors[name]
@@ -555,8 +556,9 @@ def _is_back(name: str) -> bool:
     return layer_index(name) is None and _natural_key(name)[0] != 0
 
 
-# -- step 5: the output layout, and the plan -------------------------------------------------------------------------
+# -- step 5: the whole output (checks, notes, layout), and make_plan -------------------------------------------------
 def _check_unique(recipe: Recipe, tasks: Sequence[TensorTask]) -> None:
+    """No output tensor name planned twice."""
     seen = Counter(t.name for t in tasks)
     dup = [n for n, k in seen.items() if k > 1]
     if dup:
@@ -576,6 +578,7 @@ def _notes(recipe: Recipe, models: "OrderedDict[str, ModelIndex]", first: Group,
 
 
 def _check_inputs(recipe: Recipe, groups: List[Group]) -> None:
+    """Something to merge or copy in some slice."""
     if not groups or not any(g.inputs or g.base for g in groups):
         raise MergeError(f"{recipe.at('models')}: no models to merge")
 
