@@ -70,8 +70,7 @@ def _load(recipe: str, strict: bool, seed, dtype, out_dtype, out_shard_size, all
     r = load_recipe(recipe, strict=strict)
     plan = make_plan(r, seed=seed, dtype=dtype, out_dtype=out_dtype, shard_size=shard, allow_crimes=allow_crimes,
                      recipe_dir=Path(recipe).resolve().parent, gradient_span=gradient_span,
-                     allow_extrapolation=allow_extrapolation)
-    plan.strict = strict
+                     allow_extrapolation=allow_extrapolation, strict=strict)
     return plan
 
 

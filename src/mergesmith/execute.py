@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergesmith.errors import MergeError, warn
+from mergesmith.errors import MergeError, log, warn
 from mergesmith.io.writer import ShardWriter, write_index
 from mergesmith.methods import TwoPass
 from mergesmith.plan import Plan, TensorTask, row_blocks
@@ -271,6 +271,6 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
         writer.close(sync=not failed)
     write_index(partial, plan.layout)
     write_checksums(partial, plan.layout, crcs)
-    plan.notes.append(f"merged {len(order)} tensors in {time.monotonic() - t0:.1f} s"
-                      + (f" ({len(done)} done before)" if done else ""))
+    log.debug(f"merged {len(order)} tensors in {time.monotonic() - t0:.1f} s"
+              + (f" ({len(done)} done before)" if done else ""))
     return len(done)

@@ -9,12 +9,12 @@ import secrets
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from mergesmith.errors import MergeError, warn
-from mergesmith.io.index import ModelIndex, index_model
+from mergesmith.io.index import ModelIndex, TensorInfo, index_model
 from mergesmith.io.resolve import resolve_model
 from mergesmith.io.writer import Layout, plan_layout
 from mergesmith.methods import Method, check_params, get_method
@@ -25,14 +25,14 @@ from mergesmith.recipe import Recipe, normalize_dtype
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-@dataclass
+@dataclass(frozen=True)
 class InputRef:
     model: str  # recipe reference
     name: str  # tensor name in that model
     take: Optional[Tuple[int, ...]] = None  # read only this leading sub-block (embedding rows beyond the base's)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorTask:
     name: str
     shape: Tuple[int, ...]
@@ -53,20 +53,22 @@ class TensorTask:
         return n
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """What a run does, decided before the first tensor is read; not changed afterwards (the run's options that
+    the executor needs, like `strict`, are part of it)."""
     recipe: Recipe
     method: Method
     models: "OrderedDict[str, ModelIndex]"
     base_model: Optional[str]
     seed: int
     seed_given: bool
-    tasks: List[TensorTask]
+    tasks: Tuple[TensorTask, ...]
     layout: Layout
-    notes: List[str] = field(default_factory=list)
+    notes: Tuple[str, ...] = ()
     template: Optional[str] = None  # the model whose config.json the output takes
     num_layers: int = 0  # the output's layer count
-    layer_sources: List[Tuple[str, int]] = field(default_factory=list)  # (model, its layer) per output layer
+    layer_sources: Tuple[Tuple[str, int], ...] = ()  # (model, its layer) per output layer
     sliced: bool = False
     vocabulary: Any = None  # mergesmith.vocab.Vocabulary when the recipe builds an output tokenizer
     strict: bool = False  # NaN/Inf in inputs: an error instead of a warning
@@ -124,14 +126,16 @@ def _natural_key(name: str):
     return (pre, i if i is not None else 0, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
 
 
+def _architecture(idx: ModelIndex, layers: bool) -> Tuple[Tuple[str, ...], Any, Any]:
+    """(architectures, hidden size, layer count or None) from a model's config.json."""
+    cfg = idx.config or {}
+    return (tuple(cfg.get("architectures") or []), cfg.get("hidden_size"),
+            cfg.get("num_hidden_layers") if layers else None)
+
+
 def _check_architectures(models: "OrderedDict[str, ModelIndex]", recipe: Recipe, allow_crimes: bool,
                          layers: bool = True) -> None:
-    archs = {}
-    for ref, idx in models.items():
-        cfg = idx.config or {}
-        key = (tuple(cfg.get("architectures") or []), cfg.get("hidden_size"),
-               cfg.get("num_hidden_layers") if layers else None)
-        archs[ref] = key
+    archs = {ref: _architecture(idx, layers) for ref, idx in models.items()}
     distinct = {k for k in archs.values() if k != ((), None, None)}
     if len(distinct) > 1 and not allow_crimes:
         desc = "; ".join(f"{r}: {k[0][0] if k[0] else '?'} hidden {k[1]} layers {k[2]}" for r, k in archs.items())
@@ -139,24 +143,42 @@ def _check_architectures(models: "OrderedDict[str, ModelIndex]", recipe: Recipe,
                          "pass --allow-crimes to merge them anyway")
 
 
-@dataclass
+@dataclass(frozen=True)
+class SliceSource:
+    """One model's layers [start, end) in an output slice. `position`: its place among the slice's sources (or in
+    `models:`), which keys the random streams of its tensors."""
+    model: str
+    start: int
+    end: int
+    position: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def tensor(self, out_name: str, k: Optional[int]) -> str:
+        """This source's name for output tensor `out_name`: of the slice's layer k (None: a non-layer tensor)."""
+        return out_name if k is None else rename_layer(out_name, self.start + k)
+
+
+@dataclass(frozen=True)
 class Group:
-    """One output slice: sources (model, first layer, end layer, position), the base among them, and where its
-    layers land in the output. A `models:` recipe is one group spanning every layer."""
+    """One output slice: its sources, the base among them, the other sources (the inputs), and where its layers
+    land in the output. A `models:` recipe is one group spanning every layer."""
     index: Optional[int]  # slice index, None for `models:`
-    sources: List[Tuple[str, int, int, int]]
-    base: Optional[Tuple[str, int, int, int]]
-    inputs: List[Tuple[str, int, int, int]]
+    sources: List[SliceSource]
+    base: Optional[SliceSource]
+    inputs: List[SliceSource]
     out_start: int
     resolver: ParameterResolver
 
     @property
     def length(self) -> int:
-        s = self.sources[0]
-        return s[2] - s[1]
+        return self.sources[0].length
 
     @property
-    def template(self) -> Tuple[str, int, int, int]:
+    def template(self) -> SliceSource:
+        """The source whose tensors (names, shapes, dtypes) the output takes."""
         return self.base or self.sources[0]
 
 
@@ -226,55 +248,127 @@ def rename_layer(name: str, new: int) -> str:
     return name if m is None else name[:m.start(1)] + str(new) + name[m.end(1):]
 
 
-def _groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[Group]:
+# -- step 1: the models ----------------------------------------------------------------------------------------------
+def _check_method_use(recipe: Recipe, method: Method) -> None:
+    """What can be told before touching disk: parameter names the method does not know (typos like `densty`) and
+    a missing or ignored base_model."""
     c = recipe.config
-    groups: List[Group] = []
+    for si in (range(len(c.slices)) if c.slices else [None]):
+        ParameterResolver(recipe, method, si).warn_unknown()
+    _check_base_named(recipe, method)
+
+
+def _check_base_named(recipe: Recipe, method: Method) -> None:
+    """A base_model where the method needs one; a warning where it ignores one."""
+    c = recipe.config
+    if method.base_policy == "required" and not c.base_model and not any(s.base_model for s in c.slices or []):
+        raise MergeError(f"{recipe.at('merge_method')}: {method.name} needs a 'base_model:'")
+    if c.base_model and method.base_policy == "ignored" and c.models:
+        warn(f"{recipe.at('base_model')}: {method.name} does not use a base model; base_model is ignored")
+
+
+def resolve_models(recipe: Recipe, recipe_dir: Optional[Path], allow_crimes: bool
+                   ) -> "OrderedDict[str, ModelIndex]":
+    """Resolve and index every model, in recipe order: the first problem is the one reported."""
+    models: "OrderedDict[str, ModelIndex]" = OrderedDict()
+    found = recipe.found_at()
+    for ref, path in recipe.model_refs():
+        if ref not in models:
+            models[ref] = load_model(ref, recipe.at(*path), recipe_dir, found.get(ref))
+    _check_architectures(models, recipe, allow_crimes, layers=not recipe.config.slices)
+    return models
+
+
+def _vocabulary(recipe: Recipe, models: "OrderedDict[str, ModelIndex]") -> Any:
+    """The output vocabulary when the recipe builds an output tokenizer, else None."""
+    c = recipe.config
+    if not (c.tokenizer_source or c.tokenizer is not None):
+        return None
+    from mergesmith.io.index import model_folder
+    from mergesmith.vocab import build_vocabulary
+
+    return build_vocabulary(recipe, {r: model_folder(m) for r, m in models.items()},
+                            {r: embedding_rows(m) for r, m in models.items()}, c.base_model)
+
+
+# -- step 2: the output slices ---------------------------------------------------------------------------------------
+def _models_sources(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[SliceSource]:
+    """A `models:` recipe: every layer of each model (and of a base that is not listed)."""
+    c = recipe.config
+    listed = [m.model for m in c.models]
+    refs = list(dict.fromkeys(listed))
+    if c.base_model and c.base_model not in refs and method.base_policy != "ignored":
+        refs.append(c.base_model)
+    paths = dict(recipe.model_refs())
+    return [SliceSource(r, 0, model_layers(models[r], recipe.at(*paths.get(r, ()))),
+                        listed.index(r) if r in listed else len(listed)) for r in refs]
+
+
+def _slice_sources(recipe: Recipe, si: int, models: "OrderedDict[str, ModelIndex]") -> List[SliceSource]:
+    """The sources of slice si, each layer_range within what its model holds."""
+    sources = []
+    for j, src in enumerate(recipe.config.slices[si].sources):
+        a, b = src.layer_range
+        have = model_layers(models[src.model], recipe.at('slices', si, 'sources', j, 'model'))
+        if b > have:
+            raise MergeError(f"{recipe.at('slices', si, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] "
+                             f"but {src.model} has {have} layers (0 to {have - 1}); the end is exclusive")
+        sources.append(SliceSource(src.model, a, b, j))
+    return sources
+
+
+def _group_specs(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[tuple]:
+    """(slice index, sources, base model named, recipe path) of each output slice; every layer range is checked
+    before any slice's base."""
+    c = recipe.config
     if c.models:
-        listed = [m.model for m in c.models]
-        refs = list(dict.fromkeys(listed))
-        if c.base_model and c.base_model not in refs and method.base_policy != "ignored":
-            refs.append(c.base_model)
-        paths = dict(recipe.model_refs())
-        sources = [(r, 0, model_layers(models[r], recipe.at(*paths.get(r, ()))),
-                    listed.index(r) if r in listed else len(listed)) for r in refs]
-        specs = [(None, sources, c.base_model, ("models",))]
-    else:
-        specs = []
-        for si, sl in enumerate(c.slices):
-            srcs = []
-            for j, src in enumerate(sl.sources):
-                a, b = src.layer_range
-                have = model_layers(models[src.model], recipe.at('slices', si, 'sources', j, 'model'))
-                if b > have:
-                    raise MergeError(f"{recipe.at('slices', si, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] "
-                                     f"but {src.model} has {have} layers (0 to {have - 1}); the end is exclusive")
-                srcs.append((src.model, a, b, j))
-            specs.append((si, srcs, sl.base_model or c.base_model, ("slices", si)))
+        return [(None, _models_sources(recipe, method, models), c.base_model, ("models",))]
+    return [(si, _slice_sources(recipe, si, models), sl.base_model or c.base_model, ("slices", si))
+            for si, sl in enumerate(c.slices)]
+
+
+def _pick_base(recipe: Recipe, method: Method, sources: List[SliceSource], base_ref: Optional[str],
+               path: tuple) -> Optional[SliceSource]:
+    """The slice's source that is its base, when the method uses one."""
+    base = None
+    if method.uses_base and base_ref:
+        base = next((s for s in sources if s.model == base_ref), None)
+        if base is None:
+            raise MergeError(f"{recipe.at(*path)}: the base model {base_ref} is not among this slice's sources; "
+                             f"{method.name} needs it as one of them (with its layer_range)")
+    if method.base_policy == "required" and base is None:
+        raise MergeError(f"{recipe.at('merge_method')}: {method.name} needs a 'base_model:'")
+    return base
+
+
+def _check_arity(recipe: Recipe, method: Method, inputs: List[SliceSource], path: tuple) -> None:
+    """As many inputs as the method takes."""
+    n = len(inputs)
+    if method.min_inputs <= n and (method.max_inputs is None or n <= method.max_inputs):
+        return
+    want = (f"exactly {method.min_inputs}" if method.max_inputs == method.min_inputs else
+            f"at least {method.min_inputs}" if method.max_inputs is None else
+            f"{method.min_inputs} to {method.max_inputs}")
+    what = "models besides the base" if method.uses_base else "models"
+    raise MergeError(f"{recipe.at(*path)}: {method.name} takes {want} {what}, got {n}"
+                     + (f" ({', '.join(s.model for s in inputs)})" if inputs else ""))
+
+
+def output_groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[Group]:
+    """The output slices in order, each placed after the layers of the ones before it."""
+    groups: List[Group] = []
     out = 0
-    for si, sources, base_ref, path in specs:
-        base = None
-        if method.uses_base and base_ref:
-            base = next((s for s in sources if s[0] == base_ref), None)
-            if base is None:
-                raise MergeError(f"{recipe.at(*path)}: the base model {base_ref} is not among this slice's sources; "
-                                 f"{method.name} needs it as one of them (with its layer_range)")
-        if method.base_policy == "required" and base is None:
-            raise MergeError(f"{recipe.at('merge_method')}: {method.name} needs a 'base_model:'")
+    for si, sources, base_ref, path in _group_specs(recipe, method, models):
+        base = _pick_base(recipe, method, sources, base_ref, path)
         inputs = [s for s in sources if s is not base]
-        n = len(inputs)
-        what = "models besides the base" if method.uses_base else "models"
-        if n < method.min_inputs or (method.max_inputs is not None and n > method.max_inputs):
-            want = (f"exactly {method.min_inputs}" if method.max_inputs == method.min_inputs else
-                    f"at least {method.min_inputs}" if method.max_inputs is None else
-                    f"{method.min_inputs} to {method.max_inputs}")
-            raise MergeError(f"{recipe.at(*path)}: {method.name} takes {want} {what}, got {n}"
-                             + (f" ({', '.join(s[0] for s in inputs)})" if inputs else ""))
+        _check_arity(recipe, method, inputs, path)
         g = Group(si, sources, base, inputs, out, ParameterResolver(recipe, method, si))
         groups.append(g)
         out += g.length
     return groups
 
 
+# -- steps 3 and 4: each output tensor's inputs and parameters -------------------------------------------------------
 def _check_values(method: Method, resolver: ParameterResolver, tensor: str, shared: Dict[str, Any],
                   refs: List[str], per_input: List[Dict[str, Any]], allow_extrapolation: bool) -> None:
     """Every resolved parameter value of one output tensor within its method's ranges (methods.check_params)."""
@@ -287,168 +381,246 @@ def _check_values(method: Method, resolver: ParameterResolver, tensor: str, shar
     raise MergeError(f"{resolver.where(None if shared_param else refs[i or 0], bad)}: {who}tensor {tensor}: {msg}")
 
 
-def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] = None,
-              out_dtype: Optional[str] = None, shard_size: int = 5 * 10**9, allow_crimes: bool = False,
-              recipe_dir: Optional[Path] = None, gradient_span: str = "slice",
-              allow_extrapolation: bool = False) -> Plan:
-    c = recipe.config
-    method = get_method(c.merge_method)
-    # Parameter names the method does not know (typos like `densty`): warn early, before touching disk.
-    for si in (range(len(c.slices)) if c.slices else [None]):
-        ParameterResolver(recipe, method, si).warn_unknown()
-    if method.base_policy == "required" and not c.base_model and not any(s.base_model for s in c.slices or []):
-        raise MergeError(f"{recipe.at('merge_method')}: {method.name} needs a 'base_model:'")
-    if c.base_model and method.base_policy == "ignored" and c.models:
-        warn(f"{recipe.at('base_model')}: {method.name} does not use a base model; base_model is ignored")
+@dataclass(frozen=True)
+class _Target:
+    """One output tensor and what it takes from its group's template source."""
+    name: str  # in the output
+    k: Optional[int]  # the slice's layer, None for a non-layer tensor
+    model: str  # the template model
+    tensor: str  # the tensor's name there
+    info: TensorInfo
+    vocab: bool  # rows are token ids of the output vocabulary
+    out_dtype: torch.dtype
 
-    # Resolve and index every model, in recipe order: the first problem is the one reported.
-    models: "OrderedDict[str, ModelIndex]" = OrderedDict()
-    found = recipe.found_at()
-    for ref, path in recipe.model_refs():
-        if ref in models:
-            continue
-        models[ref] = load_model(ref, recipe.at(*path), recipe_dir, found.get(ref))
-    _check_architectures(models, recipe, allow_crimes, layers=not c.slices)
+    @property
+    def is_float(self) -> bool:
+        return self.info.dtype.is_floating_point
 
-    groups = _groups(recipe, method, models)
-    vocabulary = None
-    if c.tokenizer_source or c.tokenizer is not None:
-        from mergesmith.io.index import model_folder
-        from mergesmith.vocab import build_vocabulary
 
-        vocabulary = build_vocabulary(recipe, {r: model_folder(m) for r, m in models.items()},
-                                      {r: embedding_rows(m) for r, m in models.items()}, c.base_model)
-    if not groups or not any(g.inputs or g.base for g in groups):
-        raise MergeError(f"{recipe.at('models')}: no models to merge")
-    num_layers = sum(g.length for g in groups)
+@dataclass
+class _TensorPlanner:
+    """Plans the output tensors one by one, counting what the notes report."""
+    models: "OrderedDict[str, ModelIndex]"
+    method: Method
+    vocabulary: Any
+    final_dtype: Optional[str]
+    num_layers: int
+    seed: int
+    allow_crimes: bool
+    allow_extrapolation: bool
+    gradient_span: str
+    tasks: List[TensorTask] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
 
-    if seed is None:
-        seed_given = False
-        seed = secrets.randbits(31)
-    else:
-        seed_given = True
+    def walk(self, groups: List[Group]) -> List[Tuple[str, int]]:
+        """Every output tensor in output order: the first group's embeddings, each group's layers, the last group's
+        head and norms. Returns (model, its layer) for each output layer."""
+        first, last = groups[0], groups[-1]
+        outer = [n for n in self.models[first.template.model].tensors if _is_front(n)]
+        for name in sorted(outer, key=_natural_key):
+            self.add(first, name, None)
+        held = {ref: layer_names(idx) for ref, idx in self.models.items()}
+        layer_sources: List[Tuple[str, int]] = []
+        for g in groups:
+            layer_sources += self._layers(g, held[g.template.model])
+        outer = [n for n in self.models[last.template.model].tensors if _is_back(n)]
+        for name in sorted(outer, key=_natural_key):
+            self.add(last, name, None)
+        return layer_sources
 
-    work_dtype = normalize_dtype(dtype or c.dtype)
-    final_dtype = normalize_dtype(out_dtype or c.out_dtype) or work_dtype
-
-    notes: List[str] = []
-    counts: Counter = Counter()
-    tasks: List[TensorTask] = []
-
-    def add(g: Group, out_name: str, k: Optional[int]) -> None:
-        """One output tensor of group g: layer k of the slice (None for a non-layer tensor)."""
-        def in_name(src) -> str:
-            return out_name if k is None else rename_layer(out_name, src[1] + k)
-        tref = g.template
-        tname = in_name(tref)
-        info = models[tref[0]].tensors[tname]
-        is_float = info.dtype.is_floating_point
-        vocab = vocabulary is not None and is_float and is_embedding(out_name) and len(info.shape) >= 1
-        shape = (vocabulary.size, *info.shape[1:]) if vocab else info.shape
-        odt = TORCH_DTYPES[final_dtype] if (final_dtype and is_float) else info.dtype
-        base = InputRef(g.base[0], in_name(g.base)) if g.base is not None else None
-        ins: List[InputRef] = []
-        used = []
-        for src in g.inputs:
-            ref, name = src[0], in_name(src)
-            ti = models[ref].tensors.get(name)
-            if ti is None and "lm_head" in name and (models[ref].config or {}).get("tie_word_embeddings"):
-                tied = next((n for n in models[ref].tensors if "embed_tokens" in n), None)
-                if tied is not None:  # a tied model's output embedding is its input embedding
-                    name, ti = tied, models[ref].tensors[tied]
-                    counts[f"{ref} ties its embeddings: its {tied} stands in for {out_name}"] += 1
-            if ti is None:
-                if not allow_crimes:
-                    raise MergeError(f"model {ref} lacks tensor {name}, which {tref[0]} has (the output takes "
-                                     f"{tref[0]}'s tensors); pass --allow-crimes to merge such tensors without it")
-                counts[f"{ref} lacks some tensors of {tref[0]}; those merge without it"] += 1
-                continue
-            take = None
-            if vocab and tuple(ti.shape[1:]) != tuple(info.shape[1:]):
-                raise MergeError(f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tref[0]}'s is "
-                                 f"{list(info.shape)}; only the vocabulary dimension may differ")
-            if vocab:
-                pass
-            elif ti.shape != info.shape:
-                same_rank = len(ti.shape) == len(info.shape)
-                if same_rank and is_embedding(name) and all(a >= b for a, b in zip(ti.shape, info.shape)):
-                    take = info.shape
-                    counts[f"{ref}: {name} is {list(ti.shape)}, using its leading {list(info.shape)} block"] += 1
-                elif is_embedding(name) or allow_crimes:
-                    counts[f"{ref}: {name} is {list(ti.shape)} but {tref[0]}'s is {list(info.shape)}; "
-                           "skipped for that tensor"] += 1
-                    continue
-                else:
-                    raise MergeError(f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tref[0]}'s "
-                                     f"is {list(info.shape)}; the models are not the same architecture "
-                                     "(--allow-crimes skips such tensors)")
-            if not ti.dtype.is_floating_point and is_float:
-                raise MergeError(f"model {ref}: tensor {name} is {ti.dtype}, not a float")
-            ins.append(InputRef(ref, name, take))
-            used.append(src)
-        copy_from = InputRef(tref[0], tname)
-        if not is_float or (not ins and base is None):
-            if not is_float:
-                counts[f"non-float tensors copied from {tref[0]}"] += 1
-            tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [copy_from]))
-            return
-        if not ins and not vocab:
-            # only the base has it: the base's own value (what every method returns without inputs)
-            tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [base]))
-            return
-        if k is None:
-            t = 0.0
-        elif gradient_span == "output":  # over the output's layers (one `models:` slice: the same thing)
-            t = (g.out_start + k) / (num_layers - 1) if num_layers > 1 else 1.0
-        else:  # mergekit: over the slice's own layers
-            t = k / (g.length - 1) if g.length > 1 else 1.0
-        refs = [u[0] for u in used]
-        shared, per_input = g.resolver.resolve(out_name, t, refs, g.base[0] if g.base else None,
-                                               input_names=[r.name for r in ins])
-        _check_values(method, g.resolver, out_name, shared, refs, per_input, allow_extrapolation)
-        if method.copies(shared, per_input) and not vocab:
-            tasks.append(TensorTask(out_name, info.shape, odt, "copy", None, [ins[0]]))
-            return
-        keys = [stream_key(seed, f"model{u[3]}", out_name) for u in used] if method.randomized else [0] * len(used)
-        tasks.append(TensorTask(out_name, shape, odt, "merge", base, ins, shared, per_input, keys, vocab=vocab))
-
-    first, last = groups[0], groups[-1]
-    pre = [n for n in models[first.template[0]].tensors if layer_index(n) is None and _natural_key(n)[0] == 0]
-    post = [n for n in models[last.template[0]].tensors if layer_index(n) is None and _natural_key(n)[0] != 0]
-    for name in sorted(pre, key=_natural_key):
-        add(first, name, None)
-    layer_sources: List[Tuple[str, int]] = []
-    held = {ref: layer_names(idx) for ref, idx in models.items()}
-    for g in groups:
-        tref = g.template
+    def _layers(self, g: Group, held: Dict[int, List[str]]) -> List[Tuple[str, int]]:
+        """The output layers of group g: every tensor of its template's layers, renamed to the output's."""
+        tsrc = g.template
         for k in range(g.length):
-            src_layer = tref[1] + k
-            for name in sorted(held[tref[0]].get(src_layer, []), key=_natural_key):
-                add(g, rename_layer(name, g.out_start + k), k)
-            layer_sources.append((tref[0], src_layer))
-    for name in sorted(post, key=_natural_key):
-        add(last, name, None)
+            for name in sorted(held.get(tsrc.start + k, []), key=_natural_key):
+                self.add(g, rename_layer(name, g.out_start + k), k)
+        return [(tsrc.model, tsrc.start + k) for k in range(g.length)]
+
+    def add(self, g: Group, out_name: str, k: Optional[int]) -> None:
+        """One output tensor of group g: of the slice's layer k (None for a non-layer tensor)."""
+        tgt = self._target(g, out_name, k)
+        base = InputRef(g.base.model, g.base.tensor(out_name, k)) if g.base is not None else None
+        used: List[Tuple[SliceSource, InputRef]] = []
+        for src in g.inputs:
+            ref = self._input(tgt, src)
+            if ref is not None:
+                used.append((src, ref))
+        self.tasks.append(self._task(g, tgt, base, used))
+
+    def _target(self, g: Group, out_name: str, k: Optional[int]) -> _Target:
+        """The output tensor as its group's template model holds it, in the output dtype."""
+        tsrc = g.template
+        name = tsrc.tensor(out_name, k)
+        info = self.models[tsrc.model].tensors[name]
+        is_float = info.dtype.is_floating_point
+        vocab = self.vocabulary is not None and is_float and is_embedding(out_name) and len(info.shape) >= 1
+        out_dtype = TORCH_DTYPES[self.final_dtype] if (self.final_dtype and is_float) else info.dtype
+        return _Target(out_name, k, tsrc.model, name, info, vocab, out_dtype)
+
+    # -- step 3: the inputs ----------------------------------------------------------------------------------
+    def _input(self, tgt: _Target, src: SliceSource) -> Optional[InputRef]:
+        """Source src's tensor for the output tensor; None when it is left out; refused when it cannot merge."""
+        ref = src.model
+        name, ti = self._lookup(ref, src.tensor(tgt.name, tgt.k), tgt.name)
+        if ti is None:
+            if not self.allow_crimes:
+                raise MergeError(f"model {ref} lacks tensor {name}, which {tgt.model} has (the output takes "
+                                 f"{tgt.model}'s tensors); pass --allow-crimes to merge such tensors without it")
+            self.counts[f"{ref} lacks some tensors of {tgt.model}; those merge without it"] += 1
+            return None
+        take = None
+        if tgt.vocab:
+            if tuple(ti.shape[1:]) != tuple(tgt.info.shape[1:]):
+                raise MergeError(f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tgt.model}'s is "
+                                 f"{list(tgt.info.shape)}; only the vocabulary dimension may differ")
+        elif ti.shape != tgt.info.shape:
+            if not self._leading_block(ref, name, ti, tgt):
+                return None
+            take = tgt.info.shape
+        if not ti.dtype.is_floating_point and tgt.is_float:
+            raise MergeError(f"model {ref}: tensor {name} is {ti.dtype}, not a float")
+        return InputRef(ref, name, take)
+
+    def _lookup(self, ref: str, name: str, out_name: str) -> Tuple[str, Optional[TensorInfo]]:
+        """Model ref's tensor `name`; a tied model's output embedding is its input embedding."""
+        idx = self.models[ref]
+        ti = idx.tensors.get(name)
+        if ti is None and "lm_head" in name and (idx.config or {}).get("tie_word_embeddings"):
+            tied = next((n for n in idx.tensors if "embed_tokens" in n), None)
+            if tied is not None:
+                self.counts[f"{ref} ties its embeddings: its {tied} stands in for {out_name}"] += 1
+                return tied, idx.tensors[tied]
+        return name, ti
+
+    def _leading_block(self, ref: str, name: str, ti: TensorInfo, tgt: _Target) -> bool:
+        """A tensor shaped unlike the template's: an embedding with more rows gives its leading block (True);
+        another embedding, or under --allow-crimes any tensor, is left out (False); anything else is refused."""
+        shape = tgt.info.shape
+        if len(ti.shape) == len(shape) and is_embedding(name) and all(a >= b for a, b in zip(ti.shape, shape)):
+            self.counts[f"{ref}: {name} is {list(ti.shape)}, using its leading {list(shape)} block"] += 1
+            return True
+        if is_embedding(name) or self.allow_crimes:
+            self.counts[f"{ref}: {name} is {list(ti.shape)} but {tgt.model}'s is {list(shape)}; "
+                        "skipped for that tensor"] += 1
+            return False
+        raise MergeError(f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tgt.model}'s "
+                         f"is {list(shape)}; the models are not the same architecture "
+                         "(--allow-crimes skips such tensors)")
+
+    # -- step 4: copy or merge, and the parameters -----------------------------------------------------------
+    def _task(self, g: Group, tgt: _Target, base: Optional[InputRef],
+              used: List[Tuple[SliceSource, InputRef]]) -> TensorTask:
+        if not tgt.is_float or (not used and base is None):
+            if not tgt.is_float:
+                self.counts[f"non-float tensors copied from {tgt.model}"] += 1
+            return _copy_task(tgt, InputRef(tgt.model, tgt.tensor))
+        if not used and not tgt.vocab:
+            return _copy_task(tgt, base)  # only the base has it: what every method returns without inputs
+        return self._merge_task(g, tgt, base, used)
+
+    def _merge_task(self, g: Group, tgt: _Target, base: Optional[InputRef],
+                    used: List[Tuple[SliceSource, InputRef]]) -> TensorTask:
+        ins = [ref for _, ref in used]
+        refs = [src.model for src, _ in used]
+        shared, per_input = g.resolver.resolve(tgt.name, self._position(g, tgt.k), refs,
+                                               g.base.model if g.base else None, input_names=[r.name for r in ins])
+        _check_values(self.method, g.resolver, tgt.name, shared, refs, per_input, self.allow_extrapolation)
+        if self.method.copies(shared, per_input) and not tgt.vocab:
+            return _copy_task(tgt, ins[0])
+        keys = ([stream_key(self.seed, f"model{src.position}", tgt.name) for src, _ in used]
+                if self.method.randomized else [0] * len(used))
+        shape = (self.vocabulary.size, *tgt.info.shape[1:]) if tgt.vocab else tgt.info.shape
+        return TensorTask(tgt.name, shape, tgt.out_dtype, "merge", base, ins, shared, per_input, keys,
+                          vocab=tgt.vocab)
+
+    def _position(self, g: Group, k: Optional[int]) -> float:
+        """The gradient position t of the slice's layer k (non-layer tensors: 0)."""
+        if k is None:
+            return 0.0
+        if self.gradient_span == "output":  # over the output's layers (one `models:` slice: the same thing)
+            return (g.out_start + k) / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+        return k / (g.length - 1) if g.length > 1 else 1.0  # mergekit: over the slice's own layers
+
+
+def _copy_task(tgt: _Target, source: InputRef) -> TensorTask:
+    return TensorTask(tgt.name, tgt.info.shape, tgt.out_dtype, "copy", None, [source])
+
+
+def _is_front(name: str) -> bool:
+    """A non-layer tensor before the layers (the input embedding)."""
+    return layer_index(name) is None and _natural_key(name)[0] == 0
+
+
+def _is_back(name: str) -> bool:
+    """A non-layer tensor after the layers (final norm, lm_head, ...)."""
+    return layer_index(name) is None and _natural_key(name)[0] != 0
+
+
+# -- step 5: the whole output (checks, notes, layout), and make_plan -------------------------------------------------
+def _check_unique(recipe: Recipe, tasks: Sequence[TensorTask]) -> None:
+    """No output tensor name planned twice."""
     seen = Counter(t.name for t in tasks)
     dup = [n for n, k in seen.items() if k > 1]
     if dup:
         raise MergeError(f"{recipe.at()}: the output would hold tensor {dup[0]} twice; check the slices")
-    for msg, n in counts.items():
-        notes.append(f"{msg} ({n} tensor{'s' if n != 1 else ''})")
-    extra = Counter()
-    if c.models:
-        tref = first.template[0]
+
+
+def _notes(recipe: Recipe, models: "OrderedDict[str, ModelIndex]", first: Group, counts: Counter) -> List[str]:
+    """What the user should know about tensors left out, stood in for or copied, each with its count."""
+    notes = [f"{msg} ({n} tensor{'s' if n != 1 else ''})" for msg, n in counts.items()]
+    if recipe.config.models:
+        tref = first.template.model
         for src in first.inputs:
-            missing = [n for n in models[src[0]].tensors if n not in models[tref].tensors]
+            missing = sum(1 for n in models[src.model].tensors if n not in models[tref].tensors)
             if missing:
-                extra[src[0]] = len(missing)
-        for ref, n in extra.items():
-            notes.append(f"{ref} has {n} tensor(s) that {tref} lacks; they are not in the output")
+                notes.append(f"{src.model} has {missing} tensor(s) that {tref} lacks; they are not in the output")
+    return notes
+
+
+def _check_inputs(recipe: Recipe, groups: List[Group]) -> None:
+    """Something to merge or copy in some slice."""
+    if not groups or not any(g.inputs or g.base for g in groups):
+        raise MergeError(f"{recipe.at('models')}: no models to merge")
+
+
+def _out_dtype(recipe: Recipe, dtype: Optional[str], out_dtype: Optional[str]) -> Optional[str]:
+    """The output's float dtype: out_dtype, else the working dtype, else (None) each tensor's own."""
+    work_dtype = normalize_dtype(dtype or recipe.config.dtype)
+    return normalize_dtype(out_dtype or recipe.config.out_dtype) or work_dtype
+
+
+def _seed(seed: Optional[int]) -> Tuple[int, bool]:
+    """(the seed, whether it was given): one is drawn now when none was."""
+    return (secrets.randbits(31), False) if seed is None else (seed, True)
+
+
+def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] = None,
+              out_dtype: Optional[str] = None, shard_size: int = 5 * 10**9, allow_crimes: bool = False,
+              recipe_dir: Optional[Path] = None, gradient_span: str = "slice",
+              allow_extrapolation: bool = False, strict: bool = False) -> Plan:
+    """Check the recipe against its models and plan every output tensor; `strict`: NaN/Inf in an input is an
+    error when merging. The first problem found is the one raised."""
+    c = recipe.config
+    method = get_method(c.merge_method)
+    _check_method_use(recipe, method)
+    models = resolve_models(recipe, recipe_dir, allow_crimes)
+    groups = output_groups(recipe, method, models)
+    vocabulary = _vocabulary(recipe, models)
+    _check_inputs(recipe, groups)
+    num_layers = sum(g.length for g in groups)
+    seed, seed_given = _seed(seed)
+    planner = _TensorPlanner(models, method, vocabulary, _out_dtype(recipe, dtype, out_dtype), num_layers, seed,
+                             allow_crimes, allow_extrapolation, gradient_span)
+    layer_sources = planner.walk(groups)
+    _check_unique(recipe, planner.tasks)
+    notes = _notes(recipe, models, groups[0], planner.counts)
     for n in notes:
         warn(n)
-    layout = plan_layout([(t.name, t.out_dtype, t.shape) for t in tasks], shard_size)
+    layout = plan_layout([(t.name, t.out_dtype, t.shape) for t in planner.tasks], shard_size)
     return Plan(recipe=recipe, method=method, models=models, base_model=c.base_model, seed=seed,
-                seed_given=seed_given, tasks=tasks, layout=layout, notes=notes, template=first.template[0],
-                num_layers=num_layers, layer_sources=layer_sources, sliced=bool(c.slices), vocabulary=vocabulary)
+                seed_given=seed_given, tasks=tuple(planner.tasks), layout=layout, notes=tuple(notes),
+                template=groups[0].template.model, num_layers=num_layers, layer_sources=tuple(layer_sources),
+                sliced=bool(c.slices), vocabulary=vocabulary, strict=strict)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -461,47 +633,72 @@ def _fmt_bytes(n: float) -> str:
 
 def describe(plan: Plan) -> str:
     """Human-readable summary: models, methods, parameters per tensor group, bytes, expected peak memory."""
+    lines = _describe_header(plan) + _describe_layers(plan) + _describe_tensors(plan)
+    lines += [f"read:   {_fmt_bytes(plan.bytes_read)}",
+              f"write:  {_fmt_bytes(plan.bytes_written)}",
+              f"peak memory (expected, tensor work): {_fmt_bytes(plan.peak_bytes_estimate)}"]
+    return "\n".join(lines + [f"note:   {n}" for n in plan.notes])
+
+
+def _describe_header(plan: Plan) -> List[str]:
+    """Recipe, method, seed, and each model with its size and folder."""
+    m = plan.method
     lines = [f"recipe: {plan.recipe.source}",
-             f"method: {plan.method.name} ({plan.method.pretty}, {plan.method.url})",
+             f"method: {m.name} ({m.pretty}, {m.url})",
              f"seed:   {plan.seed}{'' if plan.seed_given else ' (chosen now; pass --seed to fix it)'}"
-             if plan.method.randomized else "seed:   not used (the method draws nothing at random)",
+             if m.randomized else "seed:   not used (the method draws nothing at random)",
              "models:"]
     for ref, idx in plan.models.items():
         role = " (base)" if ref == plan.base_model else ""
         size = sum(t.nbytes for t in idx.tensors.values())
         lines.append(f"  {ref}{role}: {len(idx.tensors)} tensors, {_fmt_bytes(size)} at {idx.path}")
-    if plan.sliced:
-        lines.append(f"layers: {plan.num_layers} in the output")
-        runs: List[List[Any]] = []  # [first out layer, last out layer, model, first source layer]
-        for o, (ref, i) in enumerate(plan.layer_sources):
-            if runs and runs[-1][2] == ref and runs[-1][3] + (o - runs[-1][0]) == i:
-                runs[-1][1] = o
-            else:
-                runs.append([o, o, ref, i])
-        for a, b, ref, i in runs:
-            lines.append(f"  {a}-{b} <- {ref} layers {i}-{i + b - a} (template; merged with the slice's sources)"
-                         if plan.method.uses_base or plan.method.max_inputs != 1
-                         else f"  {a}-{b} <- {ref} layers {i}-{i + b - a}")
+    return lines
+
+
+def _layer_runs(layer_sources: Sequence[Tuple[str, int]]) -> List[List[Any]]:
+    """Consecutive output layers taken from consecutive layers of one model, as
+    [first out layer, last out layer, model, first source layer]."""
+    runs: List[List[Any]] = []
+    for o, (ref, i) in enumerate(layer_sources):
+        if runs and runs[-1][2] == ref and runs[-1][3] + (o - runs[-1][0]) == i:
+            runs[-1][1] = o
+        else:
+            runs.append([o, o, ref, i])
+    return runs
+
+
+def _describe_layers(plan: Plan) -> List[str]:
+    """Where a sliced output's layers come from; nothing for a `models:` recipe."""
+    if not plan.sliced:
+        return []
+    merged = plan.method.uses_base or plan.method.max_inputs != 1
+    lines = [f"layers: {plan.num_layers} in the output"]
+    for a, b, ref, i in _layer_runs(plan.layer_sources):
+        lines.append(f"  {a}-{b} <- {ref} layers {i}-{i + b - a} (template; merged with the slice's sources)"
+                     if merged else f"  {a}-{b} <- {ref} layers {i}-{i + b - a}")
+    return lines
+
+
+def _task_summary(plan: Plan, t: TensorTask) -> str:
+    """What is done to a tensor: copied from a model, or merged with these parameters."""
+    if t.kind == "copy":
+        return f"copy from {t.inputs[0].model}"
+    shared = ", ".join(f"{k}={v}" for k, v in t.shared.items())
+    per = "; ".join(f"{r.model.split('/')[-1].split(chr(92))[-1]}: " + ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+        for r, p in zip(t.inputs, t.per_input))
+    return f"{plan.method.name}[{shared}] {per}"
+
+
+def _describe_tensors(plan: Plan) -> List[str]:
+    """The tensors grouped by what is done to them, a few names of each group shown."""
     groups: "OrderedDict[str, List[str]]" = OrderedDict()
     for t in plan.tasks:
-        if t.kind == "copy":
-            key = f"copy from {t.inputs[0].model}"
-        else:
-            shared = ", ".join(f"{k}={v}" for k, v in t.shared.items())
-            per = "; ".join(f"{r.model.split('/')[-1].split(chr(92))[-1]}: " + ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
-                for r, p in zip(t.inputs, t.per_input))
-            key = f"{plan.method.name}[{shared}] {per}"
-        groups.setdefault(key, []).append(t.name)
-    lines.append(f"tensors: {len(plan.tasks)} in {len(plan.layout.files)} file(s), out dtype "
-                 f"{', '.join(sorted({str(t.out_dtype).replace('torch.', '') for t in plan.tasks}))}")
+        groups.setdefault(_task_summary(plan, t), []).append(t.name)
+    lines = [f"tensors: {len(plan.tasks)} in {len(plan.layout.files)} file(s), out dtype "
+             f"{', '.join(sorted({str(t.out_dtype).replace('torch.', '') for t in plan.tasks}))}"]
     for key, names in groups.items():
         shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
         lines.append(f"  {len(names):5d} x {key}")
         lines.append(f"          {shown}")
-    lines.append(f"read:   {_fmt_bytes(plan.bytes_read)}")
-    lines.append(f"write:  {_fmt_bytes(plan.bytes_written)}")
-    lines.append(f"peak memory (expected, tensor work): {_fmt_bytes(plan.peak_bytes_estimate)}")
-    for n in plan.notes:
-        lines.append(f"note:   {n}")
-    return "\n".join(lines)
+    return lines
