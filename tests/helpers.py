@@ -105,3 +105,10 @@ parameters:
 merge_method: della_linear
 dtype: bfloat16
 """
+
+
+def run_recipe(recipe, out, **options):
+    """mergesmith.merge with MergeOptions(progress=False, **options); returns the MergeResult."""
+    import mergesmith
+
+    return mergesmith.merge(recipe, out, mergesmith.MergeOptions(progress=False, **options))

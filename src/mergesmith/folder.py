@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from mergesmith import __version__
+from mergesmith.version import __version__
 from mergesmith.errors import warn
 from mergesmith.io.index import model_folder
 from mergesmith.io.resolve import is_hub_id
