@@ -49,7 +49,7 @@ class MergeOptions:
     out_shard_size: Union[str, int] = "5GB"  # most bytes per output shard: "5GB", "500MB", "2GiB" or an int
     dtype: Optional[str] = None  # overrides the recipe's dtype (bfloat16, float16, float32)
     out_dtype: Optional[str] = None  # overrides the recipe's out_dtype
-    strict: bool = False  # refuse unknown recipe keys and NaN/Inf inputs instead of warning
+    strict: bool = False  # refuse unknown recipe keys (a Recipe passed in keeps how it was loaded), NaN/Inf inputs
     allow_crimes: bool = False  # merge models of different architectures anyway
     allow_extrapolation: bool = False  # accept parameters beyond interpolation, as mergekit does
     gradient_span: str = "slice"  # layer gradients over each slice's layers (mergekit) or over the whole "output"

@@ -1,4 +1,4 @@
-"""The `mergesmith` command line (thin: parsing, then calls into recipe/plan/execute/folder)."""
+"""The `mergesmith` command line (thin: parsing, then calls into mergesmith.api and the other modules)."""
 
 from __future__ import annotations
 
