@@ -130,3 +130,10 @@ def hub_cache(root: Path, repo_id: str, folder: Path, commit: str = "0123456789a
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blobs / digest, link.parent))
     return snap
+
+
+def run_recipe(recipe, out, **options):
+    """mergesmith.merge with MergeOptions(progress=False, **options); returns the MergeResult."""
+    import mergesmith
+
+    return mergesmith.merge(recipe, out, mergesmith.MergeOptions(progress=False, **options))

@@ -9,10 +9,9 @@ test_run.py::test_cuda_gives_the_same_bytes_as_cpu does, where a GPU is present.
 
 import pytest
 
-from helpers import SEED_RECIPE
+from helpers import SEED_RECIPE, run_recipe
 from test_run import digest, write_recipe
 
-from mergesmith.cli import run_recipe
 
 
 @pytest.mark.parametrize("method", ["della_linear", "ties", "dare_ties", "breadcrumbs_ties"])
@@ -24,7 +23,7 @@ def test_device_paths_give_the_cpu_bytes(tmp_path, fam, monkeypatch, method, blo
     if blocks:
         monkeypatch.setattr(plan_module, "BLOCK_ELEMENTS", 1000)
     recipe = write_recipe(tmp_path, fam, SEED_RECIPE.replace("merge_method: della_linear", f"merge_method: {method}"))
-    run_recipe(str(recipe), str(tmp_path / "numpy"), seed=5, quiet=True)
+    run_recipe(str(recipe), str(tmp_path / "numpy"), seed=5)
     calls = {"sparsify": 0, "rng": 0}
 
     def off(kind):
@@ -35,6 +34,6 @@ def test_device_paths_give_the_cpu_bytes(tmp_path, fam, monkeypatch, method, blo
 
     monkeypatch.setattr(sparsify, "numpy_path", off("sparsify"))
     monkeypatch.setattr(rng, "numpy_path", off("rng"))
-    run_recipe(str(recipe), str(tmp_path / "torch"), seed=5, quiet=True)
+    run_recipe(str(recipe), str(tmp_path / "torch"), seed=5)
     assert calls["sparsify"] > 0 and (calls["rng"] > 0) == (method != "ties" and method != "breadcrumbs_ties")
     assert digest(tmp_path / "numpy") == digest(tmp_path / "torch")

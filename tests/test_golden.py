@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mergesmith.cli import run_recipe
+from helpers import run_recipe
 from mergesmith.demo import method_recipes, recipe_path, tiny_dir
 
 GOLDEN = {
@@ -56,7 +56,7 @@ def recipe_for(case: str, tmp: Path) -> Path:
 @pytest.mark.parametrize("case", sorted(GOLDEN))
 def test_output_bytes_are_pinned(case, tmp_path):
     out = tmp_path / "out"
-    run_recipe(str(recipe_for(case, tmp_path)), str(out), seed=1, quiet=True)
+    run_recipe(str(recipe_for(case, tmp_path)), str(out), seed=1)
     assert digest(out) == GOLDEN[case]
 
 

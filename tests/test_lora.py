@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from helpers import make_mistral, read_folder
-from mergesmith.cli import main, run_recipe
+from helpers import make_mistral, read_folder, run_recipe
+from mergesmith.cli import main
 from mergesmith.errors import MergeError
 
 import peft  # noqa: F401,E402 - a dev dependency: the tests must run, not skip
@@ -44,7 +44,7 @@ def test_base_plus_lora_equals_peft_merge_and_unload(lora_setup, tmp_path):
     r = tmp_path / "r.yml"
     r.write_text(f"merge_method: linear\nmodels:\n  - model: {root / 'base'}+{root / 'adapter'}\n"
                  "    parameters: {weight: 1.0}\ndtype: float32\n")
-    run_recipe(str(r), str(tmp_path / "out"), quiet=True)
+    run_recipe(str(r), str(tmp_path / "out"))
     got = read_folder(tmp_path / "out")
     base = read_folder(root / "base")
     changed = 0
@@ -109,4 +109,4 @@ def test_bad_adapter_is_one_line(lora_setup, tmp_path):
     r.write_text(f"merge_method: linear\nmodels:\n  - model: {root / 'base'}+{tmp_path}\n"
                  "    parameters: {weight: 1.0}\n")
     with pytest.raises(MergeError, match=r"r.yml:3: adapter .* has no adapter_config.json"):
-        run_recipe(str(r), str(tmp_path / "out"), quiet=True)
+        run_recipe(str(r), str(tmp_path / "out"))

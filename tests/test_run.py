@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SEED_RECIPE, read_folder
-from mergesmith.cli import main, run_recipe
+from helpers import SEED_RECIPE, read_folder, run_recipe
+from mergesmith.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_FILE = REPO.parent / "shared" / "reference" / "stellar-odyssey-recipe.yml"
@@ -65,9 +65,9 @@ def test_seed_recipe_runs_loads_and_chats(tmp_path, fam):
 
 def test_same_seed_same_bytes_any_threads(tmp_path, fam):
     recipe = write_recipe(tmp_path, fam)
-    run_recipe(str(recipe), str(tmp_path / "a"), seed=11, quiet=True, threads=1)
-    run_recipe(str(recipe), str(tmp_path / "b"), seed=11, quiet=True, threads=2, out_shard_size="60KB")
-    run_recipe(str(recipe), str(tmp_path / "c"), seed=12, quiet=True)
+    run_recipe(str(recipe), str(tmp_path / "a"), seed=11, threads=1)
+    run_recipe(str(recipe), str(tmp_path / "b"), seed=11, threads=2, out_shard_size="60KB")
+    run_recipe(str(recipe), str(tmp_path / "c"), seed=12)
     a, b, c = (read_folder(tmp_path / x) for x in "abc")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
@@ -77,11 +77,11 @@ def test_same_seed_same_bytes_any_threads(tmp_path, fam):
 
 def test_seed_is_recorded_when_not_given(tmp_path, fam):
     recipe = write_recipe(tmp_path, fam)
-    run_recipe(str(recipe), str(tmp_path / "a"), quiet=True)
+    run_recipe(str(recipe), str(tmp_path / "a"))
     line = next(ln for ln in (tmp_path / "a" / "mergesmith_config.yml").read_text().splitlines()
                 if ln.startswith("# seed:"))
     seed = int(line.split()[2])
-    run_recipe(str(recipe), str(tmp_path / "b"), seed=seed, quiet=True)
+    run_recipe(str(recipe), str(tmp_path / "b"), seed=seed)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
 
@@ -92,7 +92,7 @@ def test_tensor_alone_equals_tensor_in_full_run(tmp_path, fam):
     from mergesmith.recipe import load_recipe
 
     recipe = write_recipe(tmp_path, fam)
-    run_recipe(str(recipe), str(tmp_path / "a"), seed=5, quiet=True)
+    run_recipe(str(recipe), str(tmp_path / "a"), seed=5)
     full = read_folder(tmp_path / "a")
     plan = make_plan(load_recipe(recipe), seed=5)
     for task in reversed(plan.tasks):
@@ -114,7 +114,7 @@ def test_bf16_output_is_correctly_rounded(tmp_path, fam, method):
         f"  - model: {p}\n    parameters:\n      weight: {w}\n      density: {d}\n" for p, w, d in zip(fam[1:], ws, ds))
     recipe = tmp_path / "r.yml"
     recipe.write_text(text)
-    run_recipe(str(recipe), str(tmp_path / "o"), quiet=True)
+    run_recipe(str(recipe), str(tmp_path / "o"))
     out = read_folder(tmp_path / "o")
     ins = [read_folder(p) for p in fam]
     total = agree = 0
@@ -160,7 +160,7 @@ def test_sharded_output_loads_with_transformers(tmp_path, fam):
 
     recipe = write_recipe(tmp_path, fam)
     out = tmp_path / "o"
-    run_recipe(str(recipe), str(out), seed=1, quiet=True, out_shard_size="50KB", out_dtype="float32")
+    run_recipe(str(recipe), str(out), seed=1, out_shard_size="50KB", out_dtype="float32")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2
@@ -240,22 +240,22 @@ def test_row_blocks_give_the_same_bytes(tmp_path, fam, monkeypatch, method):
     if method == "linear":
         text = text.replace("base_model: {base}\n", "")
     recipe = write_recipe(tmp_path, fam, text)
-    run_recipe(str(recipe), str(tmp_path / "whole"), seed=3, quiet=True)
+    run_recipe(str(recipe), str(tmp_path / "whole"), seed=3)
     monkeypatch.setattr(ex, "BLOCK_ELEMENTS", 1000)
     from mergesmith.plan import make_plan
     from mergesmith.recipe import load_recipe
 
     plan = make_plan(load_recipe(recipe), seed=3)
     assert max(len(ex.row_blocks(plan, t)) for t in plan.tasks) > 4
-    run_recipe(str(recipe), str(tmp_path / "blocks"), seed=3, quiet=True)
+    run_recipe(str(recipe), str(tmp_path / "blocks"), seed=3)
     assert digest(tmp_path / "whole") == digest(tmp_path / "blocks")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 def test_cuda_gives_the_same_bytes_as_cpu(tmp_path, fam):
     recipe = write_recipe(tmp_path, fam)
-    run_recipe(str(recipe), str(tmp_path / "cpu"), seed=21, quiet=True, device="cpu")
-    run_recipe(str(recipe), str(tmp_path / "gpu"), seed=21, quiet=True, device="cuda")
+    run_recipe(str(recipe), str(tmp_path / "cpu"), seed=21, device="cpu")
+    run_recipe(str(recipe), str(tmp_path / "gpu"), seed=21, device="cuda")
     assert digest(tmp_path / "cpu") == digest(tmp_path / "gpu")
 
 
@@ -278,7 +278,7 @@ def test_chat_template_is_written_where_transformers_reads_it(tmp_path, fam, spe
     escaped = spec.replace("{", "{{").replace("}", "}}")  # write_recipe fills the paths with str.format
     recipe = write_recipe(tmp_path, fam, SEED_RECIPE + f"chat_template: {escaped}\n")
     out = tmp_path / "o"
-    run_recipe(str(recipe), str(out), seed=1, quiet=True)
+    run_recipe(str(recipe), str(out), seed=1)
     tok = AutoTokenizer.from_pretrained(out)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text.startswith(expect) or text == tok.bos_token + expect or text.startswith(tok.bos_token + expect)
@@ -340,11 +340,15 @@ def test_allocator_settings_only_for_row_block_merges(tmp_path, fam, monkeypatch
     calls = []
     monkeypatch.setattr(mergesmith.allocator, "reuse_freed_blocks", lambda: calls.append(1))
     recipe = write_recipe(tmp_path, fam)
-    run_recipe(str(recipe), str(tmp_path / "whole"), seed=1, quiet=True)  # the family's tensors fit one block
+    assert cli("run", recipe, tmp_path / "whole", "--seed", 1, "--quiet") == 0  # the tensors fit one block
     assert calls == []
     monkeypatch.setattr(mergesmith.plan, "BLOCK_ELEMENTS", 1000)
-    run_recipe(str(recipe), str(tmp_path / "blocks"), seed=1, quiet=True)
+    assert cli("run", recipe, tmp_path / "blocks", "--seed", 1, "--quiet") == 0
     assert calls == [1]
+    run_recipe(str(recipe), str(tmp_path / "library"), seed=1)  # the API leaves the allocator alone by default
+    assert calls == [1]
+    run_recipe(str(recipe), str(tmp_path / "tuned"), seed=1, tune_allocator=True)
+    assert calls == [1, 1]
 
 
 def test_allocator_settings_apply_in_process():

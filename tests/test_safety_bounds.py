@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import read_folder
-from mergesmith.cli import main, run_recipe
+from helpers import read_folder, run_recipe
+from mergesmith.cli import main
 from mergesmith.errors import MergeError
 from mergesmith.io.writer import parse_size
 from mergesmith.plan import make_plan
@@ -206,10 +206,10 @@ def test_nan_in_a_copied_tensor_warns_and_is_refused_under_strict(tmp_path, fam,
                       "        layer_range: [0, 2]\n")
     with pytest.raises(MergeError, match=r"tensor model.layers.0.input_layernorm.weight holds NaN or Inf values "
                                          r"\(refused under --strict\)"):
-        run_recipe(str(recipe), str(tmp_path / "strict"), quiet=True, strict=True)
+        run_recipe(str(recipe), str(tmp_path / "strict"), strict=True)
     assert not (tmp_path / "strict").exists()
     with caplog.at_level(logging.WARNING, logger="mergesmith"):
-        run_recipe(str(recipe), str(tmp_path / "out"), quiet=True)
+        run_recipe(str(recipe), str(tmp_path / "out"))
     assert any("model.layers.0.input_layernorm.weight holds NaN or Inf" in m for m in caplog.messages)
 
 
@@ -232,10 +232,10 @@ def test_float16_overflow_is_refused_not_written_as_inf(tmp_path, fam):
     recipe.write_text(f"merge_method: passthrough\nout_dtype: float16\nslices:\n  - sources:\n      - model: {wide}\n"
                       "        layer_range: [0, 2]\n")
     with pytest.raises(MergeError, match="model.norm.weight holds values beyond float16's range"):
-        run_recipe(str(recipe), str(tmp_path / "o1"), quiet=True)
+        run_recipe(str(recipe), str(tmp_path / "o1"))
     recipe.write_text(linear(wide, fam[2], extra="out_dtype: float16\nparameters: {normalize: false}\n"))
     with pytest.raises(MergeError, match="tensor model.norm.weight: the merge holds values beyond float16's range"):
-        run_recipe(str(recipe), str(tmp_path / "o2"), quiet=True)
+        run_recipe(str(recipe), str(tmp_path / "o2"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_mistral
-from mergesmith.cli import main, run_recipe
+from helpers import make_mistral, run_recipe
+from mergesmith.cli import main
 
 RECIPE = """merge_method: task_arithmetic
 base_model: {base}
@@ -74,7 +74,7 @@ def tensor_spans(shard: Path) -> dict:
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_finishes(tmp_path, fam, capsys):
     r = write_recipe(tmp_path / "r.yml", *fam[:3])
-    run_recipe(str(r), str(tmp_path / "ref"), seed=3, quiet=True)
+    run_recipe(str(r), str(tmp_path / "ref"), seed=3)
     out = tmp_path / "o"
     env = dict(os.environ, MERGESMITH_TEST_TENSOR_DELAY="1.0")  # 21 tensors, two at a time: about 10 s
     first = subprocess.Popen([sys.executable, "-m", "mergesmith", "run", str(r), str(out), "--seed", "3", "--quiet"],
@@ -105,7 +105,7 @@ def test_an_output_overlapping_an_input_is_refused_and_the_inputs_stay(tmp_path,
     m = copied_family(fam, tmp_path / "models")
     if case == "is an input mergesmith wrote":  # an earlier merge merged into itself: --overwrite may not apply
         run_recipe(str(write_recipe(tmp_path / "first.yml", *fam[:3])), str(tmp_path / "models" / "merged"),
-                   seed=1, quiet=True)
+                   seed=1)
         m["ft1"] = tmp_path / "models" / "merged"
     ft1 = m["ft1"]
     if case == "input via a symlink":
@@ -134,7 +134,7 @@ def test_an_output_next_to_the_recipe_is_fine(tmp_path, fam):
 def test_extract_lora_never_writes_over_its_inputs(tmp_path, fam, which, capsys):
     m = copied_family(fam, tmp_path / "models")
     merged = tmp_path / "models" / "merged"  # one of ours: only its being an input keeps --overwrite off it
-    run_recipe(str(write_recipe(tmp_path / "r.yml", *fam[:3])), str(merged), seed=1, quiet=True)
+    run_recipe(str(write_recipe(tmp_path / "r.yml", *fam[:3])), str(merged), seed=1)
     before = snapshot(tmp_path)
     out = merged if which == "--model" else m["base"]
     assert cli("extract-lora", out, "--model", merged, "--base", m["base"], "--rank", 2, "--overwrite") == 2

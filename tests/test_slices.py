@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_mistral, read_folder
-from mergesmith.cli import run_recipe
+from helpers import make_mistral, read_folder, run_recipe
 from mergesmith.errors import MergeError
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -30,7 +29,7 @@ def _run(tmp_path, text, **kw):
     r = tmp_path / "recipe.yml"
     r.write_text(text)
     out = tmp_path / "out"
-    run_recipe(str(r), str(out), quiet=True, **kw)
+    run_recipe(str(r), str(out), **kw)
     return out
 
 
@@ -141,5 +140,5 @@ def test_slice_and_arity_errors_name_the_line(six, tmp_path, recipe, message):
     r = tmp_path / "recipe.yml"
     r.write_text(recipe.format(a=six / "a", b=six / "b", ft=six / "a_ft"))
     with pytest.raises(MergeError, match=message):
-        run_recipe(str(r), str(tmp_path / "out"), quiet=True)
+        run_recipe(str(r), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

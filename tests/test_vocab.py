@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_mistral, read_folder
-from mergesmith.cli import run_recipe
+from helpers import make_mistral, read_folder, run_recipe
 from mergesmith.errors import MergeError
 
 N = 300  # tokens of the test tokenizer (helpers.make_tokenizer)
@@ -99,7 +98,7 @@ def test_union_vocabulary_rows_follow_the_fill_rules(vocab_family, tmp_path, ten
     root = vocab_family
     r = tmp_path / "r.yml"
     r.write_text(_recipe(root, "tokenizer_source: union"))
-    run_recipe(str(r), str(tmp_path / "out"), quiet=True)
+    run_recipe(str(r), str(tmp_path / "out"))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
@@ -131,7 +130,7 @@ def test_merged_tokenizer_encodes_the_union_and_a_chat_turn_generates(vocab_fami
     r = tmp_path / "r.yml"
     r.write_text(_recipe(root, "tokenizer_source: union\nchat_template: chatml"))
     out = tmp_path / "out"
-    run_recipe(str(r), str(out), quiet=True)
+    run_recipe(str(r), str(out))
     code = f"""
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import torch
@@ -172,7 +171,7 @@ def test_tokens_block_overrides_force_and_padding(vocab_family, tmp_path):
 """
     r = tmp_path / "r.yml"
     r.write_text(_recipe(root, block, method="linear").replace(f"base_model: {root / 'base'}\n", ""))
-    run_recipe(str(r), str(tmp_path / "out"), quiet=True)
+    run_recipe(str(r), str(tmp_path / "out"))
     from transformers import AutoTokenizer
 
     out_vocab = AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab()
@@ -199,7 +198,7 @@ def test_bad_token_source_is_one_line(vocab_family, tmp_path):
     r.write_text(_recipe(root, "tokenizer:\n  tokens:\n    <x>:\n      source: {kind: model_token, model: "
                                f"{root / 'chat'}, token: nope}}\n"))
     with pytest.raises(MergeError, match=r"r.yml:\d+: token 'nope' is not in model"):
-        run_recipe(str(r), str(tmp_path / "out"), quiet=True)
+        run_recipe(str(r), str(tmp_path / "out"))
 
 
 def test_a_tied_model_lends_its_embeddings_as_lm_head(vocab_family, tmp_path):
@@ -222,7 +221,7 @@ def test_a_tied_model_lends_its_embeddings_as_lm_head(vocab_family, tmp_path):
     r = tmp_path / "r.yml"
     r.write_text(f"merge_method: linear\nmodels:\n  - model: {root / 'chat'}\n    parameters: {{weight: 1}}\n"
                  f"  - model: {tied}\n    parameters: {{weight: 1}}\ntokenizer_source: union\ndtype: float32\n")
-    run_recipe(str(r), str(tmp_path / "out"), quiet=True)
+    run_recipe(str(r), str(tmp_path / "out"))
     from transformers import AutoTokenizer
 
     out_vocab = AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab()

@@ -1,9 +1,8 @@
-"""The `mergesmith` command line (thin: parsing, then calls into recipe/plan/execute/folder)."""
+"""The `mergesmith` command line (thin: parsing, then calls into mergesmith.api and the other modules)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import traceback
@@ -12,8 +11,8 @@ from typing import Optional
 
 import click
 
-from mergesmith import __version__
 from mergesmith.errors import MergeError
+from mergesmith.version import __version__
 
 _COMMON_PLAN_OPTIONS = [
     click.option("--seed", "--random-seed", "seed", type=int, default=None,
@@ -57,134 +56,14 @@ def cli() -> None:
     """Merge language-model weights from mergekit-style YAML recipes."""
 
 
-def _load(recipe: str, strict: bool, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span="slice",
-          allow_extrapolation=False):
-    from mergesmith.io.writer import parse_size
-    from mergesmith.plan import make_plan
-    from mergesmith.recipe import DTYPES, load_recipe
-
-    for flag, v in (("--dtype", dtype), ("--out-dtype", out_dtype)):
-        if v is not None and v not in DTYPES:
-            raise MergeError(f"{flag} {v!r} is not a dtype; use bfloat16, float16 or float32")
-    shard = parse_size(out_shard_size)
-    r = load_recipe(recipe, strict=strict)
-    plan = make_plan(r, seed=seed, dtype=dtype, out_dtype=out_dtype, shard_size=shard, allow_crimes=allow_crimes,
-                     recipe_dir=Path(recipe).resolve().parent, gradient_span=gradient_span,
-                     allow_extrapolation=allow_extrapolation, strict=strict)
-    return plan
-
-
 @cli.command("plan")
 @click.argument("recipe", type=click.Path())
 @_plan_options
-def plan_cmd(recipe, seed, dtype, out_dtype, out_shard_size, allow_crimes, allow_extrapolation, gradient_span, strict,
-             verbose):
+def plan_cmd(recipe, verbose, **options):
     """Validate RECIPE and print what a run would do, without merging."""
-    from mergesmith.plan import describe
+    from mergesmith.api import MergeOptions, describe, plan_merge
 
-    p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span, allow_extrapolation)
-    _chat_template(p, Path(recipe).resolve().parent)
-    click.echo(describe(p))
-
-
-def _chat_template(p, recipe_dir: Path, tokenizer: bool = True) -> Optional[str]:
-    """Before any work: the tokenizer files the output will take are checked, and the recipe's chat_template
-    resolved (a file only from `recipe_dir`, the recipe's folder, or a model's folder)."""
-    from mergesmith.chat_templates import choose_template
-    from mergesmith.folder import check_tokenizer
-    from mergesmith.io.index import model_folder
-
-    if tokenizer:
-        check_tokenizer(p)
-    spec = p.recipe.config.chat_template
-    if not spec:
-        return None
-    base = p.models.get(p.base_model) if p.base_model else None
-    return choose_template(spec, [model_folder(m) for m in p.models.values()], model_folder(base) if base else None,
-                           recipe_dir, p.recipe.at("chat_template"))
-
-
-def run_recipe(recipe: str, out_dir: str, *, seed=None, device="cpu", threads=None, out_shard_size="5GB",
-               dtype=None, out_dtype=None, overwrite=False, quiet=False, copy_tokenizer=True, write_model_card=True,
-               allow_crimes=False, strict=False, restart=False, gradient_span="slice",
-               allow_extrapolation=False) -> "object":
-    """The whole `mergesmith run`; returns the Plan. Used by the CLI, the demo and tests.
-
-    An interrupted run left OUT_DIR.partial/ with a journal: the same command continues it (same seed, even when
-    it was drawn), a different recipe or input is refused, and `restart` starts over. What may be written,
-    replaced or removed, and the lock that keeps a second run off the same OUT_DIR: mergesmith.outdir.
-    """
-    from mergesmith import outdir
-    from mergesmith.allocator import reuse_freed_blocks
-    from mergesmith.execute import execute, pick_device
-    from mergesmith.plan import row_blocks
-    from mergesmith.folder import folder_bytes, write_folder
-    from mergesmith.verify import verify_weights
-
-    if threads is not None and threads < 1:
-        raise MergeError(f"--threads {threads}: give at least 1 thread (or leave --threads out to use every core)")
-    out = outdir.output_path(out_dir)
-    pick_device(device)
-    head = None if restart else outdir.resume_header(outdir.partial_of(out))
-    if seed is None and head is not None:
-        seed = head.get("seed")
-    p = _load(recipe, strict, seed, dtype, out_dtype, out_shard_size, allow_crimes, gradient_span, allow_extrapolation)
-    template = _chat_template(p, Path(recipe).resolve().parent, copy_tokenizer)
-    with outdir.claim(out, _inputs(p, recipe), overwrite, f"mergesmith run {recipe} {out_dir}") as partial:
-        resume = not restart and _continues(p, partial)
-        if not resume:
-            _fresh(p, partial, folder_bytes(p, out.name, copy_tokenizer, write_model_card, template))
-        if any(len(row_blocks(p, t)) > 1 for t in p.tasks):
-            reuse_freed_blocks()
-        done = execute(p, partial, device=device, threads=threads, progress=not quiet, resume=resume)
-        if done:
-            from mergesmith.errors import log
-
-            log.info(f"resumed {partial}: {done} of {len(p.tasks)} tensors were already done")
-        write_folder(p, partial, name=out.name, tokenizer=copy_tokenizer, card=write_model_card,
-                     chat_template=template)
-        verify_weights(partial, {t.name: (t.out_dtype, tuple(t.shape)) for t in p.tasks})
-        outdir.finish(partial, out)
-    return p
-
-
-def _fresh(p, partial: Path, other_bytes: int) -> None:
-    """A new OUT_DIR.partial/, kept only when the disk has room for the whole output folder."""
-    from mergesmith import outdir
-
-    outdir.fresh_partial(partial)
-    try:
-        outdir.check_disk(partial, outdir.disk_need(sum(p.layout.sizes), list(p.layout.slots), other_bytes))
-    except MergeError:
-        outdir.remove_ours(partial)  # nothing in it yet: a refused run leaves no trace
-        raise
-
-
-def _inputs(p, recipe: str) -> list:
-    """What the output must keep apart from: every model (folder, weight files, adapter) and the recipe."""
-    from mergesmith.outdir import model_inputs
-
-    items = [("the recipe", Path(recipe))]
-    for ref, idx in p.models.items():
-        items += model_inputs(f"model {ref}", idx)
-    return items
-
-
-def _continues(p, partial: Path) -> bool:
-    """`partial` holds an interrupted run of this same merge, to be continued; an interrupted different merge is
-    refused."""
-    from mergesmith.execute import can_resume
-    from mergesmith.journal import differences, fingerprint
-    from mergesmith.outdir import resume_header
-
-    head = resume_header(partial)  # read again under the lock: the one read before planning gave only the seed
-    if head is None:
-        return False
-    changed = differences(head.get("fingerprint", {}), fingerprint(p))
-    if changed != "nothing":
-        raise MergeError(f"{partial} holds an interrupted merge that differs from this one (changed: {changed}); "
-                         "rerun with --restart to start over")
-    return can_resume(p, partial)
+    click.echo(describe(plan_merge(Path(recipe), MergeOptions(**options))))
 
 
 @cli.command("run")
@@ -202,21 +81,18 @@ def _continues(p, partial: Path) -> bool:
 @click.option("--lazy-unpickle", is_flag=True, hidden=True, help="Accepted for mergekit compatibility (no-op).")
 @click.option("--lora-merge-cache", default=None, hidden=True)
 @click.option("--transformers-cache", default=None, hidden=True)
-def run_cmd(recipe, out_dir, seed, dtype, out_dtype, out_shard_size, allow_crimes, allow_extrapolation, gradient_span,
-            strict, verbose, device, cuda,
-            threads, overwrite, restart, quiet, copy_tokenizer, write_model_card, lazy_unpickle, lora_merge_cache,
-            transformers_cache):
+def run_cmd(recipe, out_dir, verbose, cuda, quiet, lazy_unpickle, lora_merge_cache, transformers_cache, **options):
     """Merge the models of RECIPE into the Hugging Face model folder OUT_DIR."""
-    t0 = time.monotonic()
-    p = run_recipe(recipe, out_dir, seed=seed, device="cuda" if cuda else device, threads=threads,
-                   out_shard_size=out_shard_size, dtype=dtype, out_dtype=out_dtype, overwrite=overwrite, quiet=quiet,
-                   copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, allow_crimes=allow_crimes,
-                   strict=strict, restart=restart, gradient_span=gradient_span,
-                   allow_extrapolation=allow_extrapolation)
+    from mergesmith.api import MergeOptions, merge
+
+    if cuda:
+        options["device"] = "cuda"
+    # the options' names are the flags' names (MergeOptions)
+    res = merge(Path(recipe), out_dir, MergeOptions(progress=not quiet, tune_allocator=True, **options))
     if not quiet:
-        click.echo(f"wrote {out_dir}: {len(p.tasks)} tensors, {p.bytes_written / 1e6:.1f} MB in "
-                   f"{len(p.layout.files)} file(s), {time.monotonic() - t0:.1f} s"
-                   + (f"; seed {p.seed}" if p.method.randomized else ""), err=True)
+        click.echo(f"wrote {out_dir}: {res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB in "
+                   f"{len(res.plan.layout.files)} file(s), {res.seconds:.1f} s"
+                   + (f"; seed {res.seed}" if res.plan.method.randomized else ""), err=True)
 
 
 @cli.command("verify")

@@ -53,7 +53,7 @@ def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = 
              all_methods: bool = False) -> Dict[str, object]:
     import logging
 
-    from mergesmith.cli import run_recipe
+    from mergesmith.api import MergeOptions, merge
     from mergesmith.evaluate import evaluate, format_table, recovered
 
     if not (tiny_dir() / "base" / "model.safetensors").exists():
@@ -75,7 +75,7 @@ def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = 
             recipe = (recipe_path() if m == "della_linear" else examples[m] if m in examples else
                       _variant(m, out_dir / "recipes" / f"{m}.yml"))
             t0 = time.monotonic()
-            run_recipe(str(recipe), str(out_dir / m), seed=seed, quiet=True, overwrite=True)
+            merge(recipe, out_dir / m, MergeOptions(seed=seed, progress=False, overwrite=True))
             times[m] = time.monotonic() - t0
             merges.append((m, out_dir / m))
     finally:

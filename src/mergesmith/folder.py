@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from mergesmith import __version__
 from mergesmith.errors import MergeError, warn
 from mergesmith.io.index import has_member, model_folder, read_json_object, safe_member
+from mergesmith.version import __version__
 from mergesmith.io.resolve import is_hub_id
 from mergesmith.plan import Plan
 from mergesmith.vocab import TOKENIZER_FILES, check_tokenizer_files

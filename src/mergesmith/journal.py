@@ -17,10 +17,11 @@ import zlib
 from pathlib import Path
 from typing import Dict, Optional
 
-from mergesmith import __version__
+from mergesmith.outdir import JOURNAL as NAME
+from mergesmith.outdir import is_ours
 from mergesmith.plan import Plan
+from mergesmith.version import __version__
 
-NAME = ".mergesmith-journal"
 FORMAT = 2  # 2: one fingerprint part per input file (format 1 partials are started over)
 
 # Files below this size are fingerprinted by their bytes (exact, and a `touch` does not count as a change); larger
@@ -102,9 +103,10 @@ def fingerprint(plan: Plan) -> Dict[str, str]:
     return parts
 
 
-def read_header(partial: Path) -> Optional[dict]:
+def resume_header(partial: Path) -> Optional[dict]:
+    """The journal header of an interrupted run in `partial`, when that folder is mergesmith's."""
     p = partial / NAME
-    if not p.exists():
+    if not is_ours(partial) or p.is_symlink() or not p.is_file():
         return None
     try:
         with open(p, encoding="utf-8") as f:

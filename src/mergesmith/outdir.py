@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from mergesmith.errors import MergeError
-from mergesmith.journal import NAME as JOURNAL
-from mergesmith.journal import read_header
 
 MARKER = ".mergesmith"
 MARKER_TEXT = "Written by mergesmith: `--overwrite` may replace this folder.\n"
 RECIPE_COPY = "mergesmith_config.yml"
 CHECKSUMS = "mergesmith_checksums.json"
+JOURNAL = ".mergesmith-journal"  # an interrupted run's resume journal (mergesmith.journal)
 WORK_SUFFIXES = (".partial", ".old")
 
 
@@ -198,14 +197,6 @@ def claim(out: Path, inputs: Iterable[Tuple[str, Path]], overwrite: bool, comman
 
 
 # ------------------------------------------------------------------------------------------- the folders
-
-def resume_header(partial: Path) -> Optional[dict]:
-    """The journal header of an interrupted run in `partial`, when that folder is mergesmith's."""
-    journal = partial / JOURNAL
-    if not is_ours(partial) or journal.is_symlink() or not journal.is_file():
-        return None
-    return read_header(partial)
-
 
 def fresh_partial(partial: Path) -> None:
     """An empty OUT_DIR.partial/ with the marker (an earlier one of ours removed first)."""

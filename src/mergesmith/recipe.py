@@ -235,6 +235,8 @@ class Recipe:
     text: str = ""
     lines: Dict[Path_, int] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
+    path: Optional[Path] = None  # the file it was read from (None for text)
+    folder: Optional[Path] = None  # where relative model paths resolve: the file's folder
 
     def found_at(self) -> Dict[str, str]:
         """Where a merge found this recipe's relative model paths, from the comment lines mergesmith writes into
@@ -441,6 +443,7 @@ def _check_duplicates(r: Recipe) -> None:
 
 
 def load_recipe(path: Union[str, Path], strict: bool = False) -> Recipe:
+    """Read and parse the recipe file at `path` (parse_recipe), remembering the file and its folder."""
     p = Path(path)
     try:
         if p.exists() and not p.is_dir() and not p.is_file():  # a pipe or device would block or never end
@@ -457,7 +460,9 @@ def load_recipe(path: Union[str, Path], strict: bool = False) -> Recipe:
         raise MergeError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise MergeError(f"cannot read recipe {p}: {e.strerror}") from None
-    return parse_recipe(text, source=p.name, strict=strict)
+    recipe = parse_recipe(text, source=p.name, strict=strict)
+    recipe.path, recipe.folder = p.absolute(), p.resolve().parent
+    return recipe
 
 
 def normalize_dtype(name: Optional[str]) -> Optional[str]:
