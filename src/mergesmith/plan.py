@@ -369,11 +369,12 @@ def _group_specs(recipe: Recipe, method: Method, models: "OrderedDict[str, Model
     c = recipe.config
     if c.modules:
         return _module_specs(recipe, method, models, anats)
-    lead = anats[recipe.model_refs()[0][0]]
     if c.models:
+        lead = anats[c.models[0].model]
         return [_Spec(None, _models_sources(recipe, method, models, anats, c.models, s), c.base_model, ("models",), s)
                 for s in [s.prefix for s in lead.stacks] or [None]]
     _refuse_many_stacks(recipe, anats)
+    lead = anats[c.slices[0].sources[0].model]
     stack = lead.stacks[0].prefix if lead.stacks else None
     return [_Spec(si, _slice_sources(recipe, ("slices", si), sl, models, anats, stack), sl.base_model or c.base_model,
                   ("slices", si), stack) for si, sl in enumerate(c.slices)]
