@@ -15,6 +15,7 @@ from mergesmith.io.index import has_member, model_folder, read_json_object, safe
 from mergesmith.version import __version__
 from mergesmith.io.resolve import is_hub_id
 from mergesmith.plan import Plan
+from mergesmith.stacks import anatomy, update_counts
 from mergesmith.vocab import TOKENIZER_FILES, check_tokenizer_files
 
 
@@ -32,22 +33,15 @@ def _template(plan: Plan) -> str:
 
 def config_text(plan: Plan) -> Optional[str]:
     """The output's config.json, None when the template model has none."""
-    cfg = plan.models[_template(plan)].config
+    tref = _template(plan)
+    cfg = plan.models[tref].config
     if cfg is None:
         return None
-    cfg = dict(cfg)
+    # the layer counts and per-layer lists of the stacks the recipe changed follow their new layers
+    cfg = dict(update_counts(cfg, anatomy(plan.models[tref].tensors), tref, dict(plan.stacks),
+                             {ref: idx.config for ref, idx in plan.models.items()}))
     if plan.vocabulary is not None:
         cfg["vocab_size"] = plan.vocabulary.size
-    if plan.layer_sources and (plan.sliced or cfg.get("num_hidden_layers") != plan.num_layers):
-        cfg["num_hidden_layers"] = plan.num_layers
-        # per-layer lists (layer_types, ...) follow the layers they describe
-        for key, value in list(cfg.items()):
-            if isinstance(value, list) and value and key.startswith("layer_"):  # [] has no entry to spread
-                per = []
-                for ref, i in plan.layer_sources:
-                    src = (plan.models[ref].config or {}).get(key)
-                    per.append(src[i] if isinstance(src, list) and i < len(src) else value[min(i, len(value) - 1)])
-                cfg[key] = per
     name = _dtype_name(plan)
     keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
     for k in keys:
@@ -140,9 +134,7 @@ def model_card(plan: Plan, name: str) -> str:
         front.append("base_model: []")
     front += ["library_name: transformers", "tags:", "- mergesmith", "- merge", "---", ""]
     m = plan.method
-    c = plan.recipe.config
-    listed = [m_.model for m_ in c.models or []] + [src.model for sl in c.slices or [] for src in sl.sources]
-    merged = [r for r in dict.fromkeys(listed) if r != plan.base_model]
+    merged = [r for r in plan.recipe.input_models() if r != plan.base_model]
     lines = [f"# {name}", "",
              f"This is a merge of pre-trained language models created with [mergesmith](https://pypi.org/project/"
              f"mergesmith/) {__version__}.", "", "## Merge Details", "", "### Merge Method", ""]

@@ -169,7 +169,7 @@ def recipe_inputs(folder: Path) -> Tuple[Optional[str], List[str], Dict[str, str
     text = f.read_text(encoding="utf-8")
     recipe = parse_recipe(text, str(f))
     c = recipe.config
-    if c.slices:
+    if c.slices or c.modules:
         raise MergeError(f"{f}: this merge was built from slices (layers moved or repeated), so its tensors do not "
                          "pair with its inputs' by name; pass --base and --model to compare it with models of "
                          "its own layout")

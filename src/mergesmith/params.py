@@ -121,27 +121,39 @@ class Source:
 class ParameterResolver:
     """Resolves a method's parameters for each tensor of one output slice."""
 
-    def __init__(self, recipe: Recipe, method: Method, slice_index: Optional[int] = None):
+    def __init__(self, recipe: Recipe, method: Method, slice_index: Optional[int] = None,
+                 module: Optional[str] = None):
+        """For output slice `slice_index` (None: the `models:` list) of the recipe, or of its `modules:` entry
+        `module`, whose `parameters:` rank between the slice's and the recipe's (mergekit's order)."""
         self.recipe, self.method = recipe, method
         c = recipe.config
         self.global_src = Source(c.parameters or {}, ("parameters",))
+        at: Tuple[Any, ...] = () if module is None else ("modules", module)
+        spec = c if module is None else c.modules[module]
+        self.module_src = None if module is None else Source(spec.parameters or {}, at + ("parameters",))
         self.slice_src: Optional[Source] = None
         self.model_src: Dict[str, Source] = {}
         if slice_index is None:
-            for i, m in enumerate(c.models or []):
+            for i, m in enumerate(spec.models or []):
                 if m.parameters is not None and m.model not in self.model_src:
-                    self.model_src[m.model] = Source(m.parameters, ("models", i, "parameters"))
+                    self.model_src[m.model] = Source(m.parameters, at + ("models", i, "parameters"))
         else:
-            s = c.slices[slice_index]
-            self.slice_src = Source(s.parameters or {}, ("slices", slice_index, "parameters"))
+            s = spec.slices[slice_index]
+            self.slice_src = Source(s.parameters or {}, at + ("slices", slice_index, "parameters"))
             for j, src in enumerate(s.sources):
                 if src.parameters is not None and src.model not in self.model_src:
-                    self.model_src[src.model] = Source(src.parameters, ("slices", slice_index, "sources", j, "parameters"))
+                    self.model_src[src.model] = Source(src.parameters,
+                                                       at + ("slices", slice_index, "sources", j, "parameters"))
+
+    def _chain(self, model: Optional[str] = None) -> List[Source]:
+        """The parameter sources for a model (None: shared parameters), highest precedence first."""
+        own = self.model_src.get(model) if model is not None else None
+        return [s for s in (own, self.slice_src, self.module_src, self.global_src) if s is not None]
 
     def warn_unknown(self) -> None:
         """Warn once about parameter names the method does not use (mergekit ignores them silently)."""
         names = [p.name for p in self.method.params]
-        for src in [self.global_src, self.slice_src, *self.model_src.values()]:
+        for src in [self.global_src, self.module_src, self.slice_src, *self.model_src.values()]:
             if src is None:
                 continue
             for k in src.values:
@@ -168,11 +180,11 @@ class ParameterResolver:
         """Shared values for output tensor `tensor_name`; per-model values with filters matched against each
         model's own tensor name (`input_names`, which differ from the output's in sliced merges), as mergekit."""
         input_names = input_names or [tensor_name] * len(models)
-        shared_sources = [s for s in (self.slice_src, self.global_src) if s is not None]
-        shared = {p.name: self._resolve(p, shared_sources, tensor_name, t, "the merge") for p in self.method.shared_params}
+        shared = {p.name: self._resolve(p, self._chain(), tensor_name, t, "the merge")
+                  for p in self.method.shared_params}
         per_input = []
         for m, in_name in zip(models, input_names):
-            sources = [s for s in (self.model_src.get(m), self.slice_src, self.global_src) if s is not None]
+            sources = self._chain(m)
             vals = {}
             for p in self.method.input_params:
                 if p.scope == "non_base" and m == base_model:
@@ -183,7 +195,7 @@ class ParameterResolver:
 
     def where(self, model: Optional[str], name: str) -> str:
         """Recipe location of the setting that gives `name` for `model` (for range errors)."""
-        for src in [self.model_src.get(model) if model else None, self.slice_src, self.global_src]:
-            if src is not None and name in src.values:
+        for src in self._chain(model or None):
+            if name in src.values:
                 return self.recipe.at(*src.path, name)
         return self.recipe.at()

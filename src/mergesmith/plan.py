@@ -13,14 +13,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergesmith.errors import MergeError, warn
+from mergesmith.errors import MergeError, did_you_mean, warn
 from mergesmith.io.index import ModelIndex, TensorInfo, index_model
 from mergesmith.io.resolve import resolve_model
 from mergesmith.io.writer import Layout, plan_layout
 from mergesmith.methods import Method, check_params, get_method
 from mergesmith.methods.rng import stream_key
 from mergesmith.params import _LAYER_RE, ParameterResolver, is_embedding, layer_index
-from mergesmith.recipe import Recipe, normalize_dtype
+from mergesmith.recipe import (InputModelDefinition, OutputModuleDefinition, OutputSliceDefinition, Recipe,
+                               normalize_dtype)
+from mergesmith.stacks import Anatomy, anatomy, claimed_layers, is_front, uncountable
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -67,11 +69,22 @@ class Plan:
     layout: Layout
     notes: Tuple[str, ...] = ()
     template: Optional[str] = None  # the model whose config.json the output takes
-    num_layers: int = 0  # the output's layer count
-    layer_sources: Tuple[Tuple[str, int], ...] = ()  # (model, its layer) per output layer
-    sliced: bool = False
+    # each layer stack of the output (its tensor prefix, None for a model without layers), with (model, its layer)
+    # per output layer
+    stacks: Tuple[Tuple[Optional[str], Tuple[Tuple[str, int], ...]], ...] = ()
+    sliced: bool = False  # `slices:` or `modules:`: layers may move
     vocabulary: Any = None  # mergesmith.vocab.Vocabulary when the recipe builds an output tokenizer
     strict: bool = False  # NaN/Inf in inputs: an error instead of a warning
+
+    @property
+    def num_layers(self) -> int:
+        """The output's layer count, every stack together."""
+        return len(self.layer_sources)
+
+    @property
+    def layer_sources(self) -> Tuple[Tuple[str, int], ...]:
+        """(model, its layer) per output layer, stack after stack."""
+        return tuple(src for _, layers in self.stacks for src in layers)
 
     @property
     def bytes_read(self) -> int:
@@ -122,7 +135,7 @@ def row_blocks(plan: "Plan", task: TensorTask) -> List[Tuple[int, int]]:
 
 def _natural_key(name: str):
     i = layer_index(name)
-    pre = 0 if (i is None and is_embedding(name) and "lm_head" not in name) else (1 if i is not None else 2)
+    pre = 0 if (i is None and is_front(name)) else (1 if i is not None else 2)
     return (pre, i if i is not None else 0, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
 
 
@@ -164,13 +177,15 @@ class SliceSource:
 @dataclass(frozen=True)
 class Group:
     """One output slice: its sources, the base among them, the other sources (the inputs), and where its layers
-    land in the output. A `models:` recipe is one group spanning every layer."""
+    land in the output. A `models:` recipe is one group per layer stack, spanning all of its layers."""
     index: Optional[int]  # slice index, None for `models:`
     sources: List[SliceSource]
     base: Optional[SliceSource]
     inputs: List[SliceSource]
-    out_start: int
+    out_start: int  # its first layer's place in its stack of the output
     resolver: ParameterResolver
+    stack: Optional[str] = None  # the prefix of the layer stack it fills (stacks.Stack.prefix)
+    module: Optional[str] = None  # its `modules:` entry
 
     @property
     def length(self) -> int:
@@ -182,31 +197,25 @@ class Group:
         return self.base or self.sources[0]
 
 
-def layer_names(idx: ModelIndex) -> Dict[int, List[str]]:
-    """{layer: its tensor names} of a model."""
-    out: Dict[int, List[str]] = {}
-    for name in idx.tensors:
-        i = layer_index(name)
-        if i is not None:
-            out.setdefault(i, []).append(name)
-    return out
-
-
-def model_layers(idx: ModelIndex, where: str = "") -> int:
-    """A model's layer count, from its tensors: every loop over layers is then bounded by what the files hold. A
-    config.json that claims more layers than the tensors hold, or layers with no tensors, is refused: the weights
-    are incomplete or the config is wrong (a config may count fewer, as for a multi-token-prediction layer)."""
-    held = layer_names(idx)
-    n = max(held, default=-1) + 1
+def stack_layers(idx: ModelIndex, an: Anatomy, prefix: Optional[str], where: str = "") -> int:
+    """A model's layer count in one stack, from its tensors: every loop over layers is then bounded by what the
+    files hold. A config.json that claims more layers than the tensors hold, or layers with no tensors, is refused:
+    the weights are incomplete or the config is wrong (a config may count fewer, as for a multi-token-prediction
+    layer)."""
+    stack = an.stack(prefix)
+    if stack is None:
+        return 0
+    n = stack.count
     at = f"{where}: " if where else ""
-    if len(held) != n:
-        gap = min(set(range(n)) - set(held))
-        raise MergeError(f"{at}model {idx.ref}: its tensors hold layers up to {n - 1} but nothing of layer {gap}; "
+    of = f" of {stack.module}" if an.multi else ""
+    if len(stack.held) != n:
+        gap = min(set(range(n)) - set(stack.held))
+        raise MergeError(f"{at}model {idx.ref}: its tensors hold layers{of} up to {n - 1} but nothing of layer {gap}; "
                          "the weights are incomplete")
-    claimed = (idx.config or {}).get("num_hidden_layers")
-    if n and isinstance(claimed, int) and not isinstance(claimed, bool) and claimed > n:
-        raise MergeError(f"{at}model {idx.ref}: its config.json says num_hidden_layers {claimed} but its tensors "
-                         f"hold {n} layers; the weights are incomplete or the config is wrong")
+    claimed = claimed_layers(stack, idx.config, an.multi)
+    if n and claimed and claimed[1] > n:
+        raise MergeError(f"{at}model {idx.ref}: its config.json says {claimed[0]} {claimed[1]} but its tensors "
+                         f"hold {n} layers{of}; the weights are incomplete or the config is wrong")
     return n
 
 
@@ -249,21 +258,30 @@ def rename_layer(name: str, new: int) -> str:
 
 
 # -- step 1: the models ----------------------------------------------------------------------------------------------
+def _resolvers(recipe: Recipe, method: Method) -> List[ParameterResolver]:
+    """A parameter resolver per output slice (or `models:` list) the recipe writes, module by module."""
+    c = recipe.config
+    if c.modules:
+        return [ParameterResolver(recipe, method, si, name) for name, m in c.modules.items()
+                for si in (range(len(m.slices)) if m.slices else [None])]
+    return [ParameterResolver(recipe, method, si) for si in (range(len(c.slices)) if c.slices else [None])]
+
+
 def _check_method_use(recipe: Recipe, method: Method) -> None:
     """What can be told before touching disk: parameter names the method does not know (typos like `densty`) and
     a missing or ignored base_model."""
-    c = recipe.config
-    for si in (range(len(c.slices)) if c.slices else [None]):
-        ParameterResolver(recipe, method, si).warn_unknown()
+    for resolver in _resolvers(recipe, method):
+        resolver.warn_unknown()
     _check_base_named(recipe, method)
 
 
 def _check_base_named(recipe: Recipe, method: Method) -> None:
     """A base_model where the method needs one; a warning where it ignores one."""
     c = recipe.config
-    if method.base_policy == "required" and not c.base_model and not any(s.base_model for s in c.slices or []):
+    slice_bases = [s.base_model for _, slices in recipe.slice_lists() for s in slices if s.base_model]
+    if method.base_policy == "required" and not c.base_model and not slice_bases:
         raise MergeError(f"{recipe.at('merge_method')}: {method.name} needs a 'base_model:'")
-    if c.base_model and method.base_policy == "ignored" and c.models:
+    if c.base_model and method.base_policy == "ignored" and recipe.model_lists():
         warn(f"{recipe.at('base_model')}: {method.name} does not use a base model; base_model is ignored")
 
 
@@ -275,7 +293,7 @@ def resolve_models(recipe: Recipe, recipe_dir: Optional[Path], allow_crimes: boo
     for ref, path in recipe.model_refs():
         if ref not in models:
             models[ref] = load_model(ref, recipe.at(*path), recipe_dir, found.get(ref))
-    _check_architectures(models, recipe, allow_crimes, layers=not recipe.config.slices)
+    _check_architectures(models, recipe, allow_crimes, layers=not recipe.slice_lists())
     return models
 
 
@@ -292,39 +310,120 @@ def _vocabulary(recipe: Recipe, models: "OrderedDict[str, ModelIndex]") -> Any:
 
 
 # -- step 2: the output slices ---------------------------------------------------------------------------------------
-def _models_sources(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[SliceSource]:
-    """A `models:` recipe: every layer of each model (and of a base that is not listed)."""
+Anatomies = Dict[str, Anatomy]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What the recipe says of one output group, before its base is picked."""
+    index: Optional[int]  # slice index, None for a `models:` list
+    sources: List[SliceSource]
+    base_ref: Optional[str]  # the base model named
+    path: tuple  # its place in the recipe
+    stack: Optional[str]  # the layer stack it fills
+    module: Optional[str] = None  # its `modules:` entry
+
+
+def _models_sources(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]", anats: Anatomies,
+                    entries: List[InputModelDefinition], stack: Optional[str]) -> List[SliceSource]:
+    """A `models:` list: every layer of the stack in each model (and in a base that is not listed)."""
     c = recipe.config
-    listed = [m.model for m in c.models]
+    listed = [m.model for m in entries]
     refs = list(dict.fromkeys(listed))
     if c.base_model and c.base_model not in refs and method.base_policy != "ignored":
         refs.append(c.base_model)
     paths = dict(recipe.model_refs())
-    return [SliceSource(r, 0, model_layers(models[r], recipe.at(*paths.get(r, ()))),
+    return [SliceSource(r, 0, stack_layers(models[r], anats[r], stack, recipe.at(*paths.get(r, ()))),
                         listed.index(r) if r in listed else len(listed)) for r in refs]
 
 
-def _slice_sources(recipe: Recipe, si: int, models: "OrderedDict[str, ModelIndex]") -> List[SliceSource]:
-    """The sources of slice si, each layer_range within what its model holds."""
+def _slice_sources(recipe: Recipe, path: tuple, sl: OutputSliceDefinition, models: "OrderedDict[str, ModelIndex]",
+                   anats: Anatomies, stack: Optional[str], module: Optional[str] = None) -> List[SliceSource]:
+    """The sources of the slice at `path`, each layer_range within what its model holds in the stack."""
     sources = []
-    for j, src in enumerate(recipe.config.slices[si].sources):
+    for j, src in enumerate(sl.sources):
         a, b = src.layer_range
-        have = model_layers(models[src.model], recipe.at('slices', si, 'sources', j, 'model'))
+        have = stack_layers(models[src.model], anats[src.model], stack, recipe.at(*path, 'sources', j, 'model'))
         if b > have:
-            raise MergeError(f"{recipe.at('slices', si, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] "
-                             f"but {src.model} has {have} layers (0 to {have - 1}); the end is exclusive")
+            raise MergeError(f"{recipe.at(*path, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] but "
+                             f"{src.model} has {have} layers{f' in {module}' if module else ''} (0 to {have - 1}); "
+                             "the end is exclusive")
         sources.append(SliceSource(src.model, a, b, j))
     return sources
 
 
-def _group_specs(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[tuple]:
-    """(slice index, sources, base model named, recipe path) of each output slice; every layer range is checked
-    before any slice's base."""
+def _refuse_many_stacks(recipe: Recipe, anats: Anatomies) -> None:
+    """`slices:` on a model with two layer stacks (T5, Whisper, CLIP, a VLM): a layer_range cannot say which one it
+    means (mergekit refuses them too)."""
+    for ref, an in anats.items():
+        if an.multi:
+            mods = ", ".join(f"{s.module} ({s.prefix}N)" for s in an.stacks)
+            raise MergeError(f"{recipe.at('slices')}: model {ref} has {len(an.stacks)} layer stacks ({mods}), and a "
+                             f"layer_range cannot say which one it means; use 'modules:' with an entry per stack "
+                             f"to slice (like '{an.stacks[0].module}: {{slices: [...]}}'), as in mergekit")
+
+
+def _group_specs(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]",
+                 anats: Anatomies) -> List[_Spec]:
+    """Each output group; every layer range is checked before any group's base."""
     c = recipe.config
+    if c.modules:
+        return _module_specs(recipe, method, models, anats)
     if c.models:
-        return [(None, _models_sources(recipe, method, models), c.base_model, ("models",))]
-    return [(si, _slice_sources(recipe, si, models), sl.base_model or c.base_model, ("slices", si))
-            for si, sl in enumerate(c.slices)]
+        lead = anats[c.models[0].model]
+        return [_Spec(None, _models_sources(recipe, method, models, anats, c.models, s), c.base_model, ("models",), s)
+                for s in [s.prefix for s in lead.stacks] or [None]]
+    _refuse_many_stacks(recipe, anats)
+    lead = anats[c.slices[0].sources[0].model]
+    stack = lead.stacks[0].prefix if lead.stacks else None
+    return [_Spec(si, _slice_sources(recipe, ("slices", si), sl, models, anats, stack), sl.base_model or c.base_model,
+                  ("slices", si), stack) for si, sl in enumerate(c.slices)]
+
+
+def _module_stack(recipe: Recipe, name: str, mod: OutputModuleDefinition, an: Anatomy, ref: str,
+                  seen: Dict[Optional[str], str]) -> Optional[str]:
+    """The stack a `modules:` entry names in its first model (None: the tensors outside every stack)."""
+    stack = an.find(name)
+    if stack is None and name not in an.outside:
+        names = [n for s in an.stacks for n in s.names] + list(an.outside)
+        raise MergeError(f"{recipe.at('modules', name)}: model {ref} has no module {name!r}; its modules are "
+                         f"{', '.join(an.module_names()) or 'none (it has no layers)'}{did_you_mean(name, names)}")
+    if stack is None and mod.slices:
+        raise MergeError(f"{recipe.at('modules', name, 'slices')}: module {name!r} holds no layers (the tensors "
+                         "outside every layer stack); give it 'models:'")
+    prefix = stack.prefix if stack else None
+    if prefix in seen:
+        raise MergeError(f"{recipe.at('modules', name)}: {name!r} and {seen[prefix]!r} name the same module of "
+                         f"{ref}; list it once")
+    seen[prefix] = name
+    return prefix
+
+
+def _module_specs(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]",
+                  anats: Anatomies) -> List[_Spec]:
+    """A `modules:` recipe: each entry's slices (or models) on its own stack, then each stack it does not list,
+    whole, by the first entry's rule (as the tensors outside every stack)."""
+    c = recipe.config
+    specs: List[_Spec] = []
+    seen: Dict[Optional[str], str] = {}
+    for name, mod in c.modules.items():
+        ref = mod.models[0].model if mod.models else mod.slices[0].sources[0].model
+        stack = _module_stack(recipe, name, mod, anats[ref], ref, seen)
+        at = ("modules", name)
+        if mod.models:
+            sources = _models_sources(recipe, method, models, anats, mod.models, stack)
+            specs.append(_Spec(None, sources, c.base_model, at + ("models",), stack, name))
+            continue
+        specs += [_Spec(si, _slice_sources(recipe, at + ("slices", si), sl, models, anats, stack, name),
+                        sl.base_model or c.base_model, at + ("slices", si), stack, name)
+                  for si, sl in enumerate(mod.slices)]
+    rule = specs[0]
+    for stack in anats[rule.sources[0].model].stacks:
+        if stack.prefix not in seen:
+            sources = [SliceSource(s.model, 0, stack_layers(models[s.model], anats[s.model], stack.prefix),
+                                   s.position) for s in rule.sources]
+            specs.append(_Spec(rule.index, sources, rule.base_ref, rule.path, stack.prefix, rule.module))
+    return specs
 
 
 def _pick_base(recipe: Recipe, method: Method, sources: List[SliceSource], base_ref: Optional[str],
@@ -354,18 +453,26 @@ def _check_arity(recipe: Recipe, method: Method, inputs: List[SliceSource], path
                      + (f" ({', '.join(s.model for s in inputs)})" if inputs else ""))
 
 
-def output_groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]") -> List[Group]:
-    """The output slices in order, each placed after the layers of the ones before it."""
+def output_groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]",
+                  anats: Optional[Anatomies] = None) -> List[Group]:
+    """The output groups in order, each placed after the layers of the ones before it in its stack."""
+    anats = anats or anatomies(models)
     groups: List[Group] = []
-    out = 0
-    for si, sources, base_ref, path in _group_specs(recipe, method, models):
-        base = _pick_base(recipe, method, sources, base_ref, path)
-        inputs = [s for s in sources if s is not base]
-        _check_arity(recipe, method, inputs, path)
-        g = Group(si, sources, base, inputs, out, ParameterResolver(recipe, method, si))
+    out: Counter = Counter()
+    for spec in _group_specs(recipe, method, models, anats):
+        base = _pick_base(recipe, method, spec.sources, spec.base_ref, spec.path)
+        inputs = [s for s in spec.sources if s is not base]
+        _check_arity(recipe, method, inputs, spec.path)
+        g = Group(spec.index, spec.sources, base, inputs, out[spec.stack],
+                  ParameterResolver(recipe, method, spec.index, spec.module), spec.stack, spec.module)
         groups.append(g)
-        out += g.length
+        out[spec.stack] += g.length
     return groups
+
+
+def anatomies(models: "OrderedDict[str, ModelIndex]") -> Anatomies:
+    """Each model's layer stacks."""
+    return {ref: anatomy(idx.tensors) for ref, idx in models.items()}
 
 
 # -- steps 3 and 4: each output tensor's inputs and parameters -------------------------------------------------------
@@ -401,10 +508,11 @@ class _Target:
 class _TensorPlanner:
     """Plans the output tensors one by one, counting what the notes report."""
     models: "OrderedDict[str, ModelIndex]"
+    anats: Anatomies
     method: Method
     vocabulary: Any
     final_dtype: Optional[str]
-    num_layers: int
+    totals: Dict[Optional[str], int]  # the output's layer count per stack
     seed: int
     allow_crimes: bool
     allow_extrapolation: bool
@@ -412,27 +520,39 @@ class _TensorPlanner:
     tasks: List[TensorTask] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
-    def walk(self, groups: List[Group]) -> List[Tuple[str, int]]:
-        """Every output tensor in output order: the first group's embeddings, each group's layers, the last group's
-        head and norms. Returns (model, its layer) for each output layer."""
-        first, last = groups[0], groups[-1]
-        outer = [n for n in self.models[first.template.model].tensors if _is_front(n)]
-        for name in sorted(outer, key=_natural_key):
-            self.add(first, name, None)
-        held = {ref: layer_names(idx) for ref, idx in self.models.items()}
-        layer_sources: List[Tuple[str, int]] = []
+    def walk(self, groups: List[Group]) -> Dict[Optional[str], List[Tuple[str, int]]]:
+        """Every output tensor in output order: per stack, its first group's embeddings, each group's layers, its
+        last group's head and norms; the tensors outside every stack (a projector) before and after them, by the
+        first module's rule (or the `modules:` entry naming them). Returns (model, its layer) per output layer of
+        each stack."""
+        sections: Dict[Optional[str], List[Group]] = {}
         for g in groups:
-            layer_sources += self._layers(g, held[g.template.model])
-        outer = [n for n in self.models[last.template.model].tensors if _is_back(n)]
-        for name in sorted(outer, key=_natural_key):
-            self.add(last, name, None)
+            sections.setdefault(g.stack, []).append(g)
+        stacked = [(s, gs) for s, gs in sections.items() if s is not None]
+        rule = sections.get(None) or stacked[0][1]
+        self._outer(rule[0], None, front=True)
+        layer_sources: Dict[Optional[str], List[Tuple[str, int]]] = {}
+        for stack, gs in stacked:
+            self._outer(gs[0], stack, front=True)
+            layer_sources[stack] = [src for g in gs for src in self._layers(g)]
+            self._outer(gs[-1], stack, front=False)
+        self._outer(rule[-1], None, front=False)
         return layer_sources
 
-    def _layers(self, g: Group, held: Dict[int, List[str]]) -> List[Tuple[str, int]]:
+    def _outer(self, g: Group, stack: Optional[str], front: bool) -> None:
+        """The non-layer tensors of group g's template that precede (or follow) the layers of `stack`."""
+        an = self.anats[g.template.model]
+        names = [n for n in self.models[g.template.model].tensors
+                 if layer_index(n) is None and is_front(n) == front and an.owner(n) == stack]
+        for name in sorted(names, key=_natural_key):
+            self.add(g, name, None)
+
+    def _layers(self, g: Group) -> List[Tuple[str, int]]:
         """The output layers of group g: every tensor of its template's layers, renamed to the output's."""
         tsrc = g.template
+        stack = self.anats[tsrc.model].stack(g.stack)
         for k in range(g.length):
-            for name in sorted(held.get(tsrc.start + k, []), key=_natural_key):
+            for name in sorted(stack.held.get(tsrc.start + k, ()), key=_natural_key):
                 self.add(g, rename_layer(name, g.out_start + k), k)
         return [(tsrc.model, tsrc.start + k) for k in range(g.length)]
 
@@ -537,23 +657,14 @@ class _TensorPlanner:
         """The gradient position t of the slice's layer k (non-layer tensors: 0)."""
         if k is None:
             return 0.0
-        if self.gradient_span == "output":  # over the output's layers (one `models:` slice: the same thing)
-            return (g.out_start + k) / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+        if self.gradient_span == "output":  # over the stack's output layers (one `models:` slice: the same thing)
+            n = self.totals[g.stack]
+            return (g.out_start + k) / (n - 1) if n > 1 else 1.0
         return k / (g.length - 1) if g.length > 1 else 1.0  # mergekit: over the slice's own layers
 
 
 def _copy_task(tgt: _Target, source: InputRef) -> TensorTask:
     return TensorTask(tgt.name, tgt.info.shape, tgt.out_dtype, "copy", None, [source])
-
-
-def _is_front(name: str) -> bool:
-    """A non-layer tensor before the layers (the input embedding)."""
-    return layer_index(name) is None and _natural_key(name)[0] == 0
-
-
-def _is_back(name: str) -> bool:
-    """A non-layer tensor after the layers (final norm, lm_head, ...)."""
-    return layer_index(name) is None and _natural_key(name)[0] != 0
 
 
 # -- step 5: the whole output (checks, notes, layout), and make_plan -------------------------------------------------
@@ -575,6 +686,16 @@ def _notes(recipe: Recipe, models: "OrderedDict[str, ModelIndex]", first: Group,
             if missing:
                 notes.append(f"{src.model} has {missing} tensor(s) that {tref} lacks; they are not in the output")
     return notes
+
+
+def _check_countable(recipe: Recipe, template: ModelIndex, anats: Anatomies,
+                     stacks: Dict[Optional[str], List[Tuple[str, int]]]) -> None:
+    """Each layer stack that the output changes has a config.json key to count it."""
+    stack = uncountable(anats[template.ref], template.config, template.ref, stacks)
+    if stack is not None:
+        raise MergeError(f"{recipe.at()}: the output changes the layers of {stack.module} ({stack.prefix}N), but "
+                         f"mergesmith cannot tell which key of {template.ref}'s config.json counts them; "
+                         "merge that stack whole")
 
 
 def _check_inputs(recipe: Recipe, groups: List[Group]) -> None:
@@ -604,23 +725,27 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     method = get_method(c.merge_method)
     _check_method_use(recipe, method)
     models = resolve_models(recipe, recipe_dir, allow_crimes)
-    groups = output_groups(recipe, method, models)
+    anats = anatomies(models)
+    groups = output_groups(recipe, method, models, anats)
     vocabulary = _vocabulary(recipe, models)
     _check_inputs(recipe, groups)
-    num_layers = sum(g.length for g in groups)
+    totals: Counter = Counter()
+    for g in groups:
+        totals[g.stack] += g.length
     seed, seed_given = _seed(seed)
-    planner = _TensorPlanner(models, method, vocabulary, _out_dtype(recipe, dtype, out_dtype), num_layers, seed,
+    planner = _TensorPlanner(models, anats, method, vocabulary, _out_dtype(recipe, dtype, out_dtype), totals, seed,
                              allow_crimes, allow_extrapolation, gradient_span)
-    layer_sources = planner.walk(groups)
+    stacks = planner.walk(groups)
     _check_unique(recipe, planner.tasks)
+    _check_countable(recipe, models[groups[0].template.model], anats, stacks)
     notes = _notes(recipe, models, groups[0], planner.counts)
     for n in notes:
         warn(n)
     layout = plan_layout([(t.name, t.out_dtype, t.shape) for t in planner.tasks], shard_size)
     return Plan(recipe=recipe, method=method, models=models, base_model=c.base_model, seed=seed,
                 seed_given=seed_given, tasks=tuple(planner.tasks), layout=layout, notes=tuple(notes),
-                template=groups[0].template.model, num_layers=num_layers, layer_sources=tuple(layer_sources),
-                sliced=bool(c.slices), vocabulary=vocabulary, strict=strict)
+                template=groups[0].template.model, stacks=tuple((k, tuple(v)) for k, v in stacks.items()),
+                sliced=bool(c.slices or c.modules), vocabulary=vocabulary, strict=strict)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -668,14 +793,18 @@ def _layer_runs(layer_sources: Sequence[Tuple[str, int]]) -> List[List[Any]]:
 
 
 def _describe_layers(plan: Plan) -> List[str]:
-    """Where a sliced output's layers come from; nothing for a `models:` recipe."""
+    """Where a sliced output's layers come from, stack by stack; nothing for a `models:` recipe."""
     if not plan.sliced:
         return []
     merged = plan.method.uses_base or plan.method.max_inputs != 1
     lines = [f"layers: {plan.num_layers} in the output"]
-    for a, b, ref, i in _layer_runs(plan.layer_sources):
-        lines.append(f"  {a}-{b} <- {ref} layers {i}-{i + b - a} (template; merged with the slice's sources)"
-                     if merged else f"  {a}-{b} <- {ref} layers {i}-{i + b - a}")
+    pad = "    " if len(plan.stacks) > 1 else "  "
+    for stack, layers in plan.stacks:
+        if len(plan.stacks) > 1:
+            lines.append(f"  {stack}N: {len(layers)} layers")
+        for a, b, ref, i in _layer_runs(layers):
+            lines.append(f"{pad}{a}-{b} <- {ref} layers {i}-{i + b - a}"
+                         + (" (template; merged with the slice's sources)" if merged else ""))
     return lines
 
 

@@ -56,6 +56,14 @@ class OutputSliceDefinition(_Model):
     parameters: Optional[Dict[str, ParameterSetting]] = None
 
 
+class OutputModuleDefinition(_Model):
+    """One module of a `modules:` recipe (a layer stack: encoder, decoder, vision_tower, ...): its own slices, or
+    its models merged whole."""
+    slices: Optional[List[OutputSliceDefinition]] = None
+    models: Optional[List[InputModelDefinition]] = None
+    parameters: Optional[Dict[str, ParameterSetting]] = None
+
+
 class TokenizerConfig(_Model):
     source: str = "union"
     tokens: Optional[Dict[str, Any]] = None
@@ -66,7 +74,7 @@ class MergeConfiguration(_Model):
     merge_method: str
     models: Optional[List[InputModelDefinition]] = None
     slices: Optional[List[OutputSliceDefinition]] = None
-    modules: Optional[Dict[str, Any]] = None
+    modules: Optional[Dict[str, OutputModuleDefinition]] = None
     base_model: Optional[str] = None
     parameters: Optional[Dict[str, ParameterSetting]] = None
     dtype: Optional[str] = None
@@ -83,6 +91,10 @@ _KNOWN: Dict[Path_, Tuple[str, ...]] = {
     ("slices", "*"): tuple(OutputSliceDefinition.model_fields),
     ("slices", "*", "sources", "*"): tuple(InputSliceDefinition.model_fields),
     ("tokenizer",): tuple(TokenizerConfig.model_fields),
+    ("modules", "*"): tuple(OutputModuleDefinition.model_fields),
+    ("modules", "*", "models", "*"): tuple(InputModelDefinition.model_fields),
+    ("modules", "*", "slices", "*"): tuple(OutputSliceDefinition.model_fields),
+    ("modules", "*", "slices", "*", "sources", "*"): tuple(InputSliceDefinition.model_fields),
 }
 
 DTYPES = {
@@ -218,7 +230,9 @@ def _load_yaml(text: str, source: str) -> Tuple[Any, Dict[Path_, int], List[str]
 
 
 def _pattern_of(path: Path_) -> Path_:
-    return tuple("*" if isinstance(p, int) else p for p in path)
+    """A path with list indices and module names as '*'."""
+    out = tuple("*" if isinstance(p, int) else p for p in path)
+    return out[:1] + ("*",) + out[2:] if out[:1] == ("modules",) and len(out) > 1 else out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,16 +276,34 @@ class Recipe:
         return where(self.source, self.line(*path))
 
     # -- the inputs in recipe order: (model reference, path of its key) ------------------------------------------
+    def model_lists(self) -> List[Tuple[Path_, List[InputModelDefinition]]]:
+        """Each `models:` list with its recipe path: the recipe's, or a module's."""
+        c = self.config
+        out = [(("models",), c.models)] if c.models else []
+        return out + [(("modules", n, "models"), m.models) for n, m in (c.modules or {}).items() if m.models]
+
+    def slice_lists(self) -> List[Tuple[Path_, List[OutputSliceDefinition]]]:
+        """Each `slices:` list with its recipe path: the recipe's, or a module's."""
+        c = self.config
+        out = [(("slices",), c.slices)] if c.slices else []
+        return out + [(("modules", n, "slices"), m.slices) for n, m in (c.modules or {}).items() if m.slices]
+
+    def input_models(self) -> List[str]:
+        """The models the recipe lists (in `models:` and slice sources), in order, each once."""
+        refs = [m.model for _, models in self.model_lists() for m in models]
+        refs += [src.model for _, slices in self.slice_lists() for s in slices for src in s.sources]
+        return list(dict.fromkeys(refs))
+
     def model_refs(self) -> List[Tuple[str, Path_]]:
         c = self.config
         refs: List[Tuple[str, Path_]] = []
-        if c.models:
-            refs += [(m.model, ("models", i, "model")) for i, m in enumerate(c.models)]
-        if c.slices:
-            for si, s in enumerate(c.slices):
-                refs += [(src.model, ("slices", si, "sources", j, "model")) for j, src in enumerate(s.sources)]
+        for path, models in self.model_lists():
+            refs += [(m.model, path + (i, "model")) for i, m in enumerate(models)]
+        for path, slices in self.slice_lists():
+            for si, s in enumerate(slices):
+                refs += [(src.model, path + (si, "sources", j, "model")) for j, src in enumerate(s.sources)]
                 if s.base_model:
-                    refs.append((s.base_model, ("slices", si, "base_model")))
+                    refs.append((s.base_model, path + (si, "base_model")))
         if c.base_model:
             refs.append((c.base_model, ("base_model",)))
         if c.tokenizer_source and c.tokenizer_source not in ("base", "union"):
@@ -374,11 +406,13 @@ def _check_structure(r: Recipe, strict: bool) -> None:
     given = [k for k in ("models", "slices", "modules") if getattr(c, k)]
     if len(given) != 1:
         raise MergeError(
-            f"{r.at()}: a recipe needs exactly one of 'models:' or 'slices:' "
+            f"{r.at()}: a recipe needs exactly one of 'models:' or 'slices:' (or 'modules:') "
             f"({'neither' if not given else 'got ' + ' and '.join(given)})"
         )
-    if c.modules:
-        raise MergeError(f"{r.at('modules')}: 'modules:' (multi-module merges) is not supported yet; use 'models:'")
+    for name, m in (c.modules or {}).items():
+        if bool(m.slices) == bool(m.models):
+            raise MergeError(f"{r.at('modules', name)}: module {short(name)} needs exactly one of 'slices:' or "
+                             f"'models:' ({'got both' if m.slices else 'got neither'})")
     for key in ("dtype", "out_dtype"):
         v = getattr(c, key)
         if v is not None:
@@ -393,14 +427,23 @@ def _check_structure(r: Recipe, strict: bool) -> None:
                          f"[1, {MAX_PAD}] (vocabularies are padded to multiples of 8 to 256)")
     _check_names(r)
     _check_duplicates(r)
-    for si, s in enumerate(c.slices or []):
+    for path, slices in r.slice_lists():
+        _check_slices(r, path, slices)
+
+
+def _check_slices(r: Recipe, path: Path_, slices: List[OutputSliceDefinition]) -> None:
+    """Every source of a slice has as many layers as the others, in a range [start, end) with start < end."""
+    for si, s in enumerate(slices):
+        if not s.sources:
+            raise MergeError(f"{r.at(*path, si)}: a slice needs at least one source (sources: [{{model: ..., "
+                             "layer_range: [start, end]}])")
         lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
         if len(lens) > 1:
-            raise MergeError(f"{r.at('slices', si)}: every source of a slice needs the same number of layers")
+            raise MergeError(f"{r.at(*path, si)}: every source of a slice needs the same number of layers")
         for j, src in enumerate(s.sources):
             a, b = src.layer_range
             if not (0 <= a < b):
-                raise MergeError(f"{r.at('slices', si, 'sources', j, 'layer_range')}: layer_range "
+                raise MergeError(f"{r.at(*path, si, 'sources', j, 'layer_range')}: layer_range "
                                  f"[{short(a, 24)}, {short(b, 24)}] must be [start, end) with 0 <= start < end")
 
 
@@ -411,10 +454,11 @@ def _check_names(r: Recipe) -> None:
     """Model references are paths or Hub ids: not empty, no control characters (they would garble every message
     that names the model, and no file is called that)."""
     c = r.config
-    named = [(m.model, ("models", i, "model")) for i, m in enumerate(c.models or [])]
-    for si, s in enumerate(c.slices or []):
-        named += [(src.model, ("slices", si, "sources", j, "model")) for j, src in enumerate(s.sources)]
-        named += [(s.base_model, ("slices", si, "base_model"))] if s.base_model is not None else []
+    named = [(m.model, path + (i, "model")) for path, models in r.model_lists() for i, m in enumerate(models)]
+    for path, slices in r.slice_lists():
+        for si, s in enumerate(slices):
+            named += [(src.model, path + (si, "sources", j, "model")) for j, src in enumerate(s.sources)]
+            named += [(s.base_model, path + (si, "base_model"))] if s.base_model is not None else []
     named += [(c.base_model, ("base_model",))] if c.base_model is not None else []
     named += [(c.tokenizer_source, ("tokenizer_source",))] if c.tokenizer_source is not None else []
     for ref, path in named:
@@ -428,10 +472,9 @@ def _check_names(r: Recipe) -> None:
 def _check_duplicates(r: Recipe) -> None:
     """A model listed twice counts once, with its first entry's parameters (so in mergekit): refuse a repeat, but
     for a slice's other layers of the same model with the same parameters."""
-    c = r.config
-    lists = [(("models",), [(m.model, None, m.parameters) for m in c.models or []])]
-    lists += [(("slices", si, "sources"), [(src.model, tuple(src.layer_range), src.parameters) for src in s.sources])
-              for si, s in enumerate(c.slices or [])]
+    lists = [(path, [(m.model, None, m.parameters) for m in models]) for path, models in r.model_lists()]
+    lists += [(path + (si, "sources"), [(src.model, tuple(src.layer_range), src.parameters) for src in s.sources])
+              for path, slices in r.slice_lists() for si, s in enumerate(slices)]
     for path, entries in lists:
         first: Dict[str, int] = {}
         for j, (model, layers, params) in enumerate(entries):
