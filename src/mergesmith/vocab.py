@@ -172,6 +172,47 @@ def union_tokenizer(base_tok, toks: Dict[str, Any], rows: Dict[str, int]):
     return res
 
 
+def _output_tokenizer(recipe, source: str, toks: Dict[str, Any], rows: Dict[str, int], base: str):
+    """The tokenizer the output gets: the base's, the union of every model's, or one model's."""
+    c = recipe.config
+    where = recipe.at("tokenizer", "source") if c.tokenizer is not None else recipe.at("tokenizer_source")
+    if source == "base":
+        return toks[base]
+    if source == "union":
+        return union_tokenizer(toks[base], toks, rows)
+    if source in toks:
+        return toks[source]
+    raise MergeError(f"{where}: tokenizer source {source!r} is not 'base', 'union' or one of the models")
+
+
+def _check_overrides(recipe, overrides: Dict[str, Any], toks: Dict[str, Any], rows: Dict[str, int]) -> None:
+    """Every `tokens:` source names a recipe model, and a model_token source a token that model has."""
+    for tok, s in overrides.items():
+        if s.model is not None and s.model not in toks:
+            raise MergeError(f"{recipe.at('tokenizer', 'tokens', tok)}: model {s.model} is not one of the recipe's "
+                             "models")
+        if s.kind == "model_token":
+            src_vocab = toks[s.model].get_vocab()
+            tid = s.token_id if s.token_id is not None else src_vocab.get(s.token, -1)
+            if not 0 <= tid < rows[s.model]:
+                raise MergeError(f"{recipe.at('tokenizer', 'tokens', tok)}: token "
+                                 f"{s.token if s.token is not None else s.token_id!r} is not in model {s.model}")
+
+
+def _permutations(vocab: Dict[str, int], toks: Dict[str, Any], rows: Dict[str, int], n: int) -> Dict[str, Any]:
+    """Per model: for each output token id, the model's row holding it, or -1."""
+    perms = {}
+    for ref, tok in toks.items():
+        mv = tok.get_vocab()
+        p = np.full(n, -1, dtype=np.int64)
+        for t, i in vocab.items():
+            j = mv.get(t, -1)
+            if 0 <= j < rows[ref]:
+                p[i] = j
+        perms[ref] = p
+    return perms
+
+
 def build_vocabulary(recipe, folders: Dict[str, Path], rows: Dict[str, int], base: Optional[str]) -> Vocabulary:
     """The output tokenizer and each model's permutation into it. `rows`: each model's embedding rows."""
     c = recipe.config
@@ -182,41 +223,50 @@ def build_vocabulary(recipe, folders: Dict[str, Path], rows: Dict[str, int], bas
         raise MergeError(f"{recipe.at('tokenizer', 'pad_to_multiple_of')}: pad_to_multiple_of must be >= 1")
     base = base or next(iter(folders))
     toks = {ref: _load_tokenizer(f, ref) for ref, f in folders.items()}
-    where = recipe.at("tokenizer", "source") if c.tokenizer is not None else recipe.at("tokenizer_source")
-    if source == "base":
-        out = toks[base]
-    elif source == "union":
-        out = union_tokenizer(toks[base], toks, rows)
-    elif source in toks:
-        out = toks[source]
-    else:
-        raise MergeError(f"{where}: tokenizer source {source!r} is not 'base', 'union' or one of the models")
+    out = _output_tokenizer(recipe, source, toks, rows, base)
     missing = [t for t in overrides if t not in out.get_vocab()]
     if missing:
         out.add_tokens(missing)
     vocab = dict(out.get_vocab())
-    for tok, s in overrides.items():
-        if s.model is not None and s.model not in folders:
-            raise MergeError(f"{recipe.at('tokenizer', 'tokens', tok)}: model {s.model} is not one of the recipe's "
-                             "models")
-        if s.kind == "model_token":
-            src_vocab = toks[s.model].get_vocab()
-            tid = s.token_id if s.token_id is not None else src_vocab.get(s.token, -1)
-            if not 0 <= tid < rows[s.model]:
-                raise MergeError(f"{recipe.at('tokenizer', 'tokens', tok)}: token "
-                                 f"{s.token if s.token is not None else s.token_id!r} is not in model {s.model}")
+    _check_overrides(recipe, overrides, toks, rows)
     n = max(vocab.values()) + 1
     size = n if not pad or n % pad == 0 else (n // pad + 1) * pad
-    perms = {}
-    for ref, tok in toks.items():
-        mv = tok.get_vocab()
-        p = np.full(n, -1, dtype=np.int64)
-        for t, i in vocab.items():
-            j = mv.get(t, -1)
-            if 0 <= j < rows[ref]:
-                p[i] = j
-        perms[ref] = p
+    perms = _permutations(vocab, toks, rows, n)
     return Vocabulary(out, vocab, size, perms, {r: dict(t.get_vocab()) for r, t in toks.items()}, overrides, base)
+
+
+def _forced(v: Vocabulary) -> "np.ndarray":
+    """Output token ids whose `tokens:` setting is forced (`force: true`): every model takes the set row."""
+    forced = np.zeros(v.n_tokens, dtype=bool)
+    for t, s in v.overrides.items():
+        if s.force and t in v.vocab:
+            forced[v.vocab[t]] = True
+    return forced
+
+
+def _default_row(v: Vocabulary, tensors: Dict[str, torch.Tensor], i: int, tok: Optional[str], having: List[str],
+                 shape, dev) -> Optional[torch.Tensor]:
+    """The row for output token i where a model lacks it (or it is forced), by the module docstring's rules; None
+    when no model has it (a zero row, reported)."""
+    s = v.overrides.get(tok) if tok is not None else None
+    if s is not None and s.kind == "zero":
+        return torch.zeros(shape, device=dev)
+    if s is not None and s.kind == "model_token":
+        tid = s.token_id if s.token_id is not None else v.originals[s.model][s.token]
+        return tensors[s.model][tid]
+    if s is not None and s.kind == "model":
+        if s.model not in tensors or v.perms[s.model][i] < 0:
+            raise MergeError(f"token {tok!r}: its source model {s.model} does not have it")
+        return tensors[s.model][int(v.perms[s.model][i])]
+    if len(having) == 1 or v.base in having:
+        m = having[0] if len(having) == 1 else v.base
+        return tensors[m][int(v.perms[m][i])]
+    if not having:
+        return None
+    acc = torch.zeros(shape, device=dev, dtype=torch.float64)
+    for m in having:
+        acc += tensors[m][int(v.perms[m][i])].double()
+    return (acc / len(having)).float()
 
 
 def permute_rows(v: Vocabulary, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -227,57 +277,38 @@ def permute_rows(v: Vocabulary, tensors: Dict[str, torch.Tensor]) -> Dict[str, t
     shape, dev = first.shape[1:], first.device
     n = v.n_tokens
     present = {m: v.perms[m] >= 0 for m in models}
-    forced = np.zeros(n, dtype=bool)
-    for t, s in v.overrides.items():
-        if s.force and t in v.vocab:
-            forced[v.vocab[t]] = True
-    need = np.zeros(n, dtype=bool)
+    forced = _forced(v)
+    need = forced.copy()
     for m in models:
         need |= ~present[m]
-    need |= forced
     defaults: Dict[int, torch.Tensor] = {}
     unfound: List[str] = []
     id_to_tok = {i: t for t, i in v.vocab.items()}
     for i in np.nonzero(need)[0].tolist():
         tok = id_to_tok.get(i)
-        s = v.overrides.get(tok) if tok is not None else None
-        having = [m for m in models if present[m][i]]
-        if s is not None and s.kind == "zero":
-            defaults[i] = torch.zeros(shape, device=dev)
-        elif s is not None and s.kind == "model_token":
-            tid = s.token_id if s.token_id is not None else v.originals[s.model][s.token]
-            defaults[i] = tensors[s.model][tid]
-        elif s is not None and s.kind == "model":
-            if s.model not in tensors or v.perms[s.model][i] < 0:
-                raise MergeError(f"token {tok!r}: its source model {s.model} does not have it")
-            defaults[i] = tensors[s.model][int(v.perms[s.model][i])]
-        elif len(having) == 1:
-            defaults[i] = tensors[having[0]][int(v.perms[having[0]][i])]
-        elif not having:
-            defaults[i] = torch.zeros(shape, device=dev)
+        row = _default_row(v, tensors, i, tok, [m for m in models if present[m][i]], shape, dev)
+        if row is None:
+            row = torch.zeros(shape, device=dev)
             if tok is not None:
                 unfound.append(tok)
-        elif v.base in having:
-            defaults[i] = tensors[v.base][int(v.perms[v.base][i])]
-        else:
-            acc = torch.zeros(shape, device=dev, dtype=torch.float64)
-            for m in having:
-                acc += tensors[m][int(v.perms[m][i])].double()
-            defaults[i] = (acc / len(having)).float()
+        defaults[i] = row
     if unfound:
         warn(f"{len(unfound)} token(s) of the output vocabulary are in no model (rows set to zero): "
              + ", ".join(repr(t) for t in unfound[:5]))
-    out = {}
-    for m in models:
-        x = tensors[m]
-        new = torch.zeros((v.size, *shape), dtype=torch.float32, device=dev)
-        own = present[m] & ~forced
-        idx = torch.from_numpy(np.nonzero(own)[0]).to(dev)
-        new[idx] = x[torch.from_numpy(v.perms[m][own]).to(dev)].float()
-        for i, row in defaults.items():
-            if not own[i]:
-                new[i] = row
-        if v.size > n:
-            new[n:] = new[:n].double().mean(dim=0).float()
-        out[m] = new
-    return out
+    return {m: _laid_out(v, tensors[m], v.perms[m], present[m] & ~forced, defaults, shape, dev) for m in models}
+
+
+def _laid_out(v: Vocabulary, x: torch.Tensor, perm, own, defaults: Dict[int, torch.Tensor], shape,
+              dev) -> torch.Tensor:
+    """One model's rows at their output ids (`own`, from its permutation `perm`), the default rows elsewhere, pad
+    rows the mean of the others."""
+    n = v.n_tokens
+    new = torch.zeros((v.size, *shape), dtype=torch.float32, device=dev)
+    idx = torch.from_numpy(np.nonzero(own)[0]).to(dev)
+    new[idx] = x[torch.from_numpy(perm[own]).to(dev)].float()
+    for i, row in defaults.items():
+        if not own[i]:
+            new[i] = row
+    if v.size > n:
+        new[n:] = new[:n].double().mean(dim=0).float()
+    return new
