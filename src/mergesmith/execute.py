@@ -191,86 +191,99 @@ def keeps_state(plan: Plan, task: TensorTask) -> bool:
     return plan.method.keeps_state(task.shared) and len(row_blocks(plan, task)) > 1
 
 
+WORKERS = 2  # tensors in flight: one reading while another computes; torch uses the cores within each
+
+
+class _Runner:
+    """Computes tensors into the shard files, WORKERS at a time, journaling each one after its bytes are written;
+    tensors that keep per-element state between passes take turns (keeps_state)."""
+
+    def __init__(self, plan: Plan, dev: torch.device, writer: ShardWriter, journal, crcs: Dict[str, int], bar):
+        self.plan, self.dev, self.writer, self.journal, self.crcs, self.bar = plan, dev, writer, journal, crcs, bar
+        self.slots = threading.Semaphore(WORKERS)
+        self.turns = threading.Semaphore(1)
+        self.lock = threading.Lock()
+        self.failed: List[BaseException] = []
+        self.delay = float(os.environ.get("MERGESMITH_TEST_TENSOR_DELAY", "0"))  # tests only: widen the kill window
+
+    def work(self, task: TensorTask, heavy: bool) -> None:
+        try:
+            if self.failed:
+                return
+            c = 0
+            for row, block in compute_blocks(self.plan, task, self.dev):
+                c = zlib.crc32(self.writer.write(task.name, block, row_offset=row), c)
+            if self.delay:
+                time.sleep(self.delay)
+            with self.lock:
+                self.journal.record(task.name, c)
+                self.crcs[task.name] = c
+                self.bar.update(self.plan.layout.slots[task.name].nbytes)
+                self.bar.set_postfix_str(f"{len(self.crcs)}/{len(self.plan.tasks)} tensors, {task.name[-32:]}",
+                                         refresh=False)
+        except BaseException as e:
+            self.failed.append(e)
+            raise
+        finally:
+            self.slots.release()
+            if heavy:
+                self.turns.release()
+
+    def run(self, order: Sequence[TensorTask]) -> None:
+        futures: List[Future] = []
+        with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="merge") as pool:
+            for task in order:
+                heavy = keeps_state(self.plan, task)
+                self.slots.acquire()
+                if heavy:
+                    self.turns.acquire()
+                if self.failed:
+                    self.slots.release()
+                    if heavy:
+                        self.turns.release()
+                    break
+                futures.append(pool.submit(self.work, task, heavy))
+            wait(futures)
+        if self.failed:
+            raise self.failed[0]
+
+
+def _still_done(plan: Plan, partial: Path, writer: ShardWriter) -> Dict[str, int]:
+    """{name: crc} of the journaled tensors whose bytes in the shards still match their CRC (kept on resume)."""
+    from mergesmith.journal import crc, done_tensors
+
+    return {name: c for name, c in done_tensors(partial).items()
+            if name in plan.layout.slots and crc(writer.read_back(name)) == c}
+
+
 def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[int] = None,
             progress: bool = True, resume: bool = False) -> int:
     """Compute every tensor of the plan into the shard files in `partial`; returns how many were already done."""
-    from mergesmith.journal import Journal, crc, done_tensors
+    from tqdm import tqdm
+
+    from mergesmith.journal import Journal
     from mergesmith.outdir import write_checksums
 
     dev = pick_device(device)
     if threads:
         torch.set_num_threads(threads)
-    workers = 2  # one tensor reading while another computes; torch uses the cores within each
     writer = ShardWriter(partial, plan.layout, create=not resume)
-    done = set()
-    crcs: Dict[str, int] = {}  # for the checksum list of the finished folder
-    if resume:
-        for name, c in done_tensors(partial).items():
-            if name in plan.layout.slots and crc(writer.read_back(name)) == c:
-                done.add(name)
-                crcs[name] = c
+    crcs = _still_done(plan, partial, writer) if resume else {}  # for the checksum list of the finished folder
+    done = len(crcs)
     journal = Journal(partial, plan, fresh=not resume)
-    order = sorted((t for t in plan.tasks if t.name not in done),
+    order = sorted((t for t in plan.tasks if t.name not in crcs),
                    key=lambda t: (plan.layout.slots[t.name].shard, plan.layout.slots[t.name].offset))
-    from tqdm import tqdm
-
     bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="merging", disable=not progress,
-               dynamic_ncols=True, initial=sum(plan.layout.slots[n].nbytes for n in done))
-    slots = threading.Semaphore(workers)
-    masks = threading.Semaphore(1)  # keeps_state tensors take turns
-    lock = threading.Lock()
-    failed: List[BaseException] = []
-    finished: List[str] = []
-    delay = float(os.environ.get("MERGESMITH_TEST_TENSOR_DELAY", "0"))  # tests only: widen the kill window
-
-    def work(task: TensorTask, heavy: bool) -> None:
-        try:
-            if failed:
-                return
-            c = 0
-            for row, block in compute_blocks(plan, task, dev):
-                c = zlib.crc32(writer.write(task.name, block, row_offset=row), c)
-            if delay:
-                time.sleep(delay)
-            with lock:
-                journal.record(task.name, c)
-                crcs[task.name] = c
-                finished.append(task.name)
-                bar.update(plan.layout.slots[task.name].nbytes)
-                bar.set_postfix_str(f"{len(finished) + len(done)}/{len(plan.tasks)} tensors, {task.name[-32:]}",
-                                    refresh=False)
-        except BaseException as e:
-            failed.append(e)
-            raise
-        finally:
-            slots.release()
-            if heavy:
-                masks.release()
-
-    futures: List[Future] = []
+               dynamic_ncols=True, initial=sum(plan.layout.slots[n].nbytes for n in crcs))
+    runner = _Runner(plan, dev, writer, journal, crcs, bar)
     t0 = time.monotonic()
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
-            for task in order:
-                heavy = keeps_state(plan, task)
-                slots.acquire()
-                if heavy:
-                    masks.acquire()
-                if failed:
-                    slots.release()
-                    if heavy:
-                        masks.release()
-                    break
-                futures.append(pool.submit(work, task, heavy))
-            wait(futures)
-        if failed:
-            raise failed[0]
+        runner.run(order)
     finally:
         bar.close()
         journal.close()
-        writer.close(sync=not failed)
+        writer.close(sync=not runner.failed)
     write_index(partial, plan.layout)
     write_checksums(partial, plan.layout, crcs)
-    log.debug(f"merged {len(order)} tensors in {time.monotonic() - t0:.1f} s"
-              + (f" ({len(done)} done before)" if done else ""))
-    return len(done)
+    log.debug(f"merged {len(order)} tensors in {time.monotonic() - t0:.1f} s" + (f" ({done} done before)" if done else ""))
+    return done
