@@ -239,6 +239,8 @@ def test_mergekit_option_names_parse(pair, tmp_path, capsys):
     (["-i", "("], "--include-regex '(' is not a regular expression"),
     (["--sv-epsilon", "-1"], "--sv-epsilon"),
     (["--max-rank", "0"], "--max-rank 0"),
+    (["--save-module", "self_attn"], "--save-module self_attn: it names model.layers.0.self_attn, which holds"),
+    (["--save-module", "no_such_module"], "--save-module no_such_module: no module of --model"),
 ])
 def test_bad_options_are_one_line(pair, tmp_path, capsys, args, msg):
     base, ft = pair
@@ -250,8 +252,10 @@ def test_bad_options_are_one_line(pair, tmp_path, capsys, args, msg):
     assert not (tmp_path / "a").exists()
 
 
-def test_a_model_with_tied_embeddings_keeps_its_head_tied_to_the_saved_embedding(tmp_path):
-    """No lm_head.weight on disk, but PEFT's lm_head module must get the fine-tune's embedding too."""
+@pytest.mark.parametrize("embed_lora", [[], ["--embed-lora"]])
+def test_a_model_with_tied_embeddings_keeps_its_head_tied_to_the_saved_embedding(tmp_path, embed_lora):
+    """No lm_head.weight on disk, but PEFT's lm_head module must get the fine-tune's embedding too; an embedding LoRA
+    on both tied ends would be merged twice, so they are saved whole even with --embed-lora."""
     from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -264,10 +268,11 @@ def test_a_model_with_tied_embeddings_keeps_its_head_tied_to_the_saved_embedding
             p.add_(torch.randn_like(p) * 0.05)
     m.save_pretrained(str(tmp_path / "ft"))
     out = tmp_path / "a"
-    assert extract(out, tmp_path / "ft", tmp_path / "base", "--max-rank", 32) == 0
+    assert extract(out, tmp_path / "ft", tmp_path / "base", "--max-rank", 32, *embed_lora) == 0
     pm, check = peft_load(tmp_path / "base", out)
     assert check.missing_keys == [] and check.unexpected_keys == []
     x = torch.tensor([[1, 5, 9, 3, 60]])
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ft"))(x).logits
         assert float((pm(x).logits - want).abs().max()) < 1e-4
+        assert float((pm.merge_and_unload()(x).logits - want).abs().max()) < 1e-4

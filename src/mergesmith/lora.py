@@ -9,6 +9,7 @@ Tensors saved whole in the adapter (`modules_to_save`) replace the model's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -312,6 +313,7 @@ def plan_extraction(names: List[str], shapes: Dict[str, Tuple[int, ...]], opts: 
     mods = _modules(names)
     kinds = {m: _kind(m, shapes) for m in mods}
     keys = list(dict.fromkeys(opts.save_modules))
+    _check_save_modules(keys, kinds)
 
     def wanted(m: str) -> bool:
         return (not opts.include or any(re.search(p, m) for p in opts.include)) and \
@@ -334,6 +336,19 @@ def plan_extraction(names: List[str], shapes: Dict[str, Tuple[int, ...]], opts: 
         else:
             plan.skipped += ts
     return plan
+
+
+def _check_save_modules(keys: List[str], kinds: Dict[str, str]) -> None:
+    """Each --save-module names modules with a weight (PEFT wraps those whose name ends with it), and no module
+    that holds others: PEFT would copy it whole, children included, under names no adapter file has."""
+    parents = {m[:i] for m in kinds for i, c in enumerate(m) if c == "."} - set(kinds)
+    for key in keys:
+        inner = next((p for p in sorted(parents) if p.endswith(key)), None)
+        if inner is not None:
+            raise MergeError(f"--save-module {key}: it names {inner}, which holds other modules; name the modules "
+                             "with weights in it instead (like lm_head, model.norm or mlp.down_proj)")
+        if not any(m.endswith(key) and k != "none" for m, k in kinds.items()):
+            raise MergeError(f"--save-module {key}: no module of --model has a name ending with it")
 
 
 def adapter_config(base_ref: str, modules: Dict[str, int], rank: int,
@@ -450,6 +465,11 @@ def _extract(ft, bs, opts: ExtractOptions, device: torch.device, progress: bool
     from tqdm import tqdm
 
     pair = _Pair(ft, bs)
+    if pair.alias and opts.embed_lora:
+        # a LoRA on each tied end is right unmerged but added twice by merge_and_unload; whole tensors are right both
+        warn("--embed-lora: the model ties its embeddings and head; PEFT would merge their LoRAs into the shared "
+             "weight twice, so both are saved whole instead")
+        opts = dataclasses.replace(opts, embed_lora=False)
     names = pair.names()
     plan = plan_extraction(names, {n: pair.shape(n) for n in names}, opts, pair.differs)
     tensors: Dict[str, torch.Tensor] = {}
