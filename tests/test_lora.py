@@ -78,14 +78,13 @@ def test_extract_lora_reproduces_the_adapter_and_loads_in_peft(lora_setup, tmp_p
             d_got = merged[name].double() - base_sd[name].double()
             rel = float((d_got - d_want).norm() / d_want.norm())
             assert rel < 1e-3, (name, rel)
-    # the embedding LoRA is not a linear weight: reported, not silently dropped
+    # the embeddings are not a linear weight: saved whole, as mergekit does (the only other tensor that changed)
     assert not any("embed_tokens" in k for k in cfg["target_modules"])
-    # a forward pass through the PEFT-loaded adapter matches PEFT's own merge with the embedding delta removed
-    # (an embedding is not a linear weight, so the extracted adapter does not hold it)
+    assert cfg["modules_to_save"] == ["model.embed_tokens"]
+    # a forward pass through the PEFT-loaded adapter matches PEFT's own merge
     x = torch.tensor([[1, 5, 9, 3]])
     ref = AutoModelForCausalLM.from_pretrained(str(root / "peft_merged"))
     with torch.no_grad():
-        ref.get_input_embeddings().weight.copy_(base_sd["model.embed_tokens.weight"])
         got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(root / "base")), str(out))(x).logits
         exp = ref(x).logits
     assert torch.allclose(got, exp, atol=1e-4), float((got - exp).abs().max())
@@ -100,7 +99,7 @@ def test_extract_lora_with_energy_picks_smaller_ranks(lora_setup, tmp_path):
     # the true deltas have rank 4 (q, v) and 2 (o): an energy threshold finds them, not the cap of 16
     assert {m.split(".")[-1]: r for m, r in res.modules.items()} == {"q_proj": 4, "v_proj": 4, "o_proj": 2}
     assert max(res.errors.values()) < 1e-3
-    assert res.left_out == ["model.embed_tokens.weight"]
+    assert res.saved == ["model.embed_tokens.weight"] and res.left_out == []
 
 
 def test_bad_adapter_is_one_line(lora_setup, tmp_path):

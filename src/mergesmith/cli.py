@@ -244,34 +244,68 @@ def demo_cmd(out_dir, compare, all_methods, seed, as_json, verbose):
 
 
 @cli.command("extract-lora")
-@click.argument("out_dir", type=click.Path())
-@click.option("--model", "model", required=True, help="The fine-tuned (or merged) model: a folder or Hub id.")
-@click.option("--base", "base", required=True, help="The model it was made from.")
-@click.option("--rank", type=int, required=True, help="LoRA rank (the most, with --energy).")
+@click.argument("out_dir", required=False, type=click.Path())
+@click.option("--out-path", "out_path", type=click.Path(), default=None, help="OUT_DIR, by mergekit's name.")
+@click.option("--model", "model", required=True,
+              help="The fine-tuned (or merged) model: a folder or Hub id (`model+adapter` applies a LoRA first).")
+@click.option("--base", "--base-model", "base", required=True, help="The model it was made from.")
+@click.option("--rank", "--max-rank", "rank", type=int, default=128, show_default=True,
+              help="LoRA rank: the most per module.")
 @click.option("--energy", type=float, default=None,
-              help="Per tensor, the smallest rank keeping this share of the delta's squared singular values.")
+              help="Per module, the smallest rank keeping this share of the delta's squared singular values.")
+@click.option("--sv-epsilon", type=float, default=0.0, show_default=True,
+              help="Drop singular values at or below this (absolute, as mergekit).")
+@click.option("--embed-lora/--no-embed-lora", default=False, show_default=True,
+              help="LoRA for the embeddings and the head instead of saving them whole in modules_to_save.")
+@click.option("--save-module", "save_modules", multiple=True,
+              help="Save this module whole (modules_to_save; PEFT takes every module whose name ends with it). "
+                   "Repeatable.")
+@click.option("-i", "--include-regex", "include", multiple=True,
+              help="Extract only modules whose name matches (re.search). Repeatable.")
+@click.option("-e", "--exclude-regex", "exclude", multiple=True,
+              help="Leave out modules whose name matches (re.search). Repeatable.")
+@click.option("--skip-undecomposable", is_flag=True,
+              help="Leave out norms and other modules LoRA cannot hold, instead of saving them whole.")
+@click.option("--distribute-scale/--no-distribute-scale", default=True, show_default=True,
+              help="Split the singular values as sqrt(S) into A and B (else all into B).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="dtype of the saved factors.")
+              show_default=True, help="dtype of the saved LoRA factors (tensors saved whole keep their own).")
+@click.option("--device", default=None, help="Where the SVDs run: cpu, cuda or auto.")
+@click.option("--cuda/--no-cuda", default=False, help="Same as --device cuda.")
+@click.option("--lora-merge-cache", default=None,
+              help="Accepted for mergekit; not needed: an adapter on --model or --base is applied while reading.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if mergesmith wrote it (never another folder).")
 @click.option("-v", "--verbose", is_flag=True)
-def extract_lora_cmd(out_dir, model, base, rank, energy, dtype, overwrite, verbose):
-    """Write a PEFT LoRA adapter to OUT_DIR approximating MODEL - BASE (truncated SVD per linear weight)."""
+def extract_lora_cmd(out_dir, out_path, model, base, rank, energy, sv_epsilon, embed_lora, save_modules, include,
+                     exclude, skip_undecomposable, distribute_scale, dtype, device, cuda, lora_merge_cache, overwrite,
+                     verbose):
+    """Write a PEFT LoRA adapter to OUT_DIR (or --out-path) approximating MODEL - BASE: a truncated SVD per linear
+    weight; embeddings, head and norms saved whole (modules_to_save), as mergekit-extract-lora does."""
     import torch
 
-    from mergesmith.lora import extract_lora
+    from mergesmith.errors import warn
+    from mergesmith.lora import ExtractOptions, extract_lora
 
-    out = Path(out_dir)
+    if out_dir and out_path and Path(out_dir) != Path(out_path):
+        raise MergeError(f"OUT_DIR {out_dir} and --out-path {out_path} differ; give the output folder once")
+    if not (out_dir or out_path):
+        raise MergeError("no output folder: give OUT_DIR or --out-path")
+    out = Path(out_dir or out_path)
+    opts = ExtractOptions(rank=rank, energy=energy, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
+                          save_modules=tuple(save_modules), include=tuple(include), exclude=tuple(exclude),
+                          skip_undecomposable=skip_undecomposable, distribute_scale=distribute_scale,
+                          dtype=getattr(torch, dtype), device="cuda" if cuda else device or "cpu")
     t0 = time.monotonic()
-    res = extract_lora(model, base, out, rank, energy, dtype=getattr(torch, dtype), overwrite=overwrite)
+    res = extract_lora(model, base, out, overwrite=overwrite, options=opts)
     errs = sorted(res.errors.values())
-    click.echo(f"wrote {out}: {len(res.modules)} modules, rank {min(res.modules.values())}-{max(res.modules.values())}, "
-               f"relative error median {errs[len(errs) // 2]:.2e}, max {errs[-1]:.2e}, "
+    click.echo(f"wrote {out}: {len(res.modules)} LoRA modules, rank {min(res.modules.values())}-"
+               f"{max(res.modules.values())} (relative error median {errs[len(errs) // 2]:.2e}, max {errs[-1]:.2e}), "
+               f"{len(res.saved)} tensors saved whole; relative error of the whole delta {res.delta_error:.3f}, "
                f"{time.monotonic() - t0:.1f} s", err=True)
     if res.left_out:
-        from mergesmith.errors import warn
-
-        warn(f"{len(res.left_out)} tensor(s) differ but are not linear weights, so the adapter does not hold them "
-             f"(norms, embeddings, head): {', '.join(res.left_out[:4])}{' ...' if len(res.left_out) > 4 else ''}")
+        warn(f"{len(res.left_out)} tensor(s) differ but the adapter does not hold them (filtered out, skipped, or "
+             f"a bias of a LoRA module; --save-module keeps a module whole): {', '.join(res.left_out[:4])}"
+             f"{' ...' if len(res.left_out) > 4 else ''}")
 
 
 def entry() -> None:

@@ -9,6 +9,7 @@ Tensors saved whole in the adapter (`modules_to_save`) replace the model's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -202,10 +203,58 @@ def check_targets(ad: LoraAdapter, ref: str, shapes: Dict[str, Tuple[int, ...]])
 
 # --------------------------------------------------------------------------------------------- extraction
 
-def low_rank(delta: torch.Tensor, rank: int, energy: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with B @ A the best rank-r approximation of delta (truncated SVD, Eckart-Young): B = U_r S_r,
-    A = V_r^T. r = `rank`, or with `energy` the smallest r whose singular values keep that share of sum S^2
-    (at most `rank`)."""
+# nn.Embedding weights (tokens or positions on dim 0): PEFT adapts them with lora_embedding_A/B, not lora_A/B
+_EMBEDDING_RE = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|wpe|word_embeddings|tok_embeddings|position_embeddings|"
+                           r"embed_positions|token_type_embeddings)\.weight$")
+
+
+@dataclass
+class ExtractOptions:
+    """What `extract-lora` extracts; the names and meanings of mergekit-extract-lora's options.
+
+    rank: the most per module (--max-rank). energy: per module, the smallest rank keeping that share of the delta's
+    squared singular values. sv_epsilon: singular values <= it are dropped (an absolute threshold, as mergekit).
+    embed_lora: input embeddings get a LoRA (and the head a linear one) instead of being saved whole.
+    save_modules: modules saved whole (`modules_to_save`; PEFT wraps every module whose name ends with one).
+    include/exclude: regular expressions searched in module names; a module is decomposed (or, if it cannot be,
+    saved whole) only when it matches an include (if any) and no exclude. skip_undecomposable: norms and other
+    modules LoRA cannot hold are left out rather than saved whole. distribute_scale: A and B each take sqrt(S).
+    """
+    rank: int = 128
+    energy: Optional[float] = None
+    sv_epsilon: float = 0.0
+    embed_lora: bool = False
+    save_modules: Tuple[str, ...] = ()
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    skip_undecomposable: bool = False
+    distribute_scale: bool = True
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    def check(self) -> None:
+        if self.rank < 1:
+            raise MergeError(f"--max-rank {self.rank}: the rank must be at least 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise MergeError(f"--energy {self.energy}: give a share in (0, 1], like 0.99")
+        if not math.isfinite(self.sv_epsilon) or self.sv_epsilon < 0:
+            raise MergeError(f"--sv-epsilon {self.sv_epsilon}: give a singular value threshold >= 0")
+        for flag, pats in (("--include-regex", self.include), ("--exclude-regex", self.exclude)):
+            for p in pats:
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    raise MergeError(f"{flag} {p!r} is not a regular expression ({e})") from None
+        bad = next((m for m in self.save_modules if not m.strip(".")), None)
+        if bad is not None:
+            raise MergeError(f"--save-module {bad!r}: give a module name such as lm_head or model.norm")
+
+
+def low_rank(delta: torch.Tensor, rank: int, energy: Optional[float] = None, sv_epsilon: float = 0.0,
+             distribute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B @ A the best rank-r approximation of delta (truncated SVD, Eckart-Young). r = `rank`; with
+    `energy` the smallest r whose singular values keep that share of sum S^2 (at most `rank`); singular values
+    <= `sv_epsilon` are dropped (r may then be 0). B = U_r S_r, A = V_r^T, or with `distribute` sqrt(S_r) on each."""
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
     r = min(rank, S.numel())
     if energy is not None:
@@ -213,23 +262,104 @@ def low_rank(delta: torch.Tensor, rank: int, energy: Optional[float] = None) -> 
         total = float(e[-1])
         need = int(torch.searchsorted(e, torch.tensor(energy * total, dtype=e.dtype)).item()) + 1 if total > 0 else 1
         r = max(1, min(r, need))
+    if sv_epsilon > 0:
+        r = min(r, int((S > sv_epsilon).sum()))
+    if distribute:
+        s = S[:r].sqrt()
+        return U[:, :r] * s, s[:, None] * Vh[:r]
     return U[:, :r] * S[:r], Vh[:r]
 
 
-def linear_targets(names: List[str], shapes: Dict[str, Tuple[int, ...]]) -> List[str]:
-    """The 2-D weights LoRA can adapt: every `*.weight` matrix except embeddings and the output head."""
+def _kind(module: str, shapes: Dict[str, Tuple[int, ...]]) -> str:
+    """How PEFT sees a module, from its weight: 'embedding' (an nn.Embedding), 'head' (the output projection, a
+    linear layer), 'linear' (another 2-D weight), 'other' (norms and the rest) or 'none' (no `.weight`: no
+    module LoRA or modules_to_save can hold)."""
     from mergesmith.params import is_embedding
 
-    return [n for n in names if n.endswith(".weight") and len(shapes[n]) == 2 and not is_embedding(n)]
+    w = f"{module}.weight"
+    if not module or w not in shapes:
+        return "none"
+    if len(shapes[w]) != 2:
+        return "other"
+    if _EMBEDDING_RE.search(w):
+        return "embedding"
+    return "head" if is_embedding(w) else "linear"
 
 
-def adapter_config(base_ref: str, modules: Dict[str, int], rank: int) -> Dict:
-    """A PEFT LoraConfig as JSON: alpha = r for every module (scale 1), ranks per module in rank_pattern."""
+@dataclass
+class ExtractPlan:
+    lora: List[str] = field(default_factory=list)  # weights to decompose (input embeddings transposed)
+    save: List[str] = field(default_factory=list)  # tensors saved whole, as the fine-tune has them
+    save_keys: List[str] = field(default_factory=list)  # the config's modules_to_save
+    skipped: List[str] = field(default_factory=list)  # tensors the adapter does not hold
+
+
+def _modules(names: List[str]) -> Dict[str, List[str]]:
+    """module name -> its tensors, in order."""
+    out: Dict[str, List[str]] = {}
+    for n in names:
+        out.setdefault(n.rpartition(".")[0], []).append(n)
+    return out
+
+
+def plan_extraction(names: List[str], shapes: Dict[str, Tuple[int, ...]], opts: ExtractOptions, differs
+                    ) -> ExtractPlan:
+    """Which tensors become LoRA factors, which are saved whole and which are left out (mergekit's rules):
+    embeddings and the head are saved whole unless --embed-lora (or an --exclude-regex matches them); modules that
+    pass the filters are decomposed when linear, else saved whole (or skipped with --skip-undecomposable). A module
+    saved automatically is listed by its full name, and only when `differs(tensor)` for one of its tensors: an
+    unchanged norm or embedding costs nothing. Every module PEFT wraps for a modules_to_save entry (names ending
+    with it) is saved, so PEFT finds every key it expects."""
+    mods = _modules(names)
+    kinds = {m: _kind(m, shapes) for m in mods}
+    keys = list(dict.fromkeys(opts.save_modules))
+    _check_save_modules(keys, kinds)
+
+    def wanted(m: str) -> bool:
+        return (not opts.include or any(re.search(p, m) for p in opts.include)) and \
+            not any(re.search(p, m) for p in opts.exclude)
+
+    for m, k in kinds.items():
+        if any(m.endswith(key) for key in keys) or k == "none":
+            continue
+        whole = k in ("embedding", "head") and not opts.embed_lora and not any(re.search(p, m) for p in opts.exclude)
+        whole = whole or (k == "other" and wanted(m) and not opts.skip_undecomposable)
+        if whole and any(differs(t) for t in mods[m]):
+            keys.append(m)
+    plan = ExtractPlan(save_keys=keys)
+    for m, ts in mods.items():
+        if kinds[m] != "none" and any(m.endswith(key) for key in keys):
+            plan.save += ts
+        elif (kinds[m] == "linear" or opts.embed_lora and kinds[m] in ("head", "embedding")) and wanted(m):
+            plan.lora.append(f"{m}.weight")
+            plan.skipped += [t for t in ts if t != f"{m}.weight"]  # a bias: PEFT's lora_bias is all or nothing
+        else:
+            plan.skipped += ts
+    return plan
+
+
+def _check_save_modules(keys: List[str], kinds: Dict[str, str]) -> None:
+    """Each --save-module names modules with a weight (PEFT wraps those whose name ends with it), and no module
+    that holds others: PEFT would copy it whole, children included, under names no adapter file has."""
+    parents = {m[:i] for m in kinds for i, c in enumerate(m) if c == "."} - set(kinds)
+    for key in keys:
+        inner = next((p for p in sorted(parents) if p.endswith(key)), None)
+        if inner is not None:
+            raise MergeError(f"--save-module {key}: it names {inner}, which holds other modules; name the modules "
+                             "with weights in it instead (like lm_head, model.norm or mlp.down_proj)")
+        if not any(m.endswith(key) and k != "none" for m, k in kinds.items()):
+            raise MergeError(f"--save-module {key}: no module of --model has a name ending with it")
+
+
+def adapter_config(base_ref: str, modules: Dict[str, int], rank: int,
+                   modules_to_save: Optional[List[str]] = None) -> Dict:
+    """A PEFT LoraConfig as JSON: alpha = r for every module (scale 1), ranks other than `rank` in rank_pattern."""
     pattern = {m: r for m, r in modules.items() if r != rank}
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref,
         "r": rank, "lora_alpha": rank, "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "modules_to_save": None,
+        "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "rank_pattern": {re.escape(m): r for m, r in pattern.items()},
         "alpha_pattern": {re.escape(m): r for m, r in pattern.items()},
     }
@@ -239,70 +369,149 @@ def adapter_config(base_ref: str, modules: Dict[str, int], rank: int) -> Dict:
 class Extraction:
     modules: Dict[str, int]  # module -> rank
     errors: Dict[str, float]  # module -> relative Frobenius error of the rank-r delta
-    left_out: List[str]  # tensors that differ but LoRA cannot hold (norms, embeddings, head)
+    left_out: List[str]  # tensors that differ but the adapter does not hold (filtered out, skipped, LoRA biases)
+    saved: List[str] = field(default_factory=list)  # tensors saved whole (modules_to_save)
+    sq_err: float = 0.0  # sum over every tensor of ||adapter's delta - delta||^2
+    sq_delta: float = 0.0  # sum over every tensor of ||delta||^2
+
+    @property
+    def delta_error(self) -> float:
+        """||D_adapter - D||_F / ||D||_F over all tensors together (D = model - base)."""
+        return math.sqrt(self.sq_err / self.sq_delta) if self.sq_delta > 0 else 0.0
 
 
-def extract_lora(model: str, base: str, out: Path, rank: int, energy: Optional[float] = None,
-                 dtype: torch.dtype = torch.float32, progress: bool = True, overwrite: bool = False) -> Extraction:
-    """Write a PEFT LoRA adapter to `out` whose delta is the rank-`rank` SVD of (model - base), per linear weight.
-    `out` follows mergesmith.outdir's rules: apart from both models, locked, replaced only when ours."""
-    from mergesmith import outdir
+def _open_model(ref: str, what: str):
+    """Index a model; `model+adapter` applies a LoRA adapter while reading, as in a recipe."""
     from mergesmith.io.index import index_model
     from mergesmith.io.resolve import resolve_model
 
-    if rank < 1:
-        raise MergeError(f"--rank {rank}: the rank must be at least 1")
-    if energy is not None and not 0 < energy <= 1:
-        raise MergeError(f"--energy {energy}: give a share in (0, 1], like 0.99")
-    target = outdir.output_path(out)
-    ft = index_model(model, resolve_model(model, "--model", None))
-    bs = index_model(base, resolve_model(base, "--base", None))
-    shapes = {n: t.shape for n, t in ft.tensors.items()}
+    lora = split_lora_ref(ref)
+    if lora is None:
+        return index_model(ref, resolve_model(ref, what, None))
+    idx = index_model(ref, resolve_model(lora[0], what, None))
+    idx.lora = load_adapter(resolve_model(lora[1], what, None), lora[1])
+    check_targets(idx.lora, lora[1], {n: t.shape for n, t in idx.tensors.items()})
+    return idx
+
+
+def _same_shapes(ft, bs, model: str, base: str) -> None:
     missing = [n for n in ft.tensors if n not in bs.tensors]
     if missing:
         raise MergeError(f"--base {base} lacks tensor {missing[0]} of --model {model} (and {len(missing) - 1} more); "
                          "are they the same architecture?")
-    for n, s in shapes.items():
-        if tuple(bs.tensors[n].shape) != tuple(s):
-            raise MergeError(f"tensor {n} is {list(s)} in --model but {list(bs.tensors[n].shape)} in --base")
+    for n, t in ft.tensors.items():
+        if tuple(bs.tensors[n].shape) != tuple(t.shape):
+            raise MergeError(f"tensor {n} is {list(t.shape)} in --model but {list(bs.tensors[n].shape)} in --base")
+
+
+def extract_lora(model: str, base: str, out: Path, rank: int = 128, energy: Optional[float] = None,
+                 dtype: torch.dtype = torch.float32, progress: bool = True, overwrite: bool = False,
+                 options: Optional[ExtractOptions] = None) -> Extraction:
+    """Write a PEFT LoRA adapter to `out` holding (model - base): the truncated SVD of each linear weight's delta,
+    and the modules LoRA cannot hold saved whole (`options`: mergekit-extract-lora's choices; without it `rank`,
+    `energy` and `dtype` with mergekit's defaults). `out` follows mergesmith.outdir's rules: apart from both models,
+    locked, replaced only when ours."""
+    from mergesmith import outdir
+    from mergesmith.execute import pick_device
+
+    opts = options or ExtractOptions(rank=rank, energy=energy, dtype=dtype)
+    opts.check()
+    device = pick_device(opts.device)
+    target = outdir.output_path(out)
+    ft, bs = _open_model(model, "--model"), _open_model(base, "--base")
+    _same_shapes(ft, bs, model, base)
     inputs = outdir.model_inputs("--model", ft) + outdir.model_inputs("--base", bs)
     with outdir.claim(target, inputs, overwrite, f"mergesmith extract-lora {out}") as partial:
-        tensors, res = _factors(ft, bs, rank, energy, dtype, progress)
+        tensors, res, keys = _extract(ft, bs, opts, device, progress)
         if not res.modules:
-            raise MergeError(f"--model {model} and --base {base} have the same linear weights: there is nothing "
-                             "to extract")
+            raise MergeError(f"--model {model} and --base {base}: no linear weight that the filters let through "
+                             "differs; there is no LoRA to extract")
         outdir.fresh_partial(partial)
-        save_adapter(partial, tensors, adapter_config(base, res.modules, rank))
+        cfg = adapter_config(base, res.modules, max(res.modules.values()), keys)
+        save_adapter(partial, tensors, cfg)
         outdir.finish(partial, target)
     return res
 
 
-def _factors(ft, bs, rank: int, energy: Optional[float], dtype: torch.dtype, progress: bool
-             ) -> Tuple[Dict[str, torch.Tensor], Extraction]:
-    """The adapter's tensors (PEFT names) for every linear weight that differs, and what was extracted."""
+class _Pair:
+    """The fine-tune and the base, read tensor by tensor. A model that ties its embeddings has no lm_head.weight
+    but PEFT has an lm_head module: it reads as the input embedding (as mergekit does), so that the head is saved
+    (or adapted) with the embedding and base + adapter keeps them equal."""
+
+    def __init__(self, ft, bs):
+        self.ft, self.bs = ft, bs
+        self.alias: Dict[str, str] = {}
+        embed = next((n for n in ft.tensors if n.endswith("embed_tokens.weight")), None)
+        if (ft.config or {}).get("tie_word_embeddings") is True and embed and "lm_head.weight" not in ft.tensors:
+            self.alias["lm_head.weight"] = embed
+
+    def names(self) -> List[str]:
+        return [n for n, t in self.ft.tensors.items() if t.dtype.is_floating_point] + list(self.alias)
+
+    def shape(self, n: str) -> Tuple[int, ...]:
+        return tuple(self.ft.tensors[self.alias.get(n, n)].shape)
+
+    def read(self, n: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = self.alias.get(n, n)
+        return self.ft.read(n), self.bs.read(n)
+
+    def differs(self, n: str) -> bool:
+        return not torch.equal(*self.read(n))
+
+
+def _extract(ft, bs, opts: ExtractOptions, device: torch.device, progress: bool
+             ) -> Tuple[Dict[str, torch.Tensor], Extraction, List[str]]:
+    """The adapter's tensors (PEFT names), what was extracted, and the modules_to_save entries."""
     from tqdm import tqdm
 
-    shapes = {n: t.shape for n, t in ft.tensors.items()}
-    targets = linear_targets(list(ft.tensors), shapes)
+    pair = _Pair(ft, bs)
+    if pair.alias and opts.embed_lora:
+        # a LoRA on each tied end is right unmerged but added twice by merge_and_unload; whole tensors are right both
+        warn("--embed-lora: the model ties its embeddings and head; PEFT would merge their LoRAs into the shared "
+             "weight twice, so both are saved whole instead")
+        opts = dataclasses.replace(opts, embed_lora=False)
+    names = pair.names()
+    plan = plan_extraction(names, {n: pair.shape(n) for n in names}, opts, pair.differs)
     tensors: Dict[str, torch.Tensor] = {}
     res = Extraction({}, {}, [])
-    for n in tqdm(targets, desc="extracting", disable=not progress):
-        d = ft.read(n).float() - bs.read(n).float()
-        norm = float(torch.linalg.vector_norm(d))
-        if norm == 0:
-            continue
-        B, A = low_rank(d, rank, energy)
-        module = n[: -len(".weight")]
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = B.to(dtype).contiguous()
-        res.modules[module] = A.shape[0]
-        res.errors[module] = float(torch.linalg.vector_norm(B @ A - d)) / norm
-    for n in ft.tensors:
-        if n in targets or not ft.tensors[n].dtype.is_floating_point:
-            continue
-        if not torch.equal(ft.read(n), bs.read(n)):
+    for n in tqdm(plan.lora, desc="extracting", disable=not progress):
+        _decompose(n, pair, opts, device, tensors, res)
+    for n in plan.save + plan.skipped:
+        f, b = pair.read(n)
+        sq = float(torch.linalg.vector_norm(f.double() - b.double())) ** 2
+        res.sq_delta += sq
+        if n in plan.save:
+            tensors[f"{PREFIX}{n}"] = f.contiguous()
+            res.saved.append(n)
+        elif sq > 0:
+            res.sq_err += sq
             res.left_out.append(n)
-    return tensors, res
+    return tensors, res, plan.save_keys
+
+
+def _decompose(n: str, pair: _Pair, opts: ExtractOptions, device: torch.device, tensors: Dict[str, torch.Tensor],
+               res: Extraction) -> None:
+    """One weight's LoRA factors, under PEFT's names: lora_A/B.weight, or lora_embedding_A/B for an embedding
+    (its delta transposed: PEFT's embedding delta is (B @ A)^T)."""
+    module = n[: -len(".weight")]
+    emb = bool(_EMBEDDING_RE.search(n))
+    f, b = pair.read(n)
+    d = f.to(device, torch.float32) - b.to(device, torch.float32)
+    d = d.t() if emb else d
+    sq = float(torch.linalg.vector_norm(d.double())) ** 2
+    res.sq_delta += sq
+    if sq == 0:
+        return
+    B, A = low_rank(d, opts.rank, opts.energy, opts.sv_epsilon, opts.distribute_scale)
+    err = float(torch.linalg.vector_norm((B @ A - d).double())) ** 2
+    res.sq_err += err
+    if A.shape[0] == 0:  # every singular value under --sv-epsilon
+        return
+    a, b = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+    tensors[f"{PREFIX}{module}.{a}"] = A.to("cpu", opts.dtype).contiguous()
+    tensors[f"{PREFIX}{module}.{b}"] = B.to("cpu", opts.dtype).contiguous()
+    res.modules[module] = A.shape[0]
+    res.errors[module] = math.sqrt(err / sq)
 
 
 def save_adapter(folder: Path, tensors: Dict[str, torch.Tensor], config: Dict) -> None:
