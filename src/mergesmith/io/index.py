@@ -302,7 +302,8 @@ class ModelIndex:
 
     def read(self, name: str, rows: Optional[Tuple[int, int]] = None,
              take: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
-        """Read one tensor (or rows [a, b) of it; or its leading sub-block `take`) in its stored dtype."""
+        """Read one tensor (or rows [a, b) of it; or its leading sub-block `take`) in its stored dtype (FP8 tensors:
+        float32, see TensorInfo)."""
         try:
             t = self._read(name, rows, take)
             if self.lora is not None:

@@ -9,7 +9,7 @@ without converging, are reported (execute gathers the reports into one warning p
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Sequence
 
 import torch
 
