@@ -139,7 +139,7 @@ def test_row_block_methods_give_the_whole_tensors_bytes(name, monkeypatch):
 def test_row_block_methods_are_derived_from_the_declared_streaming():
     assert set(row_block_methods()) == {"linear", "task_arithmetic", "dare_linear", "dare_ties", "della",
                                         "della_linear", "nearswap", "passthrough", "ties", "breadcrumbs",
-                                        "breadcrumbs_ties"}
+                                        "breadcrumbs_ties", "ram", "ramplus_tl"}
     for name in ALL:
         m = METHODS[name]
         assert (name in row_block_methods()) == (m.streaming_for(m.defaults()) is not Streaming.WHOLE)

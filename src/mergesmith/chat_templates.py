@@ -41,6 +41,17 @@ TEMPLATES: Dict[str, str] = {
         "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
     ),
+    # mergekit's exaone.jinja, without the indentation and line breaks between its tags: transformers keeps those
+    # (trim_blocks drops only a newline right after a block tag), so mergekit's file renders stray spaces and
+    # newlines into every turn
+    "exaone": (
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}{{ '[|system|][|endofturn|]\n' }}{% endif %}"
+        "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{% if message['role'] == 'user' %}{{ '\n' }}{% else %}{{ '[|endofturn|]\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+    ),
 }
 
 

@@ -117,8 +117,34 @@ def _statistic(plan: Plan, task: TensorTask, device: torch.device, blocks: List[
     return stat
 
 
-def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterator[Tuple[int, torch.Tensor]]:
-    """Yield (first_row, block) of one output tensor, in its output dtype, on the CPU."""
+class TensorNotes:
+    """What kernels report about single tensors (their `report(note)`), gathered over a run: each note becomes one
+    warning at the end, saying how many tensors it concerns and naming the first few."""
+    SHOWN = 3
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tensors: Dict[str, Dict[str, None]] = {}  # note -> tensor names, in order, once each
+
+    def reporter(self, tensor: str) -> Callable[[str], None]:
+        def report(note: str) -> None:
+            with self._lock:
+                self._tensors.setdefault(note, {})[tensor] = None
+        return report
+
+    def flush(self) -> None:
+        with self._lock:
+            found, self._tensors = self._tensors, {}
+        for note, tensors in found.items():
+            names = list(tensors)
+            shown = ", ".join(names[:self.SHOWN]) + (", ..." if len(names) > self.SHOWN else "")
+            warn(f"{note}: {len(names)} tensor{'s' if len(names) != 1 else ''} ({shown})")
+
+
+def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, notes: Optional[TensorNotes] = None
+                   ) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield (first_row, block) of one output tensor, in its output dtype, on the CPU. The kernel's notes go to
+    `notes` (without one, each is a warning naming the tensor)."""
     if task.kind == "copy":
         yield 0, _copy(plan, task)
         return
@@ -129,13 +155,14 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device) -> Iterat
     # go two at a time instead, so both cores stay busy. Results are used in block order either way: same bytes.
     width = 2 if keeps_state(plan, task) else 1
     stat = _statistic(plan, task, device, blocks, two_pass, width) if two_pass is not None else None
+    report = notes.reporter(task.name) if notes is not None else (lambda note: warn(f"tensor {task.name}: {note}"))
 
     def merge_block(k: int) -> Tuple[int, torch.Tensor]:
         a, b = blocks[k]
         base, inputs = _read(plan, task, device, (a, b) if len(blocks) > 1 else None, check=two_pass is None)
         share = two_pass.share(stat, k) if two_pass is not None else None
-        out = (method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stat=share)
-               if inputs else base)
+        out = (method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stat=share,
+                            report=report) if inputs else base)
         del inputs, base
         if not all_finite(out):
             raise MergeError(f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of "
@@ -200,6 +227,7 @@ class _Runner:
 
     def __init__(self, plan: Plan, dev: torch.device, writer: ShardWriter, journal, crcs: Dict[str, int], bar):
         self.plan, self.dev, self.writer, self.journal, self.crcs, self.bar = plan, dev, writer, journal, crcs, bar
+        self.notes = TensorNotes()  # the kernels' notes, one warning each at the end
         self.slots = threading.Semaphore(WORKERS)
         self.turns = threading.Semaphore(1)
         self.lock = threading.Lock()
@@ -211,7 +239,7 @@ class _Runner:
             if self.failed:
                 return
             c = 0
-            for row, block in compute_blocks(self.plan, task, self.dev):
+            for row, block in compute_blocks(self.plan, task, self.dev, self.notes):
                 c = zlib.crc32(self.writer.write(task.name, block, row_offset=row), c)
             if self.delay:
                 time.sleep(self.delay)
@@ -281,6 +309,7 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
         runner.run(order)
     finally:
         bar.close()
+        runner.notes.flush()
         journal.close()
         writer.close(sync=not runner.failed)
     write_index(partial, plan.layout)

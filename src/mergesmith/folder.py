@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from mergesmith.errors import MergeError, warn
-from mergesmith.io.index import has_member, model_folder, read_json_object, safe_member
+from mergesmith.io.index import FP8, has_member, model_folder, read_json_object, safe_member
 from mergesmith.version import __version__
 from mergesmith.io.resolve import is_hub_id
 from mergesmith.plan import Plan
@@ -46,6 +46,9 @@ def config_text(plan: Plan) -> Optional[str]:
     keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
     for k in keys:
         cfg[k] = name
+    q = cfg.get("quantization_config")
+    if isinstance(q, dict) and q.get("quant_method") == "fp8" and not any(t.out_dtype in FP8 for t in plan.tasks):
+        del cfg["quantization_config"]  # FP8 weights were read dequantized, and written in the recipe's dtype
     return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
 
 

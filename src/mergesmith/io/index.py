@@ -9,6 +9,7 @@ memory holding them is freed with the block (a memory map would keep every touch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -28,8 +29,13 @@ ST_DTYPES: Dict[str, Tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
     "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
     "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
 }
 TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# FP8 checkpoints are quantized from bfloat16: their tensors stand for bfloat16 ones (see TensorInfo)
+FP8_STANDS_FOR = torch.bfloat16
+SCALE_SUFFIX = "_scale_inv"  # `X.weight_scale_inv` holds the block scales of the FP8 `X.weight`
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 MAX_JSON = 64 * 1024 * 1024  # config, index and tokenizer JSON: the largest real ones are a few tens of MB
 MAX_DIMS, MAX_DIM = 16, 1 << 48  # a tensor's rank and extent (a zero-size tensor could claim any other extent)
@@ -37,12 +43,20 @@ MAX_DIMS, MAX_DIM = 16, 1 << 48  # a tensor's rank and extent (a zero-size tenso
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """Where a tensor lives and what it is. `dtype` is what the tensor stands for: its stored dtype, except for
+    FP8 tensors, which stand for bfloat16 (the dtype an output takes when the recipe names none: an FP8 input
+    never makes an FP8 output). `ModelIndex.read` gives the stored dtype, except for FP8 tensors, which read as
+    float32: the FP8 values times their block scales when the model has `*_scale_inv` tensors (one rounding),
+    else the FP8 values themselves (exact)."""
     name: str
     file: Path
     dtype: torch.dtype
     shape: Tuple[int, ...]
-    nbytes: int
+    nbytes: int  # bytes in the file
     offset: int = -1  # absolute byte offset of the data in a safetensors file (-1: not safetensors)
+    stored: Optional[torch.dtype] = None  # the dtype in the file, where it is not `dtype` (FP8)
+    scale: Optional["TensorInfo"] = None  # an FP8 weight's `*_scale_inv` tensor: one scale per block
+    block: Tuple[int, int] = (128, 128)  # the rows and columns of a scale's block
 
     @property
     def numel(self) -> int:
@@ -288,7 +302,8 @@ class ModelIndex:
 
     def read(self, name: str, rows: Optional[Tuple[int, int]] = None,
              take: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
-        """Read one tensor (or rows [a, b) of it; or its leading sub-block `take`) in its stored dtype."""
+        """Read one tensor (or rows [a, b) of it; or its leading sub-block `take`) in its stored dtype (FP8 tensors:
+        float32, see TensorInfo)."""
         try:
             t = self._read(name, rows, take)
             if self.lora is not None:
@@ -316,6 +331,29 @@ class ModelIndex:
 
     def _read(self, name, rows, take) -> torch.Tensor:
         info = self.tensors[name]
+        if info.scale is not None:
+            return self._dequantized(info, rows, take)
+        t = self._raw(info, rows, take)
+        return t.float() if info.stored is not None else t
+
+    def _dequantized(self, info: TensorInfo, rows, take) -> torch.Tensor:
+        """An FP8 weight times its block scales, in float32: the scales of rows [a, b) are scale rows
+        a // bs .. ceil(b / bs), each repeated over its block's rows and columns."""
+        a, b = rows if rows is not None else (0, info.shape[0])
+        if take is not None:
+            b = min(b, take[0])
+        q = self._raw(info, (a, b), None).float()
+        br, bc = info.block
+        s = self._raw(info.scale, (a // br, -(-b // br)), None).float()
+        s = s.repeat_interleave(br, dim=0)[a - a // br * br:][:b - a].repeat_interleave(bc, dim=1)[:, :q.shape[1]]
+        out = q.mul_(s)
+        if take is not None and tuple(take[1:]) != tuple(info.shape[1:]):
+            out = out[(slice(None),) + tuple(slice(0, n) for n in take[1:])].contiguous()
+        return out
+
+    def _raw(self, info: TensorInfo, rows, take) -> torch.Tensor:
+        """A tensor's stored values (rows [a, b), or its leading sub-block `take`)."""
+        name = info.name
         h = self._handle(info.file, info.offset >= 0)
         if isinstance(h, _BinFile):
             t = h.sd[name]
@@ -340,7 +378,8 @@ class ModelIndex:
                 if got <= 0:
                     raise MergeError(f"model {self.ref}: {info.file} ends before tensor {name} does (truncated?)")
                 done += got
-        t = out.view(info.dtype).reshape((b - a,) + tuple(shape[1:])) if shape else out.view(info.dtype).reshape(())
+        dt = info.stored or info.dtype
+        t = out.view(dt).reshape((b - a,) + tuple(shape[1:])) if shape else out.view(dt).reshape(())
         if take is not None and tuple(take[1:]) != tuple(shape[1:]):
             t = t[(slice(None),) + tuple(slice(0, s) for s in take[1:])].contiguous()
         return t
@@ -433,14 +472,21 @@ def _weight_files(ref: str, folder: Path) -> Tuple[List[WeightsFile], Optional[D
     return [(n, safe_member(folder, n), n.endswith(".safetensors")) for n in names], None
 
 
+def _info(name: str, f: Path, dtype: torch.dtype, shape: Tuple[int, ...], nbytes: int, offset: int = -1
+          ) -> TensorInfo:
+    if dtype in FP8:
+        return TensorInfo(name, f, FP8_STANDS_FOR, shape, nbytes, offset, stored=dtype)
+    return TensorInfo(name, f, dtype, shape, nbytes, offset)
+
+
 def _tensors_of(idx: ModelIndex, f: Path, safetensors: bool) -> List[TensorInfo]:
     if safetensors:
         header, start = _parse_header(f)
-        return [TensorInfo(name, f, ST_DTYPES[info["dtype"]][0], tuple(info["shape"]),
-                           info["data_offsets"][1] - info["data_offsets"][0], start + info["data_offsets"][0])
+        return [_info(name, f, ST_DTYPES[info["dtype"]][0], tuple(info["shape"]),
+                      info["data_offsets"][1] - info["data_offsets"][0], start + info["data_offsets"][0])
                 for name, info in header.items() if name != "__metadata__"]
     sd = idx._handle(f, False).sd
-    return [TensorInfo(n, f, t.dtype, tuple(t.shape), t.numel() * t.element_size())
+    return [_info(n, f, t.dtype, tuple(t.shape), t.numel() * t.element_size())
             for n, t in sd.items() if isinstance(t, torch.Tensor)]
 
 
@@ -464,6 +510,39 @@ def _check_index(ref: str, index: Dict[str, str], where: Dict[str, str]) -> None
             actual = f"is in {where[name]}" if name in where else "is in no weights file"
             raise MergeError(f"model {ref}: the index puts tensor {name} in {f}, but it {actual}; the index does not "
                              "match the files (incomplete or mixed download?)")
+
+
+def _block_size(idx: ModelIndex) -> Tuple[int, int]:
+    """config.json's quantization_config.weight_block_size ([rows, columns] of a scale's block), else 128 x 128."""
+    q = (idx.config or {}).get("quantization_config")
+    size = q.get("weight_block_size") if isinstance(q, dict) else None
+    if size is None:
+        return 128, 128
+    if not (isinstance(size, list) and len(size) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_DIM for n in size)):
+        raise MergeError(f"model {idx.ref}: config.json's quantization_config.weight_block_size is "
+                         f"{json.dumps(size)[:60]}, not [rows, columns] (two whole numbers above 0); the config is "
+                         "corrupt")
+    return size[0], size[1]
+
+
+def _pair_scales(idx: ModelIndex) -> None:
+    """Each FP8 weight `X.weight` with a `X.weight_scale_inv` tensor reads dequantized (TensorInfo); the scale
+    tensors are then no tensors of the model (neither merged nor copied)."""
+    pairs = [(n[:-len(SCALE_SUFFIX)], n) for n in idx.tensors if n.endswith(SCALE_SUFFIX)]
+    pairs = [(w, s) for w, s in pairs if w in idx.tensors and idx.tensors[w].stored in FP8]
+    if not pairs:
+        return
+    block = _block_size(idx)
+    for w, s in pairs:
+        wi, si = idx.tensors[w], idx.tensors[s]
+        want = tuple(-(-n // b) for n, b in zip(wi.shape, block))
+        if len(wi.shape) != 2 or si.shape != want or not si.dtype.is_floating_point:
+            raise MergeError(f"model {idx.ref}: {s} is {si.dtype} {list(si.shape)}, but the block scales of {w} "
+                             f"{list(wi.shape)} in blocks of {list(block)} are floats of shape {list(want)}; the "
+                             "checkpoint or its quantization_config.weight_block_size is corrupt")
+        idx.tensors[w] = dataclasses.replace(wi, scale=si, block=block)
+        del idx.tensors[s]
 
 
 def _check_layers(idx: ModelIndex) -> None:
@@ -493,6 +572,7 @@ def index_model(ref: str, path: Path) -> ModelIndex:
     where = _add_files(idx, files)
     if index is not None:
         _check_index(ref, index, where)
+    _pair_scales(idx)
     if not idx.tensors:
         raise MergeError(f"model {ref}: {path} holds no tensors")
     _check_layers(idx)

@@ -12,7 +12,9 @@
 
 Argument names reserved for the tensors and their context: `base` (the base model's tensor, or None), `inputs`
 (the other models' tensors, float32), `keys` (per input, its random stream key), `row_offset` (the first row of
-this block in the whole tensor) and `stat` (this block's share of a whole-tensor statistic, see `TwoPass`). Every
+this block in the whole tensor), `stat` (this block's share of a whole-tensor statistic, see `TwoPass`) and
+`report` (a function taking a note about this tensor: a run gathers each note into one warning naming the tensors
+it concerns, so a note should not itself vary from tensor to tensor). Every
 other argument is a recipe parameter: annotated `PerModel[float]` (one value per input model, handed over as a
 list) or plain `bool`/`int`/`float`/`str`/`Literal[...]` (one value for the merge). A default makes it optional;
 a trailing underscore is not part of the recipe name (`lambda_` reads `lambda:`). The first paragraph of the
@@ -34,8 +36,10 @@ from enum import Enum
 from typing import Any, Callable, Dict, Generic, List, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple, \
     TypeVar, Union
 
+from mergesmith.errors import warn
+
 REQUIRED = object()
-RESERVED = ("base", "inputs", "keys", "row_offset", "stat")
+RESERVED = ("base", "inputs", "keys", "row_offset", "stat", "report")
 BASE_POLICIES = ("required", "optional", "input", "ignored")
 
 T = TypeVar("T")
@@ -184,10 +188,13 @@ class Method:
             values[p.arg] = shared[p.name] if p.scope == "shared" else [d[p.name] for d in per_input]
         return fn(**{n: values[n] for n in _arg_names(fn) if n in values})
 
-    def merge(self, base, inputs, shared, per_input, keys=None, row_offset: int = 0, stat: Any = None):
-        """The kernel on one tensor (or block of rows): base and inputs float32, parameters as resolved."""
+    def merge(self, base, inputs, shared, per_input, keys=None, row_offset: int = 0, stat: Any = None,
+              report: Optional[Callable[[str], None]] = None):
+        """The kernel on one tensor (or block of rows): base and inputs float32, parameters as resolved; its
+        notes go to `report` (default: a warning each)."""
         return self.call(self.kernel, shared, per_input, base=base, inputs=inputs,
-                         keys=keys if keys is not None else [0] * len(inputs), row_offset=row_offset, stat=stat)
+                         keys=keys if keys is not None else [0] * len(inputs), row_offset=row_offset, stat=stat,
+                         report=report or warn)
 
     def streaming_for(self, shared: Mapping[str, Any]) -> Union[Streaming, TwoPass]:
         s = self.streaming
