@@ -231,7 +231,7 @@ def merge(recipe: Union[str, os.PathLike, dict, Recipe], out_dir: Union[str, os.
 
     o = _options(options)
     if stages.is_multi_stage(recipe):
-        return stages.merge_pipeline(Path(recipe), out_dir, o)
+        return _merge_stages(Path(recipe), out_dir, o)
     t0 = time.monotonic()
     out = outdir.output_path(out_dir)
     pick_device(o.device)
@@ -245,6 +245,18 @@ def merge(recipe: Union[str, os.PathLike, dict, Recipe], out_dir: Union[str, os.
         outdir.finish(partial, out)
     return MergeResult(path=out, seed=p.seed, seconds=time.monotonic() - t0, bytes_written=p.bytes_written,
                        tensors=len(p.tasks), resumed_tensors=done, plan=p)
+
+
+def _merge_stages(path: Path, out_dir, o: MergeOptions) -> MergeResult:
+    """Every stage of a multi-stage file (mergesmith.stages); the output stage's result."""
+    from mergesmith import stages
+
+    t0 = time.monotonic()
+    res, p = stages.merge_pipeline(path, out_dir, o, plan_merge, merge)
+    if res is None:  # the output was current: nothing written
+        res = MergeResult(path=outdir.output_path(out_dir), seed=p.seed, seconds=0.0, bytes_written=p.bytes_written,
+                          tensors=len(p.tasks), resumed_tensors=len(p.tasks), plan=p)
+    return replace(res, seconds=time.monotonic() - t0)
 
 
 def _write(p: Plan, partial: Path, out: Path, o: MergeOptions, template: Optional[str]) -> int:

@@ -132,11 +132,9 @@ def plan_cmd(recipe, verbose, quiet, **options):
 
     o = MergeOptions(**_merge_options(options))
     if stages.is_multi_stage(recipe):
-        click.echo(stages.describe_pipeline(Path(recipe), o))
-        return
-    plan = plan_merge(Path(recipe), o)
-    click.echo(describe(plan))
-    click.echo(stages.shards_line(plan, o))
+        click.echo(stages.describe_pipeline(Path(recipe), o, plan_merge))
+    else:
+        click.echo(describe(plan_merge(Path(recipe), o)))  # "tensors: N in K file(s)": K shards
 
 
 @cli.command("run")

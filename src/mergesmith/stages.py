@@ -23,10 +23,9 @@ import json
 import os
 import re
 import secrets
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from mergesmith import outdir
 from mergesmith.errors import MergeError, did_you_mean, log, where
@@ -274,6 +273,20 @@ def _prepare(work: Path) -> None:
         raise MergeError(f"cannot create {work}: {e.strerror}") from None
 
 
+def _start(work: Path, seed: Optional[int]) -> Dict[str, Any]:
+    """WORK ready and its state: the pipeline's seed (given, an earlier run's, or drawn now) and the stages done
+    with it."""
+    _prepare(work)
+    state = _read_state(work)
+    if seed is None:
+        seed = state.get("seed")
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else secrets.randbits(31)
+    if state.get("seed") != seed:
+        state = {"format": STATE_FORMAT, "seed": seed, "done": {}}
+        _write_state(work, state)
+    return state
+
+
 def _complete(folder: Path) -> bool:
     return outdir.is_ours(folder) and (folder / outdir.RECIPE_COPY).is_file() and \
         not (folder / outdir.JOURNAL).exists()
@@ -289,25 +302,18 @@ def _key(plan, o) -> str:
 
 # ----------------------------------------------------------------------------------------------- running
 
-def merge_pipeline(path: Path, out_dir, options):
-    """Run every stage of the multi-stage file at `path`, the output stage into `out_dir`; returns the output
-    stage's MergeResult. Raises MergeError."""
-    from mergesmith.api import MergeResult, plan_merge
-
-    t0 = time.monotonic()
+def merge_pipeline(path: Path, out_dir, options, plan_merge: Callable, merge: Callable) -> Tuple[Any, Any]:
+    """Run every stage of the multi-stage file at `path`, the output stage into `out_dir`, with the API's
+    `plan_merge` and `merge` (MergeOptions `options`); returns (the output stage's MergeResult, or None when its
+    output was current and skipped; its Plan). Raises MergeError."""
     out = outdir.output_path(out_dir)
     p = load_pipeline(Path(path), options.strict)
     work = work_dir(out, options.intermediate_dir)
     assign(p, out, work)
-    result: Optional[MergeResult] = None
+    result, plan = None, None
     with outdir.claim(work, [("the recipe", p.path)], True, f"mergesmith run {path} {out_dir}"):
-        _prepare(work)
-        state = _read_state(work)
-        seed = options.seed if options.seed is not None else state.get("seed")
-        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else secrets.randbits(31)
-        if state.get("seed") != seed:
-            state = {"format": STATE_FORMAT, "seed": seed, "done": {}}
-            _write_state(work, state)
+        state = _start(work, options.seed)
+        seed = state["seed"]
         p.stages[-1].recipe.pipeline = (f"# seed: {seed}  (each stage's seed derives from it; reproduce with: "
                                         f"mergesmith run {p.path.name} OUT_DIR --seed {seed})\n{p.text}")
         merged: Set[str] = set()
@@ -318,29 +324,21 @@ def merge_pipeline(path: Path, out_dir, options):
             key = _key(plan, o)
             if options.lazy and _complete(s.out) and state["done"].get(str(s.out)) == key:
                 log.info(f"stage {s.label}: {s.out} is complete and current; skipped")
-                result = MergeResult(s.out, plan.seed, 0.0, plan.bytes_written, len(plan.tasks), len(plan.tasks), plan)
+                result = None
                 continue
-            result = _run(s, o)
+            log.info(f"stage {s.label} ({s.recipe.config.merge_method}, line {s.line}): merging into {s.out}")
+            result = merge(s.recipe, s.out, o)
             merged.add(s.label)
             state["done"][str(s.out)] = key
             _write_state(work, state)
-    assert result is not None
-    return replace(result, seconds=time.monotonic() - t0)
-
-
-def _run(s: Stage, o):
-    from mergesmith.api import merge
-
-    log.info(f"stage {s.label} ({s.recipe.config.merge_method}, line {s.line}): merging into {s.out}")
-    return merge(s.recipe, s.out, o)
+    return result, plan
 
 
 # ----------------------------------------------------------------------------------------------- plan
 
-def describe_pipeline(path: Path, options) -> str:
+def describe_pipeline(path: Path, options, plan_merge: Callable) -> str:
     """`mergesmith plan` of a multi-stage file: the stages in run order, and the plan of each stage whose inputs
-    exist now (the others are planned when the stages they use are merged)."""
-    from mergesmith.api import plan_merge
+    exist now (the others are planned when the stages they use are merged), made with the API's `plan_merge`."""
     from mergesmith.plan import describe
 
     p = load_pipeline(Path(path), options.strict)
@@ -361,12 +359,5 @@ def describe_pipeline(path: Path, options) -> str:
         o = replace(options, seed=None if seed is None else stage_seed(seed, s.name))
         plan = plan_merge(s.recipe, o)
         lines.append(f"\nstage {s.label}:")
-        lines += ["  " + line for line in (describe(plan) + "\n" + shards_line(plan, o)).splitlines()]
+        lines += ["  " + line for line in describe(plan).splitlines()]
     return "\n".join(lines)
-
-
-def shards_line(plan, o) -> str:
-    """How many files the weights go to, and the limit that decided it."""
-    n = len(plan.layout.files)
-    return (f"shards: {n} file{'s' if n != 1 else ''} of at most {o.shard_bytes:,} bytes of tensors each "
-            f"(--out-shard-size {o.out_shard_size})")
