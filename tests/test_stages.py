@@ -201,6 +201,17 @@ def test_a_changed_stage_is_merged_again_with_what_uses_it(tmp_path, capsys):
     assert (tmp_path / "out.stages" / "first" / "model.safetensors").stat().st_mtime_ns == stamp
     assert after["first"] == before["first"]
     assert after["second"] != before["second"] and after["out"] != before["out"]
+    assert cli("run", p, out, "--seed", 2, "--quiet", "--overwrite", "--no-lazy") == 0  # every stage again
+    assert (tmp_path / "out.stages" / "first" / "model.safetensors").stat().st_mtime_ns != stamp
+    assert digests(tmp_path) == after
+
+
+def test_a_single_recipe_with_a_stray_document_marker_says_what_to_do(tmp_path, capsys):
+    p = write(tmp_path, FIRST.replace("name: first\n", ""), "")
+    assert cli("plan", p) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: p.yml:8:1: a second YAML document (after a '---' line) in a single recipe: remove that line, or "
+        "give each document a name: (a multi-stage recipe, which `mergesmith run` and `mergesmith plan` take)")
 
 
 def test_intermediate_dir_and_folders_that_are_not_ours(tmp_path, capsys):

@@ -155,9 +155,10 @@ def _yaml_error(e: yaml.YAMLError, source: str) -> MergeError:
     if isinstance(e, yaml.MarkedYAMLError):
         mark = e.problem_mark or e.context_mark
         loc = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        if e.problem == "expected a single document in the stream":
-            return MergeError(f"{loc}: a second YAML document (after '---'): a multi-stage recipe, which "
-                              "`mergesmith run` and `mergesmith plan` take (mergesmith.stages), not a single recipe")
+        if e.context == "expected a single document in the stream":
+            return MergeError(f"{loc}: a second YAML document (after a '---' line) in a single recipe: remove that "
+                              "line, or give each document a name: (a multi-stage recipe, which `mergesmith run` "
+                              "and `mergesmith plan` take)")
         return MergeError(f"{loc}: malformed YAML: {e.problem or e.context}")
     return MergeError(f"{source}: malformed YAML: {' '.join(str(e).split())}")
 
