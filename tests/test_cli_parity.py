@@ -189,8 +189,10 @@ def test_notes_and_refusals_of_options(tmp_path, capsys):
     assert cli("run", tiny_recipe(tmp_path), tmp_path / "o2", "--lora-merge-dtype", "float8") == 2
     assert capsys.readouterr().err.strip() == ("error: option --lora-merge-dtype 'float8': not a dtype; use "
                                                "bfloat16, float16 or float32")
-    assert cli("run", tiny_recipe(tmp_path), tmp_path / "o2", "--write-threads", "0") == 2
-    assert cli("run", tiny_recipe(tmp_path), tmp_path / "o2", "-j", "0") == 2
+    for args in (["--write-threads", "0"], ["-j", "0"], ["--num-threads", "-1"]):
+        assert cli("run", tiny_recipe(tmp_path), tmp_path / "o2", *args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: option ") and "at least 1" in err[0]
 
 
 # ------------------------------------------------------------------------------------ vocabularies of other sizes

@@ -46,7 +46,7 @@ _COMMON_PLAN_OPTIONS = [
     click.option("--gpu-rich", is_flag=True, help="mergekit's alias for --cuda --low-cpu-memory --read-to-gpu "
                                                   "--multi-gpu: --device cuda."),
     _flag("multi-gpu", False, "Compute on a GPU (--device cuda unless --device says otherwise); mergesmith uses one."),
-    click.option("--threads", "-j", "--num-threads", "threads", type=click.IntRange(min=1), default=None,
+    click.option("--threads", "-j", "--num-threads", "threads", type=int, default=None,
                  help="Torch threads (default: all cores)."),
     _flag("copy-tokenizer", True, "Give the output the tokenizer."),
     _flag("write-model-card", True, "Give the output a README.md model card."),
@@ -58,7 +58,7 @@ _COMMON_PLAN_OPTIONS = [
                  help="Not used: Hub models are found in the Hugging Face cache (set HF_HUB_CACHE)."),
     click.option("--lora-merge-dtype", default=None, hidden=True,
                  help="Accepted: adapters are applied in float32 while reading, with no rounding."),
-    click.option("--write-threads", type=click.IntRange(min=1), default=1, hidden=True,
+    click.option("--write-threads", type=int, default=1, hidden=True,
                  help="Accepted: each tensor is written as soon as it is computed."),
     # mergekit's options that change nothing here (mergesmith streams row blocks, reads lazily, writes safetensors
     # in place and never shares tensors between output names): accepted, silently
@@ -69,8 +69,7 @@ _COMMON_PLAN_OPTIONS = [
 ]
 
 # mergekit's options that only say how mergekit works: nothing to do, nothing to say.
-_NO_EFFECT = ("lazy_unpickle", "low_cpu_memory", "clone_tensors", "read_to_gpu", "async_write", "write_threads",
-              "lora_merge_cache")
+_NO_EFFECT = ("lazy_unpickle", "low_cpu_memory", "clone_tensors", "read_to_gpu", "async_write", "lora_merge_cache")
 
 
 def _plan_options(f):
@@ -87,6 +86,9 @@ def _merge_options(kw: dict) -> dict:
 
     for name in _NO_EFFECT:
         kw.pop(name)
+    if kw.pop("write_threads") < 1:
+        raise MergeError("option --write-threads: give at least 1 (it changes nothing here: each tensor is written "
+                         "as soon as it is computed)")
     gpu = kw.pop("cuda") | kw.pop("gpu_rich") | kw.pop("multi_gpu")
     kw["device"] = kw["device"] or ("cuda" if gpu else "cpu")  # mergekit: --device wins over --cuda
     if kw.pop("trust_remote_code"):
