@@ -107,7 +107,8 @@ def _check_names(docs: List[RecipeDocument], source: str) -> Set[str]:
                                  "'name:'; only the output stage may go without a name")
             unnamed = d.line
             continue
-        if not isinstance(d.name, str) or not _NAME.fullmatch(d.name) or d.name.endswith(outdir.WORK_SUFFIXES):
+        if not isinstance(d.name, str) or not _NAME.fullmatch(d.name) or d.name.endswith(outdir.WORK_SUFFIXES) \
+                or d.name == STATE:
             raise MergeError(f"{where(source, d.name_line)}: stage name {short(d.name)} must be a plain folder name "
                              "(letters, digits, '.', '_', '-'; at most 100) as it names the stage's output folder")
         if d.name in seen:
