@@ -23,7 +23,8 @@ import yaml
 
 from mergesmith import outdir
 from mergesmith.errors import MergeError, log
-from mergesmith.execute import compute_tensor, execute, pick_device
+from mergesmith.device import pick_device
+from mergesmith.execute import compute_tensor, execute
 from mergesmith.io.writer import parse_size
 from mergesmith.plan import Plan, describe, make_plan, row_blocks  # describe: exported
 from mergesmith.recipe import DTYPES, Recipe, parse_recipe
@@ -35,7 +36,8 @@ __all__ = ["MergeOptions", "MergeResult", "Plan", "Recipe", "describe", "iter_me
 GRADIENT_SPANS = ("slice", "output")
 _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 _FLAGS = {"seed": "--seed", "device": "--device", "threads": "--threads", "out_shard_size": "--out-shard-size",
-          "dtype": "--dtype", "out_dtype": "--out-dtype", "gradient_span": "--gradient-span"}
+          "dtype": "--dtype", "out_dtype": "--out-dtype", "gradient_span": "--gradient-span",
+          "intermediate_dir": "--intermediate-dir"}
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,13 @@ class MergeOptions:
     seed: Optional[int] = None  # randomized methods (dare, della); None: drawn, and reported in the result
     device: str = "cpu"  # cpu, cuda, cuda:N or auto
     threads: Optional[int] = None  # torch threads; None: every core
-    out_shard_size: Union[str, int] = "5GB"  # most bytes per output shard: "5GB", "500MB", "2GiB" or an int
+    out_shard_size: Union[str, int] = "5B"  # most bytes of tensors per shard: "5B", "500M" (mergekit's counts, which
+    # its writer compares with bytes), "5GB", "2GiB" or an int
     dtype: Optional[str] = None  # overrides the recipe's dtype (bfloat16, float16, float32)
     out_dtype: Optional[str] = None  # overrides the recipe's out_dtype
     strict: bool = False  # refuse unknown recipe keys (a Recipe passed in keeps how it was loaded), NaN/Inf inputs
     allow_crimes: bool = False  # merge models of different architectures anyway
+    unsafe_truncate_embeddings: bool = False  # vocabularies of different sizes, no tokenizer setting: row for row
     allow_extrapolation: bool = False  # accept parameters beyond interpolation, as mergekit does
     gradient_span: str = "slice"  # layer gradients over each slice's layers (mergekit) or over the whole "output"
     copy_tokenizer: bool = True  # the output folder gets the tokenizer
@@ -59,6 +63,8 @@ class MergeOptions:
     restart: bool = False  # discard an interrupted run's OUT_DIR.partial/ instead of continuing it
     progress: bool = True  # a progress bar on stderr while writing a folder
     tune_allocator: bool = False  # glibc allocator settings for row-block merges (mergesmith.allocator)
+    intermediate_dir: Optional[str] = None  # multi-stage recipes: where named stages go (None: OUT_DIR.stages)
+    lazy: bool = True  # multi-stage recipes: skip a stage whose finished output is current
 
     def __post_init__(self) -> None:
         _check_options(self)
@@ -102,6 +108,8 @@ def _check_options(o: MergeOptions) -> None:
             raise _bad(name, v, "not a dtype; use bfloat16, float16 or float32")
     if o.gradient_span not in GRADIENT_SPANS:
         raise _bad("gradient_span", o.gradient_span, "use slice or output")
+    if o.intermediate_dir is not None and not isinstance(o.intermediate_dir, (str, os.PathLike)):
+        raise _bad("intermediate_dir", o.intermediate_dir, "give a folder path, or None for OUT_DIR.stages")
 
 
 def _options(options: Optional[MergeOptions]) -> MergeOptions:
@@ -185,7 +193,8 @@ def _planned(recipe: Recipe, o: MergeOptions) -> Tuple[Plan, Optional[str]]:
     """The plan of a recipe under the options, and the chat template its output gets."""
     p = make_plan(recipe, seed=o.seed, dtype=o.dtype, out_dtype=o.out_dtype, shard_size=o.shard_bytes,
                   allow_crimes=o.allow_crimes, recipe_dir=recipe.folder, gradient_span=o.gradient_span,
-                  allow_extrapolation=o.allow_extrapolation, strict=o.strict)
+                  allow_extrapolation=o.allow_extrapolation, strict=o.strict,
+                  unsafe_truncate_embeddings=o.unsafe_truncate_embeddings)
     return p, _chat_template(p, recipe.folder, o.copy_tokenizer)
 
 
@@ -214,10 +223,16 @@ def merge(recipe: Union[str, os.PathLike, dict, Recipe], out_dir: Union[str, os.
     An interrupted merge left OUT_DIR.partial/ with a journal: the same merge continues it (same seed, even when
     it was drawn), a different recipe or input is refused, and `restart` starts over. What may be written,
     replaced or removed, and the lock that keeps a second run off the same OUT_DIR: mergesmith.outdir.
+
+    A file of several YAML documents is a multi-stage recipe (mergekit-multi's): every stage is merged, in
+    dependency order, and the result is the output stage's (mergesmith.stages).
     """
+    from mergesmith import stages
     from mergesmith.journal import resume_header
 
     o = _options(options)
+    if stages.is_multi_stage(recipe):
+        return _merge_stages(Path(recipe), out_dir, o)
     t0 = time.monotonic()
     out = outdir.output_path(out_dir)
     pick_device(o.device)
@@ -231,6 +246,18 @@ def merge(recipe: Union[str, os.PathLike, dict, Recipe], out_dir: Union[str, os.
         outdir.finish(partial, out)
     return MergeResult(path=out, seed=p.seed, seconds=time.monotonic() - t0, bytes_written=p.bytes_written,
                        tensors=len(p.tasks), resumed_tensors=done, plan=p)
+
+
+def _merge_stages(path: Path, out_dir, o: MergeOptions) -> MergeResult:
+    """Every stage of a multi-stage file (mergesmith.stages); the output stage's result."""
+    from mergesmith import stages
+
+    t0 = time.monotonic()
+    res, p = stages.merge_pipeline(path, out_dir, o, plan_merge, merge)
+    if res is None:  # the output was current: nothing written
+        res = MergeResult(path=outdir.output_path(out_dir), seed=p.seed, seconds=0.0, bytes_written=p.bytes_written,
+                          tensors=len(p.tasks), resumed_tensors=len(p.tasks), plan=p)
+    return replace(res, seconds=time.monotonic() - t0)
 
 
 def _write(p: Plan, partial: Path, out: Path, o: MergeOptions, template: Optional[str]) -> int:

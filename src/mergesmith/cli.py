@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 import traceback
@@ -14,27 +15,93 @@ import click
 from mergesmith.errors import MergeError
 from mergesmith.version import __version__
 
+
+def _flag(name: str, default: bool, help: str, hidden: bool = False, short: str = ""):
+    """A --name/--no-name switch, as mergekit-yaml gives every boolean option."""
+    decls = [f"--{name}/--no-{name}"] + ([short] if short else [])
+    return click.option(*decls, default=default, show_default=True, hidden=hidden, help=help)
+
+
+# mergekit-yaml 0.1.5's options (mergekit/options.py), each with its meaning there, and mergesmith's own.
 _COMMON_PLAN_OPTIONS = [
     click.option("--seed", "--random-seed", "seed", type=int, default=None,
                  help="Seed for randomized methods (dare, della); chosen and recorded when omitted."),
     click.option("--dtype", default=None, help="Override the recipe's dtype (bfloat16, float16, float32)."),
     click.option("--out-dtype", default=None, help="Override the recipe's out_dtype."),
-    click.option("--out-shard-size", default="5GB", show_default=True, help="Maximum bytes per output shard."),
-    click.option("--allow-crimes", is_flag=True, help="Merge models of different architectures anyway."),
-    click.option("--allow-extrapolation", is_flag=True,
-                 help="Accept parameters beyond interpolation, as mergekit does (slerp t outside [0, 1], "
-                      "negative nuslerp/multislerp weights)."),
+    click.option("--out-shard-size", default="5B", show_default=True,
+                 help="Most tensor bytes per output shard: a count as mergekit takes it (5B, 500M: its writer "
+                      "compares it with bytes, so the shards are mergekit's) or bytes (2GB, 2GiB)."),
+    _flag("allow-crimes", False, "Merge models of different architectures anyway."),
+    _flag("unsafe-truncate-embeddings", False,
+          "Vocabularies of different sizes and no tokenizer setting: merge row for row in the first model's size "
+          "(assumes the same token ids; tokenizer_source: in the recipe is the safe way)."),
+    _flag("allow-extrapolation", False,
+          "Accept parameters beyond interpolation, as mergekit does (slerp t outside [0, 1], negative "
+          "nuslerp/multislerp weights)."),
     click.option("--gradient-span", type=click.Choice(["slice", "output"]), default="slice", show_default=True,
                  help="Evaluate layer gradients over each slice's layers (mergekit) or over the whole output."),
-    click.option("--strict", is_flag=True, help="Refuse unknown recipe keys and NaN/Inf inputs instead of warning."),
-    click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug logging."),
+    _flag("strict", False, "Refuse unknown recipe keys and NaN/Inf inputs instead of warning."),
+    click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu, or cuda with --cuda)."),
+    _flag("cuda", False, "Compute on the GPU: --device cuda, unless --device says otherwise."),
+    click.option("--gpu-rich", is_flag=True, help="mergekit's alias for --cuda --low-cpu-memory --read-to-gpu "
+                                                  "--multi-gpu: --device cuda."),
+    _flag("multi-gpu", False, "Compute on a GPU (--device cuda unless --device says otherwise); mergesmith uses one."),
+    click.option("--threads", "-j", "--num-threads", "threads", type=int, default=None,
+                 help="Torch threads (default: all cores)."),
+    _flag("copy-tokenizer", True, "Give the output the tokenizer."),
+    _flag("write-model-card", True, "Give the output a README.md model card."),
+    _flag("quiet", False, "No progress bar and no summary line.", short="-q"),
+    click.option("-v", "--verbose", "verbose", count=True, help="Show tracebacks and debug logging."),
+    _flag("trust-remote-code", False, "Accepted: mergesmith never runs code that comes with a model.", hidden=True),
+    _flag("safe-serialization", True, "Accepted: mergesmith writes only safetensors.", hidden=True),
+    click.option("--transformers-cache", default=None, hidden=True,
+                 help="Not used: Hub models are found in the Hugging Face cache (set HF_HUB_CACHE)."),
+    click.option("--lora-merge-dtype", default=None, hidden=True,
+                 help="Accepted: adapters are applied in float32 while reading, with no rounding."),
+    click.option("--write-threads", type=int, default=1, hidden=True,
+                 help="Accepted: each tensor is written as soon as it is computed."),
+    # mergekit's options that change nothing here (mergesmith streams row blocks, reads lazily, writes safetensors
+    # in place and never shares tensors between output names): accepted, silently
+    *[_flag(name, False, "Accepted for mergekit-yaml's command lines; changes nothing.", hidden=True)
+      for name in ("lazy-unpickle", "low-cpu-memory", "clone-tensors", "read-to-gpu", "async-write")],
+    click.option("--lora-merge-cache", default=None, hidden=True,
+                 help="Accepted: adapters are applied while reading, no merged copy is stored."),
 ]
+
+# mergekit's options that only say how mergekit works: nothing to do, nothing to say.
+_NO_EFFECT = ("lazy_unpickle", "low_cpu_memory", "clone_tensors", "read_to_gpu", "async_write", "lora_merge_cache")
 
 
 def _plan_options(f):
     for opt in reversed(_COMMON_PLAN_OPTIONS):
         f = opt(f)
     return f
+
+
+def _merge_options(kw: dict) -> dict:
+    """mergekit-yaml's options mapped to MergeOptions fields; notes for those that cannot mean here what they
+    mean there."""
+    from mergesmith.errors import warn
+    from mergesmith.recipe import DTYPES
+
+    for name in _NO_EFFECT:
+        kw.pop(name)
+    if kw.pop("write_threads") < 1:
+        raise MergeError("option --write-threads: give at least 1 (it changes nothing here: each tensor is written "
+                         "as soon as it is computed)")
+    gpu = kw.pop("cuda") | kw.pop("gpu_rich") | kw.pop("multi_gpu")
+    kw["device"] = kw["device"] or ("cuda" if gpu else "cpu")  # mergekit: --device wins over --cuda
+    if kw.pop("trust_remote_code"):
+        warn("--trust-remote-code changes nothing: mergesmith never runs code that comes with a model")
+    if not kw.pop("safe_serialization"):
+        warn("--no-safe-serialization changes nothing: mergesmith writes only safetensors, never pickles")
+    if kw.pop("transformers_cache") is not None:
+        warn("--transformers-cache is not used: mergesmith finds Hub models in the Hugging Face cache; set "
+             "HF_HUB_CACHE to that folder instead")
+    dtype = kw.pop("lora_merge_dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeError(f"option --lora-merge-dtype {dtype!r}: not a dtype; use bfloat16, float16 or float32")
+    return kw
 
 
 class _Handler(logging.Handler):
@@ -59,36 +126,37 @@ def cli() -> None:
 @cli.command("plan")
 @click.argument("recipe", type=click.Path())
 @_plan_options
-def plan_cmd(recipe, verbose, **options):
-    """Validate RECIPE and print what a run would do, without merging."""
+def plan_cmd(recipe, verbose, quiet, **options):
+    """Validate RECIPE and print what a run would do, without merging. A multi-stage RECIPE (several YAML
+    documents) lists its stages in run order."""
+    from mergesmith import stages
     from mergesmith.api import MergeOptions, describe, plan_merge
 
-    click.echo(describe(plan_merge(Path(recipe), MergeOptions(**options))))
+    o = MergeOptions(**_merge_options(options))
+    if stages.is_multi_stage(recipe):
+        click.echo(stages.describe_pipeline(Path(recipe), o, plan_merge))
+    else:
+        click.echo(describe(plan_merge(Path(recipe), o)))  # "tensors: N in K file(s)": K shards
 
 
 @cli.command("run")
 @click.argument("recipe", type=click.Path())
 @click.argument("out_dir", type=click.Path())
 @_plan_options
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
-@click.option("--cuda", is_flag=True, help="Same as --device cuda (mergekit-yaml's flag).")
-@click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
-@click.option("--overwrite", is_flag=True, help="Replace an OUT_DIR that mergesmith wrote (never another folder).")
-@click.option("--restart", is_flag=True, help="Discard an interrupted run's OUT_DIR.partial/ instead of resuming.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True)
-@click.option("--write-model-card/--no-write-model-card", default=True, show_default=True)
-@click.option("--lazy-unpickle", is_flag=True, hidden=True, help="Accepted for mergekit compatibility (no-op).")
-@click.option("--lora-merge-cache", default=None, hidden=True)
-@click.option("--transformers-cache", default=None, hidden=True)
-def run_cmd(recipe, out_dir, verbose, cuda, quiet, lazy_unpickle, lora_merge_cache, transformers_cache, **options):
-    """Merge the models of RECIPE into the Hugging Face model folder OUT_DIR."""
+@_flag("overwrite", False, "Replace an OUT_DIR that mergesmith wrote (never another folder).")
+@_flag("restart", False, "Discard an interrupted run's OUT_DIR.partial/ instead of resuming.")
+@click.option("--intermediate-dir", "-I", default=None, type=click.Path(),
+              help="Multi-stage recipes: where the named stages go (default: OUT_DIR.stages/).")
+@click.option("--lazy/--no-lazy", default=True, show_default=True,
+              help="Multi-stage recipes: skip a stage whose finished output is current.")
+def run_cmd(recipe, out_dir, verbose, quiet, **options):
+    """Merge the models of RECIPE into the Hugging Face model folder OUT_DIR. A multi-stage RECIPE (several YAML
+    documents, as mergekit-multi takes) merges every stage, the output stage into OUT_DIR."""
     from mergesmith.api import MergeOptions, merge
 
-    if cuda:
-        options["device"] = "cuda"
     # the options' names are the flags' names (MergeOptions)
-    res = merge(Path(recipe), out_dir, MergeOptions(progress=not quiet, tune_allocator=True, **options))
+    o = MergeOptions(progress=not quiet, tune_allocator=True, **_merge_options(options))
+    res = merge(Path(recipe), out_dir, o)
     if not quiet:
         click.echo(f"wrote {out_dir}: {res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB in "
                    f"{len(res.plan.layout.files)} file(s), {res.seconds:.1f} s"
@@ -315,7 +383,7 @@ def entry() -> None:
 
 def main(argv: Optional[list] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    verbose = "-v" in args or "--verbose" in args
+    verbose = "--verbose" in args or any(re.fullmatch(r"-v+", a) for a in args)
     _setup_logging(verbose)
     try:
         rc = cli.main(args=args, prog_name="mergesmith", standalone_mode=False)

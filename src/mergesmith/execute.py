@@ -18,20 +18,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergesmith.device import pick_device
 from mergesmith.errors import MergeError, log, warn
 from mergesmith.io.writer import ShardWriter, write_index
 from mergesmith.methods import TwoPass
 from mergesmith.plan import Plan, TensorTask, row_blocks
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError("--device cuda was asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise MergeError(f"unknown device {name!r}: use cpu, cuda or auto")
-    return torch.device(name)
 
 
 def all_finite(x: torch.Tensor) -> bool:

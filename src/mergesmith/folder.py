@@ -153,6 +153,9 @@ def model_card(plan: Plan, name: str) -> str:
     lines += [f"* {r}" for r in merged]
     lines += ["", "### Configuration", "", "The following YAML configuration was used to produce this model:", "",
               "```yaml", plan.recipe.to_yaml(seed=plan.seed).rstrip(), "```", ""]
+    if plan.recipe.pipeline:  # the last stage of a multi-stage recipe (mergesmith.stages): every stage's recipe
+        lines += ["### Stages", "", "This model is the last stage of a multi-stage merge, made from this file:", "",
+                  "```yaml", plan.recipe.pipeline.rstrip(), "```", ""]
     return "\n".join(front + lines)
 
 

@@ -55,7 +55,7 @@ def file_stamp(path: Path) -> str:
 def input_files(idx) -> Dict[str, Path]:
     """{label: path} of every file of one input that shapes the output: its weight files, index, configs,
     tokenizer and chat template files, and the files of its LoRA adapter."""
-    from mergesmith.folder import TOKENIZER_FILES
+    from mergesmith.vocab import TOKENIZER_FILES
     from mergesmith.io.index import model_folder
 
     folder = model_folder(idx)

@@ -412,7 +412,7 @@ def extract_lora(model: str, base: str, out: Path, rank: int = 128, energy: Opti
     `energy` and `dtype` with mergekit's defaults). `out` follows mergesmith.outdir's rules: apart from both models,
     locked, replaced only when ours."""
     from mergesmith import outdir
-    from mergesmith.execute import pick_device
+    from mergesmith.device import pick_device
 
     opts = options or ExtractOptions(rank=rank, energy=energy, dtype=dtype)
     opts.check()

@@ -517,6 +517,7 @@ class _TensorPlanner:
     allow_crimes: bool
     allow_extrapolation: bool
     gradient_span: str
+    unsafe_truncate_embeddings: bool = False
     tasks: List[TensorTask] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
@@ -616,6 +617,12 @@ class _TensorPlanner:
         """A tensor shaped unlike the template's: an embedding with more rows gives its leading block (True);
         another embedding, or under --allow-crimes any tensor, is left out (False); anything else is refused."""
         shape = tgt.info.shape
+        if (not self.unsafe_truncate_embeddings and is_embedding(name) and len(ti.shape) == len(shape)
+                and ti.shape[1:] == shape[1:]):
+            raise MergeError(f"model {ref}: {name} has {ti.shape[0]} vocabulary rows but {tgt.model}'s has "
+                             f"{shape[0]}; the vocabularies differ: set tokenizer_source: union (or base, or a "
+                             "model) in the recipe to map every model's tokens, or pass --unsafe-truncate-embeddings "
+                             f"to merge row for row in {shape[0]} rows (only right when the token ids agree)")
         if len(ti.shape) == len(shape) and is_embedding(name) and all(a >= b for a, b in zip(ti.shape, shape)):
             self.counts[f"{ref}: {name} is {list(ti.shape)}, using its leading {list(shape)} block"] += 1
             return True
@@ -718,9 +725,11 @@ def _seed(seed: Optional[int]) -> Tuple[int, bool]:
 def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] = None,
               out_dtype: Optional[str] = None, shard_size: int = 5 * 10**9, allow_crimes: bool = False,
               recipe_dir: Optional[Path] = None, gradient_span: str = "slice",
-              allow_extrapolation: bool = False, strict: bool = False) -> Plan:
+              allow_extrapolation: bool = False, strict: bool = False,
+              unsafe_truncate_embeddings: bool = False) -> Plan:
     """Check the recipe against its models and plan every output tensor; `strict`: NaN/Inf in an input is an
-    error when merging. The first problem found is the one raised."""
+    error when merging; `unsafe_truncate_embeddings`: vocabularies of different sizes without a tokenizer setting
+    merge row for row (else refused). The first problem found is the one raised."""
     c = recipe.config
     method = get_method(c.merge_method)
     _check_method_use(recipe, method)
@@ -734,7 +743,7 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
         totals[g.stack] += g.length
     seed, seed_given = _seed(seed)
     planner = _TensorPlanner(models, anats, method, vocabulary, _out_dtype(recipe, dtype, out_dtype), totals, seed,
-                             allow_crimes, allow_extrapolation, gradient_span)
+                             allow_crimes, allow_extrapolation, gradient_span, unsafe_truncate_embeddings)
     stacks = planner.walk(groups)
     _check_unique(recipe, planner.tasks)
     _check_countable(recipe, models[groups[0].template.model], anats, stacks)

@@ -153,18 +153,26 @@ def _compose(text: str, source: str) -> Tuple[yaml.Node, _Loader]:
     try:
         loader = _Loader(text, source)  # the reader refuses unprintable characters here
         node = loader.get_single_node()
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        loc = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise MergeError(f"{loc}: malformed YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise MergeError(f"{source}: malformed YAML: {' '.join(str(e).split())}") from None
+        raise _yaml_error(e, source) from None
     finally:
         if loader is not None:
             loader.dispose()
     if node is None:
         raise MergeError(f"{source}: the recipe is empty")
     return node, loader
+
+
+def _yaml_error(e: yaml.YAMLError, source: str) -> MergeError:
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        loc = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        if e.context == "expected a single document in the stream":
+            return MergeError(f"{loc}: a second YAML document (after a '---' line) in a single recipe: remove that "
+                              "line, or give each document a name: (a multi-stage recipe, which `mergesmith run` "
+                              "and `mergesmith plan` take)")
+        return MergeError(f"{loc}: malformed YAML: {e.problem or e.context}")
+    return MergeError(f"{source}: malformed YAML: {' '.join(str(e).split())}")
 
 
 def _scalar(loader: _Loader, n: yaml.Node, source: str) -> Any:
@@ -251,6 +259,7 @@ class Recipe:
     warnings: List[str] = field(default_factory=list)
     path: Optional[Path] = None  # the file it was read from (None for text)
     folder: Optional[Path] = None  # where relative model paths resolve: the file's folder
+    pipeline: Optional[str] = None  # the multi-stage file this recipe is the last stage of (for the model card)
 
     def found_at(self) -> Dict[str, str]:
         """Where a merge found this recipe's relative model paths, from the comment lines mergesmith writes into
@@ -488,6 +497,13 @@ def _check_duplicates(r: Recipe) -> None:
 def load_recipe(path: Union[str, Path], strict: bool = False) -> Recipe:
     """Read and parse the recipe file at `path` (parse_recipe), remembering the file and its folder."""
     p = Path(path)
+    recipe = parse_recipe(read_recipe_text(p), source=p.name, strict=strict)
+    recipe.path, recipe.folder = p.absolute(), p.resolve().parent
+    return recipe
+
+
+def read_recipe_text(p: Path) -> str:
+    """The text of the recipe file `p`: a regular file of UTF-8 text, at most MAX_RECIPE_BYTES."""
     try:
         if p.exists() and not p.is_dir() and not p.is_file():  # a pipe or device would block or never end
             raise MergeError(f"recipe {p} is not a regular file; save the recipe to a file")
@@ -503,9 +519,59 @@ def load_recipe(path: Union[str, Path], strict: bool = False) -> Recipe:
         raise MergeError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise MergeError(f"cannot read recipe {p}: {e.strerror}") from None
-    recipe = parse_recipe(text, source=p.name, strict=strict)
-    recipe.path, recipe.folder = p.absolute(), p.resolve().parent
-    return recipe
+    return text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files of several YAML documents (mergekit-multi's multi-stage recipes; run by mergesmith.stages)
+
+
+@dataclass
+class RecipeDocument:
+    """One document of a YAML file: its text with the `name:` entry blanked out, padded so that its line numbers are
+    the file's (parse_recipe's messages then name the file's lines), and that name."""
+    text: str
+    line: int  # the file line where the document starts
+    name: Any = None  # the `name:` value as written (None when absent)
+    name_line: Optional[int] = None
+
+
+def split_documents(text: str, source: str) -> List[RecipeDocument]:
+    """The non-empty documents of a YAML file, in file order; malformed YAML is a MergeError naming its line."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise MergeError(f"{source}: the recipe is {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES} "
+                         "(mergekit recipes are a few KB)")
+    loader = _Loader(text, source)
+    docs: List[RecipeDocument] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is not None and not (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+                docs.append(_document(text, node, loader, source))
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, source) from None
+    finally:
+        loader.dispose()
+    return docs
+
+
+def _document(text: str, node: yaml.Node, loader: _Loader, source: str) -> RecipeDocument:
+    a, b = node.start_mark.index, node.end_mark.index
+    body = list(text[a:b])
+    name, name_line = None, None
+    entries = node.value if isinstance(node, yaml.MappingNode) else []
+    for i, (k, v) in enumerate(entries):
+        if isinstance(k, yaml.ScalarNode) and k.value == "name":
+            name, name_line = _scalar(loader, v, source), k.start_mark.line + 1
+            # blank the entry and its separator (the next key's start, or the previous value's end): the document
+            # parses as the recipe without it, block or flow style, on the same lines
+            lo, hi = ((k.start_mark.index, entries[i + 1][0].start_mark.index) if i + 1 < len(entries) else
+                      (entries[i - 1][1].end_mark.index, v.end_mark.index) if i else (k.start_mark.index, b))
+            for j in range(lo - a, hi - a):
+                if body[j] != "\n":
+                    body[j] = " "
+    pad = "\n" * node.start_mark.line + " " * node.start_mark.column
+    return RecipeDocument(pad + "".join(body), node.start_mark.line + 1, name, name_line)
 
 
 def normalize_dtype(name: Optional[str]) -> Optional[str]:

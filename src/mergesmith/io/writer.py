@@ -143,16 +143,24 @@ def write_index(folder: Path, layout: Layout) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000, '500M' -> 500_000_000, '2GiB' -> 2*1024**3, '1024' -> 1024."""
+# mergekit's counts (K, M, B = thousand, million, billion): its help calls them parameters, but its writer compares
+# the number with each tensor's bytes, so `--out-shard-size 1M` gives shards of at most 1,000,000 bytes of tensor
+# data there; the same count here gives the same shards. A byte unit (KB, MB, GB, TB, KiB, ...) says bytes.
+_COUNTS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+_BYTES = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+
+
+def parse_size(text) -> int:
+    """The most bytes of tensor data per shard: '5B' (mergekit's default, five billion) -> 5_000_000_000, '500M'
+    -> 500_000_000, '5GB' -> 5_000_000_000, '2GiB' -> 2*1024**3, '1024' -> 1024."""
     s = str(text).strip().upper().replace(" ", "")
-    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-             "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     num = s.rstrip("KMGTIB")
     unit = s[len(num):]
-    bad = f"bad size {text!r}: use bytes with an optional suffix, like 5GB or 500MB"
+    bad = (f"bad size {text!r}: give a count like 5B or 500M (as mergekit counts: billions, millions) or bytes "
+           "like 5GB or 2GiB")
     try:
-        value = float(num) * units[unit]
+        value = float(num) * {**_COUNTS, **_BYTES}[unit]
     except (ValueError, KeyError):
         raise MergeError(bad) from None
     if not math.isfinite(value) or value < 1:  # nan, inf, 1e400GB, 0, negative, or under a byte
