@@ -312,30 +312,38 @@ def plan_extraction(names: List[str], shapes: Dict[str, Tuple[int, ...]], opts: 
     with it) is saved, so PEFT finds every key it expects."""
     mods = _modules(names)
     kinds = {m: _kind(m, shapes) for m in mods}
-    keys = list(dict.fromkeys(opts.save_modules))
-    _check_save_modules(keys, kinds)
-
-    def wanted(m: str) -> bool:
-        return (not opts.include or any(re.search(p, m) for p in opts.include)) and \
-            not any(re.search(p, m) for p in opts.exclude)
-
-    for m, k in kinds.items():
-        if any(m.endswith(key) for key in keys) or k == "none":
-            continue
-        whole = k in ("embedding", "head") and not opts.embed_lora and not any(re.search(p, m) for p in opts.exclude)
-        whole = whole or (k == "other" and wanted(m) and not opts.skip_undecomposable)
-        if whole and any(differs(t) for t in mods[m]):
-            keys.append(m)
+    keys = _saved_whole(mods, kinds, opts, differs)
     plan = ExtractPlan(save_keys=keys)
     for m, ts in mods.items():
         if kinds[m] != "none" and any(m.endswith(key) for key in keys):
             plan.save += ts
-        elif (kinds[m] == "linear" or opts.embed_lora and kinds[m] in ("head", "embedding")) and wanted(m):
+        elif (kinds[m] == "linear" or opts.embed_lora and kinds[m] in ("head", "embedding")) and _wanted(m, opts):
             plan.lora.append(f"{m}.weight")
             plan.skipped += [t for t in ts if t != f"{m}.weight"]  # a bias: PEFT's lora_bias is all or nothing
         else:
             plan.skipped += ts
     return plan
+
+
+def _wanted(m: str, opts: ExtractOptions) -> bool:
+    """Module m passes the --include-regex (when given) and no --exclude-regex."""
+    return (not opts.include or any(re.search(p, m) for p in opts.include)) and \
+        not any(re.search(p, m) for p in opts.exclude)
+
+
+def _saved_whole(mods: Dict[str, List[str]], kinds: Dict[str, str], opts: ExtractOptions, differs) -> List[str]:
+    """The modules_to_save entries: the --save-module names, then every changed module saved automatically
+    (embeddings and head without --embed-lora, other undecomposable modules unless --skip-undecomposable)."""
+    keys = list(dict.fromkeys(opts.save_modules))
+    _check_save_modules(keys, kinds)
+    for m, k in kinds.items():
+        if any(m.endswith(key) for key in keys) or k == "none":
+            continue
+        whole = k in ("embedding", "head") and not opts.embed_lora and not any(re.search(p, m) for p in opts.exclude)
+        whole = whole or (k == "other" and _wanted(m, opts) and not opts.skip_undecomposable)
+        if whole and any(differs(t) for t in mods[m]):
+            keys.append(m)
+    return keys
 
 
 def _check_save_modules(keys: List[str], kinds: Dict[str, str]) -> None:
