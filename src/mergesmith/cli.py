@@ -212,7 +212,7 @@ def run_cmd(recipe, out_dir, seed, dtype, out_dtype, out_shard_size, allow_crime
     if is_moe_recipe(recipe):  # a mergekit-moe recipe (experts:, no merge_method:)
         return _moe(recipe, out_dir, device="cuda" if cuda else device, seed=seed, out_shard_size=out_shard_size,
                     overwrite=overwrite, restart=restart, quiet=quiet, copy_tokenizer=copy_tokenizer,
-                    write_model_card=write_model_card, strict=strict)
+                    write_model_card=write_model_card, strict=strict, dtype=out_dtype or dtype)
     t0 = time.monotonic()
     p = run_recipe(recipe, out_dir, seed=seed, device="cuda" if cuda else device, threads=threads,
                    out_shard_size=out_shard_size, dtype=dtype, out_dtype=out_dtype, overwrite=overwrite, quiet=quiet,

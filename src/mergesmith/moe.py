@@ -387,6 +387,7 @@ class MoEPlan:
     calibrate: bool
     gated_shared: bool  # the shared expert has a gate (Qwen MoE)
     template: Optional[str] = None  # the chat template for the output's tokenizer
+    tokenizer: Any = None  # the base's, for the prompts (None when nothing needs it)
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -453,19 +454,30 @@ def _shape(idx, name: str) -> Optional[Tuple[int, ...]]:
     return tuple(t.shape) if t is not None else None
 
 
+_MLP_WEIGHT = re.compile(r"\.mlp\.(gate|up|down)_proj\.weight$")
+
+
 def _check_mlps(r: MoERecipe, models, layers: int, hidden: int) -> Dict[str, int]:
-    """Every expert has the base's layer count and, per layer, gate/up/down MLP weights [I, H], [I, H], [H, I]
-    (I the same for all routed experts). Returns {"experts": I, "shared": I of the shared expert}."""
+    """Every expert has the base's layer count and, per layer, gate/up/down MLP weights [I, H], [I, H], [H, I]:
+    a routed expert with the base's I (it is a fine-tune of the base), the shared expert with an I of its own.
+    Returns {"experts": I, "shared": I of the shared expert}."""
     from mergesmith.plan import model_layers
 
     sizes: Dict[str, int] = {}
+    base = models[r.config.base_model]
+    base_inter = (_shape(base, "model.layers.0.mlp.gate_proj.weight") or (-1,))[0]
     for g, i, e in _all_experts(r.config):
         idx, at = models[e.source_model], r.at(g, i, "source_model")
         if model_layers(idx) != layers:
             raise MergeError(f"{at}: expert {e.source_model} has {model_layers(idx)} layers, the base {layers}; "
                              "experts must be fine-tunes of the base")
-        inter = _shape(idx, "model.layers.0.mlp.gate_proj.weight")
-        inter = inter[0] if inter and len(inter) == 2 else -1
+        extra = next((n for n in idx.tensors if ".mlp." in n and not _MLP_WEIGHT.search(n)), None)
+        if extra:
+            raise MergeError(f"{at}: expert {e.source_model} has tensor {extra}; an expert's MLP is gate, up and "
+                             "down projections without biases")
+        inter = (_shape(idx, "model.layers.0.mlp.gate_proj.weight") or (-1,))[0]
+        if g == "experts" and base_inter > 0:
+            inter = base_inter  # a routed expert is a fine-tune of the base: the base's MLP shape
         for k in range(layers):
             for proj in MLP_PROJ:
                 name = f"model.layers.{k}.mlp.{proj}_proj.weight"
@@ -474,7 +486,7 @@ def _check_mlps(r: MoERecipe, models, layers: int, hidden: int) -> Dict[str, int
                 if got != want or not idx.tensors[name].dtype.is_floating_point:
                     raise MergeError(f"{at}: expert {e.source_model}'s {name} is "
                                      f"{list(got) if got else 'missing'}, not {list(want)}; an expert must be a "
-                                     "model of the base's shape (a fine-tune of it)")
+                                     "float model of the base's shape (a fine-tune of it)")
         group = "shared" if g == "shared_experts" else "experts"
         if sizes.setdefault(group, inter) != inter:
             raise MergeError(f"{at}: expert {e.source_model}'s MLP has {inter} intermediate units, the first "
@@ -626,11 +638,24 @@ def describe(p: MoEPlan) -> str:
 
 def load_tokenizer(p: MoEPlan):
     """The base's tokenizer (mergekit tokenizes the router prompts with it), loaded with transformers' own
-    classes after its files were checked."""
+    classes after its files were checked; every prompt is tokenized once here, so that a prompt too long or
+    empty is refused before any work."""
     from mergesmith.io.index import model_folder
+    from mergesmith.routers import encode
     from mergesmith.vocab import _load_tokenizer
 
-    return _load_tokenizer(model_folder(p.base), p.recipe.config.base_model)
+    tok = _load_tokenizer(model_folder(p.base), p.recipe.config.base_model)
+    for g, i, e in _all_experts(p.recipe.config):
+        for key in PROMPT_KEYS:
+            for j, item in enumerate(getattr(e, key) or []):
+                n = len(encode(tok, item, f"{p.recipe.at(g, i, key, j)}: prompt {j + 1} of {g}[{i}].{key}")[0])
+                if n > MAX_PROMPT_TOKENS:
+                    raise MergeError(f"{p.recipe.at(g, i, key, j)}: prompt {j + 1} of {g}[{i}].{key} is {n} tokens; "
+                                     f"router prompts are short texts (at most {MAX_PROMPT_TOKENS} tokens): split it")
+    return tok
+
+
+MAX_PROMPT_TOKENS = 2048  # attention over a prompt holds tokens^2 scores per head: bounded here
 
 
 def _moe_layers(p: MoEPlan, shared_gates: Optional[torch.Tensor]):
@@ -673,7 +698,7 @@ def compute_routers(p: MoEPlan, stack) -> Tuple[torch.Tensor, Optional[torch.Ten
     from mergesmith import routers
 
     c = p.recipe.config
-    tok = load_tokenizer(p) if (c.gate_mode in PROMPT_MODES or p.calibrate) else None
+    tok = p.tokenizer
     gated = list(c.experts) + (list(c.shared_experts) if p.gated_shared else [])
     gates = _mergekit_gates(p, stack, tok, gated)
     shared = gates[:, len(c.experts):] if p.gated_shared else None
@@ -703,7 +728,7 @@ def routing_report(p: MoEPlan, stack, routers_: torch.Tensor, shared: Optional[t
 
     c = p.recipe.config
     held = all(e.eval_prompts for e in c.experts)
-    seqs, labels, positions = _labelled(load_tokenizer(p), [(e.eval_prompts if held else e.positive_prompts)
+    seqs, labels, positions = _labelled(p.tokenizer, [(e.eval_prompts if held else e.positive_prompts)
                                                             for e in c.experts])
     got = routers.routing_report(stack, _moe_layers(p, shared), routers_, seqs, labels, positions)
     experts = [{"expert": e, "model": ex.source_model, "tokens": got["tokens"][e], "top1_share": got["overall"][e],
@@ -919,12 +944,23 @@ REPORT = "routing_report.json"
 OTHER_BYTES = 1 << 20  # config, card, recipe copy and report: far below this
 
 
-def _prepare(p: MoEPlan, recipe: str, tokenizer: bool) -> None:
-    """Before any work: the tokenizer files the output takes, and the chat template."""
+def _prepare(p: MoEPlan, recipe: str, tokenizer: bool, report: bool) -> bool:
+    """Before any work: the base's tokenizer and the prompts, the tokenizer files the output takes, and the chat
+    template. Returns whether there will be a routing report."""
     from mergesmith.chat_templates import choose_template
     from mergesmith.io.index import model_folder
     from mergesmith.vocab import check_tokenizer_files
 
+    c = p.recipe.config
+    report = report and all(e.eval_prompts or e.positive_prompts for e in c.experts)
+    if c.gate_mode in PROMPT_MODES or p.calibrate:
+        p.tokenizer = load_tokenizer(p)
+    elif report:
+        try:
+            p.tokenizer = load_tokenizer(p)
+        except MergeError as e:
+            warn(f"no routing report: {e}")
+            report = False
     ref = _tokenizer_ref(p)
     if tokenizer:
         check_tokenizer_files(model_folder(p.models[ref]), ref)
@@ -932,6 +968,7 @@ def _prepare(p: MoEPlan, recipe: str, tokenizer: bool) -> None:
     if spec and tokenizer:
         p.template = choose_template(spec, [model_folder(m) for m in p.models.values()], model_folder(p.base),
                                      Path(recipe).resolve().parent, p.recipe.at("chat_template"))
+    return report
 
 
 def _fresh(p: MoEPlan, partial: Path) -> None:
@@ -957,7 +994,8 @@ class Built:
 def build_moe(recipe: str, out_dir: str, *, device: str = "cpu", seed: Optional[int] = None,
               calibrate: bool = False, allow_all_same: bool = False, out_shard_size: str = "5GB",
               overwrite: bool = False, restart: bool = False, quiet: bool = False, copy_tokenizer: bool = True,
-              write_model_card: bool = True, strict: bool = False, report: bool = True) -> Built:
+              write_model_card: bool = True, strict: bool = False, report: bool = True,
+              dtype: Optional[str] = None) -> Built:
     """The whole `mergesmith moe`: validate, compute the routers, stream the tensors into OUT_DIR.partial/ and put
     the finished folder in place (what may be replaced, and the lock: mergesmith.outdir). An interrupted build is
     continued by the same command; `restart` starts over."""
@@ -971,12 +1009,16 @@ def build_moe(recipe: str, out_dir: str, *, device: str = "cpu", seed: Optional[
     dev = pick_device(device)
     shard = parse_size(out_shard_size)
     r = load_moe(recipe, strict)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise MergeError(f"--dtype {dtype!r} is not a dtype; use bfloat16, float16 or float32")
+        r.config.dtype = dtype
     head = None if restart else outdir.resume_header(outdir.partial_of(out))
     if seed is None and head is not None:
         seed = head.get("seed")
     p = make_moe_plan(r, Path(recipe).resolve().parent, seed=seed, calibrate=calibrate,
                       allow_all_same=allow_all_same, shard_size=shard)
-    _prepare(p, recipe, copy_tokenizer)
+    report = _prepare(p, recipe, copy_tokenizer, report)
     for n in p.notes:
         warn(n)
     inputs = [("the recipe", Path(recipe))] + [it for ref, idx in p.models.items()
@@ -990,15 +1032,10 @@ def build_moe(recipe: str, out_dir: str, *, device: str = "cpu", seed: Optional[
         if not resume:
             _fresh(p, partial)
         done = _write_tensors(p, partial, routers_, shared, resume, quiet, strict)
-        rep = routing_report(p, stack, routers_, shared) if report and _can_report(p) else None
+        rep = routing_report(p, stack, routers_, shared) if report else None
         write_folder(p, partial, copy_tokenizer, write_model_card, rep)
         verify_weights(partial, {t.name: (t.dtype, t.shape) for t in p.tensors})
         outdir.finish(partial, out)
     if done:
         log.info(f"resumed {partial}: {done} of {len(p.tensors)} tensors were already done")
     return Built(p, rep, done, time.monotonic() - t0)
-
-
-def _can_report(p: MoEPlan) -> bool:
-    """A report needs prompts for every routed expert and a tokenizer to read them."""
-    return all(e.eval_prompts or e.positive_prompts for e in p.recipe.config.experts)

@@ -66,18 +66,7 @@ def make_batches(seqs: Sequence[Sequence[int]], pad: int = 0) -> List[Batch]:
     return batches
 
 
-def prompt_ids(tok, prompts: Sequence[str]) -> List[List[int]]:
-    """mergekit's tokenization of router prompts: the tokenizer's BOS text, then the prompt, no other special
-    tokens."""
-    bos = tok.bos_token or ""
-    out = [tok(bos + p, add_special_tokens=False)["input_ids"] for p in prompts]
-    for p, ids in zip(prompts, out):
-        if not ids:
-            raise MergeError(f"the prompt {p!r} is empty after tokenization; give it some text")
-    return out
-
-
-def encode(tok, item) -> Tuple[List[int], List[int]]:
+def encode(tok, item, what: str = "a prompt") -> Tuple[List[int], List[int]]:
     """(token ids, the positions that belong to the expert) of a prompt. Text: mergekit's tokenization, every
     position. A chat exchange (an object with .prompt and .answer): the user turn in the tokenizer's chat template
     (as `mergesmith eval` asks), then the answer and the end-of-turn token; the positions that predict the answer's
@@ -85,14 +74,15 @@ def encode(tok, item) -> Tuple[List[int], List[int]]:
     from mergesmith.evaluate import _prompt_ids
 
     if isinstance(item, str):
-        ids = prompt_ids(tok, [item])[0]
+        ids = tok((tok.bos_token or "") + item, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise MergeError(f"{what} is empty after tokenization; give it some text")
         return ids, list(range(len(ids)))
     head = _prompt_ids(tok, item.prompt)
-    ids = head + tok(item.answer, add_special_tokens=False)["input_ids"]
-    ids += [tok.eos_token_id] if tok.eos_token_id is not None else []
-    if not head or len(ids) == len(head):
-        raise MergeError(f"the chat prompt {item.prompt!r} or its answer {item.answer!r} is empty after "
-                         "tokenization; give both some text")
+    answer = tok(item.answer, add_special_tokens=False)["input_ids"]
+    if not head or not answer:
+        raise MergeError(f"{what}: its prompt or answer is empty after tokenization; give both some text")
+    ids = head + answer + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
     return ids, list(range(len(head) - 1, len(ids) - 1))
 
 
