@@ -192,15 +192,39 @@ def test_random_and_cheap_embed_gates_follow_mergekit(tmp_path, mistral):
         bf16_close(got, want)
 
 
+EVALS = {0: ["hello fun world"], 1: ["the lazy fox jumps"], 2: ["merging world fox"]}
+
+
+def report_is_what_transformers_routes(folder: Path, n: int) -> None:
+    """routing_report.json's top-1 shares per expert and layer are those of the router logits of the output
+    loaded by transformers, on the eval prompts (BOS text + prompt)."""
+    from transformers import AutoTokenizer
+
+    rep = json.loads((folder / "routing_report.json").read_text())
+    assert rep["measured_on"] == "eval_prompts"
+    model, _ = load(folder)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    for e in range(n):
+        ids = tok(tok.bos_token + EVALS[e][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=ids, output_router_logits=True).router_logits
+        shares = [float((lg.argmax(-1) == e).float().mean()) for lg in logits]
+        assert rep["experts"][e]["tokens"] == ids.shape[1]
+        assert rep["experts"][e]["top1_share_by_layer"] == pytest.approx(shares, abs=1e-9)
+
+
 def test_qwen2_moe_with_a_shared_expert_and_llama_to_qwen_moe(tmp_path):
     from transformers import AutoTokenizer
 
     for kind in ("qwen2", "llama"):
         base, f1, f2, sh = save_family(tmp_path / kind, kind)
-        r = write_recipe(tmp_path / f"{kind}.yml", base, [expert(f1, 0), expert(f2, 1)],
+        r = write_recipe(tmp_path / f"{kind}.yml", base, [expert(f1, 0, eval_prompts=EVALS[0]),
+                                                          expert(f2, 1, eval_prompts=EVALS[1])],
                          shared_experts=[expert(sh, 2)], experts_per_token=1)
         out = tmp_path / f"{kind}-moe"
-        assert cli("moe", r, out, "--quiet", "--no-report") == 0
+        assert cli("moe", r, out, "--quiet", *(["--calibrate"] if kind == "qwen2" else ["--no-report"])) == 0
+        if kind == "qwen2":  # the mixture with its gated shared expert, as transformers computes it
+            report_is_what_transformers_routes(out, 2)
         model, info = load(out)
         assert type(model).__name__ == "Qwen2MoeForCausalLM"
         assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -236,26 +260,13 @@ def test_qwen3_moe(tmp_path):
 
 def test_calibrated_routers_and_the_report_agree_with_transformers(tmp_path, mistral):
     """--calibrate fits the routers on the positive prompts; the routing report (top-1 share per expert and
-    layer) is what the output model, loaded by transformers, actually routes."""
-    from transformers import AutoTokenizer
-
+    layer) is what the output model, loaded by transformers, actually routes (two experts per token)."""
     base, f1, f2, f3 = mistral
-    evals = {0: ["hello fun world"], 1: ["the lazy fox jumps"], 2: ["merging world fox"]}
-    experts = [expert(f, i, eval_prompts=evals[i]) for i, f in enumerate((f1, f2, f3))]
-    r = write_recipe(tmp_path / "cal.yml", base, experts, experts_per_token=1)
+    experts = [expert(f, i, eval_prompts=EVALS[i]) for i, f in enumerate((f1, f2, f3))]
+    r = write_recipe(tmp_path / "cal.yml", base, experts, experts_per_token=2)
     assert cli("moe", r, tmp_path / "out", "--quiet", "--calibrate") == 0
-    rep = json.loads((tmp_path / "out" / "routing_report.json").read_text())
-    assert rep["router"] == "calibrated" and rep["measured_on"] == "eval_prompts"
-    model, _ = load(tmp_path / "out")
-    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
-    for e in range(3):
-        ids = tok(tok.bos_token + evals[e][0], add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=ids, output_router_logits=True).router_logits
-        shares = [float((lg.argmax(-1) == e).float().mean()) for lg in logits]
-        entry = rep["experts"][e]
-        assert entry["tokens"] == ids.shape[1]
-        assert entry["top1_share_by_layer"] == pytest.approx(shares, abs=1e-9)
+    assert json.loads((tmp_path / "out" / "routing_report.json").read_text())["router"] == "calibrated"
+    report_is_what_transformers_routes(tmp_path / "out", 3)
     assert "calibrate: true" in (tmp_path / "out" / "mergesmith_config.yml").read_text()
 
 
@@ -275,6 +286,7 @@ def test_run_on_the_recipe_copy_rebuilds_the_same_bytes(tmp_path, mixtral):
     (lambda d: d["experts"][0].update(negative_prompts="a lone string"), "must be a list of prompts"),
     (lambda d: d["experts"][0]["positive_prompts"].append({"prompt": "hi"}), "whose answer is not text"),
     (lambda d: d.update(experts_per_token=4), "experts_per_token 4 must lie in [1, 3]"),
+    (lambda d: d.update(experts_per_token=True), "experts_per_token is true, not a number"),
     (lambda d: d.update(architecture="deepseek"), "DeepSeek MoE output needs"),
     (lambda d: d.update(architecture="qwen3"), "Qwen3 MoE is built from qwen3 models"),
     (lambda d: d["experts"][2].update(source_model=d["experts"][0]["source_model"]) or

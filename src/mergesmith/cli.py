@@ -344,7 +344,8 @@ def eval_cmd(models, tasks, text, as_json, verbose):
 @cli.command("demo")
 @click.option("--out", "out_dir", default="out/demo", show_default=True, type=click.Path(),
               help="Where the merged folders go.")
-@click.option("--compare", is_flag=True, help="Also merge with linear, task_arithmetic, ties, dare_linear, della.")
+@click.option("--compare", is_flag=True, help="Also merge with linear, task_arithmetic, ties, dare_linear, della, "
+              "and build a mixture of the experts (docs/moe.md).")
 @click.option("--all-methods", "all_methods", is_flag=True,
               help="Merge with every method: the --compare set plus the example recipe of each other method "
                    "(examples/methods/).")

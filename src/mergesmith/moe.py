@@ -189,6 +189,18 @@ def _check_prompt_lists(data: Dict[str, Any], loc) -> None:
                                          "{prompt: ..., answer: ...})")
 
 
+def _check_numbers(data: Dict[str, Any], loc) -> None:
+    """true/false is no number (the schema would read it as 1 or 0)."""
+    found = [(("experts_per_token",), data.get("experts_per_token"))]
+    for group in ("experts", "shared_experts"):
+        items = data.get(group)
+        found += [((group, e, k), ex.get(k)) for e, ex in enumerate(items if isinstance(items, list) else [])
+                  if isinstance(ex, dict) for k in ("noise_scale", "residual_scale")]
+    for path, v in found:
+        if isinstance(v, bool):
+            raise MergeError(f"{loc(path)}: {'.'.join(map(str, path))} is {str(v).lower()}, not a number")
+
+
 def parse_moe(text: str, source: str = "<recipe>", strict: bool = False) -> MoERecipe:
     """Parse and validate a mixture-of-experts recipe's text. Raises MergeError naming the line of a problem."""
     data, lines, notes = _load_yaml(text, source)
@@ -206,6 +218,7 @@ def parse_moe(text: str, source: str = "<recipe>", strict: bool = False) -> MoER
         raise MergeError(f"{loc(('experts',))}: the recipe has no experts; list them under 'experts:' (each with "
                          "source_model: and positive_prompts:)")
     _check_prompt_lists(clean, loc)
+    _check_numbers(clean, loc)
     try:
         config = MoEConfig.model_validate(clean)
     except ValidationError as e:
@@ -620,6 +633,14 @@ def make_moe_plan(r: MoERecipe, recipe_dir: Optional[Path], *, seed: Optional[in
                    gated_shared=fam.shared, notes=notes)
 
 
+def plan_text(recipe: str, strict: bool = False, calibrate: bool = False, allow_all_same: bool = False) -> str:
+    """What `mergesmith moe RECIPE` would build, after every check that comes before work (for `mergesmith plan`)."""
+    r = load_moe(recipe, strict)
+    p = make_moe_plan(r, Path(recipe).resolve().parent, calibrate=calibrate, allow_all_same=allow_all_same)
+    _prepare(p, recipe, tokenizer=True, report=False)
+    return describe(p)
+
+
 def describe(p: MoEPlan) -> str:
     c = p.recipe.config
     gate = "calibrated (logistic regression on the positive prompts)" if p.calibrate else c.gate_mode
@@ -699,12 +720,12 @@ def compute_routers(p: MoEPlan, stack) -> Tuple[torch.Tensor, Optional[torch.Ten
 
     c = p.recipe.config
     tok = p.tokenizer
-    gated = list(c.experts) + (list(c.shared_experts) if p.gated_shared else [])
-    gates = _mergekit_gates(p, stack, tok, gated)
-    shared = gates[:, len(c.experts):] if p.gated_shared else None
-    if not p.calibrate:
+    shared_defs = list(c.shared_experts) if p.gated_shared else []
+    if not p.calibrate:  # mergekit: one computation for the experts and the gated shared expert
+        gates = _mergekit_gates(p, stack, tok, list(c.experts) + shared_defs)
         warn_degenerate(gates[:, :len(c.experts)])
-        return gates[:, :len(c.experts)], shared
+        return gates[:, :len(c.experts)], (gates[:, len(c.experts):] if shared_defs else None)
+    shared = _mergekit_gates(p, stack, tok, shared_defs) if shared_defs else None  # the shared gate by gate_mode
     seqs, labels, positions = _labelled(tok, [e.positive_prompts for e in c.experts])
     return routers.calibrated_gates(stack, _moe_layers(p, shared), seqs, labels, positions), shared
 
@@ -1024,15 +1045,17 @@ def build_moe(recipe: str, out_dir: str, *, device: str = "cpu", seed: Optional[
     inputs = [("the recipe", Path(recipe))] + [it for ref, idx in p.models.items()
                                                for it in outdir.model_inputs(f"model {ref}", idx)]
     with outdir.claim(out, inputs, overwrite, f"mergesmith moe {recipe} {out_dir}") as partial:
-        from mergesmith.routers import Stack
+        from mergesmith.routers import SMALL_HIDDEN, Stack, one_thread
 
         stack = Stack(p.base, dev)
-        routers_, shared = compute_routers(p, stack)
+        with one_thread(p.hidden < SMALL_HIDDEN):
+            routers_, shared = compute_routers(p, stack)
         resume = not restart and _continues(p, partial)
         if not resume:
             _fresh(p, partial)
         done = _write_tensors(p, partial, routers_, shared, resume, quiet, strict)
-        rep = routing_report(p, stack, routers_, shared) if report else None
+        with one_thread(p.hidden < SMALL_HIDDEN):
+            rep = routing_report(p, stack, routers_, shared) if report else None
         write_folder(p, partial, copy_tokenizer, write_model_card, rep)
         verify_weights(partial, {t.name: (t.dtype, t.shape) for t in p.tensors})
         outdir.finish(partial, out)

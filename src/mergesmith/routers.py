@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +27,22 @@ from mergesmith.errors import MergeError
 
 BATCH_TOKENS = 4096  # padded tokens per batch: bounds the activations held per layer call
 BATCH_SEQS = 32
+
+
+SMALL_HIDDEN = 1024  # models this narrow run their router prompts on one thread (one_thread)
+
+
+@contextmanager
+def one_thread(small: bool) -> Iterator[None]:
+    """torch on one thread while `small`: operations this small cost more in hand-offs between threads than they
+    save (the tiny family's calibration: 12 s on one thread, 26 s on two, on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ token batches
@@ -209,7 +226,9 @@ def walk(stack: Stack, batches: Sequence[Batch], visit: Visit, layers: Optional[
         mlp = visit(i, h, list(xs))
         if mlp is None:
             return
-        h = [m + mlp(x) for m, x in zip(mids, xs)]
+        # every batch's tokens through the MLP at once: each expert's weights are upcast once per layer
+        out = mlp(torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]))
+        h = [m + o.view_as(m) for m, o in zip(mids, out.split([x.shape[0] * x.shape[1] for x in xs]))]
 
 
 # ------------------------------------------------------------------------------------------------ the mixture
@@ -345,6 +364,7 @@ def hidden_gates(stack: Stack, sets: PromptSets, average: bool) -> torch.Tensor:
 
 CALIBRATION_STEPS = 200
 CALIBRATION_L2 = 1e-4
+SMALL_FIT = 1 << 24  # tokens x hidden x experts below which the fit runs on one thread
 
 
 def fit_router(x: torch.Tensor, y: torch.Tensor, n: int, steps: Optional[int] = None,
@@ -356,21 +376,20 @@ def fit_router(x: torch.Tensor, y: torch.Tensor, n: int, steps: Optional[int] = 
     l2 = CALIBRATION_L2 if l2 is None else l2
     x64, y = x.double().cpu(), y.cpu()
     counts = torch.bincount(y, minlength=n).double()
-    weight = (1.0 / counts.clamp(min=1))[y] / (counts > 0).sum()
-    rows = torch.arange(len(y))
+    weight = ((1.0 / counts.clamp(min=1))[y] / (counts > 0).sum())[:, None]
+    target = torch.nn.functional.one_hot(y, n).double() * weight  # each row: its label, weighted
     w = torch.zeros(n, x64.shape[1], dtype=torch.float64)
     opt = torch.optim.LBFGS([w], lr=1, max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def loss_fn():  # the loss and its gradient, (softmax - one-hot)^T x, without autograd
         logp = torch.log_softmax(x64 @ w.T, dim=-1)
-        loss = -(weight * logp[rows, y]).sum() + 0.5 * l2 * (w * w).sum()
-        g = logp.exp()
-        g[rows, y] -= 1
-        w.grad = (g * weight[:, None]).T @ x64 + l2 * w
+        loss = -(target * logp).sum() + 0.5 * l2 * (w * w).sum()
+        w.grad = (logp.exp() * weight - target).T @ x64 + l2 * w
         return loss
 
-    opt.step(loss_fn)
+    with one_thread(x64.numel() * n < SMALL_FIT):
+        opt.step(loss_fn)
     return w
 
 
