@@ -153,9 +153,16 @@ def run_cmd(recipe, out_dir, verbose, quiet, **options):
     """Merge the models of RECIPE into the Hugging Face model folder OUT_DIR. A multi-stage RECIPE (several YAML
     documents, as mergekit-multi takes) merges every stage, the output stage into OUT_DIR."""
     from mergesmith.api import MergeOptions, merge
+    from mergesmith.moe import is_moe_recipe
 
+    kw = _merge_options(options)
+    if is_moe_recipe(recipe):  # a mergekit-moe recipe (experts:, no merge_method:)
+        return _moe(recipe, out_dir, device=kw["device"], seed=kw["seed"], out_shard_size=kw["out_shard_size"],
+                    overwrite=kw["overwrite"], restart=kw["restart"], quiet=quiet,
+                    copy_tokenizer=kw["copy_tokenizer"], write_model_card=kw["write_model_card"],
+                    strict=kw["strict"], dtype=kw["out_dtype"] or kw["dtype"])
     # the options' names are the flags' names (MergeOptions)
-    o = MergeOptions(progress=not quiet, tune_allocator=True, **_merge_options(options))
+    o = MergeOptions(progress=not quiet, tune_allocator=True, **kw)
     res = merge(Path(recipe), out_dir, o)
     if not quiet:
         click.echo(f"wrote {out_dir}: {res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB in "
@@ -282,7 +289,8 @@ def eval_cmd(models, tasks, text, as_json, verbose):
 @cli.command("demo")
 @click.option("--out", "out_dir", default="out/demo", show_default=True, type=click.Path(),
               help="Where the merged folders go.")
-@click.option("--compare", is_flag=True, help="Also merge with linear, task_arithmetic, ties, dare_linear, della.")
+@click.option("--compare", is_flag=True, help="Also merge with linear, task_arithmetic, ties, dare_linear, della, "
+              "and build a mixture of the experts (docs/moe.md).")
 @click.option("--all-methods", "all_methods", is_flag=True,
               help="Merge with every method: the --compare set plus the example recipe of each other method "
                    "(examples/methods/).")
@@ -374,6 +382,59 @@ def extract_lora_cmd(out_dir, out_path, model, base, rank, energy, sv_epsilon, e
         warn(f"{len(res.left_out)} tensor(s) differ but the adapter does not hold them (filtered out, skipped, or "
              f"a bias of a LoRA module; --save-module keeps a module whole): {', '.join(res.left_out[:4])}"
              f"{' ...' if len(res.left_out) > 4 else ''}")
+
+
+def _moe(recipe: str, out_dir: str, **kw) -> None:
+    from mergesmith.moe import build_moe, format_report
+
+    b = build_moe(recipe, out_dir, **kw)
+    p = b.plan
+    if b.report is not None and not kw.get("quiet"):
+        click.echo(format_report(b.report), err=True)
+    if not kw.get("quiet"):
+        click.echo(f"wrote {out_dir}: {p.family.name} of {len(p.recipe.config.experts)} experts, {len(p.tensors)} "
+                   f"tensors, {p.bytes_written / 1e6:.1f} MB in {len(p.layout.files)} file(s), {b.seconds:.1f} s; "
+                   f"seed {p.seed}", err=True)
+
+
+@cli.command("moe")
+@click.argument("recipe", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--calibrate", is_flag=True,
+              help="Fit each layer's router on the positive prompts (logistic regression) instead of mergekit's "
+                   "mean vectors.")
+@click.option("--i-understand-this-is-not-useful-without-training", "allow_all_same", is_flag=True,
+              help="Build even when every expert is the same model (for training afterwards).")
+@click.option("--load-in-4bit", is_flag=True, help="Accepted for mergekit-moe compatibility (see the warning).")
+@click.option("--load-in-8bit", is_flag=True, help="Accepted for mergekit-moe compatibility (see the warning).")
+@click.option("--device", default="cpu", show_default=True, help="Where the router prompts run: cpu, cuda or auto.")
+@click.option("--cuda", is_flag=True, help="Same as --device cuda.")
+@click.option("--seed", "--random-seed", "seed", type=int, default=None,
+              help="Seed for random gates and expert noise; chosen and recorded when omitted.")
+@click.option("--out-shard-size", default="5GB", show_default=True, help="Maximum bytes per output shard.")
+@click.option("--overwrite", is_flag=True, help="Replace an OUT_DIR that mergesmith wrote (never another folder).")
+@click.option("--restart", is_flag=True, help="Discard an interrupted build's OUT_DIR.partial/ instead of resuming.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or report.")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True)
+@click.option("--write-model-card/--no-write-model-card", default=True, show_default=True)
+@click.option("--no-report", is_flag=True, help="Skip the routing report (routing_report.json).")
+@click.option("--strict", is_flag=True, help="Refuse unknown recipe keys and NaN/Inf inputs instead of warning.")
+@click.option("--lazy-unpickle", is_flag=True, hidden=True, help="Accepted for mergekit compatibility (no-op).")
+@click.option("--transformers-cache", default=None, hidden=True)
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug logging.")
+def moe_cmd(recipe, out_dir, calibrate, allow_all_same, load_in_4bit, load_in_8bit, device, cuda, seed,
+            out_shard_size, overwrite, restart, quiet, copy_tokenizer, write_model_card, no_report, strict,
+            lazy_unpickle, transformers_cache, verbose):
+    """Build a mixture of experts from dense fine-tunes of one base (a mergekit-moe recipe) into OUT_DIR."""
+    from mergesmith.errors import warn
+
+    if load_in_4bit or load_in_8bit:
+        warn("--load-in-4bit/--load-in-8bit: mergesmith runs the router prompts in float32 and writes the "
+             "recipe's dtype; it does not quantize")
+    _moe(recipe, out_dir, device="cuda" if cuda else device, seed=seed, calibrate=calibrate,
+         allow_all_same=allow_all_same, out_shard_size=out_shard_size, overwrite=overwrite, restart=restart,
+         quiet=quiet, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, strict=strict,
+         report=not no_report)
 
 
 def entry() -> None:

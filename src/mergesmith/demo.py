@@ -78,6 +78,8 @@ def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = 
             merge(recipe, out_dir / m, MergeOptions(seed=seed, progress=False, overwrite=True))
             times[m] = time.monotonic() - t0
             merges.append((m, out_dir / m))
+        if compare:
+            times["moe"] = moe_row(out_dir, seed, merges)
     finally:
         log.setLevel(level)
     names = ["base", *SKILLS] + [m for m, _ in merges]
@@ -90,5 +92,48 @@ def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = 
         rec = recovered(by[m], by["base"], experts)
         by[m]["recovered"] = rec
         extra[m] = {"recovered": f"{rec:.0%}" if rec is not None else "-", "time": f"{times[m]:.1f} s"}
+    if "moe" in by:
+        by["moe"]["routing"] = routing_accuracy(out_dir / "moe")
+        extra["moe"]["routing"] = "/".join(f"{v:.0%}" for v in by["moe"]["routing"].values())
     return {"models": results, "table": format_table(results, extra)}
 
+
+MOE_PROMPTS = 100  # training chats per skill for the routers
+
+
+def moe_recipe(out: Path, base: Path, seed: int) -> Path:
+    """The MoE of the demo: the three fine-tunes' MLPs as experts, two per token (a little better than one:
+    docs/moe.md), routers calibrated on chats of the training split (the held-out prompts only measure the
+    routing). The attention comes from `base`: the tiny family learned its skills in attention as much as in the
+    MLPs (docs/moe.md)."""
+    import yaml
+
+    from mergesmith.skills import eval_set, training_examples
+
+    experts = [{"source_model": str(tiny_dir() / s),
+                "positive_prompts": [{"prompt": p, "answer": a} for p, a in training_examples(s, MOE_PROMPTS, seed)],
+                "eval_prompts": [{"prompt": p, "answer": a} for p, a in eval_set(s)]} for s in SKILLS]
+    recipe = {"base_model": str(base), "architecture": "mixtral", "dtype": "bfloat16", "experts_per_token": 2,
+              "calibrate": True, "experts": experts}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def moe_row(out_dir: Path, seed: int, merges: List[tuple]) -> float:
+    """Build the demo MoE on the linear merge's attention (built first by --compare); returns the seconds."""
+    from mergesmith.moe import build_moe
+
+    t0 = time.monotonic()
+    recipe = moe_recipe(out_dir / "recipes" / "moe.yml", out_dir / "linear", seed)
+    build_moe(str(recipe), str(out_dir / "moe"), seed=seed, quiet=True, overwrite=True)
+    merges.append(("moe", out_dir / "moe"))
+    return time.monotonic() - t0
+
+
+def routing_accuracy(folder: Path) -> Dict[str, float]:
+    """Per skill, the share of its held-out answer tokens whose top-1 expert is its own (routing_report.json)."""
+    import json
+
+    rep = json.loads((folder / "routing_report.json").read_text(encoding="utf-8"))
+    return {s: e["top1_share"] for s, e in zip(SKILLS, rep["experts"])}

@@ -197,6 +197,13 @@ class Group:
         return self.base or self.sources[0]
 
 
+def model_layers(idx: ModelIndex, where: str = "") -> int:
+    """The layer count of a model with one layer stack (a decoder-only language model), as stack_layers checks it;
+    0 without layers."""
+    an = anatomy(idx.tensors)
+    return stack_layers(idx, an, an.stacks[0].prefix, where) if an.stacks else 0
+
+
 def stack_layers(idx: ModelIndex, an: Anatomy, prefix: Optional[str], where: str = "") -> int:
     """A model's layer count in one stack, from its tensors: every loop over layers is then bounded by what the
     files hold. A config.json that claims more layers than the tensors hold, or layers with no tensors, is refused:

@@ -163,6 +163,16 @@ def _refuse_odd_files(folder: Path) -> None:
             raise MergeError(f"{folder}: {entry.name} is not a regular file (a pipe or device?); remove it")
 
 
+def _as_saved(model, want: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]]
+              ) -> Dict[str, Tuple[int, ...]]:
+    """The tensor names and shapes as transformers saves them, when the folder uses those: some architectures
+    are saved under other names than the model's modules hold (a Mixtral's experts, one tensor per expert)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    saved = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, model.state_dict()).items()}
+    return saved if sum(k in shapes for k in saved) > sum(k in shapes for k in want) else want
+
+
 def _config_shapes(folder: Path, shapes: Dict[str, Tuple[int, ...]]) -> List[str]:
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -170,7 +180,7 @@ def _config_shapes(folder: Path, shapes: Dict[str, Tuple[int, ...]]) -> List[str
         cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
-        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        want = _as_saved(model, {k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes)
     except Exception as e:  # noqa: BLE001 - an architecture transformers does not know: skip this check
         return [f"--  shapes not checked against config.json ({type(e).__name__})"]
     tied = getattr(cfg, "tie_word_embeddings", False)
