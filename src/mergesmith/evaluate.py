@@ -161,9 +161,11 @@ def exact_match(model, tok, tasks: Sequence[Task], batch: int = 64) -> Dict[str,
 
 
 @torch.no_grad()
-def token_accuracy_encoded(model, tok, tasks: Sequence[Encoded], batch: int = 64) -> Dict[str, float]:
-    """token_accuracy on encoded tasks: one teacher-forced forward pass per batch, compared in one go."""
+def teacher_forced(model, tok, tasks: Sequence[Encoded], batch: int = 64) -> Dict[str, Dict[str, float]]:
+    """{skill: {"token_accuracy", "perplexity"}} over the answer tokens (and end-of-turn), given the prompt and the
+    answer so far: one forward pass per batch, compared in one go."""
     right: Dict[str, List[int]] = {}
+    nll: Dict[str, List[float]] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for i in range(0, len(tasks), batch):
         chunk = tasks[i:i + batch]
@@ -172,11 +174,20 @@ def token_accuracy_encoded(model, tok, tasks: Sequence[Encoded], batch: int = 64
         ids = torch.tensor([list(r) + [pad] * (n - len(r)) for r in rows])
         att = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
         # the prediction for position j comes from position j - 1; only answer positions count
-        hit = (model(input_ids=ids, attention_mask=att).logits[:, :-1].argmax(-1) == ids[:, 1:]).tolist()
-        for t, h in zip(chunk, hit):
-            a = len(t.prompt)
-            right.setdefault(t.skill, []).extend(int(x) for x in h[a - 1:a - 1 + len(t.target)])
-    return _mean_by_skill(right)
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+        hit = (logits.argmax(-1) == ids[:, 1:]).tolist()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].tolist()
+        for t, h, p in zip(chunk, hit, lp):
+            a, b = len(t.prompt) - 1, len(t.prompt) - 1 + len(t.target)
+            right.setdefault(t.skill, []).extend(int(x) for x in h[a:b])
+            nll.setdefault(t.skill, []).extend(-x for x in p[a:b])
+    return {s: {"token_accuracy": sum(v) / len(v), "perplexity": math.exp(sum(nll[s]) / len(nll[s]))}
+            for s, v in right.items()}
+
+
+def token_accuracy_encoded(model, tok, tasks: Sequence[Encoded], batch: int = 64) -> Dict[str, float]:
+    """token_accuracy on encoded tasks."""
+    return {s: v["token_accuracy"] for s, v in teacher_forced(model, tok, tasks, batch).items()}
 
 
 def token_accuracy(model, tok, tasks: Sequence[Task], batch: int = 64) -> Dict[str, float]:
