@@ -130,10 +130,10 @@ class Genome:
         slices = []
         for gi in range(self.groups):
             span = [gi * step, (gi + 1) * step]
-            sources = [{"model": m, "layer_range": span, "parameters": self._param(values, (gi, mi))}
+            sources = [{"model": m, "layer_range": list(span), "parameters": self._param(values, (gi, mi))}
                        for mi, m in enumerate(self.models)]
             if self.base_model and self.base_model not in self.models:
-                sources.append({"model": self.base_model, "layer_range": span})
+                sources.append({"model": self.base_model, "layer_range": list(span)})
             slices.append({"sources": sources})
         return slices
 

@@ -20,8 +20,11 @@ class LocalPool:
     workers = 1
 
     def __init__(self, setup: Dict[str, Any]):
+        import torch
+
         from mergesmith.evolve.worker import Scorer
 
+        self.threads = torch.get_num_threads()  # the worker sets its own; this process gets its own back after
         self.scorer = Scorer(setup)
 
     def run(self, jobs: Sequence[Job], on_result: Callable[[Result], None]) -> None:
@@ -29,7 +32,10 @@ class LocalPool:
             on_result(self.scorer.run(j))
 
     def close(self) -> None:
+        import torch
+
         self.scorer = None
+        torch.set_num_threads(self.threads)
 
 
 def ray_module():
@@ -120,8 +126,8 @@ class RayPool:
             shutil.rmtree(self._own_temp, ignore_errors=True)
 
 
-def make_pool(setup: Dict[str, Any], workers: int, address: Optional[str], num_gpus: float = 0):
-    """In-process for one local worker; Ray otherwise."""
+def make_pool(setup: Dict[str, Any], workers: Optional[int], address: Optional[str], num_gpus: float = 0):
+    """In-process for one local worker; Ray otherwise (workers None: one per CPU of the cluster)."""
     if workers == 1 and not address:
         return LocalPool(setup)
-    return RayPool(setup, workers if not address or workers > 1 else None, address, num_gpus)
+    return RayPool(setup, workers, address, num_gpus)

@@ -254,7 +254,8 @@ def write_best(storage: Path, best: Dict[str, Any], seed: int, randomized: bool)
                f"mergekit-yaml best.yml OUT_DIR --random-seed {seed})\n" if randomized else ""))
     path = storage / "best.yml"
     tmp = storage / ".best.yml.tmp"
-    tmp.write_text(head + yaml.safe_dump(best["recipe"], sort_keys=False, default_flow_style=None), encoding="utf-8")
+    recipe = json.loads(json.dumps(best["recipe"]))  # plain data: no YAML anchors for shared lists
+    tmp.write_text(head + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
