@@ -274,3 +274,56 @@ def test_ray_cluster_gives_the_local_journal_even_when_a_worker_dies(config, loc
     assert entries(storage) == entries(local_run)
     workers = {json.loads(x)["worker"] for x in journal.read_text().splitlines()[1:]}
     assert len(workers) >= 2 and "worker died" in err
+
+
+# ------------------------------------------------------------------------------------------- lm-eval
+
+LM_TASK = """task: tiny_sums
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_task_runs_on_the_in_memory_model(tmp_path, monkeypatch, capsys):
+    """A local lm-eval task (a task YAML and a JSONL made here) scores the worker's in-memory model as lm-eval scores
+    the model folder itself; a misspelt task is refused before any worker starts. Skips without lm-eval (the
+    `evolve` extra)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from mergesmith.evolve.worker import Scorer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    docs = [{"question": f"What is {a} + {b}?", "choices": [f"{a} + {b} makes {a + b}", f"{a} + {b} makes {a + b + 3}"],
+             "gold": 0} for a, b in ((1, 2), (3, 4), (5, 2), (6, 1), (2, 2), (7, 1))]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "tiny_sums.yaml").write_text(LM_TASK.format(data=data))
+    spec = {"name": "tiny_sums", "kind": "lm_eval", "weight": 1.0, "metric": "acc,none",
+            "lm_eval": {"task": "tiny_sums", "include_path": [str(tasks_dir)], "limit": None, "num_fewshot": None,
+                        "apply_chat_template": False, "fewshot_as_multiturn": False, "seed": 0}}
+    scorer = Scorer({"skeleton": str(TINY / "base"), "tasks": [spec], "seed": 0, "threads": 1})
+    mine = scorer.run({"index": 0, "model": str(TINY / "addition")})
+    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={TINY / 'addition'},dtype=float32,device=cpu",
+                                  tasks=["tiny_sums"], task_manager=TaskManager(include_path=str(tasks_dir)),
+                                  log_samples=False, bootstrap_iters=0)
+    assert mine["scores"]["tiny_sums"]["acc,none"] == ref["results"]["tiny_sums"]["acc,none"]
+    assert mine["score"] == ref["results"]["tiny_sums"]["acc,none"]
+    capsys.readouterr()
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(config_text(tasks=[{"name": "tiny_sumz", "metric": "acc,none"}]))
+    code = run_cli(["evolve", cfg, "--storage", tmp_path / "st", "--workers", "1", "--task-search-path", tasks_dir])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "did you mean 'tiny_sums'" in err[0]

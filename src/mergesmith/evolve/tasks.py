@@ -96,7 +96,7 @@ def check_lm_eval(names: Sequence[str], search_path: Sequence[str], config: Evol
 def _task_manager(search_path: Sequence[str]):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(verbosity="ERROR", include_path=list(search_path) or None)
+    return TaskManager(include_path=list(search_path) or None)
 
 
 def fitness(specs: Sequence[Dict[str, Any]], scores: Dict[str, Dict[str, float]]) -> float:
