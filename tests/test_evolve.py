@@ -75,7 +75,7 @@ def local_run(config, tmp_path_factory):
 def test_batched_scoring_matches_one_prompt_at_a_time():
     """Left-padded batched greedy decoding with a KV cache gives each prompt the tokens transformers' own generate
     gives it alone; batched teacher-forced accuracy is the one-by-one accuracy."""
-    from mergesmith.evaluate import Task, encode, exact_match, greedy, load, token_accuracy
+    from mergesmith.evaluate import Task, encode, exact_match, greedy, load, teacher_forced, token_accuracy
     from mergesmith.skills import eval_set
 
     model, tok = load(TINY / "reverse")
@@ -89,6 +89,9 @@ def test_batched_scoring_matches_one_prompt_at_a_time():
             alone = alone[:alone.index(tok.eos_token_id)]
         assert row == alone
     assert exact_match(model, tok, tasks, batch=9) == exact_match(model, tok, tasks, batch=1)
+    padded, alone = teacher_forced(model, tok, enc, batch=9), teacher_forced(model, tok, enc, batch=1)
+    for skill, v in alone.items():  # perplexity moves with any change of what a prompt attends to
+        assert padded[skill]["perplexity"] == pytest.approx(v["perplexity"], rel=1e-5)
     assert token_accuracy(model, tok, tasks, batch=9) == token_accuracy(model, tok, tasks, batch=1)
     assert exact_match(model, tok, tasks)["reverse"] == 1.0  # the expert does its skill
 
