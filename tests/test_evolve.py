@@ -200,7 +200,7 @@ def test_search_journal_best_yml_and_rerun(local_run, tmp_path):
     assert (local_run / "scores.svg").read_text().startswith("<svg")
 
 
-def test_killed_search_resumes_without_scoring_twice(config, local_run, tmp_path):
+def test_killed_search_resumes_without_scoring_twice(config, local_run, tmp_path, monkeypatch):
     storage = tmp_path / "st"
     cmd = [sys.executable, "-m", "mergesmith", "evolve", str(config), "--storage", str(storage), "--workers", "1",
            *ARGS]
@@ -215,7 +215,12 @@ def test_killed_search_resumes_without_scoring_twice(config, local_run, tmp_path
     p.wait()
     done = len(journal.read_text().splitlines()) - 1
     assert 3 <= done < 8, "the search was not interrupted mid-way"
+    from mergesmith.evolve.worker import Scorer
+
+    scored, run = [], Scorer.run
+    monkeypatch.setattr(Scorer, "run", lambda self, job: scored.append(job["index"]) or run(self, job))
     assert run_cli(["evolve", config, "--storage", storage, "--workers", "1", *ARGS]) == 0
+    assert [i for i in scored if isinstance(i, int)] == list(range(done, 8))  # only what the journal lacked
     assert entries(storage) == entries(local_run)  # each index once, the same candidates and scores
     assert (storage / "best.yml").read_text() == (local_run / "best.yml").read_text()
 
