@@ -20,8 +20,10 @@ def refuse_unsupported(vllm: bool, load_in_8bit: bool, load_in_4bit: bool, trust
     for on, flag, why in ((vllm, "--vllm", "candidates are scored with transformers on the in-memory model"),
                           (load_in_8bit or load_in_4bit, "--load-in-8bit/--load-in-4bit",
                            "candidates are scored at the merge's precision"),
-                          (trust_remote_code, "--trust-remote-code", "mergesmith never runs code that came with a model"),
-                          (use_wandb, "--wandb", "the journal (STORAGE/journal.jsonl) and report.json hold every score")):
+                          (trust_remote_code, "--trust-remote-code",
+                           "mergesmith never runs code that came with a model"),
+                          (use_wandb, "--wandb",
+                           "the journal (STORAGE/journal.jsonl) and report.json hold every score")):
         if on:
             raise MergeError(f"{flag} is not supported: {why}")
 

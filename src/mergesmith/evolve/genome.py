@@ -86,7 +86,8 @@ class Genome:
                 v = np.clip(np.abs(v), 0.0, 1.0)
                 if self.epsilon is not None and self.epsilon < 0.5:
                     # della keeps each element with probability density +- epsilon, which must stay in (0, 1)
-                    v = np.where(v >= 1.0, 1.0, np.clip(v, self.epsilon + DELLA_MARGIN, 1 - self.epsilon - DELLA_MARGIN))
+                    lo, hi = self.epsilon + DELLA_MARGIN, 1 - self.epsilon - DELLA_MARGIN
+                    v = np.where(v >= 1.0, 1.0, np.clip(v, lo, hi))
             elif not self.allow_negative_weights:
                 v = np.abs(v)
             out[p] = v

@@ -8,7 +8,15 @@ its recipe only.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
+
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+
+def task_manager(search_path: Sequence[str]) -> TaskManager:
+    """lm-eval's tasks, with the folders of --task-search-path."""
+    return TaskManager(include_path=list(search_path) or None)
 
 
 def wrap(model, tok, batch: int):
@@ -21,13 +29,9 @@ def wrap(model, tok, batch: int):
 
 def run_task(lm, name: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """lm-eval's results for one task: {"acc,none": ..., ...}."""
-    import lm_eval
-
-    from mergesmith.evolve.tasks import _task_manager
-
     seed = int(cfg.get("seed") or 0)
     res = lm_eval.simple_evaluate(model=lm, tasks=[name], limit=cfg.get("limit"), num_fewshot=cfg.get("num_fewshot"),
-                                  task_manager=_task_manager(cfg.get("include_path") or ()),
+                                  task_manager=task_manager(cfg.get("include_path") or ()),
                                   apply_chat_template=bool(cfg.get("apply_chat_template")) and
                                   bool(getattr(lm.tokenizer, "chat_template", None)),
                                   fewshot_as_multiturn=bool(cfg.get("fewshot_as_multiturn")) and

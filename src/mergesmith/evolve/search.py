@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -293,13 +293,3 @@ def _default_workers(o: EvolveOptions) -> Optional[int]:
         return 1
     return os.cpu_count() or 1
 
-
-def load_journal_best(storage: Path) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """(best entry, entries) of a storage folder's journal, without checking the config (for --merge-best)."""
-    path = Path(storage) / "journal.jsonl"
-    if not path.is_file():
-        raise MergeError(f"{storage} holds no journal; run the search first")
-    entries = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()[1:] if x.strip()]
-    if not entries:
-        raise MergeError(f"{path} holds no scored candidate yet")
-    return max(entries, key=lambda e: (e["score"], -e["index"])), entries

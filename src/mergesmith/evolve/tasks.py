@@ -80,23 +80,17 @@ def task_specs(config: EvolveConfig, seed: int, search_path: Sequence[str] = ())
 def check_lm_eval(names: Sequence[str], search_path: Sequence[str], config: EvolveConfig) -> None:
     """lm-eval is installed and knows every task (a typo is caught before any worker starts)."""
     try:
-        from lm_eval.tasks import TaskManager
+        from mergesmith.evolve.lmeval import task_manager
     except ImportError:
         raise MergeError(f"{config.path}: task {names[0]} is an lm-evaluation-harness task, and lm-eval is not "
                          "installed: pip install 'mergesmith[evolve]' (or name a tiny: or JSONL task)") from None
-    known = set(_task_manager(search_path).all_tasks)
+    known = set(task_manager(search_path).all_tasks)
     for n in names:
         if n not in known:
             from mergesmith.errors import did_you_mean
 
             raise MergeError(f"{config.path}: task {n!r}: neither tiny:SKILL, a task with search: files, nor an "
                              f"lm-eval task{did_you_mean(n, known)}; add its folder with --task-search-path")
-
-
-def _task_manager(search_path: Sequence[str]):
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=list(search_path) or None)
 
 
 def fitness(specs: Sequence[Dict[str, Any]], scores: Dict[str, Dict[str, float]]) -> float:
