@@ -437,6 +437,56 @@ def moe_cmd(recipe, out_dir, calibrate, allow_all_same, load_in_4bit, load_in_8b
          report=not no_report)
 
 
+@cli.command("evolve")
+@click.argument("config", type=click.Path())
+@click.option("--storage", "--storage-path", "storage", required=True, type=click.Path(),
+              help="Folder for the journal, best.yml, report.json and scores.svg (a rerun resumes from it).")
+@click.option("--max-fevals", type=int, default=100, show_default=True, help="Candidates to score.")
+@click.option("--random-seed", type=int, default=0, show_default=True,
+              help="Seeds the search and randomized merge methods: the same seed gives the same journal.")
+@click.option("--sigma0", type=float, default=1 / 6, show_default=True, help="CMA-ES's initial step size.")
+@click.option("--strategy", "-s", type=click.Choice(["cma", "random", "grid", "pool", "buffered", "serial"]),
+              default="cma", show_default=True, help="How candidates are chosen (pool/buffered/serial: cma).")
+@click.option("--grid-levels", type=int, default=3, show_default=True, help="Values per gene for --strategy grid.")
+@click.option("--force-population-size", "popsize", type=int, default=None, help="CMA-ES population size.")
+@click.option("--workers", type=int, default=None,
+              help="Workers (default: this machine's cores, or the cluster's CPUs); 1 without --ray-address: "
+                   "no Ray, this process.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster (ray start --head ...) instead of a local one.")
+@click.option("--num-gpus", type=float, default=0, help="GPUs for the workers, shared among them.")
+@click.option("--device", default="cpu", show_default=True, help="Where workers merge and score: cpu, cuda or auto.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Torch threads per worker.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Prompts per forward pass.")
+@click.option("--timeout", type=float, default=None, help="Stop asking for candidates after this many seconds.")
+@click.option("--task-search-path", multiple=True, help="A folder of lm-eval task YAMLs (repeatable).")
+@click.option("--i-understand-the-depths-of-the-evils-i-am-unleashing", "allow_benchmark_tasks", is_flag=True,
+              help="Allow common benchmarks as search tasks.")
+@click.option("--restart", is_flag=True, help="Discard the storage folder's journal and search again.")
+@click.option("--merge-best", type=click.Path(), default=None, help="Also merge the best recipe into this folder.")
+@click.option("--overwrite", is_flag=True, help="With --merge-best: replace a folder mergesmith wrote.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line or table.")
+@click.option("--in-memory/--no-in-memory", default=True, hidden=True, help="Always in memory (accepted).")
+@click.option("--vllm/--no-vllm", default=False, hidden=True)
+@click.option("--load-in-8bit", is_flag=True, hidden=True)
+@click.option("--load-in-4bit", is_flag=True, hidden=True)
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, hidden=True)
+@click.option("--wandb/--no-wandb", "use_wandb", default=False, hidden=True)
+@click.option("--merge-cuda/--no-merge-cuda", default=False, hidden=True, help="Accepted (see --device).")
+@click.option("--reshard/--no-reshard", default=False, hidden=True, help="Accepted (inputs are read once anyway).")
+@click.option("-v", "--verbose", is_flag=True)
+def evolve_cmd(config, storage, strategy, quiet, merge_best, overwrite, task_search_path, vllm, load_in_8bit,
+               load_in_4bit, trust_remote_code, use_wandb, in_memory, merge_cuda, reshard, verbose, **options):
+    """Search for the merge recipe of CONFIG (mergekit-evolve's genome and tasks) with CMA-ES, on workers that
+    merge and score candidates in memory; writes STORAGE/best.yml. See docs/evolve.md."""
+    from mergesmith.evolve.command import evolve_command, refuse_unsupported, strategy_name
+    from mergesmith.evolve.search import EvolveOptions
+
+    refuse_unsupported(vllm, load_in_8bit, load_in_4bit, trust_remote_code, use_wandb)
+    opts = EvolveOptions(storage=Path(storage), strategy=strategy_name(strategy), progress=not quiet,
+                         task_search_path=tuple(task_search_path), **options)
+    evolve_command(config, opts, merge_best, overwrite, quiet)
+
+
 def entry() -> None:
     """The `mergesmith` command."""
     main()

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -84,48 +84,114 @@ def _end_id(tok) -> Optional[int]:
     return tok.eos_token_id
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A task in token ids: the chat prompt, and the answer followed by the end-of-turn token (when there is one)."""
+
+    skill: str
+    answer: str
+    prompt: Tuple[int, ...]
+    target: Tuple[int, ...]
+
+
+def encode(tok, tasks: Sequence[Task]) -> List[Encoded]:
+    """The tasks in token ids, once: a search scores the same prompts for every candidate."""
+    end = _end_id(tok)
+    return [Encoded(t.skill, t.answer, tuple(_prompt_ids(tok, t.prompt)),
+                    tuple(tok(t.answer, add_special_tokens=False)["input_ids"]) + ((end,) if end is not None else ()))
+            for t in tasks]
+
+
+def _mean_by_skill(marks: Dict[str, List[int]]) -> Dict[str, float]:
+    return {s: sum(v) / len(v) for s, v in marks.items()}
+
+
 @torch.no_grad()
-def exact_match(model, tok, tasks: Sequence[Task], batch: int = 64) -> Dict[str, float]:
+def greedy(model, prompts: Sequence[Sequence[int]], max_new: int, pad: int, end: Optional[int]) -> List[List[int]]:
+    """Greedy continuations of left-padded prompts with a KV cache, each cut before `end`: one forward pass for the
+    prompts, then one token per step for every row, until every row has ended or `max_new` tokens."""
+    n = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (n - len(p)) + list(p) for p in prompts])
+    att = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+    pos = (att.cumsum(-1) - 1).clamp_(min=0)
+    out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    steps: List[torch.Tensor] = []
+    for _ in range(max_new):
+        nxt = out.logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        steps.append(nxt)
+        if end is not None:
+            done |= nxt == end
+        if bool(done.all()) or len(steps) == max_new:
+            break
+        att = torch.cat([att, torch.ones(len(prompts), 1, dtype=att.dtype)], 1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, use_cache=True, **_cache_of(out))
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+    return [r[:r.index(end)] if end is not None and end in r else r for r in rows]
+
+
+def _cache_of(out) -> Dict[str, object]:
+    """The KV cache a forward pass returned, as the next call takes it (transformers renamed past_key_values to
+    cache)."""
+    cache = getattr(out, "cache", None)
+    return {"cache": cache} if cache is not None else {"past_key_values": out.past_key_values}
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (_end_id(tok) or 0)
+
+
+def exact_match_encoded(model, tok, tasks: Sequence[Encoded], batch: int = 64) -> Dict[str, float]:
+    """exact_match on encoded tasks."""
     hits: Dict[str, List[int]] = {}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (_end_id(tok) or 0)
     for i in range(0, len(tasks), batch):
         chunk = tasks[i:i + batch]
-        prompts = [_prompt_ids(tok, t.prompt) for t in chunk]
-        n = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts])
-        att = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
-        longest = max(len(tok(t.answer, add_special_tokens=False)["input_ids"]) for t in chunk)
-        out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=longest + 4, do_sample=False,
-                             pad_token_id=pad, eos_token_id=_end_id(tok))
-        for t, row in zip(chunk, out[:, n:].tolist()):
-            end = _end_id(tok)
-            if end is not None and end in row:
-                row = row[:row.index(end)]
+        longest = max(len(t.target) for t in chunk) - (_end_id(tok) is not None)
+        rows = greedy(model, [t.prompt for t in chunk], longest + 4, _pad_id(tok), _end_id(tok))
+        for t, row in zip(chunk, rows):
             text = tok.decode(row, skip_special_tokens=True)
             hits.setdefault(t.skill, []).append(int(text.strip() == t.answer.strip()))
-    return {s: sum(v) / len(v) for s, v in hits.items()}
+    return _mean_by_skill(hits)
+
+
+def exact_match(model, tok, tasks: Sequence[Task], batch: int = 64) -> Dict[str, float]:
+    return exact_match_encoded(model, tok, encode(tok, tasks), batch)
 
 
 @torch.no_grad()
-def token_accuracy(model, tok, tasks: Sequence[Task], batch: int = 64) -> Dict[str, float]:
+def teacher_forced(model, tok, tasks: Sequence[Encoded], batch: int = 64) -> Dict[str, Dict[str, float]]:
+    """{skill: {"token_accuracy", "perplexity"}} over the answer tokens (and end-of-turn), given the prompt and the
+    answer so far: one forward pass per batch, compared in one go."""
     right: Dict[str, List[int]] = {}
+    nll: Dict[str, List[float]] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    end = _end_id(tok)
     for i in range(0, len(tasks), batch):
         chunk = tasks[i:i + batch]
-        rows, spans = [], []
-        for t in chunk:
-            p = _prompt_ids(tok, t.prompt)
-            a = tok(t.answer, add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
-            rows.append(p + a)
-            spans.append((len(p), len(p) + len(a)))
+        rows = [t.prompt + t.target for t in chunk]
         n = max(map(len, rows))
-        ids = torch.tensor([r + [pad] * (n - len(r)) for r in rows])
+        ids = torch.tensor([list(r) + [pad] * (n - len(r)) for r in rows])
         att = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
-        pred = model(input_ids=ids, attention_mask=att).logits.argmax(-1)
-        for k, (t, r, (a, b)) in enumerate(zip(chunk, rows, spans)):
-            right.setdefault(t.skill, []).extend(int(pred[k, j - 1].item() == r[j]) for j in range(a, b))
-    return {s: sum(v) / len(v) for s, v in right.items()}
+        # the prediction for position j comes from position j - 1; only answer positions count
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+        hit = (logits.argmax(-1) == ids[:, 1:]).tolist()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].tolist()
+        for t, h, p in zip(chunk, hit, lp):
+            a, b = len(t.prompt) - 1, len(t.prompt) - 1 + len(t.target)
+            right.setdefault(t.skill, []).extend(int(x) for x in h[a:b])
+            nll.setdefault(t.skill, []).extend(-x for x in p[a:b])
+    return {s: {"token_accuracy": sum(v) / len(v), "perplexity": math.exp(sum(nll[s]) / len(nll[s]))}
+            for s, v in right.items()}
+
+
+def token_accuracy_encoded(model, tok, tasks: Sequence[Encoded], batch: int = 64) -> Dict[str, float]:
+    """token_accuracy on encoded tasks."""
+    return {s: v["token_accuracy"] for s, v in teacher_forced(model, tok, tasks, batch).items()}
+
+
+def token_accuracy(model, tok, tasks: Sequence[Task], batch: int = 64) -> Dict[str, float]:
+    return token_accuracy_encoded(model, tok, encode(tok, tasks), batch)
 
 
 @torch.no_grad()
