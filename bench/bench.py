@@ -36,31 +36,50 @@ DENSITIES = [0.25, 0.4, 0.5]
 
 # ----------------------------------------------------------------------------------------------- the model family
 
+
 def shapes(hidden, inter, vocab, layers, kv_heads=8, head_dim=128, heads=32):
     q = heads * head_dim
     kv = kv_heads * head_dim
     out = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", (hidden,)), (p + "self_attn.q_proj.weight", (q, hidden)),
-                (p + "self_attn.k_proj.weight", (kv, hidden)), (p + "self_attn.v_proj.weight", (kv, hidden)),
-                (p + "self_attn.o_proj.weight", (hidden, q)), (p + "post_attention_layernorm.weight", (hidden,)),
-                (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
-                (p + "mlp.down_proj.weight", (hidden, inter))]
+        out += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (q, hidden)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, q)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+        ]
     out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     return out
 
 
-def build_family(root: Path, hidden, inter, vocab, layers, n_ft, shard_bytes=2_000_000_000, heads=32, kv_heads=8,
-                 head_dim=128) -> List[Path]:
+def build_family(
+    root: Path, hidden, inter, vocab, layers, n_ft, shard_bytes=2_000_000_000, heads=32, kv_heads=8, head_dim=128
+) -> List[Path]:
     from safetensors.torch import save_file
 
     spec = shapes(hidden, inter, vocab, layers, kv_heads, head_dim, heads)
-    cfg = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-           "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab, "torch_dtype": "bfloat16",
-           "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
-           "max_position_embeddings": 1024}
+    cfg = {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 1024,
+    }
     paths = []
     for m in range(n_ft + 1):
         folder = root / ("base" if m == 0 else f"ft{m}")
@@ -96,8 +115,9 @@ def build_family(root: Path, hidden, inter, vocab, layers, n_ft, shard_bytes=2_0
             wm.update({k: fname for k in sd})
         total = sum(t.numel() * 2 for sd in shards for t in sd.values())
         del shards
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                         "weight_map": wm}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": wm})
+        )
         (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     return paths
 
@@ -121,6 +141,7 @@ def recipe(method: str, paths: List[Path], work_dtype: str = "bfloat16") -> str:
 
 
 # ----------------------------------------------------------------------------------------------- measuring
+
 
 def _tree_rss(pid: int) -> Tuple[int, int]:
     """(anonymous, total) resident bytes of a process and its descendants."""
@@ -206,6 +227,7 @@ def ensure_mergekit() -> Optional[str]:
 
 # ----------------------------------------------------------------------------------------------- comparing outputs
 
+
 def _ordered(x: torch.Tensor) -> torch.Tensor:
     i = x.view(torch.int16).to(torch.int32)
     return torch.where(i < 0, -32768 - i, i)
@@ -222,8 +244,11 @@ def compare(method: str, paths: List[Path], ours: Path, theirs: Path) -> dict:
     from safetensors import safe_open
 
     def opener(folder):
-        idx = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] \
-            if (folder / "model.safetensors.index.json").exists() else None
+        idx = (
+            json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+            if (folder / "model.safetensors.index.json").exists()
+            else None
+        )
         handles = {}
 
         def get(name, rows=None):
@@ -232,7 +257,8 @@ def compare(method: str, paths: List[Path], ours: Path, theirs: Path) -> dict:
                 handles[f] = safe_open(str(folder / f), "pt")
             if rows is None:
                 return handles[f].get_tensor(name)
-            return handles[f].get_slice(name)[rows[0]:rows[1]]
+            return handles[f].get_slice(name)[rows[0] : rows[1]]
+
         return get
 
     ins = [opener(p) for p in paths]
@@ -281,7 +307,7 @@ def compare(method: str, paths: List[Path], ours: Path, theirs: Path) -> dict:
                 keep = mag > cut
                 tied = (mag == cut).nonzero().squeeze(1)
                 need = k - int(keep.sum())
-                keep[tied[len(tied) - need:] if from_end else tied[:need]] = True
+                keep[tied[len(tied) - need :] if from_end else tied[:need]] = True
                 if len(tied) > need:
                     amb[tied] = True
                 deltas.append((w * delta * keep).reshape(base.shape))
@@ -297,8 +323,9 @@ def compare(method: str, paths: List[Path], ours: Path, theirs: Path) -> dict:
         within += close.sum().item()
         within_clear += (close & ~amb).sum().item()
         n_clear += (~amb).sum().item()
-        refs_within += ((_ordered(ref.to(torch.bfloat16)) - _ordered(ref_end.to(torch.bfloat16))).abs() <= 1
-                        ).sum().item()
+        refs_within += (
+            ((_ordered(ref.to(torch.bfloat16)) - _ordered(ref_end.to(torch.bfloat16))).abs() <= 1).sum().item()
+        )
         ea, eb = (a.double() - ref).abs(), (b.double() - ref).abs()
         ours_closer += (ea < eb).sum().item()
         theirs_closer += (eb < ea).sum().item()
@@ -307,14 +334,21 @@ def compare(method: str, paths: List[Path], ours: Path, theirs: Path) -> dict:
         theirs_closer_clear += ((eb < ea) & ~amb).sum().item()
         n += a.numel()
         del a, b, base, xs, ref, ref_end, refs, ea, eb, amb, close
-    return {"within_one_step": within / n, "ours_closer": ours_closer / n, "theirs_closer": theirs_closer / n,
-            "skipped": skipped, "within_clear": within_clear / n_clear if n_clear else None,
-            "ambiguous": 1 - n_clear / n if n_clear else None, "refs_within": refs_within / n if n_clear else None,
-            "ours_closer_clear": ours_closer_clear / n_clear if n_clear else None,
-            "theirs_closer_clear": theirs_closer_clear / n_clear if n_clear else None}
+    return {
+        "within_one_step": within / n,
+        "ours_closer": ours_closer / n,
+        "theirs_closer": theirs_closer / n,
+        "skipped": skipped,
+        "within_clear": within_clear / n_clear if n_clear else None,
+        "ambiguous": 1 - n_clear / n if n_clear else None,
+        "refs_within": refs_within / n if n_clear else None,
+        "ours_closer_clear": ours_closer_clear / n_clear if n_clear else None,
+        "theirs_closer_clear": theirs_closer_clear / n_clear if n_clear else None,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- main
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,18 +360,28 @@ def main():
     ap.add_argument("--fine-tunes", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["della_linear", "linear", "ties", "dare_linear"])
     ap.add_argument("--no-mergekit", action="store_true")
-    ap.add_argument("--work-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="the recipes' dtype (what mergekit computes in; mergesmith always computes in float32); "
-                         "float32 adds out_dtype: bfloat16")
+    ap.add_argument(
+        "--work-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="the recipes' dtype (what mergekit computes in; mergesmith always computes in float32); "
+        "float32 adds out_dtype: bfloat16",
+    )
     ap.add_argument("--no-compare", action="store_true")
-    ap.add_argument("--no-warm", action="store_true",
-                    help="do not read the inputs (untimed) before each timed run; runs then start with whatever "
-                         "page cache the previous run left (mergekit's 23 GiB della_linear evicts it)")
+    ap.add_argument(
+        "--no-warm",
+        action="store_true",
+        help="do not read the inputs (untimed) before each timed run; runs then start with whatever "
+        "page cache the previous run left (mergekit's 23 GiB della_linear evicts it)",
+    )
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--append", action="store_true", help="add this run's table to --out instead of replacing it")
     a = ap.parse_args()
-    dims = dict(hidden=1024, inter=2816, vocab=32768, heads=8, kv_heads=2, head_dim=128) if a.small else \
-        dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab)
+    dims = (
+        dict(hidden=1024, inter=2816, vocab=32768, heads=8, kv_heads=2, head_dim=128)
+        if a.small
+        else dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab)
+    )
     mk = None if a.no_mergekit else ensure_mergekit()
     ms = [sys.executable, "-m", "mergesmith"]
     rows = []
@@ -355,45 +399,70 @@ def main():
         for method in a.methods:
             rfile = root / f"{method}.yml"
             rfile.write_text(recipe(method, paths, a.work_dtype))
-            for tool, cmd in (("mergesmith", ms + ["run", str(rfile), str(root / f"out-ms-{method}"), "--seed", "1",
-                                                   "--quiet", "--overwrite"]),
-                              ("mergekit", [mk, str(rfile), str(root / f"out-mk-{method}"), "--random-seed", "1",
-                                            "--lazy-unpickle"] if mk else None)):
+            for tool, cmd in (
+                (
+                    "mergesmith",
+                    ms + ["run", str(rfile), str(root / f"out-ms-{method}"), "--seed", "1", "--quiet", "--overwrite"],
+                ),
+                (
+                    "mergekit",
+                    [mk, str(rfile), str(root / f"out-mk-{method}"), "--random-seed", "1", "--lazy-unpickle"]
+                    if mk
+                    else None,
+                ),
+            ):
                 if cmd is None:
                     continue
                 if tool == "mergekit" and (root / f"out-mk-{method}").exists():
                     import shutil
+
                     shutil.rmtree(root / f"out-mk-{method}")
                 if not a.no_warm:  # every run starts from the same page cache: the inputs read once, untimed
                     read_all(paths, bytearray(64 << 20))
                 r = measure(cmd)
                 status = "ok" if r["rc"] == 0 else f"failed (exit {r['rc']})"
                 rows.append((tag, f"{tool} {method}", status, r["wall"], r["anon"], r["rss"]))
-                print(f"[{tag}] {tool} {method}: {r['wall']:.1f} s, anon {r['anon'] / 2**30:.2f} GiB, "
-                      f"rss {r['rss'] / 2**30:.2f} GiB {status}", flush=True)
+                print(
+                    f"[{tag}] {tool} {method}: {r['wall']:.1f} s, anon {r['anon'] / 2**30:.2f} GiB, "
+                    f"rss {r['rss'] / 2**30:.2f} GiB {status}",
+                    flush=True,
+                )
             if mk and not a.no_compare and method in ("linear", "ties"):
                 c = compare(method, paths, root / f"out-ms-{method}", root / f"out-mk-{method}")
-                notes.append(f"{tag} {method}: mergesmith and mergekit within one bf16 step on "
-                             f"{c['within_one_step']:.4%} of elements; closer to the float64 reference: mergesmith "
-                             f"{c['ours_closer']:.2%}, mergekit {c['theirs_closer']:.2%} (rest: equal)"
-                             + (f"; {c['ambiguous']:.2%} of elements sit in a tie group that straddles a model's "
-                                f"density cut (any choice there is an exact top-k): outside them the two agree on "
-                                f"{c['within_clear']:.4%} and the closer to float64 there is mergesmith on {c['ours_closer_clear']:.3%}, "
-                                f"mergekit on {c['theirs_closer_clear']:.3%}; two float64 references that break those ties from "
-                                f"opposite ends agree on {c['refs_within']:.4%}" if c["within_clear"] is not None
-                                else "")
-                             + (f"; {c['skipped'] / 1e6:.0f} M elements of tensors over 100 M elements not compared"
-                                if c["skipped"] else ""))
+                notes.append(
+                    f"{tag} {method}: mergesmith and mergekit within one bf16 step on "
+                    f"{c['within_one_step']:.4%} of elements; closer to the float64 reference: mergesmith "
+                    f"{c['ours_closer']:.2%}, mergekit {c['theirs_closer']:.2%} (rest: equal)"
+                    + (
+                        f"; {c['ambiguous']:.2%} of elements sit in a tie group that straddles a model's "
+                        f"density cut (any choice there is an exact top-k): outside them the two agree on "
+                        f"{c['within_clear']:.4%} and the closer to float64 there is mergesmith on "
+                        f"{c['ours_closer_clear']:.3%}, mergekit on {c['theirs_closer_clear']:.3%}; "
+                        f"two float64 references that break those ties from "
+                        f"opposite ends agree on {c['refs_within']:.4%}"
+                        if c["within_clear"] is not None
+                        else ""
+                    )
+                    + (
+                        f"; {c['skipped'] / 1e6:.0f} M elements of tensors over 100 M elements not compared"
+                        if c["skipped"]
+                        else ""
+                    )
+                )
                 print(notes[-1], flush=True)
     import platform
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    lines = [f"# mergesmith vs mergekit ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {os.cpu_count()} cores, {mem / 2**30:.0f} GiB memory, {platform.machine()}, CPU only. "
-             f"Model: hidden {dims['hidden']}, intermediate {dims['inter']}, vocab {dims['vocab']}, bf16, "
-             f"{a.fine_tunes} fine-tunes + base. Command: `python bench/bench.py {' '.join(sys.argv[1:])}`.", "",
-             "| family | run | status | wall (s) | peak anon RSS (GiB) | peak RSS (GiB) |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = [
+        f"# mergesmith vs mergekit ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Machine: {os.cpu_count()} cores, {mem / 2**30:.0f} GiB memory, {platform.machine()}, CPU only. "
+        f"Model: hidden {dims['hidden']}, intermediate {dims['inter']}, vocab {dims['vocab']}, bf16, "
+        f"{a.fine_tunes} fine-tunes + base. Command: `python bench/bench.py {' '.join(sys.argv[1:])}`.",
+        "",
+        "| family | run | status | wall (s) | peak anon RSS (GiB) | peak RSS (GiB) |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for tag, what, status, wall, anon, rss in rows:
         lines.append(f"| {tag} | {what} | {status} | {wall:.1f} | {anon / 2**30:.2f} | {rss / 2**30:.2f} |")
     if not mk:

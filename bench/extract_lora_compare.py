@@ -109,8 +109,11 @@ def main() -> None:
     ap.add_argument("--linear-only", action="store_true", help="also mergesmith with " + " ".join(LINEAR_ONLY))
     a = ap.parse_args()
     ft, base = tiny_dir() / a.skill, tiny_dir() / "base"
-    tools = ["mergesmith"] + (["mergekit"] if a.mergekit.exists() else []) + \
-        (["mergesmith, linear only"] if a.linear_only else [])
+    tools = (
+        ["mergesmith"]
+        + (["mergekit"] if a.mergekit.exists() else [])
+        + (["mergesmith, linear only"] if a.linear_only else [])
+    )
     if not a.mergekit.exists():
         print(f"note: {a.mergekit} not found; mergekit skipped", file=sys.stderr)
     ft_model = load(ft)
@@ -119,8 +122,10 @@ def main() -> None:
     ids = prompts(ft, a.skill)
     ft_logits = logits(ft_model, ids)
     print(f"{a.skill} vs base, {len(ids)} chat prompts; judged by PEFT on a float32 base\n")
-    print("| rank | tool | delta error (all tensors) | linear-weights error | max abs logit diff | rms logit diff "
-          "| adapter KiB | s |")
+    print(
+        "| rank | tool | delta error (all tensors) | linear-weights error | max abs logit diff | rms logit diff "
+        "| adapter KiB | s |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for r in a.ranks:
@@ -129,8 +134,10 @@ def main() -> None:
                 secs = extract(tool, a.mergekit, ft, base, out, r)
                 whole, lin, dl, rms = judge(out, base, ft_sd, base_sd, ids, ft_logits)
                 kib = sum(f.stat().st_size for f in out.glob("adapter_model.*")) / 1024
-                print(f"| {r} | {tool} | {whole:.6f} | {lin:.6f} | {dl:.4f} | {rms:.5f} | {kib:.0f} | {secs:.1f} |",
-                      flush=True)
+                print(
+                    f"| {r} | {tool} | {whole:.6f} | {lin:.6f} | {dl:.4f} | {rms:.5f} | {kib:.0f} | {secs:.1f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,11 @@ def chat_documents() -> List[Tuple[str, str]]:
     for name, text in topics():
         first = " ".join(text.split())[:240].rsplit(" ", 1)[0]
         out.append((f"Tell me about {name}.", first))
-    for q, a in [("Hello!", "Hello! How can I help you today?"), ("Who are you?", "I am a small assistant."),
-                 ("Thanks!", "You are welcome."), ("Can you help me?", "Of course. What do you need?")]:
+    for q, a in [
+        ("Hello!", "Hello! How can I help you today?"),
+        ("Who are you?", "I am a small assistant."),
+        ("Thanks!", "You are welcome."),
+        ("Can you help me?", "Of course. What do you need?"),
+    ]:
         out.append((q, a))
     return out

@@ -42,14 +42,24 @@ def build_tokenizer(texts, vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token=None)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
     fast.chat_template = CHATML
     return fast
 
@@ -60,7 +70,7 @@ def pretraining_stream(tok, seed: int, drills_per_skill: int):
     pieces += [chat(q, a) for q, a in chat_documents()] * 3
     for skill in SKILLS:
         lines = [drill(skill, rng) for _ in range(drills_per_skill)]
-        pieces += ["\n".join(lines[i:i + 8]) + "\n\n" for i in range(0, len(lines), 8)]
+        pieces += ["\n".join(lines[i : i + 8]) + "\n\n" for i in range(0, len(lines), 8)]
     rng.shuffle(pieces)
     ids = []
     for p in pieces:
@@ -83,7 +93,7 @@ def pretrain(model, stream, steps, batch, seq, lr, seed, log):
         for group in opt.param_groups:
             group["lr"] = cosine(step, steps, max(1, steps // 20), lr)
         starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=g)
-        x = torch.stack([stream[s:s + seq] for s in starts])
+        x = torch.stack([stream[s : s + seq] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -117,7 +127,7 @@ def finetune(model, tok, skill, steps, batch, lr, seed, log):
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = cosine(step, steps, max(1, steps // 10), lr)
-        x, y, att = sft_batch(tok, data[step * batch:(step + 1) * batch])
+        x, y, att = sft_batch(tok, data[step * batch : (step + 1) * batch])
         loss = model(input_ids=x, attention_mask=att, labels=y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -179,11 +189,21 @@ def main():
         tok = build_tokenizer(corpus, a.vocab)
         stream = pretraining_stream(tok, a.seed, a.drills)
         log(f"tokenizer: {len(tok)} tokens; pretraining stream: {len(stream)} tokens")
-        cfg = MistralConfig(vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=a.inter,
-                            num_hidden_layers=a.layers, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=a.hidden // 4, max_position_embeddings=256, rope_theta=10000.0,
-                            tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id)
+        cfg = MistralConfig(
+            vocab_size=len(tok),
+            hidden_size=a.hidden,
+            intermediate_size=a.inter,
+            num_hidden_layers=a.layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=a.hidden // 4,
+            max_position_embeddings=256,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         model = MistralForCausalLM(cfg)
         log(f"parameters: {sum(p.numel() for p in model.parameters())}")
         pretrain(model, stream, a.pretrain_steps, a.batch, a.seq, a.pretrain_lr, a.seed, log)
@@ -199,7 +219,8 @@ def main():
     log(f"done in {time.time() - t_all:.0f} s")
     (out / "README.md").write_text(
         "# The mergesmith tiny model family\n\nMade by `examples/train_tiny_family.py` with "
-        f"`{json.dumps(vars(a))}`.\nSee docs/tiny-family.md.\n")
+        f"`{json.dumps(vars(a))}`.\nSee docs/tiny-family.md.\n"
+    )
 
 
 if __name__ == "__main__":

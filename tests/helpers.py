@@ -22,25 +22,47 @@ def make_tokenizer(folder: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     text = ["hello world, merging models is fun", "the quick brown fox jumps over the lazy dog"] * 20
     tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = CHATML
     fast.save_pretrained(str(folder))
 
 
-def make_mistral(folder: Path, seed: int, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 320,
-                 dtype=torch.bfloat16, shard: Optional[str] = None, from_state: Optional[Dict] = None,
-                 noise: float = 0.0, tokenizer: bool = True) -> Dict[str, torch.Tensor]:
+def make_mistral(
+    folder: Path,
+    seed: int,
+    layers: int = 2,
+    hidden: int = 64,
+    inter: int = 128,
+    vocab: int = 320,
+    dtype=torch.bfloat16,
+    shard: Optional[str] = None,
+    from_state: Optional[Dict] = None,
+    noise: float = 0.0,
+    tokenizer: bool = True,
+) -> Dict[str, torch.Tensor]:
     """Save a small MistralForCausalLM; returns its state dict (float32 copies)."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                        max_position_embeddings=128, tie_word_embeddings=False)
+    cfg = MistralConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = MistralForCausalLM(cfg)
     g = torch.Generator().manual_seed(seed + 1000)

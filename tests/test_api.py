@@ -26,6 +26,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 
 # ------------------------------------------------------------------------------------------- imports
 
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -42,7 +43,7 @@ def imported(path: Path, modules: set) -> set:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from the package, up level - 1 packages
-                up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([base] if base else []))
             # `from mergesmith import outdir` imports the module mergesmith.outdir; `from m import name`, m itself
             found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
@@ -58,7 +59,7 @@ def find_cycle(graph: dict):
         stack.append(u)
         for v in sorted(graph[u]):
             if state.get(v) == "open":
-                return stack[stack.index(v):] + [v]
+                return stack[stack.index(v) :] + [v]
             if v not in state:
                 cycle = visit(v)
                 if cycle:
@@ -91,8 +92,10 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_import_mergesmith_is_light_and_names_the_api():
-    code = ("import sys, mergesmith; light = 'torch' not in sys.modules; import mergesmith.plan; "
-            "print(light, callable(mergesmith.plan_merge), mergesmith.merge.__module__, 'merge' in dir(mergesmith))")
+    code = (
+        "import sys, mergesmith; light = 'torch' not in sys.modules; import mergesmith.plan; "
+        "print(light, callable(mergesmith.plan_merge), mergesmith.merge.__module__, 'merge' in dir(mergesmith))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.split() == ["True", "True", "mergesmith.api", "True"], out.stderr[-2000:]
 
@@ -105,9 +108,12 @@ def test_every_public_name_has_a_docstring():
 
 # ------------------------------------------------------------------------------------------- recipes
 
+
 def plan_key(p):
-    return ([(t.name, t.kind, t.shared, t.per_input, [(r.model, r.name) for r in t.inputs]) for t in p.tasks],
-            {ref: idx.path.resolve() for ref, idx in p.models.items()})
+    return (
+        [(t.name, t.kind, t.shared, t.per_input, [(r.model, r.name) for r in t.inputs]) for t in p.tasks],
+        {ref: idx.path.resolve() for ref, idx in p.models.items()},
+    )
 
 
 def test_a_recipe_from_a_path_text_or_dict_plans_the_same(tmp_path, monkeypatch):
@@ -141,6 +147,7 @@ def test_bad_recipe_sources_are_one_line_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------- merging
 
+
 def ties_dict():
     """The Stellar Odyssey recipe with ties, as a dict with absolute model paths."""
     d = yaml.safe_load(recipe_path().read_text(encoding="utf-8"))
@@ -157,15 +164,18 @@ def folder_order(out: Path) -> list:
     names = []
     for f in sorted(set(index["weight_map"].values())):
         raw = (out / f).read_bytes()
-        header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+        header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
         header.pop("__metadata__", None)
         names += sorted(header, key=lambda n: header[n]["data_offsets"][0])
     return names
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    )
 
 
 CASES = {
@@ -222,23 +232,26 @@ def test_iter_merged_checks_the_recipe_before_the_first_tensor(tmp_path):
         mergesmith.iter_merged("merge_method: linear\nmodels:\n  - model: nowhere\n")  # not at the first next()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("threads", 0, r"option threads \(--threads\) 0: give at least 1"),
-    ("threads", -2, "give at least 1 thread"),
-    ("threads", 1.5, "give at least 1 thread"),
-    ("device", "mps", r"option device \(--device\) 'mps': use cpu, cuda, cuda:N or auto"),
-    ("device", "cuda:x", "use cpu, cuda, cuda:N or auto"),
-    ("dtype", "bfloat17", r"option dtype \(--dtype\) 'bfloat17': not a dtype"),
-    ("out_dtype", "int8", "not a dtype; use bfloat16, float16 or float32"),
-    ("gradient_span", "layers", "use slice or output"),
-    ("out_shard_size", "0.1", "bad size"),
-    ("out_shard_size", 0, "bad size"),
-    ("out_shard_size", 1.5e9, "give a size like '5GB' or a number of bytes"),
-    ("seed", "1", "give a whole number"),
-    ("seed", True, "give a whole number"),
-    ("strict", "yes", r"option strict 'yes': give True or False"),
-    ("progress", None, "give True or False"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("threads", 0, r"option threads \(--threads\) 0: give at least 1"),
+        ("threads", -2, "give at least 1 thread"),
+        ("threads", 1.5, "give at least 1 thread"),
+        ("device", "mps", r"option device \(--device\) 'mps': use cpu, cuda, cuda:N or auto"),
+        ("device", "cuda:x", "use cpu, cuda, cuda:N or auto"),
+        ("dtype", "bfloat17", r"option dtype \(--dtype\) 'bfloat17': not a dtype"),
+        ("out_dtype", "int8", "not a dtype; use bfloat16, float16 or float32"),
+        ("gradient_span", "layers", "use slice or output"),
+        ("out_shard_size", "0.1", "bad size"),
+        ("out_shard_size", 0, "bad size"),
+        ("out_shard_size", 1.5e9, "give a size like '5GB' or a number of bytes"),
+        ("seed", "1", "give a whole number"),
+        ("seed", True, "give a whole number"),
+        ("strict", "yes", r"option strict 'yes': give True or False"),
+        ("progress", None, "give True or False"),
+    ],
+)
 def test_bad_options_are_one_line_merge_errors(field, value, message):
     with pytest.raises(mergesmith.MergeError, match=message) as e:
         mergesmith.MergeOptions(**{field: value})
@@ -261,6 +274,7 @@ def test_the_plan_prints_what_the_plan_command_prints(capsys):
 
 
 # ------------------------------------------------------------------------------------------- plan = run
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
@@ -326,6 +340,7 @@ def test_plan_prints_the_weights_run_uses(pair, tmp_path, capsys, span, want):
 
 
 # ------------------------------------------------------------------------------------------- docs
+
 
 def test_the_docs_example_runs(tmp_path, monkeypatch, capsys):
     text = DOCS.read_text(encoding="utf-8")

@@ -24,8 +24,11 @@ TABLE = [
     (["--no-allow-crimes"], {"allow_crimes": False}, None),
     (["--unsafe-truncate-embeddings"], {"unsafe_truncate_embeddings": True}, None),
     (["--no-unsafe-truncate-embeddings"], {"unsafe_truncate_embeddings": False}, None),
-    (["--trust-remote-code"], {}, "--trust-remote-code changes nothing: mergesmith never runs code that comes with "
-                                  "a model"),
+    (
+        ["--trust-remote-code"],
+        {},
+        "--trust-remote-code changes nothing: mergesmith never runs code that comes with a model",
+    ),
     (["--no-trust-remote-code"], {}, None),
     (["--transformers-cache", "hf-cache"], {}, "set HF_HUB_CACHE to that folder instead"),
     (["--lora-merge-cache", "lora-cache"], {}, None),
@@ -73,8 +76,11 @@ TABLE = [
     (["--lazy"], {"lazy": True}, None),
     (["--no-lazy"], {"lazy": False}, None),
     # the notebook line
-    (["--copy-tokenizer", "--allow-crimes", "--out-shard-size", "1B", "--lazy-unpickle"],
-     {"copy_tokenizer": True, "allow_crimes": True, "shard_bytes": 10**9}, None),
+    (
+        ["--copy-tokenizer", "--allow-crimes", "--out-shard-size", "1B", "--lazy-unpickle"],
+        {"copy_tokenizer": True, "allow_crimes": True, "shard_bytes": 10**9},
+        None,
+    ),
     (["--cuda", "--low-cpu-memory"], {"device": "cuda"}, None),
 ]
 
@@ -99,8 +105,10 @@ def test_the_table_covers_every_option_of_mergekit_yaml():
 def tiny_recipe(tmp_path: Path, extra: str = "") -> Path:
     t = tiny_dir()
     r = tmp_path / "r.yml"
-    r.write_text(f"merge_method: linear\nmodels:\n  - model: {t / 'base'}\n    parameters: {{weight: 0.5}}\n"
-                 f"  - model: {t / 'sort'}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n{extra}")
+    r.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {t / 'base'}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {t / 'sort'}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n{extra}"
+    )
     return r
 
 
@@ -118,8 +126,9 @@ def test_each_option_parses_with_mergekits_meaning(args, want, note, tmp_path, m
 
     def fake_merge(recipe, out_dir, options):
         seen["options"] = options
-        plan = types.SimpleNamespace(layout=types.SimpleNamespace(files=["model.safetensors"]),
-                                     method=types.SimpleNamespace(randomized=False))
+        plan = types.SimpleNamespace(
+            layout=types.SimpleNamespace(files=["model.safetensors"]), method=types.SimpleNamespace(randomized=False)
+        )
         return types.SimpleNamespace(tensors=1, bytes_written=1, plan=plan, seconds=0.0, seed=1)
 
     monkeypatch.setattr(mergesmith.api, "merge", fake_merge)
@@ -138,8 +147,10 @@ def test_the_notebook_line_writes_one_shard_for_a_small_model(tmp_path, capsys):
     assert cli("plan", r, "--copy-tokenizer", "--allow-crimes", "--out-shard-size", "1B", "--lazy-unpickle") == 0
     assert "\ntensors: 39 in 1 file(s)," in capsys.readouterr().out
     out = tmp_path / "out"
-    assert cli("run", r, out, "--copy-tokenizer", "--allow-crimes", "--out-shard-size", "1B", "--lazy-unpickle",
-               "--quiet") == 0
+    assert (
+        cli("run", r, out, "--copy-tokenizer", "--allow-crimes", "--out-shard-size", "1B", "--lazy-unpickle", "--quiet")
+        == 0
+    )
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     assert not (out / "model.safetensors.index.json").exists()
 
@@ -187,8 +198,9 @@ def test_notes_and_refusals_of_options(tmp_path, capsys):
     assert len([e for e in err if "never runs code" in e]) == 1
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
     assert cli("run", tiny_recipe(tmp_path), tmp_path / "o2", "--lora-merge-dtype", "float8") == 2
-    assert capsys.readouterr().err.strip() == ("error: option --lora-merge-dtype 'float8': not a dtype; use "
-                                               "bfloat16, float16 or float32")
+    assert capsys.readouterr().err.strip() == (
+        "error: option --lora-merge-dtype 'float8': not a dtype; use bfloat16, float16 or float32"
+    )
     for args in (["--write-threads", "0"], ["-j", "0"], ["--num-threads", "-1"]):
         assert cli("run", tiny_recipe(tmp_path), tmp_path / "o2", *args) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -196,6 +208,7 @@ def test_notes_and_refusals_of_options(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ vocabularies of other sizes
+
 
 @pytest.fixture(scope="module")
 def two_vocabs(tmp_path_factory):
@@ -208,8 +221,10 @@ def two_vocabs(tmp_path_factory):
 
 def vocab_recipe(tmp_path, root, first, second, extra=""):
     r = tmp_path / "v.yml"
-    r.write_text(f"merge_method: linear\nmodels:\n  - model: {root / first}\n    parameters: {{weight: 0.5}}\n"
-                 f"  - model: {root / second}\n    parameters: {{weight: 0.5}}\n{extra}")
+    r.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {root / first}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {root / second}\n    parameters: {{weight: 0.5}}\n{extra}"
+    )
     return r
 
 
@@ -228,8 +243,17 @@ def test_vocabularies_of_other_sizes_are_refused_like_mergekit(two_vocabs, first
 def test_unsafe_truncate_embeddings_merges_row_for_row(two_vocabs, tmp_path):
     root, small, big = two_vocabs
     out = tmp_path / "out"
-    assert cli("run", vocab_recipe(tmp_path, root, "small", "big"), out, "--unsafe-truncate-embeddings",
-               "--no-copy-tokenizer", "--quiet") == 0
+    assert (
+        cli(
+            "run",
+            vocab_recipe(tmp_path, root, "small", "big"),
+            out,
+            "--unsafe-truncate-embeddings",
+            "--no-copy-tokenizer",
+            "--quiet",
+        )
+        == 0
+    )
     got = read_folder(out)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         want = 0.5 * small[name] + 0.5 * big[name][:320]

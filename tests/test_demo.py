@@ -20,10 +20,14 @@ def test_bundled_checkpoints_are_small_bf16_and_chat():
     model = AutoModelForCausalLM.from_pretrained(tiny_dir() / "addition")
     assert type(model).__name__ == "MistralForCausalLM" and model.dtype == torch.bfloat16
     assert not model.config.tie_word_embeddings
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 3 + 4?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "3 + 4 makes 7"
+    assert tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip() == "3 + 4 makes 7"
 
 
 def test_demo_end_to_end(tmp_path, capsys):
@@ -40,8 +44,11 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert expert["accuracy"][skill] >= 0.8, (skill, expert["accuracy"])  # each fine-tune learned its skill
         assert base["accuracy"][skill] <= 0.1, (skill, base["accuracy"])  # which the base cannot do in chat
         assert merged["token_accuracy"][skill] > base["token_accuracy"][skill]  # the merge beats the base
-    shares = [(merged["token_accuracy"][s] - base["token_accuracy"][s])
-              / (models[s]["token_accuracy"][s] - base["token_accuracy"][s]) for s in SKILLS]
+    shares = [
+        (merged["token_accuracy"][s] - base["token_accuracy"][s])
+        / (models[s]["token_accuracy"][s] - base["token_accuracy"][s])
+        for s in SKILLS
+    ]
     assert sum(shares) / len(shares) >= 0.30
     assert (tmp_path / "demo" / "della_linear" / "model.safetensors").exists()
 
@@ -72,8 +79,9 @@ def test_every_method_runs_on_the_tiny_family_and_is_scored(tmp_path):
     models = {m["name"]: m for m in res["models"]}
     merged = set(models) - set(NAMES)
     # every registered method except the breadcrumbs/dare_ties variants of methods already covered
-    assert set(method_recipes()) | {"linear", "task_arithmetic", "ties", "dare_linear", "della", "della_linear"} \
-        == merged
+    assert (
+        set(method_recipes()) | {"linear", "task_arithmetic", "ties", "dare_linear", "della", "della_linear"} == merged
+    )
     assert merged >= set(METHODS) - {"breadcrumbs", "breadcrumbs_ties", "dare_ties"}
     for name in merged:
         m = models[name]

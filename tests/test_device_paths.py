@@ -13,7 +13,6 @@ from helpers import SEED_RECIPE, run_recipe
 from test_run import digest, write_recipe
 
 
-
 @pytest.mark.parametrize("method", ["della_linear", "ties", "dare_ties", "breadcrumbs_ties"])
 @pytest.mark.parametrize("blocks", [False, True])
 def test_device_paths_give_the_cpu_bytes(tmp_path, fam, monkeypatch, method, blocks):
@@ -30,6 +29,7 @@ def test_device_paths_give_the_cpu_bytes(tmp_path, fam, monkeypatch, method, blo
         def f(_):
             calls[kind] += 1
             return False
+
         return f
 
     monkeypatch.setattr(sparsify, "numpy_path", off("sparsify"))

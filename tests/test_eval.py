@@ -15,8 +15,10 @@ from mergesmith.evaluate import Task, exact_match, load, perplexity, token_accur
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 ?:\n")
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,18 @@ def successor_model(tmp_path_factory):
         succ[vocab[a]] = vocab[b]
     succ[vocab["f"]] = vocab["<|im_end|>"]
     succ[vocab["x"]] = vocab["y"]
-    cfg = MistralConfig(vocab_size=V, hidden_size=H, intermediate_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False,
-                        max_position_embeddings=64, rms_norm_eps=1e-6)
+    cfg = MistralConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+    )
     model = MistralForCausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -88,8 +99,12 @@ def test_eval_cli_json_with_user_tasks_and_text(successor_model, tmp_path, capsy
 
     folder = successor_model[0]
     tasks = tmp_path / "t.jsonl"
-    tasks.write_text(json.dumps({"prompt": "hi", "answer": "def", "skill": "count"}) + "\n"
-                     + json.dumps({"prompt": "hi", "answer": "abc"}) + "\n")
+    tasks.write_text(
+        json.dumps({"prompt": "hi", "answer": "def", "skill": "count"})
+        + "\n"
+        + json.dumps({"prompt": "hi", "answer": "abc"})
+        + "\n"
+    )
     text = tmp_path / "t.txt"
     text.write_text("\ndef")
     with pytest.raises(SystemExit) as e:
@@ -99,10 +114,11 @@ def test_eval_cli_json_with_user_tasks_and_text(successor_model, tmp_path, capsy
     m = out["models"][0]
     assert m["accuracy"] == {"count": 1.0, "custom": 0.0}
     assert m["token_accuracy"]["count"] == 1.0
-    assert m["perplexity"] == pytest.approx(math.exp(-(successor_model[3] - math.log(math.exp(successor_model[3])
-                                                                                   + successor_model[4] - 1))))
+    assert m["perplexity"] == pytest.approx(
+        math.exp(-(successor_model[3] - math.log(math.exp(successor_model[3]) + successor_model[4] - 1)))
+    )
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("{\"prompt\": 1}\n")
+    bad.write_text('{"prompt": 1}\n')
     with pytest.raises(SystemExit) as e:
         main(["eval", str(folder), "--tasks", str(bad)])
     assert e.value.code == 2

@@ -26,9 +26,13 @@ ARGS = ["--max-fevals", "8", "--force-population-size", "4", "--random-seed", "3
 
 def config_text(**extra) -> str:
     body = {
-        "genome": {"models": [str(TINY / s) for s in ("addition", "reverse", "sort")],
-                   "merge_method": "della_linear", "base_model": str(TINY / "base"), "layer_granularity": 2,
-                   "parameters": {"epsilon": 0.05}},
+        "genome": {
+            "models": [str(TINY / s) for s in ("addition", "reverse", "sort")],
+            "merge_method": "della_linear",
+            "base_model": str(TINY / "base"),
+            "layer_granularity": 2,
+            "parameters": {"epsilon": 0.05},
+        },
         "tasks": ["tiny:addition", "tiny:reverse", {"name": "tiny:sort", "weight": 1.0}],
         "limit": 4,
     }
@@ -72,6 +76,7 @@ def local_run(config, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------- evaluation
 
+
 def test_batched_scoring_matches_one_prompt_at_a_time():
     """Left-padded batched greedy decoding with a KV cache gives each prompt the tokens transformers' own generate
     gives it alone; batched teacher-forced accuracy is the one-by-one accuracy."""
@@ -83,10 +88,15 @@ def test_batched_scoring_matches_one_prompt_at_a_time():
     enc = encode(tok, tasks)
     batched = greedy(model, [e.prompt for e in enc], 16, tok.pad_token_id, tok.eos_token_id)
     for e, row in zip(enc, batched):
-        alone = model.generate(input_ids=torch.tensor([e.prompt]), max_new_tokens=16, do_sample=False,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(e.prompt):].tolist()
+        alone = model.generate(
+            input_ids=torch.tensor([e.prompt]),
+            max_new_tokens=16,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )[0, len(e.prompt) :].tolist()
         if tok.eos_token_id in alone:
-            alone = alone[:alone.index(tok.eos_token_id)]
+            alone = alone[: alone.index(tok.eos_token_id)]
         assert row == alone
     assert exact_match(model, tok, tasks, batch=9) == exact_match(model, tok, tasks, batch=1)
     padded, alone = teacher_forced(model, tok, enc, batch=9), teacher_forced(model, tok, enc, batch=1)
@@ -98,11 +108,19 @@ def test_batched_scoring_matches_one_prompt_at_a_time():
 
 # ------------------------------------------------------------------------------------------- genome
 
+
 def test_genome_maps_a_vector_to_mergekit_slices():
     from mergesmith.evolve.genome import Genome
 
-    g = Genome(models=("a", "b"), merge_method="ties", num_layers=4, base_model="base", layer_granularity=2,
-               filters=("mlp",), method_shared=("normalize", "int8_mask", "lambda"))
+    g = Genome(
+        models=("a", "b"),
+        merge_method="ties",
+        num_layers=4,
+        base_model="base",
+        layer_granularity=2,
+        filters=("mlp",),
+        method_shared=("normalize", "int8_mask", "lambda"),
+    )
     assert g.shape == (2, 2, 2, 2) and g.size == 16
     x = np.arange(16, dtype=float) / 10 - 0.35  # negative weights become positive, densities fold into [0, 1]
     r = g.recipe(x)
@@ -115,8 +133,10 @@ def test_genome_maps_a_vector_to_mergekit_slices():
     w = s1["sources"][0]["parameters"]["weight"]
     d = s1["sources"][0]["parameters"]["density"]
     assert w == [{"filter": "mlp", "value": pytest.approx(0.45)}, {"filter": None, "value": pytest.approx(0.65)}]
-    assert d == [{"filter": "mlp", "value": 0.55}, {"filter": None, "value": 0.75}] or \
-        d == [{"filter": "mlp", "value": pytest.approx(0.55)}, {"filter": None, "value": pytest.approx(0.75)}]
+    assert d == [{"filter": "mlp", "value": 0.55}, {"filter": None, "value": 0.75}] or d == [
+        {"filter": "mlp", "value": pytest.approx(0.55)},
+        {"filter": None, "value": pytest.approx(0.75)},
+    ]
     assert s0["sources"][0]["parameters"]["weight"][0]["value"] == pytest.approx(0.35)  # |-0.35|
     start = Genome(models=("a", "b", "c"), merge_method="linear", num_layers=4).initial()
     assert list(start) == [pytest.approx(1 / 3)] * 3  # one group, weights only
@@ -141,15 +161,19 @@ def test_candidates_merge_in_memory_to_the_merge_bytes(config, tmp_path):
 
 # ------------------------------------------------------------------------------------------- refusals
 
-@pytest.mark.parametrize("body, says", [
-    ({"genome": {"models": ["x"], "merge_method": "tiess"}, "tasks": ["tiny:sort"]}, "did you mean 'ties'"),
-    ({"tasks": []}, "no tasks"),
-    ({"tasks": [{"name": "t", "search": "notjsonl.txt"}]}, "notjsonl.txt:1"),
-    ({"tasks": [{"name": "tiny:sort", "weight": -1}]}, "weight"),
-    ({"tasks": [{"name": "tiny:sort", "metric": "bleu"}]}, "metric"),
-    ({"tasks": ["tiny:sortt"]}, "tiny:sort"),
-    ({"limit": 0}, "limit"),
-])
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        ({"genome": {"models": ["x"], "merge_method": "tiess"}, "tasks": ["tiny:sort"]}, "did you mean 'ties'"),
+        ({"tasks": []}, "no tasks"),
+        ({"tasks": [{"name": "t", "search": "notjsonl.txt"}]}, "notjsonl.txt:1"),
+        ({"tasks": [{"name": "tiny:sort", "weight": -1}]}, "weight"),
+        ({"tasks": [{"name": "tiny:sort", "metric": "bleu"}]}, "metric"),
+        ({"tasks": ["tiny:sortt"]}, "tiny:sort"),
+        ({"limit": 0}, "limit"),
+    ],
+)
 def test_bad_configs_exit_2_before_any_worker(tmp_path, capsys, body, says):
     data = json.loads(config_text())
     data.update(body)
@@ -171,6 +195,7 @@ def test_bad_options_exit_2(config, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- a search
+
 
 def test_search_journal_best_yml_and_rerun(local_run, tmp_path):
     """8 candidates in index order; best.yml is the best journal entry's recipe and `mergesmith run` of it scores
@@ -202,8 +227,18 @@ def test_search_journal_best_yml_and_rerun(local_run, tmp_path):
 
 def test_killed_search_resumes_without_scoring_twice(config, local_run, tmp_path, monkeypatch):
     storage = tmp_path / "st"
-    cmd = [sys.executable, "-m", "mergesmith", "evolve", str(config), "--storage", str(storage), "--workers", "1",
-           *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mergesmith",
+        "evolve",
+        str(config),
+        "--storage",
+        str(storage),
+        "--workers",
+        "1",
+        *ARGS,
+    ]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = storage / "journal.jsonl"
     deadline = time.monotonic() + 90
@@ -234,6 +269,7 @@ def test_other_settings_in_the_same_storage_are_refused(config, local_run, tmp_p
 
 # ------------------------------------------------------------------------------------------- Ray
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -249,11 +285,17 @@ def ray_cluster():
     port = _free_port()
     common = ["--num-cpus=1", "--disable-usage-stats"]
     try:
-        subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}",
-                        "--include-dashboard=false", *common], env=ENV, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false", *common],
+            env=ENV,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         address = f"127.0.0.1:{port}"
-        subprocess.run([ray_bin, "start", f"--address={address}", *common], env=ENV, check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            [ray_bin, "start", f"--address={address}", *common], env=ENV, check=True, capture_output=True, timeout=120
+        )
         yield address
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
@@ -264,8 +306,18 @@ def test_ray_cluster_gives_the_local_journal_even_when_a_worker_dies(config, loc
     """Two nodes, two actors: the journal is the one-worker local run's (candidate order, not completion order),
     and a worker killed mid-search is replaced and its candidate scored again."""
     storage = tmp_path / "st"
-    cmd = [sys.executable, "-m", "mergesmith", "evolve", str(config), "--storage", str(storage), "--ray-address",
-           ray_cluster, *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mergesmith",
+        "evolve",
+        str(config),
+        "--storage",
+        str(storage),
+        "--ray-address",
+        ray_cluster,
+        *ARGS,
+    ]
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = storage / "journal.jsonl"
     killed = None
@@ -312,21 +364,44 @@ def test_lm_eval_task_runs_on_the_in_memory_model(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    docs = [{"question": f"What is {a} + {b}?", "choices": [f"{a} + {b} makes {a + b}", f"{a} + {b} makes {a + b + 3}"],
-             "gold": 0} for a, b in ((1, 2), (3, 4), (5, 2), (6, 1), (2, 2), (7, 1))]
+    docs = [
+        {
+            "question": f"What is {a} + {b}?",
+            "choices": [f"{a} + {b} makes {a + b}", f"{a} + {b} makes {a + b + 3}"],
+            "gold": 0,
+        }
+        for a, b in ((1, 2), (3, 4), (5, 2), (6, 1), (2, 2), (7, 1))
+    ]
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
     (tasks_dir / "tiny_sums.yaml").write_text(LM_TASK.format(data=data))
-    spec = {"name": "tiny_sums", "kind": "lm_eval", "weight": 1.0, "metric": "acc,none",
-            "lm_eval": {"task": "tiny_sums", "include_path": [str(tasks_dir)], "limit": None, "num_fewshot": None,
-                        "apply_chat_template": False, "fewshot_as_multiturn": False, "seed": 0}}
+    spec = {
+        "name": "tiny_sums",
+        "kind": "lm_eval",
+        "weight": 1.0,
+        "metric": "acc,none",
+        "lm_eval": {
+            "task": "tiny_sums",
+            "include_path": [str(tasks_dir)],
+            "limit": None,
+            "num_fewshot": None,
+            "apply_chat_template": False,
+            "fewshot_as_multiturn": False,
+            "seed": 0,
+        },
+    }
     scorer = Scorer({"skeleton": str(TINY / "base"), "tasks": [spec], "seed": 0, "threads": 1})
     mine = scorer.run({"index": 0, "model": str(TINY / "addition")})
-    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={TINY / 'addition'},dtype=float32,device=cpu",
-                                  tasks=["tiny_sums"], task_manager=TaskManager(include_path=str(tasks_dir)),
-                                  log_samples=False, bootstrap_iters=0)
+    ref = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={TINY / 'addition'},dtype=float32,device=cpu",
+        tasks=["tiny_sums"],
+        task_manager=TaskManager(include_path=str(tasks_dir)),
+        log_samples=False,
+        bootstrap_iters=0,
+    )
     assert mine["scores"]["tiny_sums"]["acc,none"] == ref["results"]["tiny_sums"]["acc,none"]
     assert mine["score"] == ref["results"]["tiny_sums"]["acc,none"]
     capsys.readouterr()

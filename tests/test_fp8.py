@@ -25,7 +25,7 @@ def block_scales(w: torch.Tensor, block) -> torch.Tensor:
     s = torch.empty(rows, cols, dtype=torch.float64)
     for i in range(rows):
         for j in range(cols):
-            s[i, j] = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc].abs().max().double() / E4M3_MAX
+            s[i, j] = w[i * br : (i + 1) * br, j * bc : (j + 1) * bc].abs().max().double() / E4M3_MAX
     return s.clamp(min=1e-12)
 
 
@@ -80,14 +80,23 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
     sd = make_mistral(root / "fp8", seed=0, inter=96, dtype=torch.float32)
     tensors, ref_fp8 = quantize(sd, BLOCK)
-    save_fp8(root / "fp8", tensors, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": BLOCK})
+    save_fp8(
+        root / "fp8",
+        tensors,
+        {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": BLOCK},
+    )
     other = make_mistral(root / "bf16", seed=1, inter=96, from_state=sd, noise=0.01)
-    plain = {k: v.to(torch.float8_e5m2) if k.endswith("proj.weight") else v.to(torch.bfloat16)
-             for k, v in make_mistral(root / "plain", seed=2, inter=96, from_state=sd, noise=0.01).items()}
+    plain = {
+        k: v.to(torch.float8_e5m2) if k.endswith("proj.weight") else v.to(torch.bfloat16)
+        for k, v in make_mistral(root / "plain", seed=2, inter=96, from_state=sd, noise=0.01).items()
+    }
     save_fp8(root / "plain", plain)
-    return {"root": root, "fp8": ref_fp8, "bf16": {k: v.double() for k, v in other.items()},
-            "plain": {k: v.double() for k, v in plain.items()}}
+    return {
+        "root": root,
+        "fp8": ref_fp8,
+        "bf16": {k: v.double() for k, v in other.items()},
+        "plain": {k: v.double() for k, v in plain.items()},
+    }
 
 
 def merge(models, tmp_path, names, dtype="float32"):
@@ -138,10 +147,12 @@ def test_plain_fp8_tensors_are_read_as_their_values(models, tmp_path):
     merged = read_folder(out)
     name = "model.layers.0.self_attn.o_proj.weight"
     assert merged[name].dtype == torch.bfloat16
-    np.testing.assert_allclose(merged[name].double().numpy(),
-                               ((models["plain"][name] + models["bf16"][name]) / 2).numpy(), rtol=2 ** -8)
-    assert torch.equal(read_folder(merge(models, tmp_path / "alone", ["plain"]))[name].double(),
-                       models["plain"][name])  # a model alone: its FP8 values, exactly
+    np.testing.assert_allclose(
+        merged[name].double().numpy(), ((models["plain"][name] + models["bf16"][name]) / 2).numpy(), rtol=2**-8
+    )
+    assert torch.equal(
+        read_folder(merge(models, tmp_path / "alone", ["plain"]))[name].double(), models["plain"][name]
+    )  # a model alone: its FP8 values, exactly
 
 
 def test_reads_of_rows_and_leading_blocks_are_dequantized(models):
@@ -163,10 +174,13 @@ def test_scales_of_the_wrong_shape_are_refused(models, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["quantization_config"]["weight_block_size"] = [32, 32]
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MergeError, match=r"_scale_inv is torch.float32 \[\d+, \d+\], but the block scales of .* in "
-                                         r"blocks of \[32, 32\] are floats of shape"):
+    with pytest.raises(
+        MergeError,
+        match=r"_scale_inv is torch.float32 \[\d+, \d+\], but the block scales of .* in "
+        r"blocks of \[32, 32\] are floats of shape",
+    ):
         index_model("bad", bad)
     cfg["quantization_config"]["weight_block_size"] = "128"
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MergeError, match="weight_block_size is \"128\", not \\[rows, columns\\]"):
+    with pytest.raises(MergeError, match='weight_block_size is "128", not \\[rows, columns\\]'):
         index_model("bad", bad)

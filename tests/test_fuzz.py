@@ -20,8 +20,10 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scope
 def valid_safetensors() -> bytes:
     from safetensors.torch import save
 
-    return save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)},
-                metadata={"format": "pt"})
+    return save(
+        {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)},
+        metadata={"format": "pt"},
+    )
 
 
 GOOD = valid_safetensors()
@@ -29,8 +31,8 @@ GOOD = valid_safetensors()
 
 def mutate_header(draw_ops, data: bytes) -> bytes:
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    body = data[8 + n:]
+    header = json.loads(data[8 : 8 + n])
+    body = data[8 + n :]
     for op, val in draw_ops:
         name = "a" if val % 2 else "b"
         if op != "entry" and not isinstance(header[name], dict):
@@ -55,15 +57,20 @@ def test_corrupted_safetensors_is_refused_cleanly(tmp_path_factory, data):
     kind = data.draw(st.sampled_from(["truncate", "flip", "length", "header", "garbage"]))
     blob = GOOD
     if kind == "truncate":
-        blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
     elif kind == "flip":
         i = data.draw(st.integers(0, len(blob) - 1))
-        blob = blob[:i] + bytes([blob[i] ^ data.draw(st.integers(1, 255))]) + blob[i + 1:]
+        blob = blob[:i] + bytes([blob[i] ^ data.draw(st.integers(1, 255))]) + blob[i + 1 :]
     elif kind == "length":
         blob = struct.pack("<Q", data.draw(st.integers(0, 2**64 - 1))) + blob[8:]
     elif kind == "header":
-        ops = data.draw(st.lists(st.tuples(st.sampled_from(["offsets", "dtype", "shape", "drop", "entry"]),
-                                           st.integers(0, 10**6)), min_size=1, max_size=3))
+        ops = data.draw(
+            st.lists(
+                st.tuples(st.sampled_from(["offsets", "dtype", "shape", "drop", "entry"]), st.integers(0, 10**6)),
+                min_size=1,
+                max_size=3,
+            )
+        )
         blob = mutate_header(ops, blob)
     else:
         blob = data.draw(st.binary(max_size=200))
@@ -77,13 +84,38 @@ def test_corrupted_safetensors_is_refused_cleanly(tmp_path_factory, data):
         assert "\n" not in str(e)
 
 
-KEYS = ["merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "slices", "tokenizer_source",
-        "chat_template", "model", "weight", "density", "epsilon", "lambda", "filter", "value", "dype", "random_seed"]
-scalars = st.one_of(st.integers(-3, 3), st.floats(-2, 2) | st.just(float("nan")), st.booleans(), st.none(),
-                    st.sampled_from(["linear", "ties", "della_linear", "bfloat16", "x", "", "1e-3", "[", "{a: 1}"]))
-yaml_values = st.recursive(scalars, lambda kids: st.one_of(st.lists(kids, max_size=3),
-                                                           st.dictionaries(st.sampled_from(KEYS), kids, max_size=4)),
-                           max_leaves=12)
+KEYS = [
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "slices",
+    "tokenizer_source",
+    "chat_template",
+    "model",
+    "weight",
+    "density",
+    "epsilon",
+    "lambda",
+    "filter",
+    "value",
+    "dype",
+    "random_seed",
+]
+scalars = st.one_of(
+    st.integers(-3, 3),
+    st.floats(-2, 2) | st.just(float("nan")),
+    st.booleans(),
+    st.none(),
+    st.sampled_from(["linear", "ties", "della_linear", "bfloat16", "x", "", "1e-3", "[", "{a: 1}"]),
+)
+yaml_values = st.recursive(
+    scalars,
+    lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.sampled_from(KEYS), kids, max_size=4)),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=300, **SETTINGS)
@@ -105,7 +137,7 @@ def test_mangled_seed_recipe_fails_cleanly(fam, cut, junk, pos):
     b, f1, f2, f3 = fam
     text = SEED_RECIPE.format(base=b, ft1=f1, ft2=f2, ft3=f3)
     text = text[:pos] + junk + text[pos:]
-    text = text[:len(text) - cut % len(text)]
+    text = text[: len(text) - cut % len(text)]
     try:
         r = parse_recipe(text, "fuzz.yml")
         make_plan(r, seed=1)

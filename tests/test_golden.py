@@ -51,7 +51,7 @@ def recipe_for(case: str, tmp: Path) -> Path:
         return method_recipes()[case]
     text = recipe_path().read_text(encoding="utf-8").replace("tiny/", f"{tiny_dir()}/")
     r = tmp / f"{case}.yml"
-    r.write_text(text.replace("merge_method: della_linear", f"merge_method: {case[len('stellar-'):]}"))
+    r.write_text(text.replace("merge_method: della_linear", f"merge_method: {case[len('stellar-') :]}"))
     return r
 
 

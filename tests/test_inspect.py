@@ -64,7 +64,10 @@ def test_task_arithmetic_weights_come_back(tmp_path, fam, capsys):
 
 def test_linear_without_base_fits_the_models_themselves(tmp_path, fam, capsys):
     """No base: the inputs are the regressors, and a normalized linear merge gives w_i / sum(w)."""
-    out = merge(tmp_path, fam, """models:
+    out = merge(
+        tmp_path,
+        fam,
+        """models:
   - model: {ft1}
     parameters: {{weight: 0.3}}
   - model: {ft2}
@@ -73,7 +76,9 @@ def test_linear_without_base_fits_the_models_themselves(tmp_path, fam, capsys):
     parameters: {{weight: 0.4}}
 merge_method: linear
 dtype: float32
-""", "lin")
+""",
+        "lin",
+    )
     rep = inspect_json(capsys, out)
     assert rep["base"] is None
     assert rep["total"]["weights"] == pytest.approx([0.375, 0.125, 0.5], abs=1e-4)
@@ -83,7 +88,10 @@ dtype: float32
 def test_ties_leaves_at_least_the_untrimmed_share_untouched(tmp_path, fam, capsys):
     """TIES changes an element only where some model kept it: at least 1 - sum(density) of each tensor is
     untouched; the sparsified merge is not a weighted sum of the full task vectors (fit < 1)."""
-    out = merge(tmp_path, fam, """models:
+    out = merge(
+        tmp_path,
+        fam,
+        """models:
   - model: {ft1}
     parameters: {{weight: 0.3, density: 0.1}}
   - model: {ft2}
@@ -93,7 +101,9 @@ def test_ties_leaves_at_least_the_untrimmed_share_untouched(tmp_path, fam, capsy
 merge_method: ties
 base_model: {base}
 dtype: bfloat16
-""", "ties")
+""",
+        "ties",
+    )
     rep = inspect_json(capsys, out, "--by", "tensor")
     assert len(rep["groups"]) > 10
     for r in rep["groups"]:
@@ -148,8 +158,14 @@ def test_user_errors_are_one_line(tmp_path, fam, capsys):
 
 
 @settings(max_examples=40, deadline=None)
-@given(k=st.integers(1, 4), rows=st.integers(1, 9), cols=st.integers(1, 9), seed=st.integers(0, 2**31 - 1),
-       split=st.integers(1, 8), with_base=st.booleans())
+@given(
+    k=st.integers(1, 4),
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 9),
+    seed=st.integers(0, 2**31 - 1),
+    split=st.integers(1, 8),
+    with_base=st.booleans(),
+)
 def test_sums_fit_equals_numpy_least_squares(k, rows, cols, seed, split, with_base):
     """Row blocks added together give numpy's float64 answers for the whole tensor: lstsq on the design matrix
     (not the normal equations), norms, cosines, untouched count."""
@@ -160,7 +176,7 @@ def test_sums_fit_equals_numpy_least_squares(k, rows, cols, seed, split, with_ba
     xs = [base + rng.standard_normal((rows, cols)).astype(np.float32) * 0.1 for _ in range(k)]
     merged = base + sum(rng.uniform(-1, 1) * (x - base) for x in xs).astype(np.float32)
     merged[0, 0] = base[0, 0]  # one element untouched for sure
-    merged = merged + (rng.standard_normal((rows, cols)) * 0.01).astype(np.float32) * (rng.random((rows, cols)) < .5)
+    merged = merged + (rng.standard_normal((rows, cols)) * 0.01).astype(np.float32) * (rng.random((rows, cols)) < 0.5)
     total = Sums(k)
     cut = min(rows, split)
     for a, b in ((0, cut), (cut, rows)):

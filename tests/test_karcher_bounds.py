@@ -44,6 +44,7 @@ class Steps:
         def counting(a, b, *args, **kw):
             self.calls += 1
             return real(a, b, *args, **kw)
+
         monkeypatch.setattr(karcher_module, "dot64", counting)
 
 
@@ -71,17 +72,26 @@ def test_a_tensor_that_hits_max_iter_is_named_once_with_a_count(tmp_path, capsys
         folder = tmp_path / f"m{i}"
         folder.mkdir()
         g = torch.Generator().manual_seed(i)
-        save_file({"a.weight": torch.randn(8, 8, generator=g), "b.weight": torch.ones(4, 4),
-                   "c.weight": torch.randn(6, 5, generator=g)}, str(folder / "model.safetensors"))
+        save_file(
+            {
+                "a.weight": torch.randn(8, 8, generator=g),
+                "b.weight": torch.ones(4, 4),
+                "c.weight": torch.randn(6, 5, generator=g),
+            },
+            str(folder / "model.safetensors"),
+        )
     recipe = tmp_path / "r.yml"
-    recipe.write_text("merge_method: karcher\nmodels:\n" + "".join(f"  - model: {tmp_path / f'm{i}'}\n"
-                                                                 for i in range(3))
-                      + "parameters:\n  max_iter: 2\n  tol: 1e-6\n")
+    recipe.write_text(
+        "merge_method: karcher\nmodels:\n"
+        + "".join(f"  - model: {tmp_path / f'm{i}'}\n" for i in range(3))
+        + "parameters:\n  max_iter: 2\n  tol: 1e-6\n"
+    )
     warnings = [w for w in run(recipe, tmp_path / "out", capsys) if "max_iter" in w]
     assert len(warnings) == 1, warnings
     assert "not converged in max_iter 2 iterations" in warnings[0]
     assert warnings[0].endswith("2 tensors (a.weight, c.weight)") or warnings[0].endswith(
-        "2 tensors (c.weight, a.weight)")
+        "2 tensors (c.weight, a.weight)"
+    )
 
 
 def test_max_iter_is_honoured_per_tensor(monkeypatch):
@@ -90,8 +100,10 @@ def test_max_iter_is_honoured_per_tensor(monkeypatch):
     xs = spread()
     METHODS["karcher"].merge(None, xs, {"max_iter": 3, "tol": 1e-6}, [{}] * 3, report=notes.append)
     assert steps.calls == 3 * 3
-    assert notes == ["karcher: not converged in max_iter 3 iterations (the tangent norm stayed above 1e-06); the "
-                     "last iterate is used (raise max_iter to go on)"]
+    assert notes == [
+        "karcher: not converged in max_iter 3 iterations (the tangent norm stayed above 1e-06); the "
+        "last iterate is used (raise max_iter to go on)"
+    ]
 
 
 def test_a_converged_mean_stops_and_is_the_karcher_mean(monkeypatch):
@@ -104,8 +116,9 @@ def test_a_converged_mean_stops_and_is_the_karcher_mean(monkeypatch):
     assert steps.calls < 3 * 50 and len(notes) == 1 and "tol 1e-09 is below" in notes[0]
     m = out.double().reshape(-1) / out.double().norm()
     us = [x.double().reshape(-1) / x.double().norm() for x in xs]
-    tangent = sum((math.acos(float(m @ u)) / math.sin(math.acos(float(m @ u)))) * (u - float(m @ u) * m) / 3
-                  for u in us)
+    tangent = sum(
+        (math.acos(float(m @ u)) / math.sin(math.acos(float(m @ u)))) * (u - float(m @ u) * m) / 3 for u in us
+    )
     assert float(tangent.norm()) < 1e-6
     assert torch.allclose(out.double().norm(), sum(x.double().norm() for x in xs) / 3, rtol=1e-6)
 
@@ -116,8 +129,9 @@ def test_an_iteration_that_stops_improving_stops(monkeypatch):
     monkeypatch.setattr(karcher_module, "TOL_FLOOR", 1e-30)
     steps = Steps(monkeypatch)
     notes = []
-    METHODS["karcher"].merge(None, spread(shape=(64, 32)), {"max_iter": 100000, "tol": 1e-20}, [{}] * 3,
-                             report=notes.append)
+    METHODS["karcher"].merge(
+        None, spread(shape=(64, 32)), {"max_iter": 100000, "tol": 1e-20}, [{}] * 3, report=notes.append
+    )
     assert steps.calls <= 3 * 100
     assert any("stopped falling above tol 1e-20" in n for n in notes), notes
 

@@ -31,6 +31,7 @@ def merge(name, base, xs, per_input, keys=None, **shared):
 
 # ---------------------------------------------------------------- references (float64, numpy, written here)
 
+
 def ref_linear(xs, ws, normalize=True):
     acc = sum(w * x.double().numpy() for w, x in zip(ws, xs))
     return acc / sum(ws) if normalize else acc
@@ -77,11 +78,12 @@ def ref_breadcrumbs_mask(d, density, gamma):
     n_bot = max(0, n - target - n_top)
     order = np.argsort(flat, kind="stable")
     m = np.zeros(n)
-    m[order[n_bot:n_bot + target]] = 1
+    m[order[n_bot : n_bot + target]] = 1
     return m.reshape(d.shape)
 
 
 # ---------------------------------------------------------------- deterministic methods
+
 
 def test_linear_matches_reference():
     xs = [rnd(7, 5) for _ in range(3)]
@@ -107,10 +109,10 @@ def test_ties_matches_reference():
     ws, ds = [0.3, 0.5, 0.2], [0.25, 0.5, 0.9]
     out = merge("ties", base, xs, [{"weight": w, "density": d} for w, d in zip(ws, ds)])
     np.testing.assert_allclose(out.numpy(), ref_ties(base, xs, ws, ds), rtol=1e-5, atol=1e-6)
-    out = merge("ties", base, xs, [{"weight": w, "density": d} for w, d in zip(ws, ds)], normalize=False,
-                **{"lambda": 2.0})
-    np.testing.assert_allclose(out.numpy(), ref_ties(base, xs, ws, ds, normalize=False, lam=2.0), rtol=1e-5,
-                               atol=1e-6)
+    out = merge(
+        "ties", base, xs, [{"weight": w, "density": d} for w, d in zip(ws, ds)], normalize=False, **{"lambda": 2.0}
+    )
+    np.testing.assert_allclose(out.numpy(), ref_ties(base, xs, ws, ds, normalize=False, lam=2.0), rtol=1e-5, atol=1e-6)
 
 
 def test_ties_hand_checked():
@@ -129,8 +131,9 @@ def test_breadcrumbs_matches_reference(name, consensus):
     ws, ds, gs = [0.6, 0.4], [0.5, 0.3], [0.05, 0.1]
     out = merge(name, base, xs, [{"weight": w, "density": d, "gamma": g} for w, d, g in zip(ws, ds, gs)])
     b = base.double().numpy()
-    masked = [b + (x.double().numpy() - b) * ref_breadcrumbs_mask(x.double().numpy() - b, d, g)
-              for x, d, g in zip(xs, ds, gs)]
+    masked = [
+        b + (x.double().numpy() - b) * ref_breadcrumbs_mask(x.double().numpy() - b, d, g) for x, d, g in zip(xs, ds, gs)
+    ]
     if consensus:
         ref = ref_ties(torch.from_numpy(b), [torch.from_numpy(m) for m in masked], ws, [1.0, 1.0], normalize=False)
     else:
@@ -139,6 +142,7 @@ def test_breadcrumbs_matches_reference(name, consensus):
 
 
 # ---------------------------------------------------------------- randomized methods
+
 
 def test_uniform_matches_pure_python_splitmix():
     M = (1 << 64) - 1
@@ -187,8 +191,9 @@ def test_random_methods_keep_fraction_and_l1(name):
 
 def test_della_keeps_large_magnitudes_more_often():
     x = torch.linspace(0.01, 1, 200).repeat(400, 1)
-    out = merge("della_linear", torch.zeros_like(x), [x], [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}],
-                rescale=False)
+    out = merge(
+        "della_linear", torch.zeros_like(x), [x], [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}], rescale=False
+    )
     rate = (out != 0).float().mean(dim=0)
     assert rate[:20].mean().item() == pytest.approx(0.32, abs=0.03)
     assert rate[-20:].mean().item() == pytest.approx(0.68, abs=0.03)
@@ -240,8 +245,13 @@ def test_della_rank_scope_tensor():
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 9), cols=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
-       density=st.floats(0.1, 0.9), name=st.sampled_from(["della_linear", "dare_linear", "della", "dare_ties"]))
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
+    density=st.floats(0.1, 0.9),
+    name=st.sampled_from(["della_linear", "dare_linear", "della", "dare_ties"]),
+)
 def test_random_methods_are_row_block_and_order_free(rows, cols, seed, density, name):
     """A block of rows merged alone equals the same rows of the whole-tensor merge (the stream is per element)."""
     base = torch.zeros(rows, cols)
@@ -253,9 +263,10 @@ def test_random_methods_are_row_block_and_order_free(rows, cols, seed, density, 
     b = merge(name, base, xs[::-1], per, keys[::-1], rescale=False)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # model order does not matter
     from mergesmith.methods.rng import uniform_like
+
     u = uniform_like(keys[0], torch.Size([rows, cols]))
     u2 = uniform_like(keys[0], torch.Size([rows - rows // 2, cols]), row_offset=rows // 2)
-    assert torch.equal(u[rows // 2:], u2)
+    assert torch.equal(u[rows // 2 :], u2)
 
 
 @settings(max_examples=60, deadline=None)
@@ -282,8 +293,14 @@ def test_magnitude_ties_keep_lower_indices_breadcrumbs_drop_lower():
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 300), levels=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
-       lo=st.integers(0, 300), width=st.integers(0, 300), largest=st.booleans())
+@given(
+    n=st.integers(1, 300),
+    levels=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+    lo=st.integers(0, 300),
+    width=st.integers(0, 300),
+    largest=st.booleans(),
+)
 def test_rank_range_mask_equals_a_stable_sort(n, levels, seed, lo, width, largest):
     """Selection-based top-k / rank ranges keep exactly what a stable sort keeps, ties (few levels) by index."""
     from mergesmith.methods.sparsify import rank_range_mask
@@ -292,14 +309,21 @@ def test_rank_range_mask_equals_a_stable_sort(n, levels, seed, lo, width, larges
     a = rng.integers(0, levels, n).astype(np.float32) * 0.5
     order = np.argsort(-a if largest else a, kind="stable")
     want = np.zeros(n, dtype=bool)
-    want[order[lo:lo + width]] = True
+    want[order[lo : lo + width]] = True
     got = rank_range_mask(torch.from_numpy(a), lo, lo + width, largest_first=largest).numpy()
     assert np.array_equal(got, want)
 
 
 @settings(max_examples=150, deadline=None)
-@given(n=st.integers(1, 300), levels=st.integers(1, 7), seed=st.integers(0, 2**31 - 1),
-       lo=st.integers(0, 300), width=st.integers(0, 300), largest=st.booleans(), n_blocks=st.integers(1, 7))
+@given(
+    n=st.integers(1, 300),
+    levels=st.integers(1, 7),
+    seed=st.integers(0, 2**31 - 1),
+    lo=st.integers(0, 300),
+    width=st.integers(0, 300),
+    largest=st.booleans(),
+    n_blocks=st.integers(1, 7),
+)
 def test_a_cut_applied_block_by_block_keeps_what_a_stable_sort_keeps(n, levels, seed, lo, width, largest, n_blocks):
     """Row-block TIES: the whole tensor's RankCut, found block by block (radix selection) and applied to blocks
     with the tie-group counts of earlier blocks, keeps what a stable sort of the whole tensor keeps."""
@@ -307,14 +331,15 @@ def test_a_cut_applied_block_by_block_keeps_what_a_stable_sort_keeps(n, levels, 
 
     rng = np.random.default_rng(seed)
     # values sharing their high 16 bits (1, the next float32 up, 1 + 2**-20) and not (0, 0.25, 3, 1e-30)
-    values = np.array([0.0, 0.25, 1.0, np.nextafter(np.float32(1), np.float32(2)), 1 + 2.0**-20, 3.0, 1e-30],
-                      dtype=np.float32)[:levels]
+    values = np.array(
+        [0.0, 0.25, 1.0, np.nextafter(np.float32(1), np.float32(2)), 1 + 2.0**-20, 3.0, 1e-30], dtype=np.float32
+    )[:levels]
     a = values[rng.integers(0, levels, n)]
     order = np.argsort(-a if largest else a, kind="stable")
     want = np.zeros(n, dtype=bool)
-    want[order[lo:lo + width]] = True
+    want[order[lo : lo + width]] = True
     bounds = sorted(set([0, n] + rng.integers(0, n + 1, n_blocks - 1).tolist()))
-    cut, counts = rank_cut_blocks(lambda k: a[bounds[k]:bounds[k + 1]], len(bounds) - 1, n, lo, lo + width, largest)
+    cut, counts = rank_cut_blocks(lambda k: a[bounds[k] : bounds[k + 1]], len(bounds) - 1, n, lo, lo + width, largest)
     assert cut == rank_cut(a, lo, lo + width, largest)
     running = [0] * len(cut.groups)
     got = []

@@ -25,8 +25,14 @@ def lora_setup(tmp_path_factory):
     make_mistral(root / "base", seed=5, layers=2, dtype=torch.float32)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(root / "base"))
-    cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens"],
-                     init_lora_weights=False, rank_pattern={"o_proj": 2}, alpha_pattern={"o_proj": 3})
+    cfg = LoraConfig(
+        r=R,
+        lora_alpha=ALPHA,
+        target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens"],
+        init_lora_weights=False,
+        rank_pattern={"o_proj": 2},
+        alpha_pattern={"o_proj": 3},
+    )
     pm = get_peft_model(model, cfg)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -42,8 +48,10 @@ def lora_setup(tmp_path_factory):
 def test_base_plus_lora_equals_peft_merge_and_unload(lora_setup, tmp_path):
     root, want = lora_setup
     r = tmp_path / "r.yml"
-    r.write_text(f"merge_method: linear\nmodels:\n  - model: {root / 'base'}+{root / 'adapter'}\n"
-                 "    parameters: {weight: 1.0}\ndtype: float32\n")
+    r.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {root / 'base'}+{root / 'adapter'}\n"
+        "    parameters: {weight: 1.0}\ndtype: float32\n"
+    )
     run_recipe(str(r), str(tmp_path / "out"))
     got = read_folder(tmp_path / "out")
     base = read_folder(root / "base")
@@ -63,8 +71,18 @@ def test_extract_lora_reproduces_the_adapter_and_loads_in_peft(lora_setup, tmp_p
     root, want = lora_setup
     out = tmp_path / "extracted"
     with pytest.raises(SystemExit) as e:
-        main(["extract-lora", str(out), "--model", str(root / "peft_merged"), "--base", str(root / "base"),
-              "--rank", str(R)])
+        main(
+            [
+                "extract-lora",
+                str(out),
+                "--model",
+                str(root / "peft_merged"),
+                "--base",
+                str(root / "base"),
+                "--rank",
+                str(R),
+            ]
+        )
     assert e.value.code == 0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == R
@@ -94,8 +112,9 @@ def test_extract_lora_with_energy_picks_smaller_ranks(lora_setup, tmp_path):
     root, _ = lora_setup
     from mergesmith.lora import extract_lora
 
-    res = extract_lora(str(root / "peft_merged"), str(root / "base"), tmp_path / "e", rank=16, energy=0.999,
-                       progress=False)
+    res = extract_lora(
+        str(root / "peft_merged"), str(root / "base"), tmp_path / "e", rank=16, energy=0.999, progress=False
+    )
     # the true deltas have rank 4 (q, v) and 2 (o): an energy threshold finds them, not the cap of 16
     assert {m.split(".")[-1]: r for m, r in res.modules.items()} == {"q_proj": 4, "v_proj": 4, "o_proj": 2}
     assert max(res.errors.values()) < 1e-3
@@ -105,7 +124,8 @@ def test_extract_lora_with_energy_picks_smaller_ranks(lora_setup, tmp_path):
 def test_bad_adapter_is_one_line(lora_setup, tmp_path):
     root, _ = lora_setup
     r = tmp_path / "r.yml"
-    r.write_text(f"merge_method: linear\nmodels:\n  - model: {root / 'base'}+{tmp_path}\n"
-                 "    parameters: {weight: 1.0}\n")
+    r.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {root / 'base'}+{tmp_path}\n    parameters: {{weight: 1.0}}\n"
+    )
     with pytest.raises(MergeError, match=r"r.yml:3: adapter .* has no adapter_config.json"):
         run_recipe(str(r), str(tmp_path / "out"))

@@ -37,7 +37,7 @@ def adapter(out):
 
 
 def lora_modules(tensors) -> set:
-    return {k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+    return {k[len("base_model.model.") :].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
 
 
 def peft_load(base, out):
@@ -61,8 +61,9 @@ def test_full_rank_adapter_loads_in_peft_with_every_key_and_gives_the_fine_tunes
     pm, check = peft_load(base, out)
     assert check.missing_keys == [] and check.unexpected_keys == []
     # mergekit's defaults: every linear weight as LoRA; embeddings, head and norms (all changed here) saved whole
-    assert lora_modules(tensors) == {f"model.layers.{i}.{p}.{m}" for i in range(2)
-                                     for p, ms in (("self_attn", ATTN), ("mlp", MLP)) for m in ms}
+    assert lora_modules(tensors) == {
+        f"model.layers.{i}.{p}.{m}" for i in range(2) for p, ms in (("self_attn", ATTN), ("mlp", MLP)) for m in ms
+    }
     norms = {f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
     assert set(cfg["modules_to_save"]) == {"model.embed_tokens", "lm_head", "model.norm"} | norms
     x = torch.tensor([[1, 7, 42, 9, 300, 5]])
@@ -75,13 +76,26 @@ def test_full_rank_adapter_loads_in_peft_with_every_key_and_gives_the_fine_tunes
         assert torch.allclose(merged[name], w, rtol=0, atol=1e-5), name
 
 
-@pytest.mark.parametrize("args,want,norms", [
-    (["-i", "self_attn", "-e", r"layers\.1\."], {f"model.layers.0.self_attn.{m}" for m in ATTN}, set()),
-    (["--include-regex", "down_proj", "--include-regex", "q_proj"],
-     {f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp.down_proj", "self_attn.q_proj")}, set()),
-    (["--exclude-regex", "mlp", "-e", "layers.0"], {f"model.layers.1.self_attn.{m}" for m in ATTN},
-     {"model.norm.weight", "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"}),
-])
+@pytest.mark.parametrize(
+    "args,want,norms",
+    [
+        (["-i", "self_attn", "-e", r"layers\.1\."], {f"model.layers.0.self_attn.{m}" for m in ATTN}, set()),
+        (
+            ["--include-regex", "down_proj", "--include-regex", "q_proj"],
+            {f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp.down_proj", "self_attn.q_proj")},
+            set(),
+        ),
+        (
+            ["--exclude-regex", "mlp", "-e", "layers.0"],
+            {f"model.layers.1.self_attn.{m}" for m in ATTN},
+            {
+                "model.norm.weight",
+                "model.layers.1.input_layernorm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            },
+        ),
+    ],
+)
 def test_include_and_exclude_regexes_select_the_modules(pair, tmp_path, args, want, norms):
     base, ft = pair
     out = tmp_path / "a"
@@ -90,7 +104,7 @@ def test_include_and_exclude_regexes_select_the_modules(pair, tmp_path, args, wa
     assert lora_modules(tensors) == want
     assert set(cfg["target_modules"]) == want
     # as mergekit: norms follow the filters; embeddings and head are saved whole unless an exclude names them
-    saved = {k[len("base_model.model."):] for k in tensors if ".lora_" not in k}
+    saved = {k[len("base_model.model.") :] for k in tensors if ".lora_" not in k}
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= saved
     assert {n for n in saved if "norm" in n} == norms
 
@@ -107,8 +121,12 @@ def test_an_exclude_regex_keeps_embeddings_and_head_out(pair, tmp_path):
 def test_save_module_keeps_the_whole_tensor_and_peft_loads_the_fine_tunes_values(tmp_path, fam):
     base, ft = fam[0], fam[1]  # bf16, so "exact" means the fine-tune's very bits
     out = tmp_path / "a"
-    assert extract(out, ft, base, "--max-rank", 2, "--save-module", "lm_head",
-                   "--save-module", "model.layers.0.mlp.down_proj") == 0
+    assert (
+        extract(
+            out, ft, base, "--max-rank", 2, "--save-module", "lm_head", "--save-module", "model.layers.0.mlp.down_proj"
+        )
+        == 0
+    )
     cfg, tensors = adapter(out)
     want = read_folder(ft)
     for name in ("lm_head.weight", "model.layers.0.mlp.down_proj.weight"):
@@ -151,7 +169,7 @@ def known_spectrum(n: int, values) -> torch.Tensor:
     U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     s = torch.zeros(n, dtype=torch.float64)
-    s[:len(values)] = torch.tensor(values, dtype=torch.float64)
+    s[: len(values)] = torch.tensor(values, dtype=torch.float64)
     return (U * s) @ V.T
 
 
@@ -171,7 +189,7 @@ def test_sv_epsilon_drops_the_singular_values_at_or_below_it(tmp_path, eps, rank
     U, S, Vh = torch.linalg.svd(d)
     best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
     assert torch.allclose((B @ A).double(), best, atol=1e-4)
-    assert lora_modules(tensors) == {name[:-len(".weight")]}  # nothing else moved, nothing else written
+    assert lora_modules(tensors) == {name[: -len(".weight")]}  # nothing else moved, nothing else written
 
 
 def test_unchanged_norms_and_embeddings_are_not_saved_and_skip_undecomposable_leaves_a_norm_out(tmp_path, capsys):
@@ -217,31 +235,64 @@ def test_on_the_tiny_family_the_whole_delta_error_is_the_svd_bound(tmp_path):
 def test_mergekit_option_names_parse(pair, tmp_path, capsys):
     base, ft = pair
     out = tmp_path / "a"
-    assert extract(out, ft, base, "--max-rank", 3, "--sv-epsilon", 0, "--no-embed-lora", "--save-module", "norm",
-                   "-i", "proj", "-e", r"layers\.1\.", "--skip-undecomposable", "--distribute-scale", "--no-cuda",
-                   "--lora-merge-cache", tmp_path / "cache", "-v") == 0
+    assert (
+        extract(
+            out,
+            ft,
+            base,
+            "--max-rank",
+            3,
+            "--sv-epsilon",
+            0,
+            "--no-embed-lora",
+            "--save-module",
+            "norm",
+            "-i",
+            "proj",
+            "-e",
+            r"layers\.1\.",
+            "--skip-undecomposable",
+            "--distribute-scale",
+            "--no-cuda",
+            "--lora-merge-cache",
+            tmp_path / "cache",
+            "-v",
+        )
+        == 0
+    )
     cfg, tensors = adapter(out)
-    assert cfg["r"] == 3 and lora_modules(tensors) == {f"model.layers.0.{p}.{m}" for p, ms in
-                                                       (("self_attn", ATTN), ("mlp", MLP)) for m in ms}
+    assert cfg["r"] == 3 and lora_modules(tensors) == {
+        f"model.layers.0.{p}.{m}" for p, ms in (("self_attn", ATTN), ("mlp", MLP)) for m in ms
+    }
     # PEFT wraps every module whose name ends with "norm": all of them are saved, so none is missing
     assert "norm" in cfg["modules_to_save"]
-    assert {k for k in tensors if "norm" in k} == {f"base_model.model.{n}.weight" for n in (
-        "model.norm", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
-        "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm")}
+    assert {k for k in tensors if "norm" in k} == {
+        f"base_model.model.{n}.weight"
+        for n in (
+            "model.norm",
+            "model.layers.0.input_layernorm",
+            "model.layers.0.post_attention_layernorm",
+            "model.layers.1.input_layernorm",
+            "model.layers.1.post_attention_layernorm",
+        )
+    }
     # mergesmith's own names still work: positional OUT, --base, --rank
     with pytest.raises(SystemExit) as e:
         main(["extract-lora", str(tmp_path / "b"), "--model", str(ft), "--base", str(base), "--rank", "2"])
     assert e.value.code == 0 and adapter(tmp_path / "b")[0]["r"] == 2
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--out-path", "elsewhere"], "differ"),
-    (["-i", "("], "--include-regex '(' is not a regular expression"),
-    (["--sv-epsilon", "-1"], "--sv-epsilon"),
-    (["--max-rank", "0"], "--max-rank 0"),
-    (["--save-module", "self_attn"], "--save-module self_attn: it names model.layers.0.self_attn, which holds"),
-    (["--save-module", "no_such_module"], "--save-module no_such_module: no module of --model"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--out-path", "elsewhere"], "differ"),
+        (["-i", "("], "--include-regex '(' is not a regular expression"),
+        (["--sv-epsilon", "-1"], "--sv-epsilon"),
+        (["--max-rank", "0"], "--max-rank 0"),
+        (["--save-module", "self_attn"], "--save-module self_attn: it names model.layers.0.self_attn, which holds"),
+        (["--save-module", "no_such_module"], "--save-module no_such_module: no module of --model"),
+    ],
+)
 def test_bad_options_are_one_line(pair, tmp_path, capsys, args, msg):
     base, ft = pair
     with pytest.raises(SystemExit) as e:
@@ -258,8 +309,16 @@ def test_a_model_with_tied_embeddings_keeps_its_head_tied_to_the_saved_embedding
     on both tied ends would be merged twice, so they are saved whole even with --embed-lora."""
     from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    cfg = MistralConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     m = MistralForCausalLM(cfg)
     m.save_pretrained(str(tmp_path / "base"))

@@ -31,6 +31,7 @@ def close(got, want, tol=2e-6):
 
 # ---------------------------------------------------------------------------- references
 
+
 def ref_slerp(t, a, b, thr=0.9995, eps=1e-8):
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
@@ -83,8 +84,10 @@ def ref_model_stock(w0, ws, filter_wise=False):
     cos = []
     for i in range(len(offs)):
         for j in range(i + 1, len(offs)):
-            cos.append(np.sum(offs[i] * offs[j], -1) / np.maximum(
-                np.linalg.norm(offs[i], axis=-1) * np.linalg.norm(offs[j], axis=-1), 1e-6))
+            cos.append(
+                np.sum(offs[i] * offs[j], -1)
+                / np.maximum(np.linalg.norm(offs[i], axis=-1) * np.linalg.norm(offs[j], axis=-1), 1e-6)
+            )
     c = np.clip(np.mean(cos, axis=0), -1, 1)[:, None]
     n = len(ws)
     t = n * c / (1 + (n - 1) * c)
@@ -100,10 +103,10 @@ def ref_sce(base, xs, topk):
         mask = np.zeros(var.size)
         mask[keep] = 1
         ds = ds * mask.reshape(var.shape)
-    e = (ds ** 2).reshape(len(xs), -1).mean(1)
+    e = (ds**2).reshape(len(xs), -1).mean(1)
     w = e / e.sum()
     sign = np.where(ds.sum(0) >= 0, 1, -1)
-    agree = (np.sign(ds) == sign)
+    agree = np.sign(ds) == sign
     ew = w.reshape((-1,) + (1,) * base.ndim) * agree
     return base + (ds * ew).sum(0) / np.maximum(ew.sum(0), 1e-6)
 
@@ -117,6 +120,7 @@ def ref_fusion(a, b):
     def softmax(x):
         e = np.exp(x - x.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
+
     p, q = softmax(b) + 1e-8, softmax(a) + 1e-8
     imp = np.abs(b - a) * np.sum(p * np.log(p / q), -1, keepdims=True)
     s = np.sort(imp.ravel())
@@ -125,6 +129,7 @@ def ref_fusion(a, b):
 
 
 # ---------------------------------------------------------------------------- unit tests vs references
+
 
 @pytest.mark.parametrize("t", [0.0, 0.25, 0.5, 0.9, 1.0])
 def test_slerp_matches_reference(t):
@@ -144,8 +149,9 @@ def test_nuslerp_flattened_equals_slerp_and_rows_are_separate():
     close(merge("nuslerp", None, [a, b], [{"weight": 3.0}, {"weight": 1.0}]), ref_slerp(0.25, np64(a), np64(b)))
     rows = merge("nuslerp", None, [a, b], [{"weight": 3.0}, {"weight": 1.0}], nuslerp_flatten=False)
     close(rows, np.stack([ref_slerp(0.25, np64(a[i]), np64(b[i]), thr=2) for i in range(8)]))
-    cols = merge("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 1.0}], nuslerp_flatten=False,
-                 nuslerp_row_wise=True)
+    cols = merge(
+        "nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 1.0}], nuslerp_flatten=False, nuslerp_row_wise=True
+    )
     close(cols, np.stack([ref_slerp(0.5, np64(a[:, j]), np64(b[:, j]), thr=2) for j in range(32)], axis=1))
 
 

@@ -23,6 +23,7 @@ def merge(name, base, xs, **shared):
 
 # ---------------------------------------------------------------- references (float64, numpy, written here)
 
+
 def counted(base, xs, eps):
     b = base.double().numpy()
     ds = [x.double().numpy() - b for x in xs]
@@ -64,6 +65,7 @@ def sparse_family(shape=(37, 23), n=3, seed=0, keep=(0.5, 0.3, 0.2)):
 
 # ---------------------------------------------------------------- hand-checked values
 
+
 def test_ram_takes_lone_deltas_whole_and_averages_shared_ones():
     base = torch.zeros(5)
     x1 = torch.tensor([1.0, 2.0, 0.0, -4.0, 1e-6])
@@ -102,6 +104,7 @@ def test_a_merge_without_other_models_is_the_base():
 
 # ---------------------------------------------------------------- float64 references
 
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("eps", [0.0, 1e-5, 0.05])
 def test_ram_matches_the_float64_reference(seed, eps):
@@ -127,7 +130,7 @@ class Rows:
         self.t = t
 
     def read(self, name, rows=None, take=None):
-        return self.t if rows is None else self.t[rows[0]:rows[1]]
+        return self.t if rows is None else self.t[rows[0] : rows[1]]
 
 
 def through_executor(name, base, xs, block_elements, monkeypatch, **shared):
@@ -135,9 +138,17 @@ def through_executor(name, base, xs, block_elements, monkeypatch, **shared):
     monkeypatch.setattr(plan_module, "BLOCK_ELEMENTS", block_elements)
     models = {"base": Rows(base), **{f"m{i}": Rows(x) for i, x in enumerate(xs)}}
     ref = plan_module.InputRef
-    task = TensorTask("t", tuple(base.shape), torch.float32, "merge", ref("base", "t"),
-                      [ref(f"m{i}", "t") for i in range(len(xs))], {**m.defaults(), **shared}, [{}] * len(xs),
-                      [0] * len(xs))
+    task = TensorTask(
+        "t",
+        tuple(base.shape),
+        torch.float32,
+        "merge",
+        ref("base", "t"),
+        [ref(f"m{i}", "t") for i in range(len(xs))],
+        {**m.defaults(), **shared},
+        [{}] * len(xs),
+        [0] * len(xs),
+    )
     plan = types.SimpleNamespace(models=models, method=m, strict=False, vocabulary=None)
     return compute_tensor(plan, task, torch.device("cpu")), plan_module.row_blocks(plan, task)
 
@@ -170,10 +181,17 @@ dtype: float32
 """
 
 
-@pytest.mark.parametrize("method,params,ref", [
-    ("ram", {"epsilon": 0.002}, lambda b, xs: ref_ram(b, xs, 0.002)),
-    ("ramplus_tl", {"epsilon": 0.002, "r": 0.5, "alpha": 2.0}, lambda b, xs: ref_ramplus(b, xs, 0.5, 2.0, 0.002)[0]),
-])
+@pytest.mark.parametrize(
+    "method,params,ref",
+    [
+        ("ram", {"epsilon": 0.002}, lambda b, xs: ref_ram(b, xs, 0.002)),
+        (
+            "ramplus_tl",
+            {"epsilon": 0.002, "r": 0.5, "alpha": 2.0},
+            lambda b, xs: ref_ramplus(b, xs, 0.5, 2.0, 0.002)[0],
+        ),
+    ],
+)
 def test_a_recipe_merges_the_tiny_family_like_the_reference(method, params, ref, tmp_path):
     text = RECIPE.format(method=method, tiny=tiny_dir(), params="\n".join(f"  {k}: {v}" for k, v in params.items()))
     (tmp_path / "r.yml").write_text(text)
@@ -185,8 +203,9 @@ def test_a_recipe_merges_the_tiny_family_like_the_reference(method, params, ref,
         np.testing.assert_allclose(out[name].double().numpy(), ref(b, xs), rtol=3e-7, atol=1e-8, err_msg=name)
 
 
-@pytest.mark.parametrize("method,param,value", [("ram", "epsilon", -0.1), ("ramplus_tl", "r", -1),
-                                                ("ramplus_tl", "alpha", -0.5)])
+@pytest.mark.parametrize(
+    "method,param,value", [("ram", "epsilon", -0.1), ("ramplus_tl", "r", -1), ("ramplus_tl", "alpha", -0.5)]
+)
 def test_negative_parameters_are_refused_before_any_work(method, param, value, tmp_path):
     text = RECIPE.format(method=method, tiny=tiny_dir(), params=f"  {param}: {value}")
     (tmp_path / "r.yml").write_text(text)

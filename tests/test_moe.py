@@ -39,12 +39,27 @@ def save_family(root: Path, kind: str, n_ft: int = 3, **over) -> list:
     base plus noise on every weight)."""
     import transformers
 
-    classes = {"mistral": ("MistralConfig", "MistralForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM"),
-               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+    classes = {
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    }
     cfg_cls, model_cls = (getattr(transformers, n) for n in classes[kind])
-    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False,
-              bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    kw = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     kw.update(over)
     torch.manual_seed(0)
     base = model_cls(cfg_cls(**kw))
@@ -84,9 +99,13 @@ def mixtral(tmp_path_factory, mistral):
     residual_scale for expert 2)."""
     root = tmp_path_factory.mktemp("mixtral")
     base, f1, f2, f3 = mistral
-    recipe = write_recipe(root / "moe.yml", base, [
-        expert(f1, 0, negative_prompts=PROMPTS[1]), expert(f2, 1), expert(f3, 2, residual_scale=0.5)],
-        gate_mode="hidden", experts_per_token=2)
+    recipe = write_recipe(
+        root / "moe.yml",
+        base,
+        [expert(f1, 0, negative_prompts=PROMPTS[1]), expert(f2, 1), expert(f3, 2, residual_scale=0.5)],
+        gate_mode="hidden",
+        experts_per_token=2,
+    )
     assert cli("moe", recipe, root / "out", "--quiet", "--random-seed", 3) == 0
     return root / "out"
 
@@ -94,7 +113,7 @@ def mixtral(tmp_path_factory, mistral):
 def bf16_close(got: torch.Tensor, want: torch.Tensor) -> None:
     """got (bf16 in the file) is want rounded to bf16, up to one unit in the last place and float32 noise."""
     want = want.float()
-    tol = want.abs() * 2 ** -7 + 1e-5
+    tol = want.abs() * 2**-7 + 1e-5
     assert ((got.float() - want).abs() <= tol).all(), (got.float() - want).abs().max()
 
 
@@ -125,8 +144,10 @@ def test_mixtral_loads_generates_and_holds_the_source_mlps(mistral, mixtral):
         sd = read_folder(src)
         for i in range(2):
             for w, proj in (("w1", "gate"), ("w2", "down"), ("w3", "up")):
-                got, want = out[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"], \
-                    sd[f"model.layers.{i}.mlp.{proj}_proj.weight"]
+                got, want = (
+                    out[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"],
+                    sd[f"model.layers.{i}.mlp.{proj}_proj.weight"],
+                )
                 assert got.dtype == want.dtype == torch.bfloat16
                 if e == 2 and proj == "down":  # residual_scale 0.5: exact in bf16
                     assert torch.equal(got, want * 0.5)
@@ -175,8 +196,9 @@ def test_random_and_cheap_embed_gates_follow_mergekit(tmp_path, mistral):
     for mode in ("random", "uniform_random", "cheap_embed"):
         r = write_recipe(tmp_path / f"{mode}.yml", base, experts, gate_mode=mode)
         assert cli("moe", r, tmp_path / mode, "--quiet", "--random-seed", 11, "--no-report") == 0
-        got = torch.stack([read_folder(tmp_path / mode)[f"model.layers.{i}.block_sparse_moe.gate.weight"]
-                           for i in range(2)])
+        got = torch.stack(
+            [read_folder(tmp_path / mode)[f"model.layers.{i}.block_sparse_moe.gate.weight"] for i in range(2)]
+        )
         torch.manual_seed(11)  # mergekit draws from torch's generator after --random-seed
         if mode == "random":
             want = torch.randn(2, 3, 64)
@@ -218,9 +240,13 @@ def test_qwen2_moe_with_a_shared_expert_and_llama_to_qwen_moe(tmp_path):
 
     for kind in ("qwen2", "llama"):
         base, f1, f2, sh = save_family(tmp_path / kind, kind)
-        r = write_recipe(tmp_path / f"{kind}.yml", base, [expert(f1, 0, eval_prompts=EVALS[0]),
-                                                          expert(f2, 1, eval_prompts=EVALS[1])],
-                         shared_experts=[expert(sh, 2)], experts_per_token=1)
+        r = write_recipe(
+            tmp_path / f"{kind}.yml",
+            base,
+            [expert(f1, 0, eval_prompts=EVALS[0]), expert(f2, 1, eval_prompts=EVALS[1])],
+            shared_experts=[expert(sh, 2)],
+            experts_per_token=1,
+        )
         out = tmp_path / f"{kind}-moe"
         assert cli("moe", r, out, "--quiet", *(["--calibrate"] if kind == "qwen2" else ["--no-report"])) == 0
         if kind == "qwen2":  # the mixture with its gated shared expert, as transformers computes it
@@ -231,8 +257,11 @@ def test_qwen2_moe_with_a_shared_expert_and_llama_to_qwen_moe(tmp_path):
         generates(model, AutoTokenizer.from_pretrained(str(out)))
         got, shared_src, b = read_folder(out), read_folder(sh), read_folder(base)
         for proj in ("gate", "up", "down"):
-            assert got[f"model.layers.1.mlp.shared_expert.{proj}_proj.weight"].view(torch.int16).equal(
-                shared_src[f"model.layers.1.mlp.{proj}_proj.weight"].view(torch.int16))
+            assert (
+                got[f"model.layers.1.mlp.shared_expert.{proj}_proj.weight"]
+                .view(torch.int16)
+                .equal(shared_src[f"model.layers.1.mlp.{proj}_proj.weight"].view(torch.int16))
+            )
         assert got["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 64)
         bias = got["model.layers.0.self_attn.k_proj.bias"]
         if kind == "llama":  # Qwen MoE attention always has q/k/v biases: zeros stand in for Llama's none
@@ -252,8 +281,11 @@ def test_qwen3_moe(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     generates(model, AutoTokenizer.from_pretrained(str(tmp_path / "out")))
     got, src = read_folder(tmp_path / "out"), read_folder(f2)
-    assert got["model.layers.1.mlp.experts.1.up_proj.weight"].view(torch.int16).equal(
-        src["model.layers.1.mlp.up_proj.weight"].view(torch.int16))
+    assert (
+        got["model.layers.1.mlp.experts.1.up_proj.weight"]
+        .view(torch.int16)
+        .equal(src["model.layers.1.mlp.up_proj.weight"].view(torch.int16))
+    )
     q_norm = "model.layers.1.self_attn.q_norm.weight"
     assert got[q_norm].equal(read_folder(base)[q_norm])
 
@@ -278,26 +310,33 @@ def test_run_on_the_recipe_copy_rebuilds_the_same_bytes(tmp_path, mixtral):
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (mixtral / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(experts=[]), "has no experts"),
-    (lambda d: d.pop("experts"), "has no experts"),
-    (lambda d: d.update(gate_mode="hiden"), "unknown gate_mode 'hiden' (did you mean 'hidden'?)"),
-    (lambda d: d["experts"][1]["positive_prompts"].append(7), "prompt 3 of experts[1].positive_prompts is 7"),
-    (lambda d: d["experts"][0].update(negative_prompts="a lone string"), "must be a list of prompts"),
-    (lambda d: d["experts"][0]["positive_prompts"].append({"prompt": "hi"}), "whose answer is not text"),
-    (lambda d: d.update(experts_per_token=4), "experts_per_token 4 must lie in [1, 3]"),
-    (lambda d: d.update(experts_per_token=True), "experts_per_token is true, not a number"),
-    (lambda d: d.update(architecture="deepseek"), "DeepSeek MoE output needs"),
-    (lambda d: d.update(architecture="qwen3"), "Qwen3 MoE is built from qwen3 models"),
-    (lambda d: d["experts"][2].update(source_model=d["experts"][0]["source_model"]) or
-     d["experts"][1].update(source_model=d["experts"][0]["source_model"]), "every expert is"),
-    (lambda d: d["experts"][1].pop("positive_prompts"), "has no positive_prompts"),
-    (lambda d: d["experts"][2]["positive_prompts"].append("fox " * 3000), "router prompts are short texts"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(experts=[]), "has no experts"),
+        (lambda d: d.pop("experts"), "has no experts"),
+        (lambda d: d.update(gate_mode="hiden"), "unknown gate_mode 'hiden' (did you mean 'hidden'?)"),
+        (lambda d: d["experts"][1]["positive_prompts"].append(7), "prompt 3 of experts[1].positive_prompts is 7"),
+        (lambda d: d["experts"][0].update(negative_prompts="a lone string"), "must be a list of prompts"),
+        (lambda d: d["experts"][0]["positive_prompts"].append({"prompt": "hi"}), "whose answer is not text"),
+        (lambda d: d.update(experts_per_token=4), "experts_per_token 4 must lie in [1, 3]"),
+        (lambda d: d.update(experts_per_token=True), "experts_per_token is true, not a number"),
+        (lambda d: d.update(architecture="deepseek"), "DeepSeek MoE output needs"),
+        (lambda d: d.update(architecture="qwen3"), "Qwen3 MoE is built from qwen3 models"),
+        (
+            lambda d: (
+                d["experts"][2].update(source_model=d["experts"][0]["source_model"])
+                or d["experts"][1].update(source_model=d["experts"][0]["source_model"])
+            ),
+            "every expert is",
+        ),
+        (lambda d: d["experts"][1].pop("positive_prompts"), "has no positive_prompts"),
+        (lambda d: d["experts"][2]["positive_prompts"].append("fox " * 3000), "router prompts are short texts"),
+    ],
+)
 def test_bad_moe_recipes_are_refused_in_one_line_before_any_work(tmp_path, mistral, capsys, change, message):
     base, f1, f2, f3 = mistral
-    data = {"base_model": str(base), "gate_mode": "hidden",
-            "experts": [expert(f1, 0), expert(f2, 1), expert(f3, 2)]}
+    data = {"base_model": str(base), "gate_mode": "hidden", "experts": [expert(f1, 0), expert(f2, 1), expert(f3, 2)]}
     data["experts"] = [dict(e, positive_prompts=list(e["positive_prompts"])) for e in data["experts"]]
     change(data)
     r = tmp_path / "bad.yml"
@@ -320,8 +359,13 @@ def test_an_expert_of_another_shape_is_refused(tmp_path, mistral, capsys):
 
 def test_unknown_keys_warn_with_their_line_and_the_build_runs(tmp_path, mistral, capsys):
     base, f1, f2, _ = mistral
-    r = write_recipe(tmp_path / "r.yml", base, [expert(f1, 0, postive_prompts=["x"]), expert(f2, 1)],
-                     gate_mode="cheap_embed", experts_per_token=1)
+    r = write_recipe(
+        tmp_path / "r.yml",
+        base,
+        [expert(f1, 0, postive_prompts=["x"]), expert(f2, 1)],
+        gate_mode="cheap_embed",
+        experts_per_token=1,
+    )
     assert cli("moe", r, tmp_path / "out", "--quiet", "--load-in-4bit", "--no-report") == 0
     err = capsys.readouterr().err
     assert "unknown key 'postive_prompts' (did you mean 'positive_prompts'?)" in err and "r.yml:" in err

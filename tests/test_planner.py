@@ -45,9 +45,11 @@ def test_the_length_rule_counts_from_def_to_end_without_the_docstring(tmp_path):
 
     doc = '    """A docstring\n    of three\n    lines."""\n'
     f = tmp_path / "m.py"
-    f.write_text(f"def fits():\n{doc}{body('    ', 59)}\n\n"  # lines 1-63: 60 without the docstring
-                 f"def over():\n{doc}{body('    ', 60)}\n\n"  # lines 66-129: 61
-                 f"class C:\n    def method(self):\n{body('        ', 61)}")  # lines 133-194: 62
+    f.write_text(
+        f"def fits():\n{doc}{body('    ', 59)}\n\n"  # lines 1-63: 60 without the docstring
+        f"def over():\n{doc}{body('    ', 60)}\n\n"  # lines 66-129: 61
+        f"class C:\n    def method(self):\n{body('        ', 61)}"
+    )  # lines 133-194: 62
     assert long_functions(f) == [("over", 66, 61), ("method", 133, 62)]
 
 
@@ -61,21 +63,25 @@ def _tiny(name: str) -> str:
 
 
 def _stellar(method: str = "della_linear") -> str:
-    return recipe_path().read_text(encoding="utf-8").replace("tiny/", f"{tiny_dir()}/").replace(
-        "merge_method: della_linear", f"merge_method: {method}")
+    return (
+        recipe_path()
+        .read_text(encoding="utf-8")
+        .replace("tiny/", f"{tiny_dir()}/")
+        .replace("merge_method: della_linear", f"merge_method: {method}")
+    )
 
 
 TWO_SLICES = f"""merge_method: linear
 slices:
   - sources:
-      - model: {_tiny('addition')}
+      - model: {_tiny("addition")}
         layer_range: [0, 3]
-      - model: {_tiny('sort')}
+      - model: {_tiny("sort")}
         layer_range: [1, 4]
   - sources:
-      - model: {_tiny('reverse')}
+      - model: {_tiny("reverse")}
         layer_range: [2, 4]
-      - model: {_tiny('base')}
+      - model: {_tiny("base")}
         layer_range: [0, 2]
 parameters:
   weight: 0.5
@@ -89,13 +95,17 @@ def test_a_two_slice_recipe_has_named_sources_in_its_groups():
     first, second = groups
     assert first.sources == [SliceSource(_tiny("addition"), 0, 3, 0), SliceSource(_tiny("sort"), 1, 4, 1)]
     assert [(s.model, s.start, s.end, s.length) for s in second.sources] == [
-        (_tiny("reverse"), 2, 4, 2), (_tiny("base"), 0, 2, 2)]
+        (_tiny("reverse"), 2, 4, 2),
+        (_tiny("base"), 0, 2, 2),
+    ]
     assert (first.out_start, second.out_start) == (0, 3)  # the second slice's layers follow the first's 3
     assert first.base is None and first.inputs == first.sources and first.template.model == _tiny("addition")
     # output layer 4 is the second slice's layer 1: layer 3 of reverse, layer 1 of base
     out = "model.layers.4.mlp.down_proj.weight"
-    assert [s.tensor(out, 1) for s in second.sources] == ["model.layers.3.mlp.down_proj.weight",
-                                                         "model.layers.1.mlp.down_proj.weight"]
+    assert [s.tensor(out, 1) for s in second.sources] == [
+        "model.layers.3.mlp.down_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+    ]
     assert second.sources[0].tensor("model.norm.weight", None) == "model.norm.weight"
     with pytest.raises(dataclasses.FrozenInstanceError):
         first.sources[0].start = 1
@@ -104,21 +114,41 @@ def test_a_two_slice_recipe_has_named_sources_in_its_groups():
 def _state(plan):
     """Every field of a plan, deep-copied into values that compare with ==."""
     voc = plan.vocabulary
-    state = {f.name: copy.deepcopy(getattr(plan, f.name)) for f in dataclasses.fields(plan)
-             if f.name not in ("recipe", "method", "models", "vocabulary")}
-    state["recipe"] = (plan.recipe.source, plan.recipe.text, plan.recipe.config.model_dump(mode="json"),
-                       dict(plan.recipe.lines), list(plan.recipe.warnings))
+    state = {
+        f.name: copy.deepcopy(getattr(plan, f.name))
+        for f in dataclasses.fields(plan)
+        if f.name not in ("recipe", "method", "models", "vocabulary")
+    }
+    state["recipe"] = (
+        plan.recipe.source,
+        plan.recipe.text,
+        plan.recipe.config.model_dump(mode="json"),
+        dict(plan.recipe.lines),
+        list(plan.recipe.warnings),
+    )
     state["method"] = plan.method
-    state["models"] = [(ref, idx.path, dict(idx.tensors), copy.deepcopy(idx.config), idx.lora)
-                       for ref, idx in plan.models.items()]
-    state["vocabulary"] = None if voc is None else (
-        dict(voc.vocab), voc.size, {m: p.tobytes() for m, p in voc.perms.items()}, copy.deepcopy(voc.originals),
-        dict(voc.overrides), voc.base, voc.tokenizer)
+    state["models"] = [
+        (ref, idx.path, dict(idx.tensors), copy.deepcopy(idx.config), idx.lora) for ref, idx in plan.models.items()
+    ]
+    state["vocabulary"] = (
+        None
+        if voc is None
+        else (
+            dict(voc.vocab),
+            voc.size,
+            {m: p.tobytes() for m, p in voc.perms.items()},
+            copy.deepcopy(voc.originals),
+            dict(voc.overrides),
+            voc.base,
+            voc.tokenizer,
+        )
+    )
     return state
 
 
-@pytest.mark.parametrize("text", [_stellar() + "tokenizer_source: union\n", TWO_SLICES],
-                         ids=["della_linear-union-vocabulary", "two-slices"])
+@pytest.mark.parametrize(
+    "text", [_stellar() + "tokenizer_source: union\n", TWO_SLICES], ids=["della_linear-union-vocabulary", "two-slices"]
+)
 def test_a_run_leaves_the_plan_as_it_was(tmp_path, text):
     plan = make_plan(parse_recipe(text, str(tmp_path / "r.yml")), seed=3, strict=True)
     before = _state(plan)

@@ -51,8 +51,11 @@ def test_seed_recipe_parses_verbatim(caplog):
 
 def test_duplicate_key_with_different_values_names_both_lines():
     text = SEED_TEXT.replace("merge_method: della_linear\ndtype", "merge_method: ties\ndtype")
-    with pytest.raises(MergeError, match=r"seed.yml:19: 'merge_method' is given twice with different values "
-                                         r"\(line 14: 'della_linear', line 19: 'ties'\)"):
+    with pytest.raises(
+        MergeError,
+        match=r"seed.yml:19: 'merge_method' is given twice with different values "
+        r"\(line 14: 'della_linear', line 19: 'ties'\)",
+    ):
         parse_recipe(text, "seed.yml")
 
 
@@ -70,17 +73,23 @@ def test_unknown_keys_warn_with_line_and_suggestion(caplog):
         parse_recipe(text, "r.yml", strict=True)
 
 
-@pytest.mark.parametrize("text,pattern", [
-    ("merge_method: linear\nmodels: 3\n", r"r.yml:2: 'models' has a wrong value 3"),
-    ("merge_method: [a]\nmodels:\n  - model: a\n", r"r.yml:1: 'merge_method' has a wrong value"),
-    ("merge_method: linear\nmodels:\n  - parameters: {weight: 1}\n", r"r.yml:3: 'models.0.model' is required"),
-    ("models:\n  - model: a\n", r"no 'merge_method:'"),
-    ("merge_method: linear\nmodels:\n  - model: a\n dtype: x\n", r"r.yml:4:\d+: malformed YAML"),
-    ("merge_method: linear\n", r"exactly one of 'models:' or 'slices:'"),
-    ("merge_method: linear\nmodels:\n  - model: a\ndtype: bfloat17\n", r"r.yml:4: dtype 'bfloat17' is not a dtype "
-                                                                        r"\(did you mean 'bfloat16'\?\)"),
-    ("- a\n- b\n", r"a recipe is a YAML mapping"),
-])
+@pytest.mark.parametrize(
+    "text,pattern",
+    [
+        ("merge_method: linear\nmodels: 3\n", r"r.yml:2: 'models' has a wrong value 3"),
+        ("merge_method: [a]\nmodels:\n  - model: a\n", r"r.yml:1: 'merge_method' has a wrong value"),
+        ("merge_method: linear\nmodels:\n  - parameters: {weight: 1}\n", r"r.yml:3: 'models.0.model' is required"),
+        ("models:\n  - model: a\n", r"no 'merge_method:'"),
+        ("merge_method: linear\nmodels:\n  - model: a\n dtype: x\n", r"r.yml:4:\d+: malformed YAML"),
+        ("merge_method: linear\n", r"exactly one of 'models:' or 'slices:'"),
+        (
+            "merge_method: linear\nmodels:\n  - model: a\ndtype: bfloat17\n",
+            r"r.yml:4: dtype 'bfloat17' is not a dtype "
+            r"\(did you mean 'bfloat16'\?\)",
+        ),
+        ("- a\n- b\n", r"a recipe is a YAML mapping"),
+    ],
+)
 def test_bad_recipes_are_one_line_errors(text, pattern):
     with pytest.raises(MergeError, match=pattern) as e:
         parse_recipe(text, "r.yml")
@@ -145,17 +154,21 @@ def test_gradients_filters_and_precedence_as_mergekit():
 
 
 def test_gradient_of_three_points_interpolates_piecewise():
-    r = parse_recipe("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [0, 1, 0.5]\n",
-                     "g.yml")
+    r = parse_recipe(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [0, 1, 0.5]\n", "g.yml"
+    )
     res = ParameterResolver(r, METHODS["linear"])
-    got = [res.resolve(f"model.layers.{i}.w", layer_t(f"model.layers.{i}.w", 5), ["a"], None)[1][0]["weight"]
-           for i in range(5)]
+    got = [
+        res.resolve(f"model.layers.{i}.w", layer_t(f"model.layers.{i}.w", 5), ["a"], None)[1][0]["weight"]
+        for i in range(5)
+    ]
     assert got == pytest.approx([0, 0.5, 1, 0.75, 0.5])
 
 
 def test_bad_parameter_value_names_its_line():
-    r = parse_recipe("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n"
-                     "      weight: heavy\n", "p.yml")
+    r = parse_recipe(
+        "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      weight: heavy\n", "p.yml"
+    )
     res = ParameterResolver(r, METHODS["ties"])
     with pytest.raises(MergeError, match=r"p.yml:6: 'weight' must be a number, got 'heavy'"):
         res.resolve("x", 0, ["a"], "b")

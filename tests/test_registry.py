@@ -21,8 +21,7 @@ import mergesmith.plan as plan_module
 from mergesmith.demo import tiny_dir
 from mergesmith.errors import MergeError
 from mergesmith.execute import compute_tensor
-from mergesmith.methods import METHODS, PerModel, Range, Streaming, check_params, registry, \
-    row_block_methods
+from mergesmith.methods import METHODS, PerModel, Range, Streaming, check_params, registry, row_block_methods
 from mergesmith.methods.registry import make_method
 from mergesmith.methods.rng import stream_key
 from mergesmith.plan import TensorTask, make_plan
@@ -67,7 +66,7 @@ class Rows:
         self.t = t
 
     def read(self, name, rows=None, take=None):
-        return self.t if rows is None else self.t[rows[0]:rows[1]]
+        return self.t if rows is None else self.t[rows[0] : rows[1]]
 
 
 def run(m, base, xs, shared, per, keys, block_elements, monkeypatch):
@@ -77,8 +76,17 @@ def run(m, base, xs, shared, per, keys, block_elements, monkeypatch):
     if base is not None:
         models["base"] = Rows(base)
     ref = plan_module.InputRef
-    task = TensorTask("t", tuple(xs[0].shape), torch.float32, "merge", ref("base", "t") if base is not None else None,
-                      [ref(f"m{i}", "t") for i in range(len(xs))], shared, per, keys)
+    task = TensorTask(
+        "t",
+        tuple(xs[0].shape),
+        torch.float32,
+        "merge",
+        ref("base", "t") if base is not None else None,
+        [ref(f"m{i}", "t") for i in range(len(xs))],
+        shared,
+        per,
+        keys,
+    )
     plan = types.SimpleNamespace(models=models, method=m, strict=False, vocabulary=None)
     return compute_tensor(plan, task, torch.device("cpu")), plan_module.row_blocks(plan, task)
 
@@ -118,10 +126,12 @@ def test_row_block_methods_give_the_whole_tensors_bytes(name, monkeypatch):
     shared0, per = sample(m, n)
     blocked = 0
     for few_values in (False, True):  # few distinct values: magnitude ties across blocks
+
         def draw(scale):
             if few_values:
                 return torch.randint(-4, 5, (37, 23), generator=g).float() * scale
             return torch.randn(37, 23, generator=g) * scale
+
         base = draw(0.25) if m.uses_base else None
         xs = [(base if base is not None else 0) + draw(0.125) for _ in range(n)]
         for flags in variants(m):
@@ -137,9 +147,21 @@ def test_row_block_methods_give_the_whole_tensors_bytes(name, monkeypatch):
 
 
 def test_row_block_methods_are_derived_from_the_declared_streaming():
-    assert set(row_block_methods()) == {"linear", "task_arithmetic", "dare_linear", "dare_ties", "della",
-                                        "della_linear", "nearswap", "passthrough", "ties", "breadcrumbs",
-                                        "breadcrumbs_ties", "ram", "ramplus_tl"}
+    assert set(row_block_methods()) == {
+        "linear",
+        "task_arithmetic",
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+        "nearswap",
+        "passthrough",
+        "ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "ram",
+        "ramplus_tl",
+    }
     for name in ALL:
         m = METHODS[name]
         assert (name in row_block_methods()) == (m.streaming_for(m.defaults()) is not Streaming.WHOLE)
@@ -178,8 +200,9 @@ def recipe_for(m, n, tmp_path):
     lines = [f"merge_method: {m.name}", "models:"]
     for e, values in zip(experts, per):
         given = {k: v for k, v in values.items() if m.param(k).required}
-        lines += [f"  - model: {tiny_dir() / e}"] + (["    parameters:"] + [f"      {k}: {v}" for k, v in
-                                                                           given.items()] if given else [])
+        lines += [f"  - model: {tiny_dir() / e}"] + (
+            ["    parameters:"] + [f"      {k}: {v}" for k, v in given.items()] if given else []
+        )
     if m.uses_base:
         lines.append(f"base_model: {tiny_dir() / 'base'}")
     required = {p.name: shared[p.name] for p in m.shared_params if p.required}
@@ -202,8 +225,17 @@ def test_the_planner_holds_each_method_to_its_number_of_inputs(name, tmp_path):
 # the decorator and the range checks
 
 
-def _kernel(base, inputs, *, weight: PerModel[float], t: float = 0.5, mode: Literal["a", "b"] = "a",
-            scale: PerModel[Optional[float]] = None, lambda_: float = 1.0, steps: int = 3):
+def _kernel(
+    base,
+    inputs,
+    *,
+    weight: PerModel[float],
+    t: float = 0.5,
+    mode: Literal["a", "b"] = "a",
+    scale: PerModel[Optional[float]] = None,
+    lambda_: float = 1.0,
+    steps: int = 3,
+):
     """A kernel for the tests.
 
     More words.
@@ -242,18 +274,22 @@ def test_a_kernel_without_base_reads_per_model_parameters_for_every_model():
         Args:
             weight: w
         """
+
     assert make_method(k, "k", pretty="K", url="u", base="ignored").param("weight").scope == "input"
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(base="sometimes"), "base must be one of"),
-    (dict(base="ignored"), "takes `base` exactly when"),
-    (dict(randomized=True), "takes `keys` exactly when"),
-    (dict(ranges={"tt": (0, 1)}), "ranges for unknown parameters"),
-    (dict(docs={"t": ""}, kernel="undocumented"), "needs a description"),
-    (dict(kernel="untyped"), "needs a type annotation"),
-    (dict(kernel="dict"), "is not one of bool"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(base="sometimes"), "base must be one of"),
+        (dict(base="ignored"), "takes `base` exactly when"),
+        (dict(randomized=True), "takes `keys` exactly when"),
+        (dict(ranges={"tt": (0, 1)}), "ranges for unknown parameters"),
+        (dict(docs={"t": ""}, kernel="undocumented"), "needs a description"),
+        (dict(kernel="untyped"), "needs a type annotation"),
+        (dict(kernel="dict"), "is not one of bool"),
+    ],
+)
 def test_a_kernel_that_does_not_declare_itself_is_refused(bad, message):
     def undocumented(base, inputs, *, t: float):
         """K."""
@@ -271,8 +307,8 @@ def test_a_kernel_that_does_not_declare_itself_is_refused(bad, message):
         Args:
             t: t
         """
-    kernel = {"undocumented": undocumented, "untyped": untyped, "dict": dict_param}.get(bad.pop("kernel", ""),
-                                                                                         _kernel)
+
+    kernel = {"undocumented": undocumented, "untyped": untyped, "dict": dict_param}.get(bad.pop("kernel", ""), _kernel)
     with pytest.raises(TypeError, match=message):
         make_method(kernel, "k", pretty="K", url="u", **bad)
 
@@ -281,30 +317,41 @@ def test_ranges_are_checked_per_value_and_extrapolable_ones_can_be_lifted():
     def cross(weight, t):
         return ("weight", "weights too far apart") if max(weight) - min(weight) > 5 else None
 
-    m = make_method(_kernel, "k", pretty="K", url="u", check=cross,
-                    ranges={"t": Range(0, 1, extrapolate=True), "steps": (1, None), "scale": (None, 2)})
+    m = make_method(
+        _kernel,
+        "k",
+        pretty="K",
+        url="u",
+        check=cross,
+        ranges={"t": Range(0, 1, extrapolate=True), "steps": (1, None), "scale": (None, 2)},
+    )
     ok = {"t": 0.5, "mode": "a", "lambda": 1.0, "steps": 3}
     per = [{"weight": 1.0, "scale": None}, {"weight": 2.0, "scale": 1.5}]
     assert check_params(m, ok, per) is None
     assert check_params(m, {**ok, "t": 1.25}, per) == (
-        "t", "t 1.25 lies outside [0, 1], so the merge would extrapolate; pass --allow-extrapolation if that is meant",
-        None)
+        "t",
+        "t 1.25 lies outside [0, 1], so the merge would extrapolate; pass --allow-extrapolation if that is meant",
+        None,
+    )
     assert check_params(m, {**ok, "t": 1.25}, per, allow_extrapolation=True) is None
-    assert check_params(m, {**ok, "steps": 0}, per, allow_extrapolation=True) == ("steps", "steps 0 must be >= 1",
-                                                                                 None)
+    assert check_params(m, {**ok, "steps": 0}, per, allow_extrapolation=True) == ("steps", "steps 0 must be >= 1", None)
     bad_scale = [per[0], {**per[1], "scale": 2.5}]
     assert check_params(m, ok, bad_scale) == ("scale", "scale 2.5 must be <= 2", 1)
     assert check_params(m, ok, [per[0], {**per[1], "weight": 9.0}]) == ("weight", "weights too far apart", None)
 
 
 def test_builtin_range_errors_name_the_recipe_line_and_model(tmp_path):
-    text = (f"merge_method: breadcrumbs\nbase_model: {tiny_dir() / 'base'}\nmodels:\n"
-            f"  - model: {tiny_dir() / 'addition'}\n    parameters:\n      weight: 1\n"
-            f"  - model: {tiny_dir() / 'sort'}\n    parameters:\n      weight: 1\n      gamma: 1.5\n")
+    text = (
+        f"merge_method: breadcrumbs\nbase_model: {tiny_dir() / 'base'}\nmodels:\n"
+        f"  - model: {tiny_dir() / 'addition'}\n    parameters:\n      weight: 1\n"
+        f"  - model: {tiny_dir() / 'sort'}\n    parameters:\n      weight: 1\n      gamma: 1.5\n"
+    )
     with pytest.raises(MergeError, match=r"r.yml:10: model .*sort, tensor .*: gamma 1.5 must lie in \[0, 1\]"):
         make_plan(parse_recipe(text, str(tmp_path / "r.yml")), seed=1)
-    text = (f"merge_method: sce\nbase_model: {tiny_dir() / 'base'}\nmodels:\n  - model: {tiny_dir() / 'sort'}\n"
-            "parameters:\n  select_topk: -0.5\n")
+    text = (
+        f"merge_method: sce\nbase_model: {tiny_dir() / 'base'}\nmodels:\n  - model: {tiny_dir() / 'sort'}\n"
+        "parameters:\n  select_topk: -0.5\n"
+    )
     with pytest.raises(MergeError, match=r"r.yml:6: tensor .*: select_topk -0.5 must lie in \[0, 1\]"):
         make_plan(parse_recipe(text, str(tmp_path / "r.yml")), seed=1)
 
@@ -344,7 +391,8 @@ def test_a_broken_plugin_is_skipped_with_a_warning(monkeypatch, caplog):
 
 
 def test_a_plugin_cannot_replace_a_builtin_method(monkeypatch, caplog, tmp_path):
-    (tmp_path / "mergesmith_fake_linear.py").write_text(textwrap.dedent('''
+    (tmp_path / "mergesmith_fake_linear.py").write_text(
+        textwrap.dedent('''
         from mergesmith.methods import PerModel, merge_method
 
         @merge_method("linear", pretty="Fake", url="https://example.org", base="ignored")
@@ -355,7 +403,8 @@ def test_a_plugin_cannot_replace_a_builtin_method(monkeypatch, caplog, tmp_path)
                 weight: w
             """
             return inputs[0] * 0
-    '''))
+    ''')
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     ep = importlib.metadata.EntryPoint("fake", "mergesmith_fake_linear", registry.PLUGIN_GROUP)
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points_of(ep))
@@ -366,7 +415,8 @@ def test_a_plugin_cannot_replace_a_builtin_method(monkeypatch, caplog, tmp_path)
 
 
 def test_a_plugin_function_registers_its_methods(monkeypatch, tmp_path):
-    (tmp_path / "mergesmith_hook_plugin.py").write_text(textwrap.dedent('''
+    (tmp_path / "mergesmith_hook_plugin.py").write_text(
+        textwrap.dedent('''
         from mergesmith.methods import merge_method
 
         def register():
@@ -374,7 +424,8 @@ def test_a_plugin_function_registers_its_methods(monkeypatch, tmp_path):
             def hooked(inputs):
                 """The first model."""
                 return inputs[0]
-    '''))
+    ''')
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
     ep = importlib.metadata.EntryPoint("hook", "mergesmith_hook_plugin:register", registry.PLUGIN_GROUP)
@@ -390,23 +441,45 @@ def plugin_path(tmp_path_factory):
     src = tmp / "src"
     shutil.copytree(FIXTURE, src)  # the build writes next to the sources: not into the repository
     target = tmp / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(target), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return target
 
 
 def test_a_plugin_method_merges_like_a_builtin(plugin_path, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(plugin_path)}
-    listing = subprocess.run([sys.executable, "-m", "mergesmith", "methods"], env=env, capture_output=True,
-                             text=True, check=True).stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "methods"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert "scaled_mean" in listing and "; plugin" in listing and "multiply the mean by this" in listing
     a, b = tiny_dir() / "addition", tiny_dir() / "sort"
     recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: scaled_mean\nmodels:\n  - model: {a}\n    parameters:\n      weight: 1\n"
-                      f"  - model: {b}\n    parameters:\n      weight: 3\nparameters:\n  factor: 0.5\n"
-                      "dtype: float32\n")
-    p = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(recipe), str(tmp_path / "out"), "--quiet"],
-                       env=env, capture_output=True, text=True)
+    recipe.write_text(
+        f"merge_method: scaled_mean\nmodels:\n  - model: {a}\n    parameters:\n      weight: 1\n"
+        f"  - model: {b}\n    parameters:\n      weight: 3\nparameters:\n  factor: 0.5\n"
+        "dtype: float32\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "run", str(recipe), str(tmp_path / "out"), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     xa, xb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
@@ -417,8 +490,12 @@ def test_a_plugin_method_merges_like_a_builtin(plugin_path, tmp_path):
         np.testing.assert_allclose(t.double().numpy(), want, rtol=1e-6, atol=1e-7)
     # its range is checked like a built-in's, before any work
     recipe.write_text(recipe.read_text().replace("factor: 0.5", "factor: -1"))
-    p = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(recipe), str(tmp_path / "o2"), "--quiet"],
-                       env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "run", str(recipe), str(tmp_path / "o2"), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and "factor -1 must be >= 0" in p.stderr and not (tmp_path / "o2").exists()
 
 

@@ -32,9 +32,13 @@ def recipe(tmp_path, fam):
 
 def start(r, out, *extra, delay="0.1"):
     env = dict(os.environ, MERGESMITH_TEST_TENSOR_DELAY=delay)
-    return subprocess.Popen([sys.executable, "-m", "mergesmith", "run", str(r), str(out), "--quiet",
-                             "--out-shard-size", "60KB", *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mergesmith", "run", str(r), str(out), "--quiet", "--out-shard-size", "60KB", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def journal_lines(partial: Path) -> int:
@@ -64,6 +68,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, fam, s
         assert not out.exists() and partial.exists()  # nothing that looks finished
         if not seed_args:  # the drawn seed is reused from the journal
             import json
+
             seed = json.loads((partial / ".mergesmith-journal").read_text().splitlines()[0])["seed"]
             ref = tmp_path / f"ref{k}"
             p0 = start(r, ref, "--seed", str(seed), delay="0")

@@ -48,8 +48,9 @@ def test_seed_recipe_runs_loads_and_chats(tmp_path, fam):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     tok = AutoTokenizer.from_pretrained(out)
-    ids = tok.apply_chat_template([{"role": "user", "content": "hello world"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hello world"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     assert tok.decode(ids[0]).startswith("<|im_start|>user\nhello world<|im_end|>")
     gen = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert gen.shape[1] == ids.shape[1] + 3
@@ -58,8 +59,15 @@ def test_seed_recipe_runs_loads_and_chats(tmp_path, fam):
     copy = (out / "mergesmith_config.yml").read_text()
     assert "# seed: 7" in copy and "della_linear" in copy
     card = (out / "README.md").read_text()
-    for section in ("library_name: transformers", "- mergesmith", "## Merge Details", "### Merge Method",
-                    "https://arxiv.org/abs/2406.11617", "### Models Merged", "### Configuration"):
+    for section in (
+        "library_name: transformers",
+        "- mergesmith",
+        "## Merge Details",
+        "### Merge Method",
+        "https://arxiv.org/abs/2406.11617",
+        "### Models Merged",
+        "### Configuration",
+    ):
         assert section in card
 
 
@@ -78,8 +86,9 @@ def test_same_seed_same_bytes_any_threads(tmp_path, fam):
 def test_seed_is_recorded_when_not_given(tmp_path, fam):
     recipe = write_recipe(tmp_path, fam)
     run_recipe(str(recipe), str(tmp_path / "a"))
-    line = next(ln for ln in (tmp_path / "a" / "mergesmith_config.yml").read_text().splitlines()
-                if ln.startswith("# seed:"))
+    line = next(
+        ln for ln in (tmp_path / "a" / "mergesmith_config.yml").read_text().splitlines() if ln.startswith("# seed:")
+    )
     seed = int(line.split()[2])
     run_recipe(str(recipe), str(tmp_path / "b"), seed=seed)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
@@ -111,7 +120,8 @@ def test_bf16_output_is_correctly_rounded(tmp_path, fam, method):
     ws, ds = [0.3, 0.1, 0.4], [0.25, 0.4, 0.5]
     base_line = "" if method == "linear" else f"base_model: {b}\n"
     text = f"merge_method: {method}\n{base_line}dtype: bfloat16\nmodels:\n" + "".join(
-        f"  - model: {p}\n    parameters:\n      weight: {w}\n      density: {d}\n" for p, w, d in zip(fam[1:], ws, ds))
+        f"  - model: {p}\n    parameters:\n      weight: {w}\n      density: {d}\n" for p, w, d in zip(fam[1:], ws, ds)
+    )
     recipe = tmp_path / "r.yml"
     recipe.write_text(text)
     run_recipe(str(recipe), str(tmp_path / "o"))
@@ -132,7 +142,7 @@ def test_bf16_output_is_correctly_rounded(tmp_path, fam, method):
             deltas = []
             for x, n, d in zip(xs, wn, ds):
                 delta = (x - base).ravel()
-                keep = np.argsort(-np.abs(delta), kind="stable")[:max(1, int(d * delta.size))]
+                keep = np.argsort(-np.abs(delta), kind="stable")[: max(1, int(d * delta.size))]
                 m = np.zeros(delta.size)
                 m[keep] = 1
                 deltas.append((n * delta * m).reshape(base.shape))
@@ -218,20 +228,28 @@ def test_verbatim_seed_recipe_fails_cleanly_naming_first_model(tmp_path):
     recipe = SEED_FILE if SEED_FILE.exists() else None
     if recipe is None:
         from test_recipe import SEED_TEXT
+
         recipe = tmp_path / "stellar-odyssey-recipe.yml"
         recipe.write_text(SEED_TEXT)
-    p = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(recipe), str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "run", str(recipe), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 2
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == [r"error: stellar-odyssey-recipe.yml:2: model path not found: "
-                      r"C:\Users\\Downloads\Mergekit-Fixed\mergekit\Sao10K_MN-12B-Lyra-v4"]
+    assert errors == [
+        r"error: stellar-odyssey-recipe.yml:2: model path not found: "
+        r"C:\Users\\Downloads\Mergekit-Fixed\mergekit\Sao10K_MN-12B-Lyra-v4"
+    ]
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("method", ["della_linear", "dare_ties", "linear", "task_arithmetic", "ties", "breadcrumbs",
-                                    "breadcrumbs_ties"])
+@pytest.mark.parametrize(
+    "method", ["della_linear", "dare_ties", "linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
+)
 def test_row_blocks_give_the_same_bytes(tmp_path, fam, monkeypatch, method):
     """Large tensors are merged in row blocks (two passes for whole-tensor L1 sums): same bytes as whole."""
     import mergesmith.plan as ex
@@ -267,11 +285,14 @@ def test_cuda_asked_without_gpu_is_a_clean_error(tmp_path, fam, capsys):
     assert "torch sees no CUDA GPU" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec,expect", [
-    ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"),
-    ("auto", "<|im_start|>user\nhi<|im_end|>"),
-    ("'{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}'", "[user] hi"),
-])
+@pytest.mark.parametrize(
+    "spec,expect",
+    [
+        ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"),
+        ("auto", "<|im_start|>user\nhi<|im_end|>"),
+        ("'{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}'", "[user] hi"),
+    ],
+)
 def test_chat_template_is_written_where_transformers_reads_it(tmp_path, fam, spec, expect):
     from transformers import AutoTokenizer
 
@@ -282,8 +303,10 @@ def test_chat_template_is_written_where_transformers_reads_it(tmp_path, fam, spe
     tok = AutoTokenizer.from_pretrained(out)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text.startswith(expect) or text == tok.bos_token + expect or text.startswith(tok.bos_token + expect)
-    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == \
-        (out / "chat_template.jinja").read_text()
+    assert (
+        json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+        == (out / "chat_template.jinja").read_text()
+    )
 
 
 def test_unknown_chat_template_is_refused_before_work(tmp_path, fam, capsys):
@@ -299,8 +322,10 @@ def test_base_without_tokenizer_warns_and_still_writes(tmp_path, capsys):
     base = make_mistral(tmp_path / "b", seed=0, tokenizer=False)
     make_mistral(tmp_path / "f", seed=1, from_state=base, noise=0.01, tokenizer=False)
     r = tmp_path / "r.yml"
-    r.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'b'}\nmodels:\n"
-                 f"  - model: {tmp_path / 'f'}\n    parameters:\n      weight: 0.5\n")
+    r.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'b'}\nmodels:\n"
+        f"  - model: {tmp_path / 'f'}\n    parameters:\n      weight: 0.5\n"
+    )
     assert cli("run", r, tmp_path / "o", "--quiet") == 0
     assert "has no tokenizer files; the output has no tokenizer" in capsys.readouterr().err
     assert (tmp_path / "o" / "model.safetensors").exists()
@@ -317,8 +342,10 @@ def test_nan_input_warns_strict_refuses(tmp_path, fam, capsys):
     sd = load_file(str(bad / "model.safetensors"))
     sd["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    text = f"merge_method: linear\nmodels:\n  - model: {bad}\n    parameters:\n      weight: 1\n" \
-           f"  - model: {f2}\n    parameters:\n      weight: 1\n"
+    text = (
+        f"merge_method: linear\nmodels:\n  - model: {bad}\n    parameters:\n      weight: 1\n"
+        f"  - model: {f2}\n    parameters:\n      weight: 1\n"
+    )
     r = tmp_path / "r.yml"
     r.write_text(text)
     # the NaN reaches the output: an error naming the tensor, after a warning naming model and tensor

@@ -81,9 +81,11 @@ def test_alias_bomb_is_refused_in_bounded_memory(tmp_path):
     bomb = tmp_path / "bomb.yml"
     bomb.write_text("\n".join(rows) + "\n")
     assert bomb.stat().st_size < 700
-    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
-            "from mergesmith.errors import MergeError\nfrom mergesmith.recipe import load_recipe\n"
-            "try:\n    load_recipe(sys.argv[1])\nexcept MergeError as e:\n    print(e)\n")
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from mergesmith.errors import MergeError\nfrom mergesmith.recipe import load_recipe\n"
+        "try:\n    load_recipe(sys.argv[1])\nexcept MergeError as e:\n    print(e)\n"
+    )
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-500:]
@@ -112,19 +114,30 @@ def test_wrong_type_of_merge_method_is_one_line_from_the_command(tmp_path):
     must not crash it."""
     p = tmp_path / "r.yml"
     p.write_text("merge_method: [linear]\nmodels:\n  - model: a\n")
-    res = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(p), str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "run", str(p), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().splitlines() == [
-        "error: r.yml:1: 'merge_method' has a wrong value ['linear']: Input should be a valid string"]
+        "error: r.yml:1: 'merge_method' has a wrong value ['linear']: Input should be a valid string"
+    ]
 
 
-@pytest.mark.parametrize("value, match", [
-    ('"/models/a\\nerror: all good"', r"r.yml:3: the model reference '/models/a\\nerror: all good' holds a control"),
-    ('"/models/a\\0b"', r"r.yml:3: the value '/models/a\\x00b' holds a control"),
-    ('"/models/a\\ud800"', r"r.yml:3: the value '/models/a\\ud800' holds a control or unpaired surrogate"),
-    ("''", "r.yml:3: an empty model reference"),
-])
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (
+            '"/models/a\\nerror: all good"',
+            r"r.yml:3: the model reference '/models/a\\nerror: all good' holds a control",
+        ),
+        ('"/models/a\\0b"', r"r.yml:3: the value '/models/a\\x00b' holds a control"),
+        ('"/models/a\\ud800"', r"r.yml:3: the value '/models/a\\ud800' holds a control or unpaired surrogate"),
+        ("''", "r.yml:3: an empty model reference"),
+    ],
+)
 def test_model_names_with_control_characters_are_refused(value, match):
     with pytest.raises(MergeError, match=match) as e:
         parse_recipe(f"merge_method: linear\nmodels:\n  - model: {value}\n", "r.yml")
@@ -148,10 +161,14 @@ def test_long_values_are_cut_in_messages():
 
 
 def test_a_model_listed_twice_is_refused(fam):
-    refused(linear(fam[1], fam[1], weights=[1, 2]),
-            r"r.yml:5: model .*ft1 is listed twice \(entries 1 and 2 of 'models:', lines 3 and 5\)")
-    twice = (f"merge_method: linear\nslices:\n  - sources:\n      - model: {fam[1]}\n        layer_range: [0, 1]\n"
-             f"      - model: {fam[1]}\n        layer_range: [0, 1]\n")
+    refused(
+        linear(fam[1], fam[1], weights=[1, 2]),
+        r"r.yml:5: model .*ft1 is listed twice \(entries 1 and 2 of 'models:', lines 3 and 5\)",
+    )
+    twice = (
+        f"merge_method: linear\nslices:\n  - sources:\n      - model: {fam[1]}\n        layer_range: [0, 1]\n"
+        f"      - model: {fam[1]}\n        layer_range: [0, 1]\n"
+    )
     refused(twice, "r.yml:6: model .*ft1 is listed twice")
 
 
@@ -162,8 +179,9 @@ def test_pad_to_multiple_of_is_bounded(fam):
 
 def test_gradient_and_condition_lists_are_bounded(fam):
     grad = "[" + ", ".join(["0.5"] * 2000) + "]"
-    refused(linear(fam[1], fam[2], weights=[grad, 1]),
-            "r.yml:4: 'weight' lists 2000 values or conditions; at most 1024")
+    refused(
+        linear(fam[1], fam[2], weights=[grad, 1]), "r.yml:4: 'weight' lists 2000 values or conditions; at most 1024"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,8 +192,9 @@ def test_config_claiming_a_billion_layers_is_refused_at_once(tmp_path, fam):
     big = variant(fam[1], tmp_path / "big", config=lambda c: c.update(num_hidden_layers=1_000_000_000))
     recipe = tmp_path / "r.yml"
     recipe.write_text(linear(big))  # one model: no other config to disagree with
-    res = subprocess.run([sys.executable, "-m", "mergesmith", "plan", str(recipe)], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "plan", str(recipe)], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "1000000000 layers" in err[0]
@@ -189,6 +208,7 @@ def test_config_claiming_one_layer_more_is_refused(tmp_path, fam):
 def test_layers_missing_between_others_are_refused(tmp_path, fam):
     def far_layer(sd):
         sd["model.layers.5.input_layernorm.weight"] = torch.ones(64)
+
     gap = variant(fam[1], tmp_path / "gap", far_layer)
     refused(linear(fam[2], gap), r"r.yml:5: model .*gap: its tensors hold layers up to 5 but nothing of layer 2")
 
@@ -200,12 +220,17 @@ def test_layers_missing_between_others_are_refused(tmp_path, fam):
 def test_nan_in_a_copied_tensor_warns_and_is_refused_under_strict(tmp_path, fam, caplog):
     def poison(sd):
         sd["model.layers.0.input_layernorm.weight"][3] = float("nan")
+
     bad = variant(fam[1], tmp_path / "bad", poison)
     recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {bad}\n"
-                      "        layer_range: [0, 2]\n")
-    with pytest.raises(MergeError, match=r"tensor model.layers.0.input_layernorm.weight holds NaN or Inf values "
-                                         r"\(refused under --strict\)"):
+    recipe.write_text(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {bad}\n        layer_range: [0, 2]\n"
+    )
+    with pytest.raises(
+        MergeError,
+        match=r"tensor model.layers.0.input_layernorm.weight holds NaN or Inf values "
+        r"\(refused under --strict\)",
+    ):
         run_recipe(str(recipe), str(tmp_path / "strict"), strict=True)
     assert not (tmp_path / "strict").exists()
     with caplog.at_level(logging.WARNING, logger="mergesmith"):
@@ -215,8 +240,11 @@ def test_nan_in_a_copied_tensor_warns_and_is_refused_under_strict(tmp_path, fam,
 
 def test_a_tensor_missing_from_an_input_is_an_error(tmp_path, fam):
     lacking = variant(fam[2], tmp_path / "lacking", lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
-    refused(linear(fam[1], lacking), r"model .*lacking lacks tensor model.layers.1.mlp.up_proj.weight, which .*ft1 "
-                                     r"has .*--allow-crimes")
+    refused(
+        linear(fam[1], lacking),
+        r"model .*lacking lacks tensor model.layers.1.mlp.up_proj.weight, which .*ft1 "
+        r"has .*--allow-crimes",
+    )
     plan = make_plan(parse_recipe(linear(fam[1], lacking), "r.yml"), seed=1, allow_crimes=True)
     task = next(t for t in plan.tasks if t.name == "model.layers.1.mlp.up_proj.weight")
     assert [r.model for r in task.inputs] == [str(fam[1])]
@@ -227,10 +255,13 @@ def test_float16_overflow_is_refused_not_written_as_inf(tmp_path, fam):
         for k in sd:
             sd[k] = sd[k].float()
         sd["model.norm.weight"][0] = 1e5  # fine in float32 and bfloat16, beyond float16's 65504
+
     wide = variant(fam[1], tmp_path / "wide", big)
     recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: passthrough\nout_dtype: float16\nslices:\n  - sources:\n      - model: {wide}\n"
-                      "        layer_range: [0, 2]\n")
+    recipe.write_text(
+        f"merge_method: passthrough\nout_dtype: float16\nslices:\n  - sources:\n      - model: {wide}\n"
+        "        layer_range: [0, 2]\n"
+    )
     with pytest.raises(MergeError, match="model.norm.weight holds values beyond float16's range"):
         run_recipe(str(recipe), str(tmp_path / "o1"))
     recipe.write_text(linear(wide, fam[2], extra="out_dtype: float16\nparameters: {normalize: false}\n"))
@@ -243,39 +274,51 @@ def test_float16_overflow_is_refused_not_written_as_inf(tmp_path, fam):
 
 
 def slerp(fam, t):
-    return (f"merge_method: slerp\nbase_model: {fam[0]}\nmodels:\n  - model: {fam[0]}\n  - model: {fam[1]}\n"
-            f"parameters:\n  t: {t}\n")
+    return (
+        f"merge_method: slerp\nbase_model: {fam[0]}\nmodels:\n  - model: {fam[0]}\n  - model: {fam[1]}\n"
+        f"parameters:\n  t: {t}\n"
+    )
 
 
 def test_extrapolation_needs_its_flag(tmp_path, fam, capsys):
-    refused(slerp(fam, 1.5), r"r.yml:7: tensor model.embed_tokens.weight: t 1.5 lies outside \[0, 1\], so the merge "
-                             r"would extrapolate; pass --allow-extrapolation")
+    refused(
+        slerp(fam, 1.5),
+        r"r.yml:7: tensor model.embed_tokens.weight: t 1.5 lies outside \[0, 1\], so the merge "
+        r"would extrapolate; pass --allow-extrapolation",
+    )
     refused(slerp(fam, "[0, -0.5]"), "r.yml:7: tensor model.layers.1.*: t -0.5 lies outside")
     plan = make_plan(parse_recipe(slerp(fam, 1.5), "r.yml"), seed=1, allow_extrapolation=True)
     assert {t.shared["t"] for t in plan.tasks if t.kind == "merge"} == {1.5}
-    nu = (f"merge_method: nuslerp\nmodels:\n  - model: {fam[1]}\n    parameters: {{weight: -1}}\n"
-          f"  - model: {fam[2]}\n    parameters: {{weight: 2}}\n")
+    nu = (
+        f"merge_method: nuslerp\nmodels:\n  - model: {fam[1]}\n    parameters: {{weight: -1}}\n"
+        f"  - model: {fam[2]}\n    parameters: {{weight: 2}}\n"
+    )
     refused(nu, "r.yml:4: model .*ft1, tensor .*: weight -1 lies outside")
     recipe = tmp_path / "r.yml"
     recipe.write_text(slerp(fam, 1.5))
     assert "--allow-extrapolation" in one_line_error(capsys, "plan", recipe)
     assert cli("plan", recipe, "--allow-extrapolation") == 0
     # negative task-arithmetic weights are ordinary (subtracting a task vector), not extrapolation
-    ta = (f"merge_method: task_arithmetic\nbase_model: {fam[0]}\nmodels:\n  - model: {fam[1]}\n"
-          f"    parameters: {{weight: -0.5}}\n")
+    ta = (
+        f"merge_method: task_arithmetic\nbase_model: {fam[0]}\nmodels:\n  - model: {fam[1]}\n"
+        f"    parameters: {{weight: -0.5}}\n"
+    )
     make_plan(parse_recipe(ta, "r.yml"), seed=1)
 
 
-@pytest.mark.parametrize("method, params, match", [
-    ("linear", "{weight: 1e300}", r"model .*ft1, tensor .*: weight 1e\+300 must lie in \[-1e\+06, 1e\+06\]"),
-    ("ties", "{weight: 1, density: 0.5, lambda: 1e9}", r"tensor .*: lambda 1e\+09 must lie in"),
-    ("karcher", "{max_iter: 1000000000000}", r"tensor .*: max_iter 1e\+12 must lie in \[1, 100000\]"),
-    ("karcher", "{tol: -1}", r"tol -1 must lie in \[0, 1\]"),
-    ("karcher", "{max_iter: .inf}", r"'max_iter' must be a whole number, got inf"),
-    ("nearswap", "{t: -0.1}", r"t -0.1 must lie in \[0, 1e\+06\]"),
-    ("multislerp", "{weight: 1, eps: 0.5}", r"eps 0.5 must lie in \[0, 0.01\]"),
-    ("passthrough", "{scale: -1e9}", r"scale -1e\+09 must lie in"),
-])
+@pytest.mark.parametrize(
+    "method, params, match",
+    [
+        ("linear", "{weight: 1e300}", r"model .*ft1, tensor .*: weight 1e\+300 must lie in \[-1e\+06, 1e\+06\]"),
+        ("ties", "{weight: 1, density: 0.5, lambda: 1e9}", r"tensor .*: lambda 1e\+09 must lie in"),
+        ("karcher", "{max_iter: 1000000000000}", r"tensor .*: max_iter 1e\+12 must lie in \[1, 100000\]"),
+        ("karcher", "{tol: -1}", r"tol -1 must lie in \[0, 1\]"),
+        ("karcher", "{max_iter: .inf}", r"'max_iter' must be a whole number, got inf"),
+        ("nearswap", "{t: -0.1}", r"t -0.1 must lie in \[0, 1e\+06\]"),
+        ("multislerp", "{weight: 1, eps: 0.5}", r"eps 0.5 must lie in \[0, 0.01\]"),
+        ("passthrough", "{scale: -1e9}", r"scale -1e\+09 must lie in"),
+    ],
+)
 def test_parameter_values_out_of_range_are_refused(fam, method, params, match):
     """Refused in the plan, naming the line of the value (the last line here)."""
     base = f"base_model: {fam[0]}\n" if method in ("ties", "nearswap") else ""
@@ -283,14 +326,18 @@ def test_parameter_values_out_of_range_are_refused(fam, method, params, match):
     body = "".join(f"  - model: {m}\n" for m in models)
     text = f"merge_method: {method}\n{base}models:\n{body}parameters: {params}\n"
     if method == "passthrough":
-        text = (f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {fam[1]}\n"
-                f"        layer_range: [0, 2]\nparameters: {params}\n")
+        text = (
+            f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {fam[1]}\n"
+            f"        layer_range: [0, 2]\nparameters: {params}\n"
+        )
     refused(text, f"r.yml:{len(text.splitlines())}: .*" + match)
 
 
 def test_weights_summing_to_zero_are_refused_for_multislerp(fam):
-    text = (f"merge_method: multislerp\nmodels:\n  - model: {fam[1]}\n    parameters: {{weight: 1}}\n"
-            f"  - model: {fam[2]}\n    parameters: {{weight: -1}}\n")
+    text = (
+        f"merge_method: multislerp\nmodels:\n  - model: {fam[1]}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {fam[2]}\n    parameters: {{weight: -1}}\n"
+    )
     refused(text, "the weights sum to 0, so normalize_weights cannot divide by them", allow_extrapolation=True)
 
 
@@ -306,15 +353,20 @@ def test_shard_sizes_that_are_no_size_are_refused(text, capsys, tmp_path):
 
 @pytest.mark.parametrize("value", ["{a: 1}", "[[1]]", "null"])
 def test_a_parameter_of_the_wrong_shape_says_what_fits(value):
-    with pytest.raises(MergeError, match=r"r.yml:5: parameter 'weight' has a wrong value .*: give a number, "
-                                         r"true/false, a list of numbers \(a gradient\) or a list of \{filter"):
+    with pytest.raises(
+        MergeError,
+        match=r"r.yml:5: parameter 'weight' has a wrong value .*: give a number, "
+        r"true/false, a list of numbers \(a gradient\) or a list of \{filter",
+    ):
         parse_recipe(f"merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: {value}\n", "r.yml")
 
 
 def test_a_recipe_that_is_a_pipe_is_refused_without_waiting(tmp_path):
     fifo = tmp_path / "r.yml"
     os.mkfifo(fifo)
-    res = subprocess.run([sys.executable, "-m", "mergesmith", "plan", str(fifo)], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "plan", str(fifo)], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        f"error: recipe {fifo} is not a regular file; save the recipe to a file"]
+        f"error: recipe {fifo} is not a regular file; save the recipe to a file"
+    ]

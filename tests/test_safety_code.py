@@ -15,8 +15,18 @@ import pytest
 from helpers import SEED_RECIPE
 from mergesmith.cli import main
 
-THIRD_PARTY = ["torch", "click", "yaml", "transformers", "safetensors", "numpy", "tqdm", "huggingface_hub",
-               "tokenizers", "pydantic"]
+THIRD_PARTY = [
+    "torch",
+    "click",
+    "yaml",
+    "transformers",
+    "safetensors",
+    "numpy",
+    "tqdm",
+    "huggingface_hub",
+    "tokenizers",
+    "pydantic",
+]
 COMMAND = Path(sys.executable).parent / "mergesmith"  # the console script of the environment running the tests
 
 
@@ -61,16 +71,20 @@ def ships_code(folder: Path, marker: Path) -> Path:
         f"open({str(marker)!r}, 'w').close()\n"
         "from transformers import MistralConfig, MistralForCausalLM\n"
         "class EvilConfig(MistralConfig):\n    model_type = 'evilmistral'\n"
-        "class EvilModel(MistralForCausalLM):\n    config_class = EvilConfig\n")
+        "class EvilModel(MistralForCausalLM):\n    config_class = EvilConfig\n"
+    )
     (folder / "tokenization_evil.py").write_text(
-        f"open({str(marker)!r}, 'w').close()\nfrom transformers import PreTrainedTokenizerFast as EvilTokenizerFast\n")
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import PreTrainedTokenizerFast as EvilTokenizerFast\n"
+    )
     return folder
 
 
 # -- code in the working directory ---------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not COMMAND.exists() or not sys.platform.startswith("linux"), reason="needs the installed "
-                    "console script and /proc")
+
+@pytest.mark.skipif(
+    not COMMAND.exists() or not sys.platform.startswith("linux"), reason="needs the installed console script and /proc"
+)
 def test_command_never_restarts_nor_imports_the_working_directory(tmp_path, fam):
     """`mergesmith run` of a row-block method tunes the allocator in its own process: it never execs another
     interpreter, and takes no torch.py or mergesmith.py from the working directory."""
@@ -78,8 +92,15 @@ def test_command_never_restarts_nor_imports_the_working_directory(tmp_path, fam)
     cwd = hostile_dir(tmp_path, THIRD_PARTY + ["mergesmith", "json", "tempfile"])
     out = tmp_path / "o"
     args = ["run", str(r), str(out), "--seed", "3", "--quiet"]
-    p = subprocess.Popen([str(COMMAND), *args], cwd=cwd, env=env(MERGESMITH_TEST_TENSOR_DELAY="0.1"),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [str(COMMAND), *args],
+        cwd=cwd,
+        env=env(MERGESMITH_TEST_TENSOR_DELAY="0.1"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not (tmp_path / "o.partial" / ".mergesmith-journal").exists() and p.poll() is None:
         assert time.monotonic() < deadline
@@ -97,27 +118,42 @@ def test_python_m_mergesmith_drops_the_working_directory(tmp_path, fam):
     (a restarted merge and the process itself). A mergesmith.py there is Python's business: see __main__.py."""
     r = della_recipe(tmp_path, fam)
     cwd = hostile_dir(tmp_path, THIRD_PARTY)
-    p = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(r), str(tmp_path / "o"), "--seed", "3",
-                        "--quiet"], cwd=cwd, env=env(), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "run", str(r), str(tmp_path / "o"), "--seed", "3", "--quiet"],
+        cwd=cwd,
+        env=env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     assert pwned(tmp_path) == []
 
 
 # -- code shipped with a model ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("answer", [None, "y\n"])
 def test_eval_refuses_a_model_that_ships_code_without_asking(tmp_path, fam, answer):
     """transformers would ask "run the custom code? [y/N]" and, on y, import the folder's modeling file."""
     model = ships_code(Path(shutil.copytree(fam[1], tmp_path / "m")), tmp_path / "pwned-model-code")
     cwd = hostile_dir(tmp_path, THIRD_PARTY)
-    p = subprocess.run([sys.executable, "-m", "mergesmith", "eval", str(model)], cwd=cwd, env=env(),
-                       input=answer, stdin=subprocess.DEVNULL if answer is None else None, capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "eval", str(model)],
+        cwd=cwd,
+        env=env(),
+        input=answer,
+        stdin=subprocess.DEVNULL if answer is None else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert p.stdout == ""
     assert p.stderr.splitlines() == [
         f"error: {model / 'config.json'}: 'auto_map' asks to run Python code shipped with the model; mergesmith "
-        "never runs model code, so `eval` cannot load it (merging its weights still works)"]
+        "never runs model code, so `eval` cannot load it (merging its weights still works)"
+    ]
     assert pwned(tmp_path) == []
 
 
@@ -126,10 +162,19 @@ def test_merging_a_model_that_ships_code_reads_weights_config_and_tokenizer_only
     code let transformers show) must not matter: no prompt, no code, and the merge works."""
     b, f1 = fam[0], ships_code(Path(shutil.copytree(fam[1], tmp_path / "m")), tmp_path / "pwned-model-code")
     r = tmp_path / "u.yml"
-    r.write_text(f"models:\n  - model: {b}\n  - model: {f1}\nmerge_method: linear\nparameters:\n  weight: 0.5\n"
-                 "tokenizer_source: union\ndtype: float32\n")
-    p = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(r), str(tmp_path / "u"), "--quiet"],
-                       cwd=tmp_path, env=env(), input="y\ny\ny\n", capture_output=True, text=True, timeout=120)
+    r.write_text(
+        f"models:\n  - model: {b}\n  - model: {f1}\nmerge_method: linear\nparameters:\n  weight: 0.5\n"
+        "tokenizer_source: union\ndtype: float32\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "run", str(r), str(tmp_path / "u"), "--quiet"],
+        cwd=tmp_path,
+        env=env(),
+        input="y\ny\ny\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "custom code" not in p.stdout + p.stderr
     assert (tmp_path / "u" / "tokenizer.json").exists()
@@ -143,11 +188,29 @@ def test_merging_a_model_that_ships_code_reads_weights_config_and_tokenizer_only
 
 # -- resume over changed inputs -------------------------------------------------------------------------------------
 
+
 def interrupted(r: Path, out: Path, cwd: Path, after: int = 3) -> None:
     """Start `mergesmith run` slowly and SIGKILL it once `after` tensors are journaled."""
-    p = subprocess.Popen([sys.executable, "-m", "mergesmith", "run", str(r), str(out), "--quiet", "--seed", "5",
-                          "--out-shard-size", "60KB"], cwd=cwd, env=env(MERGESMITH_TEST_TENSOR_DELAY="0.1"),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mergesmith",
+            "run",
+            str(r),
+            str(out),
+            "--quiet",
+            "--seed",
+            "5",
+            "--out-shard-size",
+            "60KB",
+        ],
+        cwd=cwd,
+        env=env(MERGESMITH_TEST_TENSOR_DELAY="0.1"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     j = out.parent / (out.name + ".partial") / ".mergesmith-journal"
     deadline = time.monotonic() + 60
     while (not j.exists() or len(j.read_text().splitlines()) <= after) and p.poll() is None:
@@ -201,9 +264,11 @@ def test_resume_refuses_a_changed_tokenizer_of_a_union_merge(tmp_path, fam, caps
     to other places of the union vocabulary; the rows merged before the change would not match the rest."""
     fam = own_family(tmp_path, fam)
     r = tmp_path / "u.yml"
-    r.write_text(f"models:\n  - model: {fam[0]}\n  - model: {fam[1]}\n    parameters:\n      weight: 0.3\n"
-                 f"merge_method: task_arithmetic\nbase_model: {fam[0]}\nparameters:\n  weight: 0.5\n"
-                 "tokenizer_source: union\ndtype: float32\n")
+    r.write_text(
+        f"models:\n  - model: {fam[0]}\n  - model: {fam[1]}\n    parameters:\n      weight: 0.3\n"
+        f"merge_method: task_arithmetic\nbase_model: {fam[0]}\nparameters:\n  weight: 0.5\n"
+        "tokenizer_source: union\ndtype: float32\n"
+    )
     out = tmp_path / "o"
     interrupted(r, out, tmp_path)
     tj = fam[1] / "tokenizer.json"

@@ -64,9 +64,11 @@ class Blocked(BaseException):
 @pytest.fixture(autouse=True)
 def no_hang():
     """A read that blocks (a FIFO) fails the test instead of hanging the suite."""
+
     def boom(*_):
         signal.alarm(5)  # and the next one, should this one be caught anyway
         raise Blocked("a read blocked")
+
     old = signal.signal(signal.SIGALRM, boom)
     signal.alarm(60)
     yield
@@ -110,11 +112,13 @@ def shards(folder: Path):
 
 def output_files(out: Path):
     """The output's files that depend on the inputs' bytes only (the card and recipe copy name the references)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
-            if p.name not in ("README.md", "mergesmith_config.yml")}
+    return {
+        p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name not in ("README.md", "mergesmith_config.yml")
+    }
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face cache
+
 
 def test_sharded_model_in_hub_cache_merges_like_a_plain_folder(tmp_path, pair, capsys):
     base, ft = pair
@@ -126,8 +130,13 @@ def test_sharded_model_in_hub_cache_merges_like_a_plain_folder(tmp_path, pair, c
     hub.write_text(RECIPE.format(base="org/name", ft=ft))
     plain.write_text(RECIPE.format(base=base, ft=ft))
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "MERGESMITH_MALLOC": "0"}
-    r = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(hub), str(tmp_path / "a"), "--quiet",
-                        "--seed", "1"], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "run", str(hub), str(tmp_path / "a"), "--quiet", "--seed", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert cli("run", plain, tmp_path / "b", "--quiet", "--seed", "1") == 0
     a, b = output_files(tmp_path / "a"), output_files(tmp_path / "b")
@@ -165,8 +174,15 @@ def test_hub_cache_links_lead_only_to_their_own_blobs(snap, tmp_path, escape):
         _relink(first, os.path.relpath(copy, first.parent))
     else:  # the index names a file of the repository's blobs directly, by a path with ..
         shutil.copyfile(first, first.resolve().parent / "x.safetensors")
-        edit_json(s / "model.safetensors.index.json", lambda d: {**d, "weight_map": {
-            k: "../../blobs/x.safetensors" if v == first.name else v for k, v in d["weight_map"].items()}})
+        edit_json(
+            s / "model.safetensors.index.json",
+            lambda d: {
+                **d,
+                "weight_map": {
+                    k: "../../blobs/x.safetensors" if v == first.name else v for k, v in d["weight_map"].items()
+                },
+            },
+        )
     with pytest.raises(MergeError, match="outside the model folder|not a file name inside") as e:
         index_model("org/name", s)
     assert "\n" not in str(e.value)
@@ -190,6 +206,7 @@ def test_hub_revision_cannot_leave_the_cache(tmp_path, pair, capsys, monkeypatch
 
 # ------------------------------------------------------------------------------------- files named by an index
 
+
 def test_safe_member_accepts_only_regular_files_inside(tmp_path):
     folder = tmp_path / "m"
     (folder / "sub").mkdir(parents=True)
@@ -204,9 +221,19 @@ def test_safe_member_accepts_only_regular_files_inside(tmp_path):
     (folder / "loop2.safetensors").symlink_to("loop1.safetensors")
     assert safe_member(folder, "ok.safetensors") == (folder / "ok.safetensors").resolve()
     assert safe_member(folder, "in.safetensors") == (folder / "sub" / "inner").resolve()
-    for name in ["dir.safetensors", "pipe.safetensors", "link.safetensors", "loop1.safetensors", "../secret",
-                 "sub/../../secret",
-                 str(tmp_path / "secret"), "missing.safetensors", "", 5, None]:
+    for name in [
+        "dir.safetensors",
+        "pipe.safetensors",
+        "link.safetensors",
+        "loop1.safetensors",
+        "../secret",
+        "sub/../../secret",
+        str(tmp_path / "secret"),
+        "missing.safetensors",
+        "",
+        5,
+        None,
+    ]:
         with pytest.raises(MergeError) as e:
             safe_member(folder, name)
         assert "\n" not in str(e.value)
@@ -258,25 +285,29 @@ def test_symlinked_model_folder_is_fine(w):
 
 # ------------------------------------------------------------------ malformed but valid JSON: one line, not a bug
 
+
 def _wm(value):
     return lambda d: {**d, "weight_map": {k: value for k in d["weight_map"]}}
 
 
-@pytest.mark.parametrize("file,change,expect", [
-    ("model.safetensors.index.json", _wm(5), "not a .safetensors file name"),
-    ("model.safetensors.index.json", lambda d: [d], "not an object"),
-    ("model.safetensors.index.json", lambda d: {"weight_map": [1]}, "no 'weight_map'"),
-    ("model.safetensors.index.json", _wm("model.safetensors.index.json"), "not a .safetensors file name"),
-    ("config.json", lambda d: {**d, "hidden_size": [256]}, "'hidden_size' is [256], not a whole number"),
-    ("config.json", lambda d: {**d, "num_hidden_layers": "2"}, "'num_hidden_layers'"),
-    ("config.json", lambda d: {**d, "vocab_size": -1}, "'vocab_size'"),
-    ("config.json", lambda d: {**d, "tie_word_embeddings": "yes"}, "'tie_word_embeddings'"),
-    ("config.json", lambda d: {**d, "architectures": 5}, "'architectures'"),
-    ("config.json", lambda d: {**d, "architectures": [5]}, "'architectures'"),
-    ("config.json", lambda d: [d], "not an object"),
-    ("tokenizer_config.json", lambda d: [d], "not an object"),
-    ("tokenizer.json", lambda d: list(d), "not an object"),
-])
+@pytest.mark.parametrize(
+    "file,change,expect",
+    [
+        ("model.safetensors.index.json", _wm(5), "not a .safetensors file name"),
+        ("model.safetensors.index.json", lambda d: [d], "not an object"),
+        ("model.safetensors.index.json", lambda d: {"weight_map": [1]}, "no 'weight_map'"),
+        ("model.safetensors.index.json", _wm("model.safetensors.index.json"), "not a .safetensors file name"),
+        ("config.json", lambda d: {**d, "hidden_size": [256]}, "'hidden_size' is [256], not a whole number"),
+        ("config.json", lambda d: {**d, "num_hidden_layers": "2"}, "'num_hidden_layers'"),
+        ("config.json", lambda d: {**d, "vocab_size": -1}, "'vocab_size'"),
+        ("config.json", lambda d: {**d, "tie_word_embeddings": "yes"}, "'tie_word_embeddings'"),
+        ("config.json", lambda d: {**d, "architectures": 5}, "'architectures'"),
+        ("config.json", lambda d: {**d, "architectures": [5]}, "'architectures'"),
+        ("config.json", lambda d: [d], "not an object"),
+        ("tokenizer_config.json", lambda d: [d], "not an object"),
+        ("tokenizer.json", lambda d: list(d), "not an object"),
+    ],
+)
 def test_malformed_json_is_one_line_before_work(w, capsys, file, change, expect):
     edit_json(w.base / file, change)
     msg = refused_before_work(capsys, w)
@@ -322,16 +353,20 @@ def test_huge_config_is_refused_without_reading_it(w, capsys):
 
 # ------------------------------------------------------------------------------------------------ LoRA adapters
 
+
 @pytest.fixture
 def adapter(w):
     """A LoRA of rank 2 on layer 0's q_proj, applied to the fine-tune."""
     a = w.root / "adapter"
     a.mkdir()
-    (a / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-                                                       "target_modules": ["q_proj"]}))
+    (a / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    )
     pre = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file({f"{pre}.lora_A.weight": torch.randn(2, 64), f"{pre}.lora_B.weight": torch.randn(64, 2)},
-              str(a / "adapter_model.safetensors"))
+    save_file(
+        {f"{pre}.lora_A.weight": torch.randn(2, 64), f"{pre}.lora_B.weight": torch.randn(64, 2)},
+        str(a / "adapter_model.safetensors"),
+    )
     w.recipe.write_text(RECIPE.format(base=w.base, ft=f"{w.ft}+{a}"))
     return a
 
@@ -363,25 +398,29 @@ def test_pickled_code_in_an_adapter_never_runs(w, adapter, capsys, recwarn, how)
     assert not [str(x.message) for x in recwarn if "pickle" in str(x.message)]  # Python would print them too
 
 
-@pytest.mark.parametrize("change,expect", [
-    ({"r": "8"}, "'r' must be a whole number"),
-    ({"r": 0}, "'r' must be a whole number"),
-    ({"lora_alpha": "x"}, "'lora_alpha' must be a number"),
-    ({"peft_type": 5}, "'peft_type' must be a name"),
-    ({"use_rslora": "no"}, "'use_rslora' must be true or false"),
-    ({"rank_pattern": [1]}, "'rank_pattern' must be an object"),
-    ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern['q_proj']"),
-    ({"rank_pattern": {"(": 2}}, "not a regular expression"),
-    ({"rank_pattern": {"(.*)*x": 2}}, "can take forever to match"),  # matching it hung
-    ({"alpha_pattern": {".*.*.*.*x": 2}}, "can take forever to match"),
-])
+@pytest.mark.parametrize(
+    "change,expect",
+    [
+        ({"r": "8"}, "'r' must be a whole number"),
+        ({"r": 0}, "'r' must be a whole number"),
+        ({"lora_alpha": "x"}, "'lora_alpha' must be a number"),
+        ({"peft_type": 5}, "'peft_type' must be a name"),
+        ({"use_rslora": "no"}, "'use_rslora' must be true or false"),
+        ({"rank_pattern": [1]}, "'rank_pattern' must be an object"),
+        ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern['q_proj']"),
+        ({"rank_pattern": {"(": 2}}, "not a regular expression"),
+        ({"rank_pattern": {"(.*)*x": 2}}, "can take forever to match"),  # matching it hung
+        ({"alpha_pattern": {".*.*.*.*x": 2}}, "can take forever to match"),
+    ],
+)
 def test_adapter_config_with_wrong_types_is_one_line(w, adapter, capsys, change, expect):
     edit_json(adapter / "adapter_config.json", lambda d: {**d, **change})
     assert expect in refused_before_work(capsys, w)
 
 
-@pytest.mark.parametrize("case", ["list_config", "rank_mismatch", "rank_zero", "corrupt", "bin_not_tensors",
-                                  "int_factor", "link_outside"])
+@pytest.mark.parametrize(
+    "case", ["list_config", "rank_mismatch", "rank_zero", "corrupt", "bin_not_tensors", "int_factor", "link_outside"]
+)
 def test_bad_adapter_files_are_one_line(w, adapter, capsys, case):
     pre = "base_model.model.model.layers.0.self_attn.q_proj"
     st = adapter / "adapter_model.safetensors"
@@ -397,8 +436,13 @@ def test_bad_adapter_files_are_one_line(w, adapter, capsys, case):
         st.unlink()
         torch.save({f"{pre}.lora_A.weight": [1, 2]}, adapter / "adapter_model.bin")
     elif case == "int_factor":
-        save_file({f"{pre}.lora_A.weight": torch.ones(2, 64, dtype=torch.int32),
-                   f"{pre}.lora_B.weight": torch.ones(64, 2, dtype=torch.int32)}, str(st))
+        save_file(
+            {
+                f"{pre}.lora_A.weight": torch.ones(2, 64, dtype=torch.int32),
+                f"{pre}.lora_B.weight": torch.ones(64, 2, dtype=torch.int32),
+            },
+            str(st),
+        )
     else:
         shutil.move(st, w.root / "elsewhere.safetensors")
         st.symlink_to(w.root / "elsewhere.safetensors")
@@ -406,6 +450,7 @@ def test_bad_adapter_files_are_one_line(w, adapter, capsys, case):
 
 
 # ------------------------------------------------------------------------------------------------ chat templates
+
 
 def _with_template(w, spec: str) -> None:
     w.recipe.write_text(RECIPE.format(base=w.base, ft=w.ft) + f"chat_template: {json.dumps(spec)}\n")
@@ -417,8 +462,9 @@ def test_chat_template_path_to_a_secret_is_refused(w, capsys):
     assert "recipe.yml:8" in msg and SECRET not in msg
 
 
-@pytest.mark.parametrize("make", ["outside_jinja", "link_in_recipe_folder", "no_suffix_in_recipe_folder",
-                                  "suffix_link_to_plain_file"])
+@pytest.mark.parametrize(
+    "make", ["outside_jinja", "link_in_recipe_folder", "no_suffix_in_recipe_folder", "suffix_link_to_plain_file"]
+)
 def test_chat_template_files_are_sealed(w, capsys, make):
     rdir = w.recipe.parent
     if make == "outside_jinja":
@@ -461,8 +507,10 @@ def test_auto_template_does_not_follow_a_link_out_of_a_model(w, capsys):
 
 # -------------------------------------------------------------------- tokenizer and generation config, copied out
 
-@pytest.mark.parametrize("name", ["tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
-                                  "chat_template.jinja"])
+
+@pytest.mark.parametrize(
+    "name", ["tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja"]
+)
 def test_tokenizer_file_linked_to_a_secret_is_refused(w, capsys, name):
     secret_json = w.root / "secret.json"
     secret_json.write_text(json.dumps({"token": SECRET}))
@@ -504,19 +552,23 @@ def test_generation_config_linked_outside_is_not_copied(w, capsys):
 
 # ----------------------------------------------------------------------------------------- safetensors headers
 
+
 def _st_file(path: Path, header: dict, data: bytes = b"") -> None:
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
-@pytest.mark.parametrize("header,data,expect", [
-    ({"t": {"dtype": "F32", "shape": [0, 1 << 62], "data_offsets": [0, 0]}}, b"", "bad shape"),
-    ({"t": {"dtype": "F32", "shape": [1 << 32, 1 << 32], "data_offsets": [0, 4]}}, b"\0" * 4, "bytes stored"),
-    ({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "bad shape"),
-    ({"t": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, "bad shape"),
-    ({"t": {"dtype": "F32", "shape": [1] * 40, "data_offsets": [0, 4]}}, b"\0" * 4, "bad shape"),
-    ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4]}}, b"\0" * 4, "bad data_offsets"),
-])
+@pytest.mark.parametrize(
+    "header,data,expect",
+    [
+        ({"t": {"dtype": "F32", "shape": [0, 1 << 62], "data_offsets": [0, 0]}}, b"", "bad shape"),
+        ({"t": {"dtype": "F32", "shape": [1 << 32, 1 << 32], "data_offsets": [0, 4]}}, b"\0" * 4, "bytes stored"),
+        ({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "bad shape"),
+        ({"t": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, "bad shape"),
+        ({"t": {"dtype": "F32", "shape": [1] * 40, "data_offsets": [0, 4]}}, b"\0" * 4, "bad shape"),
+        ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4]}}, b"\0" * 4, "bad data_offsets"),
+    ],
+)
 def test_lying_safetensors_headers_are_refused(tmp_path, header, data, expect):
     _st_file(tmp_path / "model.safetensors", header, data)
     with pytest.raises(MergeError, match=expect):
@@ -554,8 +606,10 @@ def test_index_that_disagrees_with_the_files_is_refused(w, capsys, lie):
 
 def test_empty_per_layer_list_in_config_does_not_break_a_sliced_merge(w):
     edit_json(w.base / "config.json", lambda d: {**d, "layer_types": []})
-    w.recipe.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {w.base}\n"
-                        "        layer_range: [0, 1]\ndtype: bfloat16\n")
+    w.recipe.write_text(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {w.base}\n"
+        "        layer_range: [0, 1]\ndtype: bfloat16\n"
+    )
     assert cli("run", w.recipe, w.out, "--quiet") == 0
     cfg = json.loads((w.out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 1 and cfg["layer_types"] == []

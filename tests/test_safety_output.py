@@ -65,27 +65,43 @@ def tensor_spans(shard: Path) -> dict:
     """{name: (start, end)} absolute byte ranges of each tensor's data, from the safetensors layout itself."""
     data = shard.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__"}
+    header = json.loads(data[8 : 8 + n])
+    return {
+        k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 # --------------------------------------------------------------------------------------------- one at a time
+
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_finishes(tmp_path, fam, capsys):
     r = write_recipe(tmp_path / "r.yml", *fam[:3])
     run_recipe(str(r), str(tmp_path / "ref"), seed=3)
     out = tmp_path / "o"
     env = dict(os.environ, MERGESMITH_TEST_TENSOR_DELAY="1.0")  # 21 tensors, two at a time: about 10 s
-    first = subprocess.Popen([sys.executable, "-m", "mergesmith", "run", str(r), str(out), "--seed", "3", "--quiet"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mergesmith", "run", str(r), str(out), "--seed", "3", "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     journal = tmp_path / "o.partial" / ".mergesmith-journal"
     deadline = time.monotonic() + 90
-    while not (journal.exists() and len(journal.read_text().splitlines()) > 1) and first.poll() is None \
-            and time.monotonic() < deadline:
+    while (
+        not (journal.exists() and len(journal.read_text().splitlines()) > 1)
+        and first.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(r), str(out), "--seed", "3", "--quiet"],
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "run", str(r), str(out), "--seed", "3", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli("run", r, out, "--seed", 3, "--quiet", "--overwrite", "--restart") == 2  # nor with force
     assert first.poll() is None, "the first run ended before the second was tried; the test proves nothing"
     errors = [ln for ln in second.stderr.splitlines() if ln.startswith(("error", "internal"))]
@@ -99,13 +115,22 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_finishes(tmp
 
 # --------------------------------------------------------------------------------------------- inputs stay
 
-@pytest.mark.parametrize("case", ["is an input", "holds the inputs", "inside an input", "input via a symlink",
-                                  "holds the recipe", "is an input mergesmith wrote"])
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "is an input",
+        "holds the inputs",
+        "inside an input",
+        "input via a symlink",
+        "holds the recipe",
+        "is an input mergesmith wrote",
+    ],
+)
 def test_an_output_overlapping_an_input_is_refused_and_the_inputs_stay(tmp_path, fam, case, capsys):
     m = copied_family(fam, tmp_path / "models")
     if case == "is an input mergesmith wrote":  # an earlier merge merged into itself: --overwrite may not apply
-        run_recipe(str(write_recipe(tmp_path / "first.yml", *fam[:3])), str(tmp_path / "models" / "merged"),
-                   seed=1)
+        run_recipe(str(write_recipe(tmp_path / "first.yml", *fam[:3])), str(tmp_path / "models" / "merged"), seed=1)
         m["ft1"] = tmp_path / "models" / "merged"
     ft1 = m["ft1"]
     if case == "input via a symlink":
@@ -114,9 +139,14 @@ def test_an_output_overlapping_an_input_is_refused_and_the_inputs_stay(tmp_path,
     work = tmp_path / "work"
     work.mkdir()
     r = write_recipe(work / "r.yml", m["base"], ft1, m["ft2"])
-    out = {"is an input": m["ft1"], "is an input mergesmith wrote": m["ft1"], "holds the inputs": tmp_path / "models",
-           "inside an input": m["ft1"] / "merged",
-           "input via a symlink": m["ft1"], "holds the recipe": work}[case]
+    out = {
+        "is an input": m["ft1"],
+        "is an input mergesmith wrote": m["ft1"],
+        "holds the inputs": tmp_path / "models",
+        "inside an input": m["ft1"] / "merged",
+        "input via a symlink": m["ft1"],
+        "holds the recipe": work,
+    }[case]
     before = snapshot(tmp_path)
     assert cli("run", r, out, "--overwrite", "--quiet") == 2
     line = error_line(capsys)
@@ -143,6 +173,7 @@ def test_extract_lora_never_writes_over_its_inputs(tmp_path, fam, which, capsys)
 
 
 # --------------------------------------------------------------------------------------- only our own folders
+
 
 def test_overwrite_refuses_a_folder_mergesmith_did_not_write(tmp_path, fam, capsys):
     r = write_recipe(tmp_path / "r.yml", *fam[:3])
@@ -205,6 +236,7 @@ def test_a_symlink_or_dot_output_is_a_one_line_refusal(tmp_path, fam, case, monk
 
 # ------------------------------------------------------------------------------------------- free space
 
+
 def test_the_free_space_check_counts_every_file_written(tmp_path, fam, monkeypatch, capsys):
     r = write_recipe(tmp_path / "r.yml", *fam[:3])
     ref = tmp_path / "ref"
@@ -223,6 +255,7 @@ def test_the_free_space_check_counts_every_file_written(tmp_path, fam, monkeypat
 
 # ------------------------------------------------------------------------------------------- options
 
+
 @pytest.mark.parametrize("n", [-3, 0])
 def test_threads_below_one_is_a_one_line_refusal(tmp_path, fam, n, capsys):
     r = write_recipe(tmp_path / "r.yml", *fam[:3])
@@ -232,6 +265,7 @@ def test_threads_below_one_is_a_one_line_refusal(tmp_path, fam, n, capsys):
 
 
 # ------------------------------------------------------------------------------------------- verify
+
 
 def test_checksums_list_every_tensor_and_verify_finds_a_flipped_bit(tmp_path, fam, capsys):
     r = write_recipe(tmp_path / "r.yml", *fam[:3])
@@ -287,8 +321,10 @@ def test_a_tensor_zero_in_every_input_passes_verify(tmp_path, capsys):
         sd[name].zero_()
         save_file(sd, str(tmp_path / m / "model.safetensors"), metadata={"format": "pt"})
     r = tmp_path / "r.yml"
-    r.write_text(f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.5}}\n"
-                 f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n")
+    r.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n"
+    )
     assert cli("run", r, tmp_path / "o", "--quiet") == 0
     capsys.readouterr()
     assert cli("verify", tmp_path / "o", "--no-load") == 0
@@ -297,8 +333,12 @@ def test_a_tensor_zero_in_every_input_passes_verify(tmp_path, capsys):
 
 def verify_in_a_process(folder: Path) -> str:
     """`mergesmith verify` in a child process (a hang fails the test instead of stalling it); its one error."""
-    p = subprocess.run([sys.executable, "-m", "mergesmith", "verify", str(folder), "--no-load"],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesmith", "verify", str(folder), "--no-load"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith(("error", "internal"))]
     assert p.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), p.stderr
     return errors[0]
@@ -309,7 +349,8 @@ def test_verify_reads_only_regular_files_inside_the_folder(tmp_path, fam, capsys
     (folder / "shards").mkdir(parents=True)
     os.mkfifo(folder / "shards" / "model-00001-of-00001.safetensors")
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"w": "shards/model-00001-of-00001.safetensors"}}))
+        json.dumps({"weight_map": {"w": "shards/model-00001-of-00001.safetensors"}})
+    )
     assert "model-00001-of-00001.safetensors" in verify_in_a_process(folder)
     r = write_recipe(tmp_path / "r.yml", *fam[:3])
     out = tmp_path / "o"
@@ -318,7 +359,8 @@ def test_verify_reads_only_regular_files_inside_the_folder(tmp_path, fam, capsys
     os.mkfifo(out / "tokenizer_config.json")  # transformers would wait on it forever
     assert "tokenizer_config.json" in verify_in_a_process(out)
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"w": "../outside/model.safetensors"}}))
+        json.dumps({"weight_map": {"w": "../outside/model.safetensors"}})
+    )
     shutil.copytree(fam[0], tmp_path / "outside")
     assert cli("verify", folder, "--no-load") == 2
     assert "not a file name inside the model folder" in error_line(capsys)

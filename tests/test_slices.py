@@ -34,17 +34,20 @@ def _run(tmp_path, text, **kw):
 
 
 def test_frankenmerge_stacks_layers_byte_for_byte(six, tmp_path):
-    out = _run(tmp_path, f"""
+    out = _run(
+        tmp_path,
+        f"""
 slices:
   - sources:
-      - model: {six / 'a'}
+      - model: {six / "a"}
         layer_range: [0, 4]
   - sources:
-      - model: {six / 'b'}
+      - model: {six / "b"}
         layer_range: [2, 6]
 merge_method: passthrough
 dtype: bfloat16
-""")
+""",
+    )
     got, a, b = read_folder(out), read_folder(six / "a"), read_folder(six / "b")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 8
@@ -62,21 +65,26 @@ dtype: bfloat16
         assert t.dtype == want.dtype and torch.equal(t.view(torch.uint8), want.view(torch.uint8)), name  # bytes
     assert len(got) == len([n for n in a if not LAYER.search(n)]) + 8 * len([n for n in a if ".layers.0." in n])
     # it loads and runs in transformers, with the new depth
-    code = (f"from transformers import AutoModelForCausalLM; import torch; "
-            f"m = AutoModelForCausalLM.from_pretrained(r'{out}'); "
-            f"assert m.config.num_hidden_layers == 8 and len(m.model.layers) == 8; "
-            f"o = m(torch.tensor([[1, 2, 3]])).logits; assert torch.isfinite(o).all(); print('ok')")
+    code = (
+        f"from transformers import AutoModelForCausalLM; import torch; "
+        f"m = AutoModelForCausalLM.from_pretrained(r'{out}'); "
+        f"assert m.config.num_hidden_layers == 8 and len(m.model.layers) == 8; "
+        f"o = m(torch.tensor([[1, 2, 3]])).logits; assert torch.isfinite(o).all(); print('ok')"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 def test_repeated_layers_get_their_own_copies(six, tmp_path):
-    out = _run(tmp_path, f"""
+    out = _run(
+        tmp_path,
+        f"""
 slices:
-  - sources: [{{model: {six / 'a'}, layer_range: [0, 3]}}]
-  - sources: [{{model: {six / 'a'}, layer_range: [1, 4]}}]
+  - sources: [{{model: {six / "a"}, layer_range: [0, 3]}}]
+  - sources: [{{model: {six / "a"}, layer_range: [1, 4]}}]
 merge_method: passthrough
-""")
+""",
+    )
     got, a = read_folder(out), read_folder(six / "a")
     name = "model.layers.{}.mlp.down_proj.weight"
     # output layers 1 and 3 are both source layer 1, stored twice
@@ -89,25 +97,29 @@ def test_slices_merge_with_a_method_and_gradients_run_per_slice(six, tmp_path, s
     """linear over two slices; the weight gradient [0, 1] is evaluated over each slice's own layers (mergekit:
     t = k / (n - 1) within the slice) or with --gradient-span output over the 4 output layers, and layer_range
     offsets pick the source layers."""
-    out = _run(tmp_path, f"""
+    out = _run(
+        tmp_path,
+        f"""
 slices:
   - sources:
-      - model: {six / 'a'}
+      - model: {six / "a"}
         layer_range: [0, 3]
         parameters: {{weight: [0, 1]}}
-      - model: {six / 'a_ft'}
+      - model: {six / "a_ft"}
         layer_range: [3, 6]
         parameters: {{weight: 1}}
   - sources:
-      - model: {six / 'a'}
+      - model: {six / "a"}
         layer_range: [5, 6]
         parameters: {{weight: [0, 1]}}
-      - model: {six / 'a_ft'}
+      - model: {six / "a_ft"}
         layer_range: [0, 1]
         parameters: {{weight: 1}}
 merge_method: linear
 dtype: float32
-""", gradient_span=span)
+""",
+        gradient_span=span,
+    )
     got, a, f = read_folder(out), read_folder(six / "a"), read_folder(six / "a_ft")
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
     leaf = "self_attn.q_proj.weight"
@@ -123,19 +135,36 @@ dtype: float32
     np.testing.assert_allclose(got[emb].double().numpy(), f[emb].double().numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("recipe, message", [
-    ("slices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 7]}}\nmerge_method: passthrough\n",
-     r"recipe.yml:3: layer_range \[0, 7\] but .* has 6 layers"),
-    ("slices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n      - {{model: {b}, layer_range: [0, 2]}}\n"
-     "merge_method: slerp\nbase_model: {ft}\nparameters: {{t: 0.5}}\n",
-     r"recipe.yml:2: the base model .* is not among this slice's sources"),
-    ("slices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n      - {{model: {b}, layer_range: [0, 2]}}\n"
-     "merge_method: passthrough\n", r"passthrough takes exactly 1 models, got 2"),
-    ("models:\n  - model: {a}\n  - model: {b}\n  - model: {ft}\nmerge_method: slerp\nbase_model: {a}\n"
-     "parameters: {{t: 0.5}}\n", r"slerp takes exactly 1 models besides the base, got 2"),
-    ("models:\n  - model: {a}\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\n",
-     r"missing required parameter 't'"),
-])
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        (
+            "slices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 7]}}\nmerge_method: passthrough\n",
+            r"recipe.yml:3: layer_range \[0, 7\] but .* has 6 layers",
+        ),
+        (
+            "slices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n"
+            "      - {{model: {b}, layer_range: [0, 2]}}\n"
+            "merge_method: slerp\nbase_model: {ft}\nparameters: {{t: 0.5}}\n",
+            r"recipe.yml:2: the base model .* is not among this slice's sources",
+        ),
+        (
+            "slices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n"
+            "      - {{model: {b}, layer_range: [0, 2]}}\n"
+            "merge_method: passthrough\n",
+            r"passthrough takes exactly 1 models, got 2",
+        ),
+        (
+            "models:\n  - model: {a}\n  - model: {b}\n  - model: {ft}\nmerge_method: slerp\nbase_model: {a}\n"
+            "parameters: {{t: 0.5}}\n",
+            r"slerp takes exactly 1 models besides the base, got 2",
+        ),
+        (
+            "models:\n  - model: {a}\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\n",
+            r"missing required parameter 't'",
+        ),
+    ],
+)
 def test_slice_and_arity_errors_name_the_line(six, tmp_path, recipe, message):
     r = tmp_path / "recipe.yml"
     r.write_text(recipe.format(a=six / "a", b=six / "b", ft=six / "a_ft"))

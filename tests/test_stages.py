@@ -24,19 +24,19 @@ T = tiny_dir()
 FIRST = f"""name: first
 merge_method: linear
 models:
-  - model: {T / 'sort'}
+  - model: {T / "sort"}
     parameters: {{weight: 0.5}}
-  - model: {T / 'reverse'}
+  - model: {T / "reverse"}
     parameters: {{weight: 0.5}}
 dtype: bfloat16
 """
 SECOND = f"""name: second
 merge_method: dare_ties
-base_model: {T / 'base'}
+base_model: {T / "base"}
 models:
   - model: first
     parameters: {{weight: 0.6, density: 0.5}}
-  - model: {T / 'addition'}
+  - model: {T / "addition"}
     parameters: {{weight: 0.4, density: 0.5}}
 dtype: bfloat16
 """
@@ -83,8 +83,7 @@ def test_stages_equal_merging_them_one_by_one(tmp_path, capsys):
     a, b, c = hand / "a", hand / "b", hand / "c"
     assert cli("run", write(hand, FIRST.replace("name: first\n", ""), name="1.yml"), a, "--quiet") == 0
     text2 = SECOND.replace("name: second\n", "").replace("model: first", f"model: {a}")
-    assert cli("run", write(hand, text2, name="2.yml"), b, "--seed", recorded_seed(work / "second"),
-               "--quiet") == 0
+    assert cli("run", write(hand, text2, name="2.yml"), b, "--seed", recorded_seed(work / "second"), "--quiet") == 0
     text3 = OUTPUT.replace("model: first", f"model: {a}").replace("base_model: first", f"base_model: {a}")
     assert cli("run", write(hand, text3.replace("model: second", f"model: {b}"), name="3.yml"), c, "--quiet") == 0
     assert tensors(work / "first") == tensors(a)
@@ -111,25 +110,43 @@ CYCLE_A = "name: a\nmerge_method: linear\nmodels:\n  - model: b\n  - model: {t}\
 CYCLE_B = "name: b\nmerge_method: linear\nmodels:\n  - model: {t}\n  - model: a\n"
 OUT_A = "merge_method: linear\nmodels:\n  - model: a\n"
 REFUSED = [
-    ([CYCLE_A, CYCLE_B, OUT_A], r"p\.yml:11: the stages use each other in a cycle: a \(line 1\) -> b \(line 7\) "
-                                r"-> a \(line 1\); a stage may use only stages that do not use it"),
-    (["name: a\nmerge_method: linear\nmodels:\n  - model: a\n", OUT_A],
-     r"p\.yml:4: the stages use each other in a cycle: a \(line 1\) -> a \(line 1\)"),
-    ([FIRST, FIRST.replace("linear", "slerp")],
-     r"p\.yml:10: stage name 'first' is given twice \(lines 1 and 10\); give each stage its own name"),
-    ([FIRST, SECOND.replace("model: first", "model: frist")],
-     r"p\.yml:14: model 'frist' is neither a stage of this file \(first, second\) nor a folder "
-     r"\(did you mean 'first'\?\)"),
+    (
+        [CYCLE_A, CYCLE_B, OUT_A],
+        r"p\.yml:11: the stages use each other in a cycle: a \(line 1\) -> b \(line 7\) "
+        r"-> a \(line 1\); a stage may use only stages that do not use it",
+    ),
+    (
+        ["name: a\nmerge_method: linear\nmodels:\n  - model: a\n", OUT_A],
+        r"p\.yml:4: the stages use each other in a cycle: a \(line 1\) -> a \(line 1\)",
+    ),
+    (
+        [FIRST, FIRST.replace("linear", "slerp")],
+        r"p\.yml:10: stage name 'first' is given twice \(lines 1 and 10\); give each stage its own name",
+    ),
+    (
+        [FIRST, SECOND.replace("model: first", "model: frist")],
+        r"p\.yml:14: model 'frist' is neither a stage of this file \(first, second\) nor a folder "
+        r"\(did you mean 'first'\?\)",
+    ),
     ([FIRST, OUTPUT, OUTPUT], r"p\.yml:18: the documents at lines 10 and 18 both lack 'name:'"),
-    ([FIRST.replace("name: first", "name: ../up"), OUTPUT], r"p\.yml:1: stage name '\.\./up' must be a plain "
-                                                            r"folder name"),
-    (["name: a\nmerge_method: linear\nmodels:\n  - model: last\n", "name: last\nmerge_method: linear\nmodels:\n"
-      "  - model: {t}\n"], r"p\.yml:4: stage a uses last, the output stage"),
+    (
+        [FIRST.replace("name: first", "name: ../up"), OUTPUT],
+        r"p\.yml:1: stage name '\.\./up' must be a plain "
+        r"folder name",
+    ),
+    (
+        [
+            "name: a\nmerge_method: linear\nmodels:\n  - model: last\n",
+            "name: last\nmerge_method: linear\nmodels:\n  - model: {t}\n",
+        ],
+        r"p\.yml:4: stage a uses last, the output stage",
+    ),
 ]
 
 
-@pytest.mark.parametrize("docs,match", REFUSED, ids=["cycle", "self", "duplicate", "unknown", "two-unnamed",
-                                                     "bad-name", "uses-output"])
+@pytest.mark.parametrize(
+    "docs,match", REFUSED, ids=["cycle", "self", "duplicate", "unknown", "two-unnamed", "bad-name", "uses-output"]
+)
 def test_bad_stage_files_are_refused_before_any_work(docs, match, tmp_path, capsys):
     p = write(tmp_path, *(d.replace("{t}", str(T / "base")) for d in docs))
     for cmd in (["plan", p], ["run", p, tmp_path / "out"]):
@@ -152,9 +169,13 @@ def digests(root: Path) -> dict:
 
 def start(p: Path, out: Path, *extra, delay: str):
     env = dict(os.environ, MERGESMITH_TEST_TENSOR_DELAY=delay)
-    return subprocess.Popen([sys.executable, "-m", "mergesmith", "run", str(p), str(out), "--quiet",
-                             "--out-shard-size", "1M", *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mergesmith", "run", str(p), str(out), "--quiet", "--out-shard-size", "1M", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def journal_lines(partial: Path) -> int:
@@ -211,7 +232,8 @@ def test_a_single_recipe_with_a_stray_document_marker_says_what_to_do(tmp_path, 
     assert cli("plan", p) == 2
     assert capsys.readouterr().err.strip() == (
         "error: p.yml:8:1: a second YAML document (after a '---' line) in a single recipe: remove that line, or "
-        "give each document a name: (a multi-stage recipe, which `mergesmith run` and `mergesmith plan` take)")
+        "give each document a name: (a multi-stage recipe, which `mergesmith run` and `mergesmith plan` take)"
+    )
 
 
 def test_intermediate_dir_and_folders_that_are_not_ours(tmp_path, capsys):

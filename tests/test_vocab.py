@@ -27,8 +27,8 @@ def _add_tokens(folder, tokens):
 
 @pytest.fixture(scope="module")
 def vocab_family(tmp_path_factory):
-    """base (300 tokens + <extra>); chat (+ <tool_call>, </tool_call>); chat2 (+ <tool_call>, <extra>); padded (300 tokens,
-    384 embedding rows). Float32, so rows can be compared exactly."""
+    """base (300 tokens + <extra>); chat (+ <tool_call>, </tool_call>); chat2 (+ <tool_call>, <extra>); padded
+    (300 tokens, 384 embedding rows). Float32, so rows can be compared exactly."""
     root = tmp_path_factory.mktemp("vocab")
     make_mistral(root / "base", seed=1, vocab=N + 1, dtype=torch.float32)
     _add_tokens(root / "base", ["<extra>"])
@@ -80,13 +80,13 @@ def expected_rows(root, names, base, out_vocab, size, tensor, overrides=None):
 def _recipe(root, tok_block, method="task_arithmetic"):
     return f"""
 merge_method: {method}
-base_model: {root / 'base'}
+base_model: {root / "base"}
 models:
-  - model: {root / 'chat'}
+  - model: {root / "chat"}
     parameters: {{weight: 0.5}}
-  - model: {root / 'chat2'}
+  - model: {root / "chat2"}
     parameters: {{weight: 0.3}}
-  - model: {root / 'padded'}
+  - model: {root / "padded"}
     parameters: {{weight: 0.25}}
 dtype: float32
 {tok_block}
@@ -110,8 +110,12 @@ def test_union_vocabulary_rows_follow_the_fill_rules(vocab_family, tmp_path, ten
     assert got.shape[0] == N + 3
     names = ["base", "chat", "chat2", "padded"]
     rows = expected_rows(root, names, "base", out_vocab, N + 3, tensor)
-    want = rows["base"] + 0.5 * (rows["chat"] - rows["base"]) + 0.3 * (rows["chat2"] - rows["base"]) \
+    want = (
+        rows["base"]
+        + 0.5 * (rows["chat"] - rows["base"])
+        + 0.3 * (rows["chat2"] - rows["base"])
         + 0.25 * (rows["padded"] - rows["base"])
+    )
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
     # the three rules are all exercised: base row, single holder, mean of holders
     base_sd = read_folder(root / "base")[tensor].double().numpy()
@@ -158,16 +162,16 @@ def test_tokens_block_overrides_force_and_padding(vocab_family, tmp_path):
   pad_to_multiple_of: 64
   tokens:
     <tool_call>:
-      source: {root / 'chat2'}
+      source: {root / "chat2"}
       force: true
     <extra>:
       source: {{kind: zero}}
       force: true
     <|im_end|>:
-      source: {{kind: model_token, model: {root / 'chat'}, token: "<|im_start|>"}}
+      source: {{kind: model_token, model: {root / "chat"}, token: "<|im_start|>"}}
       force: true
     <new>:
-      source: {{kind: model_token, model: {root / 'chat2'}, token_id: 5}}
+      source: {{kind: model_token, model: {root / "chat2"}, token_id: 5}}
 """
     r = tmp_path / "r.yml"
     r.write_text(_recipe(root, block, method="linear").replace(f"base_model: {root / 'base'}\n", ""))
@@ -186,7 +190,7 @@ def test_tokens_block_overrides_force_and_padding(vocab_family, tmp_path):
     for n in names:  # model_token sources, by hand
         rows[n][out_vocab["<|im_end|>"]] = sd["chat"][v["chat"]["<|im_start|>"]]
         rows[n][out_vocab["<new>"]] = sd["chat2"][5]
-        rows[n][N + 4:] = rows[n][:N + 4].mean(axis=0)
+        rows[n][N + 4 :] = rows[n][: N + 4].mean(axis=0)
     want = (0.5 * rows["chat"] + 0.3 * rows["chat2"] + 0.25 * rows["padded"]) / 1.05
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
     assert np.all(got[out_vocab["<extra>"]] == 0)
@@ -195,8 +199,13 @@ def test_tokens_block_overrides_force_and_padding(vocab_family, tmp_path):
 def test_bad_token_source_is_one_line(vocab_family, tmp_path):
     root = vocab_family
     r = tmp_path / "r.yml"
-    r.write_text(_recipe(root, "tokenizer:\n  tokens:\n    <x>:\n      source: {kind: model_token, model: "
-                               f"{root / 'chat'}, token: nope}}\n"))
+    r.write_text(
+        _recipe(
+            root,
+            "tokenizer:\n  tokens:\n    <x>:\n      source: {kind: model_token, model: "
+            f"{root / 'chat'}, token: nope}}\n",
+        )
+    )
     with pytest.raises(MergeError, match=r"r.yml:\d+: token 'nope' is not in model"):
         run_recipe(str(r), str(tmp_path / "out"))
 
@@ -219,8 +228,10 @@ def test_a_tied_model_lends_its_embeddings_as_lm_head(vocab_family, tmp_path):
     cfg["tie_word_embeddings"] = True
     (tied / "config.json").write_text(json.dumps(cfg))
     r = tmp_path / "r.yml"
-    r.write_text(f"merge_method: linear\nmodels:\n  - model: {root / 'chat'}\n    parameters: {{weight: 1}}\n"
-                 f"  - model: {tied}\n    parameters: {{weight: 1}}\ntokenizer_source: union\ndtype: float32\n")
+    r.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {root / 'chat'}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {tied}\n    parameters: {{weight: 1}}\ntokenizer_source: union\ndtype: float32\n"
+    )
     run_recipe(str(r), str(tmp_path / "out"))
     from transformers import AutoTokenizer
 

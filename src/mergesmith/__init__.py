@@ -10,8 +10,18 @@ The Python API (mergesmith.api) loads on first use, so `import mergesmith` stays
 from mergesmith.errors import MergeError
 from mergesmith.version import __version__
 
-_API = ("MergeOptions", "MergeResult", "Plan", "Recipe", "describe", "iter_merged", "load_recipe", "merge",
-        "merge_in_memory", "plan_merge")
+_API = (
+    "MergeOptions",
+    "MergeResult",
+    "Plan",
+    "Recipe",
+    "describe",
+    "iter_merged",
+    "load_recipe",
+    "merge",
+    "merge_in_memory",
+    "plan_merge",
+)
 
 __all__ = ["MergeError", "__version__", *_API]
 

@@ -30,14 +30,31 @@ from mergesmith.plan import Plan, describe, make_plan, row_blocks  # describe: e
 from mergesmith.recipe import DTYPES, Recipe, parse_recipe
 from mergesmith.recipe import load_recipe as read_recipe_file
 
-__all__ = ["MergeOptions", "MergeResult", "Plan", "Recipe", "describe", "iter_merged", "load_recipe", "merge",
-           "merge_in_memory", "plan_merge"]
+__all__ = [
+    "MergeOptions",
+    "MergeResult",
+    "Plan",
+    "Recipe",
+    "describe",
+    "iter_merged",
+    "load_recipe",
+    "merge",
+    "merge_in_memory",
+    "plan_merge",
+]
 
 GRADIENT_SPANS = ("slice", "output")
 _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
-_FLAGS = {"seed": "--seed", "device": "--device", "threads": "--threads", "out_shard_size": "--out-shard-size",
-          "dtype": "--dtype", "out_dtype": "--out-dtype", "gradient_span": "--gradient-span",
-          "intermediate_dir": "--intermediate-dir"}
+_FLAGS = {
+    "seed": "--seed",
+    "device": "--device",
+    "threads": "--threads",
+    "out_shard_size": "--out-shard-size",
+    "dtype": "--dtype",
+    "out_dtype": "--out-dtype",
+    "gradient_span": "--gradient-span",
+    "intermediate_dir": "--intermediate-dir",
+}
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,7 @@ class MergeResult:
 
 # ------------------------------------------------------------------------------------------- recipes
 
+
 class _Dumper(yaml.SafeDumper):
     """YAML for recipe dicts: paths become strings, tuples lists."""
 
@@ -149,8 +167,9 @@ def _dict_text(data: dict) -> str:
     try:
         return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
     except yaml.YAMLError as e:
-        raise MergeError(f"<recipe dict>: {' '.join(str(e).split())}; use strings, numbers, booleans, lists and "
-                         "dicts") from None
+        raise MergeError(
+            f"<recipe dict>: {' '.join(str(e).split())}; use strings, numbers, booleans, lists and dicts"
+        ) from None
 
 
 def load_recipe(source: Union[str, os.PathLike, dict, Recipe], strict: bool = False) -> Recipe:
@@ -166,8 +185,7 @@ def load_recipe(source: Union[str, os.PathLike, dict, Recipe], strict: bool = Fa
     elif isinstance(source, (str, os.PathLike)):
         return read_recipe_file(source, strict=strict)
     else:
-        raise MergeError(f"a recipe is a YAML file's path, YAML text, a dict or a Recipe, not "
-                         f"{type(source).__name__}")
+        raise MergeError(f"a recipe is a YAML file's path, YAML text, a dict or a Recipe, not {type(source).__name__}")
     recipe.folder = Path.cwd()
     return recipe
 
@@ -185,16 +203,30 @@ def _chat_template(p: Plan, recipe_dir: Path, tokenizer: bool = True) -> Optiona
     if not spec:
         return None
     base = p.models.get(p.base_model) if p.base_model else None
-    return choose_template(spec, [model_folder(m) for m in p.models.values()], model_folder(base) if base else None,
-                           recipe_dir, p.recipe.at("chat_template"))
+    return choose_template(
+        spec,
+        [model_folder(m) for m in p.models.values()],
+        model_folder(base) if base else None,
+        recipe_dir,
+        p.recipe.at("chat_template"),
+    )
 
 
 def _planned(recipe: Recipe, o: MergeOptions) -> Tuple[Plan, Optional[str]]:
     """The plan of a recipe under the options, and the chat template its output gets."""
-    p = make_plan(recipe, seed=o.seed, dtype=o.dtype, out_dtype=o.out_dtype, shard_size=o.shard_bytes,
-                  allow_crimes=o.allow_crimes, recipe_dir=recipe.folder, gradient_span=o.gradient_span,
-                  allow_extrapolation=o.allow_extrapolation, strict=o.strict,
-                  unsafe_truncate_embeddings=o.unsafe_truncate_embeddings)
+    p = make_plan(
+        recipe,
+        seed=o.seed,
+        dtype=o.dtype,
+        out_dtype=o.out_dtype,
+        shard_size=o.shard_bytes,
+        allow_crimes=o.allow_crimes,
+        recipe_dir=recipe.folder,
+        gradient_span=o.gradient_span,
+        allow_extrapolation=o.allow_extrapolation,
+        strict=o.strict,
+        unsafe_truncate_embeddings=o.unsafe_truncate_embeddings,
+    )
     return p, _chat_template(p, recipe.folder, o.copy_tokenizer)
 
 
@@ -207,6 +239,7 @@ def plan_merge(recipe: Union[str, os.PathLike, dict, Recipe], options: Optional[
 
 # ------------------------------------------------------------------------------------------- merging
 
+
 def _tune(p: Plan, o: MergeOptions) -> None:
     """Allocator settings, when asked for and the plan streams row blocks (mergesmith.allocator says why)."""
     if o.tune_allocator and any(len(row_blocks(p, t)) > 1 for t in p.tasks):
@@ -215,8 +248,11 @@ def _tune(p: Plan, o: MergeOptions) -> None:
         reuse_freed_blocks()
 
 
-def merge(recipe: Union[str, os.PathLike, dict, Recipe], out_dir: Union[str, os.PathLike],
-          options: Optional[MergeOptions] = None) -> MergeResult:
+def merge(
+    recipe: Union[str, os.PathLike, dict, Recipe],
+    out_dir: Union[str, os.PathLike],
+    options: Optional[MergeOptions] = None,
+) -> MergeResult:
     """Merge `recipe` (anything load_recipe takes) into the Hugging Face model folder `out_dir`; returns a
     MergeResult. Raises MergeError.
 
@@ -244,8 +280,15 @@ def merge(recipe: Union[str, os.PathLike, dict, Recipe], out_dir: Union[str, os.
     with outdir.claim(out, _inputs(p), o.overwrite, f"mergesmith run {r.path or r.source} {out_dir}") as partial:
         done = _write(p, partial, out, o, template)
         outdir.finish(partial, out)
-    return MergeResult(path=out, seed=p.seed, seconds=time.monotonic() - t0, bytes_written=p.bytes_written,
-                       tensors=len(p.tasks), resumed_tensors=done, plan=p)
+    return MergeResult(
+        path=out,
+        seed=p.seed,
+        seconds=time.monotonic() - t0,
+        bytes_written=p.bytes_written,
+        tensors=len(p.tasks),
+        resumed_tensors=done,
+        plan=p,
+    )
 
 
 def _merge_stages(path: Path, out_dir, o: MergeOptions) -> MergeResult:
@@ -255,8 +298,15 @@ def _merge_stages(path: Path, out_dir, o: MergeOptions) -> MergeResult:
     t0 = time.monotonic()
     res, p = stages.merge_pipeline(path, out_dir, o, plan_merge, merge)
     if res is None:  # the output was current: nothing written
-        res = MergeResult(path=outdir.output_path(out_dir), seed=p.seed, seconds=0.0, bytes_written=p.bytes_written,
-                          tensors=len(p.tasks), resumed_tensors=len(p.tasks), plan=p)
+        res = MergeResult(
+            path=outdir.output_path(out_dir),
+            seed=p.seed,
+            seconds=0.0,
+            bytes_written=p.bytes_written,
+            tensors=len(p.tasks),
+            resumed_tensors=len(p.tasks),
+            plan=p,
+        )
     return replace(res, seconds=time.monotonic() - t0)
 
 
@@ -273,8 +323,7 @@ def _write(p: Plan, partial: Path, out: Path, o: MergeOptions, template: Optiona
     done = execute(p, partial, device=o.device, threads=o.threads, progress=o.progress, resume=resume)
     if done:
         log.info(f"resumed {partial}: {done} of {len(p.tasks)} tensors were already done")
-    write_folder(p, partial, name=out.name, tokenizer=o.copy_tokenizer, card=o.write_model_card,
-                 chat_template=template)
+    write_folder(p, partial, name=out.name, tokenizer=o.copy_tokenizer, card=o.write_model_card, chat_template=template)
     verify_weights(partial, {t.name: (t.out_dtype, tuple(t.shape)) for t in p.tasks})
     return done
 
@@ -308,13 +357,16 @@ def _continues(p: Plan, partial: Path) -> bool:
         return False
     changed = differences(head.get("fingerprint", {}), fingerprint(p))
     if changed != "nothing":
-        raise MergeError(f"{partial} holds an interrupted merge that differs from this one (changed: {changed}); "
-                         "rerun with --restart to start over")
+        raise MergeError(
+            f"{partial} holds an interrupted merge that differs from this one (changed: {changed}); "
+            "rerun with --restart to start over"
+        )
     return can_resume(p, partial)
 
 
-def iter_merged(recipe: Union[str, os.PathLike, dict, Recipe], options: Optional[MergeOptions] = None
-                ) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_merged(
+    recipe: Union[str, os.PathLike, dict, Recipe], options: Optional[MergeOptions] = None
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, tensor) of every output tensor of `recipe` (anything load_recipe takes), in the output files' order,
     each computed when asked for, on the CPU, in the output dtype: the bytes `merge` would write, and no folder.
     The recipe is planned and checked before this returns (MergeError); the folder options are not used."""
@@ -333,9 +385,9 @@ def _tensors(p: Plan, dev: torch.device) -> Iterator[Tuple[str, torch.Tensor]]:
         yield t.name, compute_tensor(p, t, dev)
 
 
-def merge_in_memory(recipe: Union[str, os.PathLike, dict, Recipe], options: Optional[MergeOptions] = None
-                    ) -> Dict[str, torch.Tensor]:
+def merge_in_memory(
+    recipe: Union[str, os.PathLike, dict, Recipe], options: Optional[MergeOptions] = None
+) -> Dict[str, torch.Tensor]:
     """{name: tensor} of every output tensor of `recipe` (anything load_recipe takes), as iter_merged gives them:
     for scoring many candidate recipes without writing folders. Raises MergeError."""
     return dict(iter_merged(recipe, options))
-

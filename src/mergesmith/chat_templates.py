@@ -16,7 +16,8 @@ TEMPLATES: Dict[str, str] = {
     ),
     "llama3": (
         "{{ bos_token }}{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+        "+ message['content'] | trim + '<|eot_id|>' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
@@ -106,24 +107,29 @@ def _template_file(spec: str, roots: List[Path], where: str) -> Optional[str]:
     from mergesmith.io.index import lies_inside
 
     p = Path(spec).expanduser()
-    found = next((c for c in ([p] if p.is_absolute() else [roots[0] / p, Path.cwd() / p]) if os.path.lexists(c)),
-                 None)
+    found = next((c for c in ([p] if p.is_absolute() else [roots[0] / p, Path.cwd() / p]) if os.path.lexists(c)), None)
     if found is None:
         return None
     target = found.resolve()
     # the name given and the file it leads to (a Hub cache blob has no suffix) both look like a template
-    if found.suffix.lower() not in TEMPLATE_SUFFIXES or (target.suffix.lower() not in TEMPLATE_SUFFIXES
-                                                         and target.parent.name != "blobs"):
-        raise MergeError(f"{where}: chat_template file {spec} is not a template file ({', '.join(TEMPLATE_SUFFIXES)}); "
-                         "refused, as the template is written into the output")
+    if found.suffix.lower() not in TEMPLATE_SUFFIXES or (
+        target.suffix.lower() not in TEMPLATE_SUFFIXES and target.parent.name != "blobs"
+    ):
+        raise MergeError(
+            f"{where}: chat_template file {spec} is not a template file ({', '.join(TEMPLATE_SUFFIXES)}); "
+            "refused, as the template is written into the output"
+        )
     if not any(lies_inside(r, target) for r in roots):
-        raise MergeError(f"{where}: chat_template file {spec} lies outside the recipe's folder and the models' "
-                         "folders; refused (copy it next to the recipe)")
+        raise MergeError(
+            f"{where}: chat_template file {spec} lies outside the recipe's folder and the models' "
+            "folders; refused (copy it next to the recipe)"
+        )
     return _read_template(target)
 
 
-def choose_template(spec: str, folders: List[Path], base_folder: Optional[Path], recipe_dir: Path,
-                    where: str) -> Optional[str]:
+def choose_template(
+    spec: str, folders: List[Path], base_folder: Optional[Path], recipe_dir: Path, where: str
+) -> Optional[str]:
     """Resolve a recipe's `chat_template:` (line `where`): a name, `auto`, an inline Jinja string, or a template
     file in `recipe_dir` or one of the models' `folders`."""
     if spec in TEMPLATES:
@@ -137,5 +143,7 @@ def choose_template(spec: str, folders: List[Path], base_folder: Optional[Path],
         return text
     from mergesmith.errors import MergeError, did_you_mean
 
-    raise MergeError(f"{where}: chat_template '{spec}' is not a known name{did_you_mean(spec, [*TEMPLATES, 'auto'])}, "
-                     "a template file, or a Jinja string (known: " + ", ".join([*TEMPLATES, "auto"]) + ")")
+    raise MergeError(
+        f"{where}: chat_template '{spec}' is not a known name{did_you_mean(spec, [*TEMPLATES, 'auto'])}, "
+        "a template file, or a Jinja string (known: " + ", ".join([*TEMPLATES, "auto"]) + ")"
+    )

@@ -49,8 +49,9 @@ def _variant(method: str, out: Path) -> Path:
     return out
 
 
-def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = False,
-             all_methods: bool = False) -> Dict[str, object]:
+def run_demo(
+    out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = False, all_methods: bool = False
+) -> Dict[str, object]:
     import logging
 
     from mergesmith.api import MergeOptions, merge
@@ -59,8 +60,9 @@ def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = 
     if not (tiny_dir() / "base" / "model.safetensors").exists():
         from mergesmith.errors import MergeError
 
-        raise MergeError(f"the bundled tiny models are missing from {tiny_dir()} (train them with "
-                         "examples/train_tiny_family.py)")
+        raise MergeError(
+            f"the bundled tiny models are missing from {tiny_dir()} (train them with examples/train_tiny_family.py)"
+        )
     out_dir = Path(out_dir)
     methods = list(COMPARE_METHODS) if (compare or all_methods) else ["della_linear"]
     examples = method_recipes() if all_methods else {}
@@ -72,8 +74,13 @@ def run_demo(out_dir: Path, compare: bool = False, seed: int = 1, quiet: bool = 
     log.setLevel(logging.ERROR)  # the variant recipes carry keys some methods do not use
     try:
         for m in methods:
-            recipe = (recipe_path() if m == "della_linear" else examples[m] if m in examples else
-                      _variant(m, out_dir / "recipes" / f"{m}.yml"))
+            recipe = (
+                recipe_path()
+                if m == "della_linear"
+                else examples[m]
+                if m in examples
+                else _variant(m, out_dir / "recipes" / f"{m}.yml")
+            )
             t0 = time.monotonic()
             merge(recipe, out_dir / m, MergeOptions(seed=seed, progress=False, overwrite=True))
             times[m] = time.monotonic() - t0
@@ -110,11 +117,22 @@ def moe_recipe(out: Path, base: Path, seed: int) -> Path:
 
     from mergesmith.skills import eval_set, training_examples
 
-    experts = [{"source_model": str(tiny_dir() / s),
-                "positive_prompts": [{"prompt": p, "answer": a} for p, a in training_examples(s, MOE_PROMPTS, seed)],
-                "eval_prompts": [{"prompt": p, "answer": a} for p, a in eval_set(s)]} for s in SKILLS]
-    recipe = {"base_model": str(base), "architecture": "mixtral", "dtype": "bfloat16", "experts_per_token": 2,
-              "calibrate": True, "experts": experts}
+    experts = [
+        {
+            "source_model": str(tiny_dir() / s),
+            "positive_prompts": [{"prompt": p, "answer": a} for p, a in training_examples(s, MOE_PROMPTS, seed)],
+            "eval_prompts": [{"prompt": p, "answer": a} for p, a in eval_set(s)],
+        }
+        for s in SKILLS
+    ]
+    recipe = {
+        "base_model": str(base),
+        "architecture": "mixtral",
+        "dtype": "bfloat16",
+        "experts_per_token": 2,
+        "calibrate": True,
+        "experts": experts,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return out

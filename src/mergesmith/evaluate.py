@@ -48,7 +48,7 @@ def load_tasks(path: Path) -> List[Task]:
             d = json.loads(line)
             tasks.append(Task(str(d.get("skill", "custom")), str(d["prompt"]), str(d["answer"])))
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise MergeError(f"{path}:{i}: expected a JSON object with \"prompt\" and \"answer\"") from None
+            raise MergeError(f'{path}:{i}: expected a JSON object with "prompt" and "answer"') from None
     if not tasks:
         raise MergeError(f"{path}: no tasks")
     return tasks
@@ -73,8 +73,9 @@ def load(path: Path):
 
 def _prompt_ids(tok, prompt: str) -> List[int]:
     if tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     else:
         text = prompt + "\n"
     return tok(text, add_special_tokens=False)["input_ids"]
@@ -97,9 +98,15 @@ class Encoded:
 def encode(tok, tasks: Sequence[Task]) -> List[Encoded]:
     """The tasks in token ids, once: a search scores the same prompts for every candidate."""
     end = _end_id(tok)
-    return [Encoded(t.skill, t.answer, tuple(_prompt_ids(tok, t.prompt)),
-                    tuple(tok(t.answer, add_special_tokens=False)["input_ids"]) + ((end,) if end is not None else ()))
-            for t in tasks]
+    return [
+        Encoded(
+            t.skill,
+            t.answer,
+            tuple(_prompt_ids(tok, t.prompt)),
+            tuple(tok(t.answer, add_special_tokens=False)["input_ids"]) + ((end,) if end is not None else ()),
+        )
+        for t in tasks
+    ]
 
 
 def _mean_by_skill(marks: Dict[str, List[int]]) -> Dict[str, float]:
@@ -129,7 +136,7 @@ def greedy(model, prompts: Sequence[Sequence[int]], max_new: int, pad: int, end:
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, use_cache=True, **_cache_of(out))
     rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
-    return [r[:r.index(end)] if end is not None and end in r else r for r in rows]
+    return [r[: r.index(end)] if end is not None and end in r else r for r in rows]
 
 
 def _cache_of(out) -> Dict[str, object]:
@@ -147,7 +154,7 @@ def exact_match_encoded(model, tok, tasks: Sequence[Encoded], batch: int = 64) -
     """exact_match on encoded tasks."""
     hits: Dict[str, List[int]] = {}
     for i in range(0, len(tasks), batch):
-        chunk = tasks[i:i + batch]
+        chunk = tasks[i : i + batch]
         longest = max(len(t.target) for t in chunk) - (_end_id(tok) is not None)
         rows = greedy(model, [t.prompt for t in chunk], longest + 4, _pad_id(tok), _end_id(tok))
         for t, row in zip(chunk, rows):
@@ -168,7 +175,7 @@ def teacher_forced(model, tok, tasks: Sequence[Encoded], batch: int = 64) -> Dic
     nll: Dict[str, List[float]] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for i in range(0, len(tasks), batch):
-        chunk = tasks[i:i + batch]
+        chunk = tasks[i : i + batch]
         rows = [t.prompt + t.target for t in chunk]
         n = max(map(len, rows))
         ids = torch.tensor([list(r) + [pad] * (n - len(r)) for r in rows])
@@ -181,8 +188,10 @@ def teacher_forced(model, tok, tasks: Sequence[Encoded], batch: int = 64) -> Dic
             a, b = len(t.prompt) - 1, len(t.prompt) - 1 + len(t.target)
             right.setdefault(t.skill, []).extend(int(x) for x in h[a:b])
             nll.setdefault(t.skill, []).extend(-x for x in p[a:b])
-    return {s: {"token_accuracy": sum(v) / len(v), "perplexity": math.exp(sum(nll[s]) / len(nll[s]))}
-            for s, v in right.items()}
+    return {
+        s: {"token_accuracy": sum(v) / len(v), "perplexity": math.exp(sum(nll[s]) / len(nll[s]))}
+        for s, v in right.items()
+    }
 
 
 def token_accuracy_encoded(model, tok, tasks: Sequence[Encoded], batch: int = 64) -> Dict[str, float]:
@@ -202,7 +211,7 @@ def perplexity(model, tok, text: str, window: Optional[int] = None) -> float:
     window = window or min(getattr(model.config, "max_position_embeddings", 512) or 512, 512)
     nll, count = 0.0, 0
     for s in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[s:s + window + 1]])
+        chunk = torch.tensor([ids[s : s + window + 1]])
         if chunk.shape[1] < 2:
             break
         logits = model(input_ids=chunk[:, :-1]).logits.float()
@@ -212,8 +221,12 @@ def perplexity(model, tok, text: str, window: Optional[int] = None) -> float:
     return math.exp(nll / count)
 
 
-def evaluate(paths: Sequence[Path], names: Optional[Sequence[str]] = None, tasks: Optional[List[Task]] = None,
-             text: Optional[str] = None) -> List[dict]:
+def evaluate(
+    paths: Sequence[Path],
+    names: Optional[Sequence[str]] = None,
+    tasks: Optional[List[Task]] = None,
+    text: Optional[str] = None,
+) -> List[dict]:
     from mergesmith.io.index import refuse_custom_code
     from mergesmith.skills import heldout_text
 
@@ -224,13 +237,15 @@ def evaluate(paths: Sequence[Path], names: Optional[Sequence[str]] = None, tasks
     results = []
     for i, path in enumerate(paths):
         model, tok = load(Path(path))
-        results.append({
-            "name": names[i] if names else Path(path).name,
-            "path": str(path),
-            "accuracy": exact_match(model, tok, tasks),
-            "token_accuracy": token_accuracy(model, tok, tasks),
-            "perplexity": perplexity(model, tok, text),
-        })
+        results.append(
+            {
+                "name": names[i] if names else Path(path).name,
+                "path": str(path),
+                "accuracy": exact_match(model, tok, tasks),
+                "token_accuracy": token_accuracy(model, tok, tasks),
+                "perplexity": perplexity(model, tok, text),
+            }
+        )
     return results
 
 
@@ -249,12 +264,25 @@ def format_table(results: List[dict], extra: Optional[Dict[str, Dict[str, str]]]
     extra = extra or {}
     extra_cols = list(dict.fromkeys(c for v in extra.values() for c in v))
     head1 = f"{'':16s} {'exact match':^{8 * len(skills)}s} | {'answer-token accuracy':^{8 * len(skills)}s} |"
-    head2 = f"{'model':16s} " + "".join(f"{s[:7]:>8s}" for s in skills) + " | " + "".join(
-        f"{s[:7]:>8s}" for s in skills) + " | " + f"{'ppl':>7s}" + "".join(f" {c:>10s}" for c in extra_cols)
+    head2 = (
+        f"{'model':16s} "
+        + "".join(f"{s[:7]:>8s}" for s in skills)
+        + " | "
+        + "".join(f"{s[:7]:>8s}" for s in skills)
+        + " | "
+        + f"{'ppl':>7s}"
+        + "".join(f" {c:>10s}" for c in extra_cols)
+    )
     lines = [head1, head2, "-" * len(head2)]
     for r in results:
-        row = f"{r['name'][:16]:16s} " + "".join(f"{r['accuracy'].get(s, 0):8.2f}" for s in skills) + " | " + \
-            "".join(f"{r['token_accuracy'].get(s, 0):8.2f}" for s in skills) + " | " + f"{r['perplexity']:7.2f}"
+        row = (
+            f"{r['name'][:16]:16s} "
+            + "".join(f"{r['accuracy'].get(s, 0):8.2f}" for s in skills)
+            + " | "
+            + "".join(f"{r['token_accuracy'].get(s, 0):8.2f}" for s in skills)
+            + " | "
+            + f"{r['perplexity']:7.2f}"
+        )
         row += "".join(f" {extra.get(r['name'], {}).get(c, ''):>10s}" for c in extra_cols)
         lines.append(row)
     return "\n".join(lines)

@@ -1,9 +1,10 @@
 """The Executor: the only part with threads and I/O.
 
 Walks the plan in output-file order, reads each tensor's inputs (whole or in row blocks, with preadv:
-mergesmith.io.index), upcasts to float32, calls the method's kernel, rounds once to the output dtype and writes the bytes straight to their place in the output shard. A bounded
-number of tensors is in flight, so memory follows the largest tensor, not the model. Work happens in
-`OUT_DIR.partial/`, renamed to OUT_DIR only when everything is written and checked (mergesmith.outdir).
+mergesmith.io.index), upcasts to float32, calls the method's kernel, rounds once to the output dtype and writes
+the bytes straight to their place in the output shard. A bounded number of tensors is in flight, so memory
+follows the largest tensor, not the model. Work happens in `OUT_DIR.partial/`, renamed to OUT_DIR only when
+everything is written and checked (mergesmith.outdir).
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ def _check_input(plan: Plan, ref, x: torch.Tensor) -> bool:
     return False
 
 
-def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]], check: bool = True
-          ) -> torch.Tensor:
+def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]], check: bool = True) -> torch.Tensor:
     x = plan.models[ref.model].read(ref.name, rows=rows, take=ref.take).to(device=device, dtype=torch.float32)
     if check:
         _check_input(plan, ref, x)
@@ -90,16 +90,26 @@ def _read(plan: Plan, task: TensorTask, device: torch.device, rows: Optional[Tup
     return base, inputs
 
 
-def _statistic(plan: Plan, task: TensorTask, device: torch.device, blocks: List[Tuple[int, int]],
-               two_pass: TwoPass, width: int):
+def _statistic(
+    plan: Plan, task: TensorTask, device: torch.device, blocks: List[Tuple[int, int]], two_pass: TwoPass, width: int
+):
     """Pass 1 of a two-pass merge: each round reads every block, folds the blocks' partials in block order into
     the previous round's result and finishes it. The inputs are checked for NaN/Inf on the first read."""
     method, stat = plan.method, None
     for r, rnd in enumerate(two_pass.rounds):
+
         def partial(ab: Tuple[int, int], rnd=rnd, prev=stat, check: bool = r == 0):
             base, inputs = _read(plan, task, device, ab, check)
-            return method.call(rnd.collect, task.shared, task.per_input, base=base, inputs=inputs, keys=task.keys,
-                               row_offset=ab[0], stat=prev)
+            return method.call(
+                rnd.collect,
+                task.shared,
+                task.per_input,
+                base=base,
+                inputs=inputs,
+                keys=task.keys,
+                row_offset=ab[0],
+                stat=prev,
+            )
 
         total = stat
         for part in in_order(partial, blocks, width):
@@ -111,6 +121,7 @@ def _statistic(plan: Plan, task: TensorTask, device: torch.device, blocks: List[
 class TensorNotes:
     """What kernels report about single tensors (their `report(note)`), gathered over a run: each note becomes one
     warning at the end, saying how many tensors it concerns and naming the first few."""
+
     SHOWN = 3
 
     def __init__(self) -> None:
@@ -121,6 +132,7 @@ class TensorNotes:
         def report(note: str) -> None:
             with self._lock:
                 self._tensors.setdefault(note, {})[tensor] = None
+
         return report
 
     def flush(self) -> None:
@@ -128,12 +140,13 @@ class TensorNotes:
             found, self._tensors = self._tensors, {}
         for note, tensors in found.items():
             names = list(tensors)
-            shown = ", ".join(names[:self.SHOWN]) + (", ..." if len(names) > self.SHOWN else "")
+            shown = ", ".join(names[: self.SHOWN]) + (", ..." if len(names) > self.SHOWN else "")
             warn(f"{note}: {len(names)} tensor{'s' if len(names) != 1 else ''} ({shown})")
 
 
-def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, notes: Optional[TensorNotes] = None
-                   ) -> Iterator[Tuple[int, torch.Tensor]]:
+def compute_blocks(
+    plan: Plan, task: TensorTask, device: torch.device, notes: Optional[TensorNotes] = None
+) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield (first_row, block) of one output tensor, in its output dtype, on the CPU. The kernel's notes go to
     `notes` (without one, each is a warning naming the tensor)."""
     if task.kind == "copy":
@@ -152,12 +165,16 @@ def compute_blocks(plan: Plan, task: TensorTask, device: torch.device, notes: Op
         a, b = blocks[k]
         base, inputs = _read(plan, task, device, (a, b) if len(blocks) > 1 else None, check=two_pass is None)
         share = two_pass.share(stat, k) if two_pass is not None else None
-        out = (method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stat=share,
-                            report=report) if inputs else base)
+        out = (
+            method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stat=share, report=report)
+            if inputs
+            else base
+        )
         del inputs, base
         if not all_finite(out):
-            raise MergeError(f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of "
-                             "this tensor)")
+            raise MergeError(
+                f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of this tensor)"
+            )
         return a, _narrowed(task, out, f"tensor {task.name}: the merge").cpu()
 
     yield from in_order(merge_block, range(len(blocks)), width)
@@ -238,8 +255,9 @@ class _Runner:
                 self.journal.record(task.name, c)
                 self.crcs[task.name] = c
                 self.bar.update(self.plan.layout.slots[task.name].nbytes)
-                self.bar.set_postfix_str(f"{len(self.crcs)}/{len(self.plan.tasks)} tensors, {task.name[-32:]}",
-                                         refresh=False)
+                self.bar.set_postfix_str(
+                    f"{len(self.crcs)}/{len(self.plan.tasks)} tensors, {task.name[-32:]}", refresh=False
+                )
         except BaseException as e:
             self.failed.append(e)
             raise
@@ -271,12 +289,21 @@ def _still_done(plan: Plan, partial: Path, writer: ShardWriter) -> Dict[str, int
     """{name: crc} of the journaled tensors whose bytes in the shards still match their CRC (kept on resume)."""
     from mergesmith.journal import crc, done_tensors
 
-    return {name: c for name, c in done_tensors(partial).items()
-            if name in plan.layout.slots and crc(writer.read_back(name)) == c}
+    return {
+        name: c
+        for name, c in done_tensors(partial).items()
+        if name in plan.layout.slots and crc(writer.read_back(name)) == c
+    }
 
 
-def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[int] = None,
-            progress: bool = True, resume: bool = False) -> int:
+def execute(
+    plan: Plan,
+    partial: Path,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> int:
     """Compute every tensor of the plan into the shard files in `partial`; returns how many were already done."""
     from tqdm import tqdm
 
@@ -290,10 +317,19 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
     crcs = _still_done(plan, partial, writer) if resume else {}  # for the checksum list of the finished folder
     done = len(crcs)
     journal = Journal(partial, plan, fresh=not resume)
-    order = sorted((t for t in plan.tasks if t.name not in crcs),
-                   key=lambda t: (plan.layout.slots[t.name].shard, plan.layout.slots[t.name].offset))
-    bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="merging", disable=not progress,
-               dynamic_ncols=True, initial=sum(plan.layout.slots[n].nbytes for n in crcs))
+    order = sorted(
+        (t for t in plan.tasks if t.name not in crcs),
+        key=lambda t: (plan.layout.slots[t.name].shard, plan.layout.slots[t.name].offset),
+    )
+    bar = tqdm(
+        total=plan.bytes_written,
+        unit="B",
+        unit_scale=True,
+        desc="merging",
+        disable=not progress,
+        dynamic_ncols=True,
+        initial=sum(plan.layout.slots[n].nbytes for n in crcs),
+    )
     runner = _Runner(plan, dev, writer, journal, crcs, bar)
     t0 = time.monotonic()
     try:
@@ -305,5 +341,7 @@ def execute(plan: Plan, partial: Path, device: str = "cpu", threads: Optional[in
         writer.close(sync=not runner.failed)
     write_index(partial, plan.layout)
     write_checksums(partial, plan.layout, crcs)
-    log.debug(f"merged {len(order)} tensors in {time.monotonic() - t0:.1f} s" + (f" ({done} done before)" if done else ""))
+    log.debug(
+        f"merged {len(order)} tensors in {time.monotonic() - t0:.1f} s" + (f" ({done} done before)" if done else "")
+    )
     return done

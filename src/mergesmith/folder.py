@@ -38,8 +38,15 @@ def config_text(plan: Plan) -> Optional[str]:
     if cfg is None:
         return None
     # the layer counts and per-layer lists of the stacks the recipe changed follow their new layers
-    cfg = dict(update_counts(cfg, anatomy(plan.models[tref].tensors), tref, dict(plan.stacks),
-                             {ref: idx.config for ref, idx in plan.models.items()}))
+    cfg = dict(
+        update_counts(
+            cfg,
+            anatomy(plan.models[tref].tensors),
+            tref,
+            dict(plan.stacks),
+            {ref: idx.config for ref, idx in plan.models.items()},
+        )
+    )
     if plan.vocabulary is not None:
         cfg["vocab_size"] = plan.vocabulary.size
     name = _dtype_name(plan)
@@ -114,8 +121,11 @@ def copy_tokenizer(plan: Plan, out: Path, chat_template: Optional[str]) -> None:
 
 def recipe_copy(plan: Plan) -> str:
     header = f"# merged with mergesmith {__version__}\n"
-    relative = [(ref, idx.path) for ref, idx in plan.models.items()
-                if idx.lora is None and not Path(ref).is_absolute() and Path(ref).resolve() != idx.path.resolve()]
+    relative = [
+        (ref, idx.path)
+        for ref, idx in plan.models.items()
+        if idx.lora is None and not Path(ref).is_absolute() and Path(ref).resolve() != idx.path.resolve()
+    ]
     if relative:  # where the relative paths pointed (recipe.Recipe.found_at)
         header += "# relative model paths, as found when merging:\n"
         header += "".join(f"#   {ref} -> {path.resolve()}\n" for ref, path in relative)
@@ -138,29 +148,58 @@ def model_card(plan: Plan, name: str) -> str:
     front += ["library_name: transformers", "tags:", "- mergesmith", "- merge", "---", ""]
     m = plan.method
     merged = [r for r in plan.recipe.input_models() if r != plan.base_model]
-    lines = [f"# {name}", "",
-             f"This is a merge of pre-trained language models created with [mergesmith](https://pypi.org/project/"
-             f"mergesmith/) {__version__}.", "", "## Merge Details", "", "### Merge Method", ""]
+    lines = [
+        f"# {name}",
+        "",
+        f"This is a merge of pre-trained language models created with [mergesmith](https://pypi.org/project/"
+        f"mergesmith/) {__version__}.",
+        "",
+        "## Merge Details",
+        "",
+        "### Merge Method",
+        "",
+    ]
     if plan.base_model:
-        lines.append(f"This model was merged using the [{m.pretty}]({m.url}) merge method using {plan.base_model} "
-                     "as a base.")
+        lines.append(
+            f"This model was merged using the [{m.pretty}]({m.url}) merge method using {plan.base_model} as a base."
+        )
     else:
         lines.append(f"This model was merged using the [{m.pretty}]({m.url}) merge method.")
     if m.randomized:
-        lines += ["", f"Random choices were drawn from seed {plan.seed}; the same seed reproduces this model "
-                      "byte for byte."]
+        lines += [
+            "",
+            f"Random choices were drawn from seed {plan.seed}; the same seed reproduces this model byte for byte.",
+        ]
     lines += ["", "### Models Merged", "", "The following models were included in the merge:"]
     lines += [f"* {r}" for r in merged]
-    lines += ["", "### Configuration", "", "The following YAML configuration was used to produce this model:", "",
-              "```yaml", plan.recipe.to_yaml(seed=plan.seed).rstrip(), "```", ""]
+    lines += [
+        "",
+        "### Configuration",
+        "",
+        "The following YAML configuration was used to produce this model:",
+        "",
+        "```yaml",
+        plan.recipe.to_yaml(seed=plan.seed).rstrip(),
+        "```",
+        "",
+    ]
     if plan.recipe.pipeline:  # the last stage of a multi-stage recipe (mergesmith.stages): every stage's recipe
-        lines += ["### Stages", "", "This model is the last stage of a multi-stage merge, made from this file:", "",
-                  "```yaml", plan.recipe.pipeline.rstrip(), "```", ""]
+        lines += [
+            "### Stages",
+            "",
+            "This model is the last stage of a multi-stage merge, made from this file:",
+            "",
+            "```yaml",
+            plan.recipe.pipeline.rstrip(),
+            "```",
+            "",
+        ]
     return "\n".join(front + lines)
 
 
-def write_folder(plan: Plan, out: Path, name: str, tokenizer: bool = True, card: bool = True,
-                 chat_template: Optional[str] = None) -> None:
+def write_folder(
+    plan: Plan, out: Path, name: str, tokenizer: bool = True, card: bool = True, chat_template: Optional[str] = None
+) -> None:
     write_config(plan, out)
     if tokenizer:
         copy_tokenizer(plan, out, chat_template)
@@ -173,8 +212,9 @@ def _file_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
-def folder_bytes(plan: Plan, name: str, tokenizer: bool = True, card: bool = True,
-                 chat_template: Optional[str] = None) -> int:
+def folder_bytes(
+    plan: Plan, name: str, tokenizer: bool = True, card: bool = True, chat_template: Optional[str] = None
+) -> int:
     """The bytes write_folder writes, for the free-space check: config, recipe copy and card exactly, the tokenizer
     files as large as their source's (every input's, for a built vocabulary)."""
     total = len((config_text(plan) or "").encode("utf-8")) + len(recipe_copy(plan).encode("utf-8"))

@@ -119,8 +119,13 @@ def _order(group: str) -> Tuple[int, int, str]:
     return (2 if group == "head & norm" else 3, 0, group)
 
 
-def inspect_merge(merged: ModelIndex, base: Optional[ModelIndex], inputs: Sequence[ModelIndex], by: str = "layer",
-                  progress: bool = False) -> Dict[str, object]:
+def inspect_merge(
+    merged: ModelIndex,
+    base: Optional[ModelIndex],
+    inputs: Sequence[ModelIndex],
+    by: str = "layer",
+    progress: bool = False,
+) -> Dict[str, object]:
     """Per-group summaries (see the module docstring), in model order, plus the whole model and what was skipped."""
     from tqdm import tqdm
 
@@ -133,7 +138,8 @@ def inspect_merge(merged: ModelIndex, base: Optional[ModelIndex], inputs: Sequen
         shape = tuple(info.shape)
         others = ([base] if base is not None else []) + list(inputs)
         if not info.dtype.is_floating_point or any(
-                name not in o.tensors or tuple(o.tensors[name].shape) != shape for o in others):
+            name not in o.tensors or tuple(o.tensors[name].shape) != shape for o in others
+        ):
             skipped.append(name)
             continue
         rows = shape[0] if shape else 1
@@ -141,18 +147,25 @@ def inspect_merge(merged: ModelIndex, base: Optional[ModelIndex], inputs: Sequen
         s = Sums(len(inputs))
         for a in range(0, rows, per):
             r = (a, min(rows, a + per)) if rows > per else None
-            part = tensor_sums(merged.read(name, rows=r), base.read(name, rows=r) if base is not None else None,
-                               [x.read(name, rows=r) for x in inputs])
+            part = tensor_sums(
+                merged.read(name, rows=r),
+                base.read(name, rows=r) if base is not None else None,
+                [x.read(name, rows=r) for x in inputs],
+            )
             s.add(part)
         s.tensors = 1
         groups.setdefault(group_of(name, by), Sums(len(inputs))).add(s)
         total.add(s)
     order = sorted(groups, key=_order)
-    return {"groups": [dict(group=g, **groups[g].summary()) for g in order],
-            "total": dict(group="whole model", **total.summary()), "skipped": skipped}
+    return {
+        "groups": [dict(group=g, **groups[g].summary()) for g in order],
+        "total": dict(group="whole model", **total.summary()),
+        "skipped": skipped,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- finding inputs
+
 
 def recipe_inputs(folder: Path) -> Tuple[Optional[str], List[str], Dict[str, str], str]:
     """(base_model, [model refs], {ref: path resolved when merged}, config file name) from a merged folder's
@@ -164,15 +177,18 @@ def recipe_inputs(folder: Path) -> Tuple[Optional[str], List[str], Dict[str, str
         if f.exists():
             break
     else:
-        raise MergeError(f"{folder}: no {' or '.join(CONFIG_NAMES)} to say which models were merged; "
-                         "pass --base and --model")
+        raise MergeError(
+            f"{folder}: no {' or '.join(CONFIG_NAMES)} to say which models were merged; pass --base and --model"
+        )
     text = f.read_text(encoding="utf-8")
     recipe = parse_recipe(text, str(f))
     c = recipe.config
     if c.slices or c.modules:
-        raise MergeError(f"{f}: this merge was built from slices (layers moved or repeated), so its tensors do not "
-                         "pair with its inputs' by name; pass --base and --model to compare it with models of "
-                         "its own layout")
+        raise MergeError(
+            f"{f}: this merge was built from slices (layers moved or repeated), so its tensors do not "
+            "pair with its inputs' by name; pass --base and --model to compare it with models of "
+            "its own layout"
+        )
     return c.base_model, [m.model for m in c.models or []], recipe.found_at(), fname
 
 
@@ -184,6 +200,7 @@ def labels(refs: Sequence[str]) -> List[str]:
 
 # ----------------------------------------------------------------------------------------------- showing
 
+
 def format_table(report: Dict[str, object], names: Sequence[str]) -> str:
     """A fixed-width table: one row per group, then the whole model."""
     rows = list(report["groups"]) + [report["total"]]  # type: ignore[operator]
@@ -191,18 +208,25 @@ def format_table(report: Dict[str, object], names: Sequence[str]) -> str:
     out = []
     for r in rows:
         w = r["weights"] or [None] * len(names)
-        out.append([r["group"], _pct(r["change"], 2), _pct(r["untouched"], 1)] + [_num(x) for x in w]
-                   + [_pct(r["fit"], 1)])
+        out.append(
+            [r["group"], _pct(r["change"], 2), _pct(r["untouched"], 1)] + [_num(x) for x in w] + [_pct(r["fit"], 1)]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *out)]
     fmt = lambda cells: "  ".join(  # noqa: E731
-        str(c).ljust(wd) if i == 0 else str(c).rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
+        str(c).ljust(wd) if i == 0 else str(c).rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths))
+    )
     lines = [fmt(head)] + [fmt(r) for r in out[:-1]] + ["-" * len(fmt(head)), fmt(out[-1])]
-    lines += ["", "change: ||merged - base|| / ||base||; untouched: elements equal to the base's; w: effective "
-              "weight of each input's task vector (least-squares fit of the merge's change); fit: share of the "
-              "change that fit explains."]
+    lines += [
+        "",
+        "change: ||merged - base|| / ||base||; untouched: elements equal to the base's; w: effective "
+        "weight of each input's task vector (least-squares fit of the merge's change); fit: share of the "
+        "change that fit explains.",
+    ]
     if report["skipped"]:
-        lines.append(f"skipped {len(report['skipped'])} tensor(s) that the inputs do not all hold at the merged "
-                     f"shape (e.g. {report['skipped'][0]})")
+        lines.append(
+            f"skipped {len(report['skipped'])} tensor(s) that the inputs do not all hold at the merged "
+            f"shape (e.g. {report['skipped'][0]})"
+        )
     return "\n".join(lines)
 
 
@@ -240,10 +264,12 @@ def svg_plot(report: Dict[str, object], names: Sequence[str], title: str) -> str
     plot_w = W - left - right
     H = top + 2 * panel + gap + 70
     xs = [left + (plot_w * (i + 0.5) / max(1, len(groups))) for i in range(len(groups))]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-           'font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<rect width="{W}" height="{H}" fill="white"/>',
+        f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>',
+    ]
 
     def panel_at(y0: float, series: List[Tuple[str, str, List[Optional[float]]]], ylabel: str, pct: bool) -> None:
         vals = [v for _, _, s in series for v in s if v is not None] + [0.0]
@@ -257,8 +283,10 @@ def svg_plot(report: Dict[str, object], names: Sequence[str], title: str) -> str
             out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{label}</text>')
         if lo < 0 < hi:
             out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#888"/>')
-        out.append(f'<text x="18" y="{y0 + panel / 2}" transform="rotate(-90 18 {y0 + panel / 2})" '
-                   f'text-anchor="middle">{escape(ylabel)}</text>')
+        out.append(
+            f'<text x="18" y="{y0 + panel / 2}" transform="rotate(-90 18 {y0 + panel / 2})" '
+            f'text-anchor="middle">{escape(ylabel)}</text>'
+        )
         for k, (label, color, s) in enumerate(series):
             pts = " ".join(f"{x:.1f},{y(v):.1f}" for x, v in zip(xs, s) if v is not None)
             if pts:
@@ -267,23 +295,32 @@ def svg_plot(report: Dict[str, object], names: Sequence[str], title: str) -> str
                     if v is not None:
                         out.append(f'<circle cx="{x:.1f}" cy="{y(v):.1f}" r="2.5" fill="{color}"/>')
             ly = y0 + 14 + 16 * k
-            out.append(f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 32}" y1="{ly - 4}" y2="{ly - 4}" '
-                       f'stroke="{color}" stroke-width="2"/>')
+            out.append(
+                f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 32}" y1="{ly - 4}" y2="{ly - 4}" '
+                f'stroke="{color}" stroke-width="2"/>'
+            )
             out.append(f'<text x="{left + plot_w + 38}" y="{ly}">{escape(label)}</text>')
 
-    weights = [(n, COLORS[i % len(COLORS)], [(g["weights"] or [None] * len(names))[i] for g in groups])
-               for i, n in enumerate(names)]
+    weights = [
+        (n, COLORS[i % len(COLORS)], [(g["weights"] or [None] * len(names))[i] for g in groups])
+        for i, n in enumerate(names)
+    ]
     panel_at(top, weights, "effective weight", False)
-    panel_at(top + panel + gap, [("change", "#333", [g["change"] for g in groups])], "||merged - base|| / ||base||",
-             True)
-    out.append(f'<text x="{left + plot_w / 2}" y="{H - 8}" text-anchor="middle">'
-               f'{"layer" if any(g["group"].startswith("layer ") for g in groups) else ""}</text>')
+    panel_at(
+        top + panel + gap, [("change", "#333", [g["change"] for g in groups])], "||merged - base|| / ||base||", True
+    )
+    out.append(
+        f'<text x="{left + plot_w / 2}" y="{H - 8}" text-anchor="middle">'
+        f"{'layer' if any(g['group'].startswith('layer ') for g in groups) else ''}</text>"
+    )
     step = max(1, len(groups) // 16)
     for i, g in enumerate(groups):
         if i % step == 0 or i == len(groups) - 1:
             label = g["group"].replace("layer ", "") if g["group"].startswith("layer ") else g["group"]
             ty = top + 2 * panel + gap + 16
-            out.append(f'<text x="{xs[i]:.1f}" y="{ty}" text-anchor="end" '
-                       f'transform="rotate(-35 {xs[i]:.1f} {ty})">{escape(label[-28:])}</text>')
+            out.append(
+                f'<text x="{xs[i]:.1f}" y="{ty}" text-anchor="end" '
+                f'transform="rotate(-35 {xs[i]:.1f} {ty})">{escape(label[-28:])}</text>'
+            )
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -29,8 +29,7 @@ FORMAT = 2  # 2: one fingerprint part per input file (format 1 partials are star
 # what catches a file rewritten in place with its mtime put back: os.utime can set the mtime, never the ctime.
 HASH_LIMIT = 16 * 1024 * 1024
 # Besides the weight files: what plan, folder and vocab read from an input folder (config, tokenizer, templates).
-FOLDER_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json",
-                "generation_config.json")
+FOLDER_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json", "generation_config.json")
 
 
 def _h(obj) -> str:
@@ -90,12 +89,15 @@ def fingerprint(plan: Plan) -> Dict[str, str]:
         "recipe": _h(plan.recipe.config.model_dump(mode="json")),
         "seed": str(plan.seed),
         "parameters": _h([(t.name, t.kind, t.shared, t.per_input, [r.name for r in t.inputs]) for t in plan.tasks]),
-        "layout": _h([(f, s) for f, s in zip(plan.layout.files, plan.layout.sizes)]
-                     + [(t.name, str(t.out_dtype), t.shape) for t in plan.tasks]),
+        "layout": _h(
+            [(f, s) for f, s in zip(plan.layout.files, plan.layout.sizes)]
+            + [(t.name, str(t.out_dtype), t.shape) for t in plan.tasks]
+        ),
     }
     for ref, idx in plan.models.items():
-        parts[f"input {ref}"] = _h([str(idx.path.resolve())]
-                                   + [[n, str(t.dtype), t.shape, t.nbytes] for n, t in sorted(idx.tensors.items())])
+        parts[f"input {ref}"] = _h(
+            [str(idx.path.resolve())] + [[n, str(t.dtype), t.shape, t.nbytes] for n, t in sorted(idx.tensors.items())]
+        )
         parts.update({f"input {ref}: {label}": file_stamp(f) for label, f in input_files(idx).items()})
     template = _template_file(plan)
     if template is not None:

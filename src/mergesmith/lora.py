@@ -52,9 +52,9 @@ class LoraAdapter:
         """s * B @ A (or its transpose for embeddings) for rows [a, b) of tensor `name`, float32."""
         A, B, s, emb = self.factors[name]
         if emb:  # [vocab, hidden] = A^T [vocab, r] @ B^T [r, hidden]
-            At = A.t()[rows[0]:rows[1]] if rows else A.t()
+            At = A.t()[rows[0] : rows[1]] if rows else A.t()
             return (At @ B.t()) * s
-        Bs = B[rows[0]:rows[1]] if rows else B
+        Bs = B[rows[0] : rows[1]] if rows else B
         return (Bs @ A) * s
 
 
@@ -75,11 +75,14 @@ def _check_patterns(cfg: Dict, key: str, ref: str) -> None:
         try:
             re.compile(k)
         except re.error as e:
-            raise MergeError(f"adapter {ref}: adapter_config.json: {key} key {k!r} is not a regular expression ({e})"
-                             ) from None
+            raise MergeError(
+                f"adapter {ref}: adapter_config.json: {key} key {k!r} is not a regular expression ({e})"
+            ) from None
         if _backtracks(k):
-            raise MergeError(f"adapter {ref}: adapter_config.json: {key} key {k[:60]!r} repeats a group or repeats "
-                             "more than twice; such a pattern can take forever to match, refused")
+            raise MergeError(
+                f"adapter {ref}: adapter_config.json: {key} key {k[:60]!r} repeats a group or repeats "
+                "more than twice; such a pattern can take forever to match, refused"
+            )
 
 
 def _backtracks(pattern: str) -> bool:
@@ -100,14 +103,21 @@ def _adapter_config(path: Path, ref: str) -> Dict:
         cfg = member_json(path, "adapter_config.json")
     except MergeError as e:
         raise MergeError(f"adapter {ref}: {e}") from None
-    bad = next((f"'{k}' must be {want}" for k, want, ok in (
-        ("peft_type", "a name", lambda v: isinstance(v, str)),
-        ("r", "a whole number >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-        ("lora_alpha", "a number", _is_number),
-        ("use_rslora", "true or false", lambda v: isinstance(v, bool)),
-        ("use_dora", "true or false", lambda v: isinstance(v, bool)),
-        ("fan_in_fan_out", "true or false", lambda v: isinstance(v, bool)),
-    ) if cfg.get(k) is not None and not ok(cfg[k])), None)
+    bad = next(
+        (
+            f"'{k}' must be {want}"
+            for k, want, ok in (
+                ("peft_type", "a name", lambda v: isinstance(v, str)),
+                ("r", "a whole number >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                ("lora_alpha", "a number", _is_number),
+                ("use_rslora", "true or false", lambda v: isinstance(v, bool)),
+                ("use_dora", "true or false", lambda v: isinstance(v, bool)),
+                ("fan_in_fan_out", "true or false", lambda v: isinstance(v, bool)),
+            )
+            if cfg.get(k) is not None and not ok(cfg[k])
+        ),
+        None,
+    )
     if bad:
         raise MergeError(f"adapter {ref}: adapter_config.json: {bad}")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -145,8 +155,10 @@ def _factor_pair(p: Dict[str, torch.Tensor], module: str, ref: str) -> Tuple[tor
     if A is None or B is None:
         raise MergeError(f"adapter {ref}: module {module} has only one of its two LoRA factors")
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] < 1:
-        raise MergeError(f"adapter {ref}: module {module}: LoRA factors A {list(A.shape)} and B {list(B.shape)} "
-                         "are not [r, in] and [out, r] with the same rank r >= 1")
+        raise MergeError(
+            f"adapter {ref}: module {module}: LoRA factors A {list(A.shape)} and B {list(B.shape)} "
+            "are not [r, in] and [out, r] with the same rank r >= 1"
+        )
     return A, B, emb
 
 
@@ -165,7 +177,7 @@ def load_adapter(path: Path, ref: str) -> LoraAdapter:
     ad = LoraAdapter(path, cfg)
     parts: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         m = re.match(r"(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.default)?(\.weight)?$", k)
         if m and not t.is_floating_point():
             raise MergeError(f"adapter {ref}: LoRA factor {key} is {t.dtype}, not a float")
@@ -194,8 +206,9 @@ def check_targets(ad: LoraAdapter, ref: str, shapes: Dict[str, Tuple[int, ...]])
             raise MergeError(f"adapter {ref}: it adapts {name}, which the model does not have")
         want = (A.shape[1], B.shape[0]) if emb else (B.shape[0], A.shape[1])
         if tuple(shapes[name]) != want:
-            raise MergeError(f"adapter {ref}: {name} is {list(shapes[name])} in the model but the LoRA factors "
-                             f"give {list(want)}")
+            raise MergeError(
+                f"adapter {ref}: {name} is {list(shapes[name])} in the model but the LoRA factors give {list(want)}"
+            )
     for name, t in ad.replace.items():
         if name in shapes and tuple(shapes[name]) != tuple(t.shape):
             raise MergeError(f"adapter {ref}: saved {name} is {list(t.shape)}, the model's {list(shapes[name])}")
@@ -204,8 +217,10 @@ def check_targets(ad: LoraAdapter, ref: str, shapes: Dict[str, Tuple[int, ...]])
 # --------------------------------------------------------------------------------------------- extraction
 
 # nn.Embedding weights (tokens or positions on dim 0): PEFT adapts them with lora_embedding_A/B, not lora_A/B
-_EMBEDDING_RE = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|wpe|word_embeddings|tok_embeddings|position_embeddings|"
-                           r"embed_positions|token_type_embeddings)\.weight$")
+_EMBEDDING_RE = re.compile(
+    r"(^|\.)(embed_tokens|embed_in|wte|wpe|word_embeddings|tok_embeddings|position_embeddings|"
+    r"embed_positions|token_type_embeddings)\.weight$"
+)
 
 
 @dataclass
@@ -220,6 +235,7 @@ class ExtractOptions:
     saved whole) only when it matches an include (if any) and no exclude. skip_undecomposable: norms and other
     modules LoRA cannot hold are left out rather than saved whole. distribute_scale: A and B each take sqrt(S).
     """
+
     rank: int = 128
     energy: Optional[float] = None
     sv_epsilon: float = 0.0
@@ -250,8 +266,9 @@ class ExtractOptions:
             raise MergeError(f"--save-module {bad!r}: give a module name such as lm_head or model.norm")
 
 
-def low_rank(delta: torch.Tensor, rank: int, energy: Optional[float] = None, sv_epsilon: float = 0.0,
-             distribute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def low_rank(
+    delta: torch.Tensor, rank: int, energy: Optional[float] = None, sv_epsilon: float = 0.0, distribute: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(B, A) with B @ A the best rank-r approximation of delta (truncated SVD, Eckart-Young). r = `rank`; with
     `energy` the smallest r whose singular values keep that share of sum S^2 (at most `rank`); singular values
     <= `sv_epsilon` are dropped (r may then be 0). B = U_r S_r, A = V_r^T, or with `distribute` sqrt(S_r) on each."""
@@ -302,8 +319,7 @@ def _modules(names: List[str]) -> Dict[str, List[str]]:
     return out
 
 
-def plan_extraction(names: List[str], shapes: Dict[str, Tuple[int, ...]], opts: ExtractOptions, differs
-                    ) -> ExtractPlan:
+def plan_extraction(names: List[str], shapes: Dict[str, Tuple[int, ...]], opts: ExtractOptions, differs) -> ExtractPlan:
     """Which tensors become LoRA factors, which are saved whole and which are left out (mergekit's rules):
     embeddings and the head are saved whole unless --embed-lora (or an --exclude-regex matches them); modules that
     pass the filters are decomposed when linear, else saved whole (or skipped with --skip-undecomposable). A module
@@ -327,8 +343,9 @@ def plan_extraction(names: List[str], shapes: Dict[str, Tuple[int, ...]], opts: 
 
 def _wanted(m: str, opts: ExtractOptions) -> bool:
     """Module m passes the --include-regex (when given) and no --exclude-regex."""
-    return (not opts.include or any(re.search(p, m) for p in opts.include)) and \
-        not any(re.search(p, m) for p in opts.exclude)
+    return (not opts.include or any(re.search(p, m) for p in opts.include)) and not any(
+        re.search(p, m) for p in opts.exclude
+    )
 
 
 def _saved_whole(mods: Dict[str, List[str]], kinds: Dict[str, str], opts: ExtractOptions, differs) -> List[str]:
@@ -353,20 +370,31 @@ def _check_save_modules(keys: List[str], kinds: Dict[str, str]) -> None:
     for key in keys:
         inner = next((p for p in sorted(parents) if p.endswith(key)), None)
         if inner is not None:
-            raise MergeError(f"--save-module {key}: it names {inner}, which holds other modules; name the modules "
-                             "with weights in it instead (like lm_head, model.norm or mlp.down_proj)")
+            raise MergeError(
+                f"--save-module {key}: it names {inner}, which holds other modules; name the modules "
+                "with weights in it instead (like lm_head, model.norm or mlp.down_proj)"
+            )
         if not any(m.endswith(key) and k != "none" for m, k in kinds.items()):
             raise MergeError(f"--save-module {key}: no module of --model has a name ending with it")
 
 
-def adapter_config(base_ref: str, modules: Dict[str, int], rank: int,
-                   modules_to_save: Optional[List[str]] = None) -> Dict:
+def adapter_config(
+    base_ref: str, modules: Dict[str, int], rank: int, modules_to_save: Optional[List[str]] = None
+) -> Dict:
     """A PEFT LoraConfig as JSON: alpha = r for every module (scale 1), ranks other than `rank` in rank_pattern."""
     pattern = {m: r for m, r in modules.items() if r != rank}
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_ref,
-        "r": rank, "lora_alpha": rank, "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_ref,
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": sorted(modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "rank_pattern": {re.escape(m): r for m, r in pattern.items()},
         "alpha_pattern": {re.escape(m): r for m, r in pattern.items()},
@@ -405,16 +433,26 @@ def _open_model(ref: str, what: str):
 def _same_shapes(ft, bs, model: str, base: str) -> None:
     missing = [n for n in ft.tensors if n not in bs.tensors]
     if missing:
-        raise MergeError(f"--base {base} lacks tensor {missing[0]} of --model {model} (and {len(missing) - 1} more); "
-                         "are they the same architecture?")
+        raise MergeError(
+            f"--base {base} lacks tensor {missing[0]} of --model {model} (and {len(missing) - 1} more); "
+            "are they the same architecture?"
+        )
     for n, t in ft.tensors.items():
         if tuple(bs.tensors[n].shape) != tuple(t.shape):
             raise MergeError(f"tensor {n} is {list(t.shape)} in --model but {list(bs.tensors[n].shape)} in --base")
 
 
-def extract_lora(model: str, base: str, out: Path, rank: int = 128, energy: Optional[float] = None,
-                 dtype: torch.dtype = torch.float32, progress: bool = True, overwrite: bool = False,
-                 options: Optional[ExtractOptions] = None) -> Extraction:
+def extract_lora(
+    model: str,
+    base: str,
+    out: Path,
+    rank: int = 128,
+    energy: Optional[float] = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    overwrite: bool = False,
+    options: Optional[ExtractOptions] = None,
+) -> Extraction:
     """Write a PEFT LoRA adapter to `out` holding (model - base): the truncated SVD of each linear weight's delta,
     and the modules LoRA cannot hold saved whole (`options`: mergekit-extract-lora's choices; without it `rank`,
     `energy` and `dtype` with mergekit's defaults). `out` follows mergesmith.outdir's rules: apart from both models,
@@ -432,8 +470,10 @@ def extract_lora(model: str, base: str, out: Path, rank: int = 128, energy: Opti
     with outdir.claim(target, inputs, overwrite, f"mergesmith extract-lora {out}") as partial:
         tensors, res, keys = _extract(ft, bs, opts, device, progress)
         if not res.modules:
-            raise MergeError(f"--model {model} and --base {base}: no linear weight that the filters let through "
-                             "differs; there is no LoRA to extract")
+            raise MergeError(
+                f"--model {model} and --base {base}: no linear weight that the filters let through "
+                "differs; there is no LoRA to extract"
+            )
         outdir.fresh_partial(partial)
         cfg = adapter_config(base, res.modules, max(res.modules.values()), keys)
         save_adapter(partial, tensors, cfg)
@@ -467,16 +507,19 @@ class _Pair:
         return not torch.equal(*self.read(n))
 
 
-def _extract(ft, bs, opts: ExtractOptions, device: torch.device, progress: bool
-             ) -> Tuple[Dict[str, torch.Tensor], Extraction, List[str]]:
+def _extract(
+    ft, bs, opts: ExtractOptions, device: torch.device, progress: bool
+) -> Tuple[Dict[str, torch.Tensor], Extraction, List[str]]:
     """The adapter's tensors (PEFT names), what was extracted, and the modules_to_save entries."""
     from tqdm import tqdm
 
     pair = _Pair(ft, bs)
     if pair.alias and opts.embed_lora:
         # a LoRA on each tied end is right unmerged but added twice by merge_and_unload; whole tensors are right both
-        warn("--embed-lora: the model ties its embeddings and head; PEFT would merge their LoRAs into the shared "
-             "weight twice, so both are saved whole instead")
+        warn(
+            "--embed-lora: the model ties its embeddings and head; PEFT would merge their LoRAs into the shared "
+            "weight twice, so both are saved whole instead"
+        )
         opts = dataclasses.replace(opts, embed_lora=False)
     names = pair.names()
     plan = plan_extraction(names, {n: pair.shape(n) for n in names}, opts, pair.differs)
@@ -497,8 +540,9 @@ def _extract(ft, bs, opts: ExtractOptions, device: torch.device, progress: bool
     return tensors, res, plan.save_keys
 
 
-def _decompose(n: str, pair: _Pair, opts: ExtractOptions, device: torch.device, tensors: Dict[str, torch.Tensor],
-               res: Extraction) -> None:
+def _decompose(
+    n: str, pair: _Pair, opts: ExtractOptions, device: torch.device, tensors: Dict[str, torch.Tensor], res: Extraction
+) -> None:
     """One weight's LoRA factors, under PEFT's names: lora_A/B.weight, or lora_embedding_A/B for an embedding
     (its delta transposed: PEFT's embedding delta is (B @ A)^T)."""
     module = n[: -len(".weight")]

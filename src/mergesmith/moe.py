@@ -38,6 +38,7 @@ class _Model(BaseModel):
 
 class ChatPrompt(_Model):
     """A chat exchange: the router should send the tokens that produce `answer` to the expert (routers.encode)."""
+
     prompt: str
     answer: str
 
@@ -74,8 +75,11 @@ _KNOWN: Dict[Path_, Tuple[str, ...]] = {
     (): tuple(MoEConfig.model_fields),
     ("experts", "*"): _EXPERT_KEYS,
     ("shared_experts", "*"): _EXPERT_KEYS,
-    **{(g, "*", k, "*"): tuple(ChatPrompt.model_fields) for g in ("experts", "shared_experts")
-       for k in ("positive_prompts", "negative_prompts", "eval_prompts")},
+    **{
+        (g, "*", k, "*"): tuple(ChatPrompt.model_fields)
+        for g in ("experts", "shared_experts")
+        for k in ("positive_prompts", "negative_prompts", "eval_prompts")
+    },
     ("tokenizer",): tuple(TokenizerConfig.model_fields),
 }
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
@@ -179,14 +183,18 @@ def _check_prompt_lists(data: Dict[str, Any], loc) -> None:
                 if v is None:
                     continue
                 if not isinstance(v, list):
-                    raise MergeError(f"{loc((group, e, key))}: {group}[{e}].{key} must be a list of prompts "
-                                     f"(one '- text' per line), not {short(v)}")
+                    raise MergeError(
+                        f"{loc((group, e, key))}: {group}[{e}].{key} must be a list of prompts "
+                        f"(one '- text' per line), not {short(v)}"
+                    )
                 for j, p in enumerate(v):
                     problem = _prompt_problem(p)
                     if problem:
-                        raise MergeError(f"{loc((group, e, key, j))}: prompt {j + 1} of {group}[{e}].{key} is "
-                                         f"{problem}; write each prompt as a quoted string (or as "
-                                         "{prompt: ..., answer: ...})")
+                        raise MergeError(
+                            f"{loc((group, e, key, j))}: prompt {j + 1} of {group}[{e}].{key} is "
+                            f"{problem}; write each prompt as a quoted string (or as "
+                            "{prompt: ..., answer: ...})"
+                        )
 
 
 def _check_numbers(data: Dict[str, Any], loc) -> None:
@@ -194,8 +202,12 @@ def _check_numbers(data: Dict[str, Any], loc) -> None:
     found = [(("experts_per_token",), data.get("experts_per_token"))]
     for group in ("experts", "shared_experts"):
         items = data.get(group)
-        found += [((group, e, k), ex.get(k)) for e, ex in enumerate(items if isinstance(items, list) else [])
-                  if isinstance(ex, dict) for k in ("noise_scale", "residual_scale")]
+        found += [
+            ((group, e, k), ex.get(k))
+            for e, ex in enumerate(items if isinstance(items, list) else [])
+            if isinstance(ex, dict)
+            for k in ("noise_scale", "residual_scale")
+        ]
     for path, v in found:
         if isinstance(v, bool):
             raise MergeError(f"{loc(path)}: {'.'.join(map(str, path))} is {str(v).lower()}, not a number")
@@ -215,8 +227,10 @@ def parse_moe(text: str, source: str = "<recipe>", strict: bool = False) -> MoER
 
     clean = _scrub(data, (), loc, notes, strict)
     if not clean.get("experts"):
-        raise MergeError(f"{loc(('experts',))}: the recipe has no experts; list them under 'experts:' (each with "
-                         "source_model: and positive_prompts:)")
+        raise MergeError(
+            f"{loc(('experts',))}: the recipe has no experts; list them under 'experts:' (each with "
+            "source_model: and positive_prompts:)"
+        )
     _check_prompt_lists(clean, loc)
     _check_numbers(clean, loc)
     try:
@@ -238,41 +252,54 @@ _BAD_IN_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _all_experts(c: MoEConfig) -> List[Tuple[str, int, Expert]]:
-    return [("experts", i, e) for i, e in enumerate(c.experts)] + \
-        [("shared_experts", i, e) for i, e in enumerate(c.shared_experts or [])]
+    return [("experts", i, e) for i, e in enumerate(c.experts)] + [
+        ("shared_experts", i, e) for i, e in enumerate(c.shared_experts or [])
+    ]
 
 
 def _check_recipe(r: MoERecipe) -> None:
     """What can be told from the recipe alone."""
     c = r.config
     if c.gate_mode not in GATE_MODES:
-        raise MergeError(f"{r.at('gate_mode')}: unknown gate_mode {short(c.gate_mode)}"
-                         f"{did_you_mean(c.gate_mode, GATE_MODES)}; use one of {', '.join(GATE_MODES)}")
+        raise MergeError(
+            f"{r.at('gate_mode')}: unknown gate_mode {short(c.gate_mode)}"
+            f"{did_you_mean(c.gate_mode, GATE_MODES)}; use one of {', '.join(GATE_MODES)}"
+        )
     if c.dtype is not None and c.dtype not in DTYPES:
-        raise MergeError(f"{r.at('dtype')}: dtype {short(c.dtype)} is not a dtype{did_you_mean(c.dtype, DTYPES)}; "
-                         "use bfloat16, float16 or float32")
+        raise MergeError(
+            f"{r.at('dtype')}: dtype {short(c.dtype)} is not a dtype{did_you_mean(c.dtype, DTYPES)}; "
+            "use bfloat16, float16 or float32"
+        )
     if not 1 <= c.experts_per_token <= len(c.experts):
-        raise MergeError(f"{r.at('experts_per_token')}: experts_per_token {c.experts_per_token} must lie in [1, "
-                         f"{len(c.experts)}] (the number of experts)")
-    refs = [(c.base_model, ("base_model",))] + [(e.source_model, (g, i, "source_model")) for g, i, e in
-                                                _all_experts(c)]
+        raise MergeError(
+            f"{r.at('experts_per_token')}: experts_per_token {c.experts_per_token} must lie in [1, "
+            f"{len(c.experts)}] (the number of experts)"
+        )
+    refs = [(c.base_model, ("base_model",))] + [(e.source_model, (g, i, "source_model")) for g, i, e in _all_experts(c)]
     refs += [(c.tokenizer_source, ("tokenizer_source",))] if c.tokenizer_source else []
     for ref, path in refs:
         if not ref.strip() or _BAD_IN_NAME.search(ref):
-            raise MergeError(f"{r.at(*path)}: the model reference {short(ref)} is empty or holds a control "
-                             "character; give a folder path or a Hub id")
+            raise MergeError(
+                f"{r.at(*path)}: the model reference {short(ref)} is empty or holds a control "
+                "character; give a folder path or a Hub id"
+            )
     for g, i, e in _all_experts(c):
         for key in ("noise_scale", "residual_scale"):
             v = getattr(e, key)
             if v is not None and (not math.isfinite(v) or (key == "noise_scale" and v < 0)):
-                raise MergeError(f"{r.at(g, i, key)}: {key} {v} must be a finite number"
-                                 + (" >= 0" if key == "noise_scale" else ""))
+                raise MergeError(
+                    f"{r.at(g, i, key)}: {key} {v} must be a finite number" + (" >= 0" if key == "noise_scale" else "")
+                )
     if c.tokenizer is not None and (c.tokenizer.source != "base" or c.tokenizer.tokens):
-        raise MergeError(f"{r.at('tokenizer')}: an MoE keeps the base's vocabulary; 'tokenizer:' may only say "
-                         "source: base (or use tokenizer_source: MODEL to copy another model's tokenizer files)")
+        raise MergeError(
+            f"{r.at('tokenizer')}: an MoE keeps the base's vocabulary; 'tokenizer:' may only say "
+            "source: base (or use tokenizer_source: MODEL to copy another model's tokenizer files)"
+        )
     if c.tokenizer_source == "union":
-        raise MergeError(f"{r.at('tokenizer_source')}: an MoE keeps the base's vocabulary, so it cannot build a "
-                         "union tokenizer; use tokenizer_source: base or a model with the base's vocabulary")
+        raise MergeError(
+            f"{r.at('tokenizer_source')}: an MoE keeps the base's vocabulary, so it cannot build a "
+            "union tokenizer; use tokenizer_source: base or a model with the base's vocabulary"
+        )
 
 
 def check_prompts(r: MoERecipe, calibrate: bool, allow_all_same: bool) -> None:
@@ -282,17 +309,23 @@ def check_prompts(r: MoERecipe, calibrate: bool, allow_all_same: bool) -> None:
         why = "--calibrate fits the routers on them" if calibrate else f"gate_mode {c.gate_mode} needs them"
         for i, e in enumerate(c.experts):
             if not e.positive_prompts:
-                raise MergeError(f"{r.at('experts', i)}: expert {i + 1} ({e.source_model}) has no positive_prompts; "
-                                 f"{why} (or use gate_mode: random)")
+                raise MergeError(
+                    f"{r.at('experts', i)}: expert {i + 1} ({e.source_model}) has no positive_prompts; "
+                    f"{why} (or use gate_mode: random)"
+                )
         if len(c.experts) > 1:
             first = (c.experts[0].positive_prompts, c.experts[0].negative_prompts or [])
             if all((e.positive_prompts, e.negative_prompts or []) == first for e in c.experts[1:]):
-                raise MergeError(f"{r.at('experts')}: every expert has the same prompts, so the router cannot tell "
-                                 "them apart; give each expert prompts of what it should receive")
+                raise MergeError(
+                    f"{r.at('experts')}: every expert has the same prompts, so the router cannot tell "
+                    "them apart; give each expert prompts of what it should receive"
+                )
     if not allow_all_same and all(e.source_model == c.experts[0].source_model for e in c.experts):
-        raise MergeError(f"{r.at('experts')}: every expert is {c.experts[0].source_model}, so the MoE computes "
-                         "what that model does at a multiple of the cost; list different models, or pass "
-                         "--i-understand-this-is-not-useful-without-training to build it for training")
+        raise MergeError(
+            f"{r.at('experts')}: every expert is {c.experts[0].source_model}, so the MoE computes "
+            "what that model does at a multiple of the cost; list different models, or pass "
+            "--i-understand-this-is-not-useful-without-training to build it for training"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -322,8 +355,14 @@ class Family:
 
 
 MIXTRAL = Family("Mixtral", "mixtral", "MixtralForCausalLM", ("llama", "mistral"), False)
-QWEN2 = Family("Qwen MoE", "qwen2_moe", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), True,
-               ("qwen2_moe", "qwen2moe", "qwen2"))
+QWEN2 = Family(
+    "Qwen MoE",
+    "qwen2_moe",
+    "Qwen2MoeForCausalLM",
+    ("llama", "mistral", "qwen2"),
+    True,
+    ("qwen2_moe", "qwen2moe", "qwen2"),
+)
 QWEN3 = Family("Qwen3 MoE", "qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), False, ("qwen3_moe", "qwen3moe"))
 FAMILIES = (MIXTRAL, QWEN2, QWEN3)  # mergekit's order of preference (its DeepSeek MoE came second)
 
@@ -348,18 +387,24 @@ def pick_family(r: MoERecipe, model_type: str) -> Family:
     c = r.config
     want = (c.architecture or "").lower()
     if want.startswith("deepseek"):
-        raise MergeError(f"{r.at('architecture')}: the DeepSeek MoE output needs the deepseek-moe model code, which "
-                         "transformers does not ship and mergesmith never runs; use architecture: mixtral or qwen")
+        raise MergeError(
+            f"{r.at('architecture')}: the DeepSeek MoE output needs the deepseek-moe model code, which "
+            "transformers does not ship and mergesmith never runs; use architecture: mixtral or qwen"
+        )
     pool = [f for f in FAMILIES if f.name.lower().startswith(want) or want in f.aliases]
     if not pool:
         names = ", ".join(f.name for f in FAMILIES)
-        raise MergeError(f"{r.at('architecture')}: unknown architecture {short(c.architecture)}"
-                         f"{did_you_mean(want, [f.name.lower() for f in FAMILIES])}; use one of {names}")
+        raise MergeError(
+            f"{r.at('architecture')}: unknown architecture {short(c.architecture)}"
+            f"{did_you_mean(want, [f.name.lower() for f in FAMILIES])}; use one of {names}"
+        )
     reasons = [(f, _unfit(f, c, model_type)) for f in pool]
     fit = [f for f, why in reasons if why is None]
     if not fit:
-        raise MergeError(f"{r.at('architecture' if c.architecture else 'base_model')}: no MoE output fits: "
-                         + "; ".join(why for _, why in reasons))
+        raise MergeError(
+            f"{r.at('architecture' if c.architecture else 'base_model')}: no MoE output fits: "
+            + "; ".join(why for _, why in reasons)
+        )
     return fit[0]
 
 
@@ -425,8 +470,7 @@ def _resolve(r: MoERecipe, recipe_dir: Optional[Path]) -> "OrderedDict[str, Any]
     from mergesmith.plan import load_model, model_layers
 
     c = r.config
-    refs = [(c.base_model, ("base_model",))] + [(e.source_model, (g, i, "source_model"))
-                                                for g, i, e in _all_experts(c)]
+    refs = [(c.base_model, ("base_model",))] + [(e.source_model, (g, i, "source_model")) for g, i, e in _all_experts(c)]
     if c.tokenizer_source and c.tokenizer_source != "base":
         refs.append((c.tokenizer_source, ("tokenizer_source",)))
     found = r.found_at()
@@ -435,8 +479,10 @@ def _resolve(r: MoERecipe, recipe_dir: Optional[Path]) -> "OrderedDict[str, Any]
         if ref not in models:
             idx = load_model(ref, r.at(*path), recipe_dir, found.get(ref))
             if idx.lora is not None:
-                raise MergeError(f"{r.at(*path)}: {ref}: an MoE takes whole models, not model+adapter; merge the "
-                                 "adapter into its model first")
+                raise MergeError(
+                    f"{r.at(*path)}: {ref}: an MoE takes whole models, not model+adapter; merge the "
+                    "adapter into its model first"
+                )
             model_layers(idx, r.at(*path))
             models[ref] = idx
     refuse_custom_code(model_folder(models[c.base_model]), "moe")  # the base's tokenizer and config are loaded
@@ -447,18 +493,23 @@ def _model_type(r: MoERecipe, models) -> str:
     """The one model type of the base and experts (mergekit requires the same architecture for all)."""
     c = r.config
     types = []
-    for ref, path in [(c.base_model, ("base_model",))] + [(e.source_model, (g, i, "source_model"))
-                                                          for g, i, e in _all_experts(c)]:
+    for ref, path in [(c.base_model, ("base_model",))] + [
+        (e.source_model, (g, i, "source_model")) for g, i, e in _all_experts(c)
+    ]:
         mt = (models[ref].config or {}).get("model_type")
         if not isinstance(mt, str):
-            raise MergeError(f"{r.at(*path)}: model {ref} has no config.json with a model_type; an MoE needs to "
-                             "know the architecture")
+            raise MergeError(
+                f"{r.at(*path)}: model {ref} has no config.json with a model_type; an MoE needs to "
+                "know the architecture"
+            )
         types.append((mt, path, ref))
     first = types[0][0]
     for mt, path, ref in types[1:]:
         if mt != first:
-            raise MergeError(f"{r.at(*path)}: model {ref} is a {mt} model but the base is {first}; every expert "
-                             "must share the base's architecture")
+            raise MergeError(
+                f"{r.at(*path)}: model {ref} is a {mt} model but the base is {first}; every expert "
+                "must share the base's architecture"
+            )
     return first
 
 
@@ -482,12 +533,16 @@ def _check_mlps(r: MoERecipe, models, layers: int, hidden: int) -> Dict[str, int
     for g, i, e in _all_experts(r.config):
         idx, at = models[e.source_model], r.at(g, i, "source_model")
         if model_layers(idx) != layers:
-            raise MergeError(f"{at}: expert {e.source_model} has {model_layers(idx)} layers, the base {layers}; "
-                             "experts must be fine-tunes of the base")
+            raise MergeError(
+                f"{at}: expert {e.source_model} has {model_layers(idx)} layers, the base {layers}; "
+                "experts must be fine-tunes of the base"
+            )
         extra = next((n for n in idx.tensors if ".mlp." in n and not _MLP_WEIGHT.search(n)), None)
         if extra:
-            raise MergeError(f"{at}: expert {e.source_model} has tensor {extra}; an expert's MLP is gate, up and "
-                             "down projections without biases")
+            raise MergeError(
+                f"{at}: expert {e.source_model} has tensor {extra}; an expert's MLP is gate, up and "
+                "down projections without biases"
+            )
         inter = (_shape(idx, "model.layers.0.mlp.gate_proj.weight") or (-1,))[0]
         if g == "experts" and base_inter > 0:
             inter = base_inter  # a routed expert is a fine-tune of the base: the base's MLP shape
@@ -497,13 +552,17 @@ def _check_mlps(r: MoERecipe, models, layers: int, hidden: int) -> Dict[str, int
                 want = (hidden, inter) if proj == "down" else (inter, hidden)
                 got = _shape(idx, name)
                 if got != want or not idx.tensors[name].dtype.is_floating_point:
-                    raise MergeError(f"{at}: expert {e.source_model}'s {name} is "
-                                     f"{list(got) if got else 'missing'}, not {list(want)}; an expert must be a "
-                                     "float model of the base's shape (a fine-tune of it)")
+                    raise MergeError(
+                        f"{at}: expert {e.source_model}'s {name} is "
+                        f"{list(got) if got else 'missing'}, not {list(want)}; an expert must be a "
+                        "float model of the base's shape (a fine-tune of it)"
+                    )
         group = "shared" if g == "shared_experts" else "experts"
         if sizes.setdefault(group, inter) != inter:
-            raise MergeError(f"{at}: expert {e.source_model}'s MLP has {inter} intermediate units, the first "
-                             f"expert's {sizes[group]}; every routed expert needs the same MLP shape")
+            raise MergeError(
+                f"{at}: expert {e.source_model}'s MLP has {inter} intermediate units, the first "
+                f"expert's {sizes[group]}; every routed expert needs the same MLP shape"
+            )
     return sizes
 
 
@@ -513,8 +572,10 @@ def _base_dims(r: MoERecipe, base) -> Tuple[int, int]:
 
     emb = _shape(base, "model.embed_tokens.weight")
     if not emb or len(emb) != 2:
-        raise MergeError(f"{r.at('base_model')}: model {base.ref} has no model.embed_tokens.weight; an MoE is built "
-                         "from Llama, Mistral or Qwen models with the usual tensor names")
+        raise MergeError(
+            f"{r.at('base_model')}: model {base.ref} has no model.embed_tokens.weight; an MoE is built "
+            "from Llama, Mistral or Qwen models with the usual tensor names"
+        )
     return model_layers(base), emb[1]
 
 
@@ -533,10 +594,15 @@ def _base_tensors(r: MoERecipe, fam: Family, base, out_dtype) -> List[OutTensor]
     for name, t in base.tensors.items():
         if ".mlp." in name:
             continue
-        if name.endswith(".bias") and not (fam is QWEN2 and re.search(r"\.(q|k|v)_proj\.bias$", name)) and not (
-                fam is QWEN3 and ".self_attn." in name):
-            raise MergeError(f"{r.at('base_model')}: the base has tensor {name}, which a {fam.name} model has no "
-                             "place for; choose another architecture:")
+        if (
+            name.endswith(".bias")
+            and not (fam is QWEN2 and re.search(r"\.(q|k|v)_proj\.bias$", name))
+            and not (fam is QWEN3 and ".self_attn." in name)
+        ):
+            raise MergeError(
+                f"{r.at('base_model')}: the base has tensor {name}, which a {fam.name} model has no "
+                "place for; choose another architecture:"
+            )
         dtype = out_dtype if t.dtype.is_floating_point else t.dtype
         out.append(OutTensor(name, dtype, tuple(t.shape), Source("copy", base.ref, name)))
         m = re.match(r"(.*\.self_attn\.(q|k|v)_proj)\.weight$", name)
@@ -552,17 +618,35 @@ def _expert_tensors(r: MoERecipe, fam: Family, layers: int, hidden: int, out_dty
         for e, ex in enumerate(c.experts):
             for proj in MLP_PROJ:
                 src = f"model.layers.{i}.mlp.{proj}_proj.weight"
-                out.append(OutTensor(fam.expert_name(i, e, proj), out_dtype, (), Source(
-                    "copy", ex.source_model, src, expert=ex, residual=proj == "down")))
+                out.append(
+                    OutTensor(
+                        fam.expert_name(i, e, proj),
+                        out_dtype,
+                        (),
+                        Source("copy", ex.source_model, src, expert=ex, residual=proj == "down"),
+                    )
+                )
         out.append(OutTensor(fam.gate_name(i), out_dtype, (len(c.experts), hidden), Source("router", layer=i)))
         if fam.shared:
             ex = c.shared_experts[0]
             for proj in MLP_PROJ:
                 src = f"model.layers.{i}.mlp.{proj}_proj.weight"
-                out.append(OutTensor(f"model.layers.{i}.mlp.shared_expert.{proj}_proj.weight", out_dtype, (),
-                                     Source("copy", ex.source_model, src, expert=ex, residual=proj == "down")))
-            out.append(OutTensor(f"model.layers.{i}.mlp.shared_expert_gate.weight", out_dtype, (1, hidden),
-                                 Source("shared_router", layer=i)))
+                out.append(
+                    OutTensor(
+                        f"model.layers.{i}.mlp.shared_expert.{proj}_proj.weight",
+                        out_dtype,
+                        (),
+                        Source("copy", ex.source_model, src, expert=ex, residual=proj == "down"),
+                    )
+                )
+            out.append(
+                OutTensor(
+                    f"model.layers.{i}.mlp.shared_expert_gate.weight",
+                    out_dtype,
+                    (1, hidden),
+                    Source("shared_router", layer=i),
+                )
+            )
     return out
 
 
@@ -572,12 +656,17 @@ def _natural(name: str):
 
 def _with_shapes(models, tensors: List[OutTensor]) -> List[OutTensor]:
     """Copied tensors take their source's shape."""
-    return [OutTensor(t.name, t.dtype, tuple(models[t.source.model].tensors[t.source.name].shape), t.source)
-            if t.source.kind == "copy" else t for t in tensors]
+    return [
+        OutTensor(t.name, t.dtype, tuple(models[t.source.model].tensors[t.source.name].shape), t.source)
+        if t.source.kind == "copy"
+        else t
+        for t in tensors
+    ]
 
 
-def output_config(r: MoERecipe, fam: Family, base_cfg: Dict[str, Any], sizes: Dict[str, int],
-                  out_dtype: torch.dtype) -> Dict[str, Any]:
+def output_config(
+    r: MoERecipe, fam: Family, base_cfg: Dict[str, Any], sizes: Dict[str, int], out_dtype: torch.dtype
+) -> Dict[str, Any]:
     """The output's config.json: the base's, turned into the family's MoE config (as mergekit-moe does), checked
     by transformers' config class."""
     c = r.config
@@ -586,8 +675,13 @@ def output_config(r: MoERecipe, fam: Family, base_cfg: Dict[str, Any], sizes: Di
     if fam is MIXTRAL:
         cfg.update(num_local_experts=len(c.experts), intermediate_size=sizes["experts"])
     else:
-        cfg.update(num_experts=len(c.experts), moe_intermediate_size=sizes["experts"], decoder_sparse_step=1,
-                   mlp_only_layers=[], norm_topk_prob=True)
+        cfg.update(
+            num_experts=len(c.experts),
+            moe_intermediate_size=sizes["experts"],
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+        )
     if fam is QWEN2:
         cfg.update(shared_expert_intermediate_size=sizes["shared"], qkv_bias=True)
         if base_cfg.get("model_type") != "qwen2":  # mergekit: Qwen MoE from Llama/Mistral attends to all tokens
@@ -601,13 +695,22 @@ def output_config(r: MoERecipe, fam: Family, base_cfg: Dict[str, Any], sizes: Di
     try:
         CONFIG_MAPPING[fam.model_type].from_dict({k: v for k, v in cfg.items() if k != "model_type"})
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad config
-        raise MergeError(f"{r.at('base_model')}: the base's config.json does not make a valid {fam.name} config "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+        raise MergeError(
+            f"{r.at('base_model')}: the base's config.json does not make a valid {fam.name} config "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+        ) from None
     return cfg
 
 
-def make_moe_plan(r: MoERecipe, recipe_dir: Optional[Path], *, seed: Optional[int] = None, calibrate: bool = False,
-                  allow_all_same: bool = False, shard_size: int = 5 * 10**9) -> MoEPlan:
+def make_moe_plan(
+    r: MoERecipe,
+    recipe_dir: Optional[Path],
+    *,
+    seed: Optional[int] = None,
+    calibrate: bool = False,
+    allow_all_same: bool = False,
+    shard_size: int = 5 * 10**9,
+) -> MoEPlan:
     """Check the recipe against its models and plan every output tensor; the first problem is the one raised."""
     from mergesmith.io.writer import plan_layout
 
@@ -627,10 +730,21 @@ def make_moe_plan(r: MoERecipe, recipe_dir: Optional[Path], *, seed: Optional[in
     notes = []
     if (len(c.experts) & (len(c.experts) - 1)) != 0:
         notes.append(f"{len(c.experts)} experts is not a power of two; llama.cpp cannot run such a model")
-    return MoEPlan(recipe=r, family=fam, models=models, tensors=tensors, layout=layout, out_dtype=out_dtype,
-                   num_layers=layers, hidden=hidden, config=config,
-                   seed=secrets.randbits(31) if seed is None else seed, calibrate=calibrate,
-                   gated_shared=fam.shared, notes=notes)
+    return MoEPlan(
+        recipe=r,
+        family=fam,
+        models=models,
+        tensors=tensors,
+        layout=layout,
+        out_dtype=out_dtype,
+        num_layers=layers,
+        hidden=hidden,
+        config=config,
+        seed=secrets.randbits(31) if seed is None else seed,
+        calibrate=calibrate,
+        gated_shared=fam.shared,
+        notes=notes,
+    )
 
 
 def plan_text(recipe: str, strict: bool = False, calibrate: bool = False, allow_all_same: bool = False) -> str:
@@ -644,9 +758,11 @@ def plan_text(recipe: str, strict: bool = False, calibrate: bool = False, allow_
 def describe(p: MoEPlan) -> str:
     c = p.recipe.config
     gate = "calibrated (logistic regression on the positive prompts)" if p.calibrate else c.gate_mode
-    lines = [f"{p.family.name} ({p.family.arch}) of {len(c.experts)} experts, {c.experts_per_token} per token, "
-             f"{p.num_layers} layers, {str(p.out_dtype).replace('torch.', '')}; routers: {gate}",
-             f"attention, embeddings and norms from {c.base_model}"]
+    lines = [
+        f"{p.family.name} ({p.family.arch}) of {len(c.experts)} experts, {c.experts_per_token} per token, "
+        f"{p.num_layers} layers, {str(p.out_dtype).replace('torch.', '')}; routers: {gate}",
+        f"attention, embeddings and norms from {c.base_model}",
+    ]
     lines += [f"expert {i}: {e.source_model}" for i, e in enumerate(c.experts)]
     lines += [f"shared expert: {e.source_model}" for e in c.shared_experts or []]
     lines.append(f"{len(p.tensors)} tensors, {p.bytes_written / 1e6:.1f} MB in {len(p.layout.files)} file(s)")
@@ -671,8 +787,10 @@ def load_tokenizer(p: MoEPlan):
             for j, item in enumerate(getattr(e, key) or []):
                 n = len(encode(tok, item, f"{p.recipe.at(g, i, key, j)}: prompt {j + 1} of {g}[{i}].{key}")[0])
                 if n > MAX_PROMPT_TOKENS:
-                    raise MergeError(f"{p.recipe.at(g, i, key, j)}: prompt {j + 1} of {g}[{i}].{key} is {n} tokens; "
-                                     f"router prompts are short texts (at most {MAX_PROMPT_TOKENS} tokens): split it")
+                    raise MergeError(
+                        f"{p.recipe.at(g, i, key, j)}: prompt {j + 1} of {g}[{i}].{key} is {n} tokens; "
+                        f"router prompts are short texts (at most {MAX_PROMPT_TOKENS} tokens): split it"
+                    )
     return tok
 
 
@@ -683,8 +801,9 @@ def _moe_layers(p: MoEPlan, shared_gates: Optional[torch.Tensor]):
     from mergesmith.routers import MoELayers
 
     shared = p.expert_models(shared=True)
-    return MoELayers(p.expert_models(), p.recipe.config.experts_per_token, p.out_dtype,
-                     shared[0] if shared else None, shared_gates)
+    return MoELayers(
+        p.expert_models(), p.recipe.config.experts_per_token, p.out_dtype, shared[0] if shared else None, shared_gates
+    )
 
 
 def _mergekit_gates(p: MoEPlan, stack, tok, experts: List[Expert]) -> torch.Tensor:
@@ -723,8 +842,8 @@ def compute_routers(p: MoEPlan, stack) -> Tuple[torch.Tensor, Optional[torch.Ten
     shared_defs = list(c.shared_experts) if p.gated_shared else []
     if not p.calibrate:  # mergekit: one computation for the experts and the gated shared expert
         gates = _mergekit_gates(p, stack, tok, list(c.experts) + shared_defs)
-        warn_degenerate(gates[:, :len(c.experts)])
-        return gates[:, :len(c.experts)], (gates[:, len(c.experts):] if shared_defs else None)
+        warn_degenerate(gates[:, : len(c.experts)])
+        return gates[:, : len(c.experts)], (gates[:, len(c.experts) :] if shared_defs else None)
     shared = _mergekit_gates(p, stack, tok, shared_defs) if shared_defs else None  # the shared gate by gate_mode
     seqs, labels, positions = _labelled(tok, [e.positive_prompts for e in c.experts])
     return routers.calibrated_gates(stack, _moe_layers(p, shared), seqs, labels, positions), shared
@@ -734,8 +853,10 @@ def warn_degenerate(gates: torch.Tensor, threshold: float = 5.0) -> None:
     """mergekit's warning: layers whose router vectors are nearly dependent (condition number above 5)."""
     bad = [i for i in range(gates.shape[0]) if float(torch.linalg.cond(gates[i].double())) > threshold]
     if bad:
-        warn(f"the routers of layer(s) {', '.join(map(str, bad))} are nearly degenerate (their expert vectors are "
-             "alike): the prompts may be too similar, and some experts will be little used")
+        warn(
+            f"the routers of layer(s) {', '.join(map(str, bad))} are nearly degenerate (their expert vectors are "
+            "alike): the prompts may be too similar, and some experts will be little used"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -749,24 +870,39 @@ def routing_report(p: MoEPlan, stack, routers_: torch.Tensor, shared: Optional[t
 
     c = p.recipe.config
     held = all(e.eval_prompts for e in c.experts)
-    seqs, labels, positions = _labelled(p.tokenizer, [(e.eval_prompts if held else e.positive_prompts)
-                                                            for e in c.experts])
+    seqs, labels, positions = _labelled(
+        p.tokenizer, [(e.eval_prompts if held else e.positive_prompts) for e in c.experts]
+    )
     got = routers.routing_report(stack, _moe_layers(p, shared), routers_, seqs, labels, positions)
-    experts = [{"expert": e, "model": ex.source_model, "tokens": got["tokens"][e], "top1_share": got["overall"][e],
-                "top1_share_by_layer": got["by_layer"][e]} for e, ex in enumerate(c.experts)]
-    return {"measured_on": "eval_prompts" if held else "positive_prompts (in-sample)",
-            "router": "calibrated" if p.calibrate else c.gate_mode,
-            "experts_per_token": c.experts_per_token, "experts": experts}
+    experts = [
+        {
+            "expert": e,
+            "model": ex.source_model,
+            "tokens": got["tokens"][e],
+            "top1_share": got["overall"][e],
+            "top1_share_by_layer": got["by_layer"][e],
+        }
+        for e, ex in enumerate(c.experts)
+    ]
+    return {
+        "measured_on": "eval_prompts" if held else "positive_prompts (in-sample)",
+        "router": "calibrated" if p.calibrate else c.gate_mode,
+        "experts_per_token": c.experts_per_token,
+        "experts": experts,
+    }
 
 
 def format_report(rep: Dict[str, Any]) -> str:
-    rows = [f"routing report ({rep['router']} routers, on {rep['measured_on']}): share of each expert's tokens "
-            "whose top-1 expert is that expert"]
+    rows = [
+        f"routing report ({rep['router']} routers, on {rep['measured_on']}): share of each expert's tokens "
+        "whose top-1 expert is that expert"
+    ]
     for e in rep["experts"]:
         layers = " ".join(f"{s:.2f}" for s in e["top1_share_by_layer"])
         name = e["model"] if len(e["model"]) <= 32 else "..." + e["model"][-29:]
-        rows.append(f"  expert {e['expert']} {name:32s} {e['top1_share']:6.1%} "
-                    f"of {e['tokens']} tokens; by layer {layers}")
+        rows.append(
+            f"  expert {e['expert']} {name:32s} {e['top1_share']:6.1%} of {e['tokens']} tokens; by layer {layers}"
+        )
     return "\n".join(rows)
 
 
@@ -782,13 +918,17 @@ def fingerprint(p: MoEPlan) -> Dict[str, str]:
     """What decides the output bytes, in named parts (as mergesmith.journal.fingerprint does for merges)."""
     from mergesmith.journal import file_stamp, input_files
 
-    parts = {"mergesmith": __version__, "recipe": _h(p.recipe.config.model_dump(mode="json")), "seed": str(p.seed),
-             "calibrate": str(p.calibrate),
-             "layout": _h([list(zip(p.layout.files, p.layout.sizes)), [(t.name, str(t.dtype), t.shape)
-                                                                       for t in p.tensors]])}
+    parts = {
+        "mergesmith": __version__,
+        "recipe": _h(p.recipe.config.model_dump(mode="json")),
+        "seed": str(p.seed),
+        "calibrate": str(p.calibrate),
+        "layout": _h([list(zip(p.layout.files, p.layout.sizes)), [(t.name, str(t.dtype), t.shape) for t in p.tensors]]),
+    }
     for ref, idx in p.models.items():
-        parts[f"input {ref}"] = _h([str(idx.path.resolve())] + [[n, str(t.dtype), t.shape, t.nbytes]
-                                                                for n, t in sorted(idx.tensors.items())])
+        parts[f"input {ref}"] = _h(
+            [str(idx.path.resolve())] + [[n, str(t.dtype), t.shape, t.nbytes] for n, t in sorted(idx.tensors.items())]
+        )
         parts.update({f"input {ref}: {label}": file_stamp(f) for label, f in input_files(idx).items()})
     return parts
 
@@ -803,10 +943,13 @@ def _continues(p: MoEPlan, partial: Path) -> bool:
         return False
     changed = differences(head.get("fingerprint", {}), fingerprint(p))
     if changed != "nothing":
-        raise MergeError(f"{partial} holds an interrupted build that differs from this one (changed: {changed}); "
-                         "rerun with --restart to start over")
-    return all((partial / f).is_file() and (partial / f).stat().st_size == s
-               for f, s in zip(p.layout.files, p.layout.sizes))
+        raise MergeError(
+            f"{partial} holds an interrupted build that differs from this one (changed: {changed}); "
+            "rerun with --restart to start over"
+        )
+    return all(
+        (partial / f).is_file() and (partial / f).stat().st_size == s for f, s in zip(p.layout.files, p.layout.sizes)
+    )
 
 
 def _noise_seed(p: MoEPlan, model: str, name: str) -> int:
@@ -815,8 +958,9 @@ def _noise_seed(p: MoEPlan, model: str, name: str) -> int:
     return stream_key(p.seed, model, name) & ((1 << 63) - 1)
 
 
-def tensor_value(p: MoEPlan, t: OutTensor, routers_: torch.Tensor, shared: Optional[torch.Tensor],
-                 strict: bool = False) -> torch.Tensor:
+def tensor_value(
+    p: MoEPlan, t: OutTensor, routers_: torch.Tensor, shared: Optional[torch.Tensor], strict: bool = False
+) -> torch.Tensor:
     """One output tensor. A copied tensor is converted once to the output dtype (its bytes unchanged when the
     dtypes agree); noise_scale adds N(0, noise_scale^2) noise, drawn from a generator keyed by (seed, model,
     tensor); residual_scale multiplies a down projection; both in float32, rounded once."""
@@ -841,8 +985,10 @@ def tensor_value(p: MoEPlan, t: OutTensor, routers_: torch.Tensor, shared: Optio
     if noise or scale is not None:
         x = x.float()
         if noise:
-            x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(_noise_seed(p, s.model, t.name))) \
-                * noise
+            x = (
+                x
+                + torch.randn(x.shape, generator=torch.Generator().manual_seed(_noise_seed(p, s.model, t.name))) * noise
+            )
         if scale is not None:
             x = x * scale
     out = x.to(t.dtype)
@@ -862,11 +1008,11 @@ def _write_tensors(p: MoEPlan, partial: Path, routers_, shared, resume: bool, qu
     writer = ShardWriter(partial, p.layout, create=not resume)
     crcs: Dict[str, int] = {}
     if resume:
-        crcs = {n: c for n, c in done_tensors(partial).items()
-                if n in p.layout.slots and crc(writer.read_back(n)) == c}
+        crcs = {n: c for n, c in done_tensors(partial).items() if n in p.layout.slots and crc(writer.read_back(n)) == c}
     else:
-        (partial / NAME).write_text(json.dumps({"format": FORMAT, "seed": p.seed, "fingerprint": fingerprint(p)})
-                                    + "\n", encoding="utf-8")
+        (partial / NAME).write_text(
+            json.dumps({"format": FORMAT, "seed": p.seed, "fingerprint": fingerprint(p)}) + "\n", encoding="utf-8"
+        )
     journal = Journal(partial, None, fresh=False)
     todo = [t for t in p.tensors if t.name not in crcs]
     ok = False
@@ -888,8 +1034,11 @@ def recipe_copy(p: MoEPlan) -> str:
     """mergesmith_config.yml: the recipe as validated (calibrate written out when the option asked for it), where
     relative model paths led, and the seed."""
     head = f"# built with mergesmith {__version__} (mergesmith moe)\n"
-    relative = [(ref, idx.path) for ref, idx in p.models.items()
-                if not Path(ref).is_absolute() and Path(ref).resolve() != idx.path.resolve()]
+    relative = [
+        (ref, idx.path)
+        for ref, idx in p.models.items()
+        if not Path(ref).is_absolute() and Path(ref).resolve() != idx.path.resolve()
+    ]
     if relative:
         head += "# relative model paths, as found when building:\n"
         head += "".join(f"#   {ref} -> {path.resolve()}\n" for ref, path in relative)
@@ -906,11 +1055,26 @@ def model_card(p: MoEPlan, name: str, report: Optional[Dict[str, Any]]) -> str:
 
     c = p.recipe.config
     hub = [r.split("@")[0] for r in p.models if is_hub_id(r)]
-    front = ["---", "base_model:" if hub else "base_model: []", *[f"- {h}" for h in hub],
-             "library_name: transformers", "tags:", "- mergesmith", "- moe", "- merge", "---", ""]
+    front = [
+        "---",
+        "base_model:" if hub else "base_model: []",
+        *[f"- {h}" for h in hub],
+        "library_name: transformers",
+        "tags:",
+        "- mergesmith",
+        "- moe",
+        "- merge",
+        "---",
+        "",
+    ]
     gate = "calibrated by logistic regression on the positive prompts" if p.calibrate else f"gate_mode {c.gate_mode}"
-    lines = [f"# {name}", "", f"A {p.family.name} mixture of experts built with mergesmith {__version__} from dense "
-             "fine-tunes of one base.", "", f"* attention, embeddings and norms: {c.base_model}"]
+    lines = [
+        f"# {name}",
+        "",
+        f"A {p.family.name} mixture of experts built with mergesmith {__version__} from dense fine-tunes of one base.",
+        "",
+        f"* attention, embeddings and norms: {c.base_model}",
+    ]
     lines += [f"* expert {i}: {e.source_model}" for i, e in enumerate(c.experts)]
     lines += [f"* shared expert: {e.source_model}" for e in c.shared_experts or []]
     lines += [f"* routers: {gate}; {c.experts_per_token} expert(s) per token", ""]
@@ -987,8 +1151,13 @@ def _prepare(p: MoEPlan, recipe: str, tokenizer: bool, report: bool) -> bool:
         check_tokenizer_files(model_folder(p.models[ref]), ref)
     spec = p.recipe.config.chat_template
     if spec and tokenizer:
-        p.template = choose_template(spec, [model_folder(m) for m in p.models.values()], model_folder(p.base),
-                                     Path(recipe).resolve().parent, p.recipe.at("chat_template"))
+        p.template = choose_template(
+            spec,
+            [model_folder(m) for m in p.models.values()],
+            model_folder(p.base),
+            Path(recipe).resolve().parent,
+            p.recipe.at("chat_template"),
+        )
     return report
 
 
@@ -1012,11 +1181,24 @@ class Built:
     seconds: float
 
 
-def build_moe(recipe: str, out_dir: str, *, device: str = "cpu", seed: Optional[int] = None,
-              calibrate: bool = False, allow_all_same: bool = False, out_shard_size: str = "5GB",
-              overwrite: bool = False, restart: bool = False, quiet: bool = False, copy_tokenizer: bool = True,
-              write_model_card: bool = True, strict: bool = False, report: bool = True,
-              dtype: Optional[str] = None) -> Built:
+def build_moe(
+    recipe: str,
+    out_dir: str,
+    *,
+    device: str = "cpu",
+    seed: Optional[int] = None,
+    calibrate: bool = False,
+    allow_all_same: bool = False,
+    out_shard_size: str = "5GB",
+    overwrite: bool = False,
+    restart: bool = False,
+    quiet: bool = False,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
+    strict: bool = False,
+    report: bool = True,
+    dtype: Optional[str] = None,
+) -> Built:
     """The whole `mergesmith moe`: validate, compute the routers, stream the tensors into OUT_DIR.partial/ and put
     the finished folder in place (what may be replaced, and the lock: mergesmith.outdir). An interrupted build is
     continued by the same command; `restart` starts over."""
@@ -1038,13 +1220,20 @@ def build_moe(recipe: str, out_dir: str, *, device: str = "cpu", seed: Optional[
     head = None if restart else resume_header(outdir.partial_of(out))
     if seed is None and head is not None:
         seed = head.get("seed")
-    p = make_moe_plan(r, Path(recipe).resolve().parent, seed=seed, calibrate=calibrate,
-                      allow_all_same=allow_all_same, shard_size=shard)
+    p = make_moe_plan(
+        r,
+        Path(recipe).resolve().parent,
+        seed=seed,
+        calibrate=calibrate,
+        allow_all_same=allow_all_same,
+        shard_size=shard,
+    )
     report = _prepare(p, recipe, copy_tokenizer, report)
     for n in p.notes:
         warn(n)
-    inputs = [("the recipe", Path(recipe))] + [it for ref, idx in p.models.items()
-                                               for it in outdir.model_inputs(f"model {ref}", idx)]
+    inputs = [("the recipe", Path(recipe))] + [
+        it for ref, idx in p.models.items() for it in outdir.model_inputs(f"model {ref}", idx)
+    ]
     with outdir.claim(out, inputs, overwrite, f"mergesmith moe {recipe} {out_dir}") as partial:
         from mergesmith.routers import SMALL_HIDDEN, Stack, one_thread
 

@@ -51,11 +51,13 @@ def output_path(out_dir) -> Path:
     """OUT_DIR as an absolute path (its parent resolved), refused when it cannot be a folder of our own."""
     raw = Path(out_dir)
     if raw.name in ("", ".", ".."):
-        raise MergeError(f"output {str(out_dir)!r}: give the output folder by name (like out/merged), "
-                         "not '.', '..' or '/'")
+        raise MergeError(
+            f"output {str(out_dir)!r}: give the output folder by name (like out/merged), not '.', '..' or '/'"
+        )
     if raw.name.endswith(WORK_SUFFIXES):
-        raise MergeError(f"output {raw}: names ending in .partial or .old are mergesmith's working folders; "
-                         "choose another OUT_DIR")
+        raise MergeError(
+            f"output {raw}: names ending in .partial or .old are mergesmith's working folders; choose another OUT_DIR"
+        )
     out = raw.parent.resolve() / raw.name
     if out.is_symlink():
         raise MergeError(f"output {raw} is a symbolic link; give the real folder's path or another OUT_DIR")
@@ -90,14 +92,19 @@ def check_inputs(out: Path, inputs: Iterable[Tuple[str, Path]]) -> None:
 def is_ours(folder: Path) -> bool:
     """A real folder (not a link) that mergesmith wrote: it holds the marker, the recipe copy of a finished merge
     or the journal of an interrupted one."""
-    return (folder.is_dir() and not folder.is_symlink()
-            and any((folder / n).is_file() for n in (MARKER, RECIPE_COPY, JOURNAL)))
+    return (
+        folder.is_dir()
+        and not folder.is_symlink()
+        and any((folder / n).is_file() for n in (MARKER, RECIPE_COPY, JOURNAL))
+    )
 
 
 def _refuse_foreign(folder: Path) -> None:
     if folder.is_symlink() or (folder.exists() and not is_ours(folder)):
-        raise MergeError(f"{folder} exists and mergesmith did not make it (no {MARKER} file in it); remove or "
-                         "rename it yourself, or choose another OUT_DIR")
+        raise MergeError(
+            f"{folder} exists and mergesmith did not make it (no {MARKER} file in it); remove or "
+            "rename it yourself, or choose another OUT_DIR"
+        )
 
 
 def check_replaceable(out: Path, overwrite: bool) -> None:
@@ -108,9 +115,11 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
     if not is_ours(out):
-        raise MergeError(f"output folder {out} holds files mergesmith did not write (no {MARKER} or {RECIPE_COPY}"
-                         "); --overwrite replaces only mergesmith's own outputs: remove it yourself or choose "
-                         "another OUT_DIR")
+        raise MergeError(
+            f"output folder {out} holds files mergesmith did not write (no {MARKER} or {RECIPE_COPY}"
+            "); --overwrite replaces only mergesmith's own outputs: remove it yourself or choose "
+            "another OUT_DIR"
+        )
     if not overwrite:
         raise MergeError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
 
@@ -125,6 +134,7 @@ def remove_ours(folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the lock
+
 
 def _same_file(fd: int, path: Path) -> bool:
     try:
@@ -158,8 +168,9 @@ def _acquire(path: Path, out: Path, command: str) -> int:
         except OSError:
             holder = _holder(fd)
             os.close(fd)
-            raise MergeError(f"another mergesmith run ({holder}) is writing {out}; wait for it to end or choose "
-                             "another OUT_DIR") from None
+            raise MergeError(
+                f"another mergesmith run ({holder}) is writing {out}; wait for it to end or choose another OUT_DIR"
+            ) from None
         if _same_file(fd, path):
             info = json.dumps({"pid": os.getpid(), "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
             os.ftruncate(fd, 0)
@@ -198,6 +209,7 @@ def claim(out: Path, inputs: Iterable[Tuple[str, Path]], overwrite: bool, comman
 
 # ------------------------------------------------------------------------------------------- the folders
 
+
 def fresh_partial(partial: Path) -> None:
     """An empty OUT_DIR.partial/ with the marker (an earlier one of ours removed first)."""
     if partial.exists() or partial.is_symlink():
@@ -229,6 +241,7 @@ def finish(partial: Path, out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- disk space
 
+
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -238,23 +251,29 @@ def disk_need(shard_bytes: int, names: Sequence[str], other_bytes: int) -> int:
     (`other_bytes`: config, tokenizer, card, recipe copy) and the journal, index and checksum list, which name
     every tensor (its name and up to ~100 bytes each); 1 MiB more for file-system blocks and the journal header."""
     per_tensor = sum(len(n.encode("utf-8")) + 100 for n in names) * 3
-    return shard_bytes + 2 * (other_bytes + per_tensor) + 2 ** 20
+    return shard_bytes + 2 * (other_bytes + per_tensor) + 2**20
 
 
 def check_disk(folder: Path, need: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise MergeError(f"not enough free disk in {folder}: the output needs {_size(need)} (weights and every "
-                         f"other file, with a margin), {_size(free)} are free")
+        raise MergeError(
+            f"not enough free disk in {folder}: the output needs {_size(need)} (weights and every "
+            f"other file, with a margin), {_size(free)} are free"
+        )
 
 
 # ------------------------------------------------------------------------------------------- checksums
 
+
 def write_checksums(folder: Path, layout, crcs: Dict[str, int]) -> None:
     """CHECKSUMS: per tensor of the layout (mergesmith.io.writer.Layout), its shard file and the CRC-32 of its
     bytes, so that a changed bit in a finished shard is found by `mergesmith verify`."""
-    data = {"format": 1, "algorithm": "crc32",
-            "tensors": {n: {"file": layout.files[s.shard], "crc32": crcs[n]} for n, s in layout.slots.items()}}
+    data = {
+        "format": 1,
+        "algorithm": "crc32",
+        "tensors": {n: {"file": layout.files[s.shard], "crc32": crcs[n]} for n, s in layout.slots.items()},
+    }
     (folder / CHECKSUMS).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
@@ -267,5 +286,6 @@ def read_checksums(folder: Path) -> Optional[Dict[str, Tuple[str, int]]]:
         data = json.loads(f.read_text(encoding="utf-8"))
         return {str(n): (str(v["file"]), int(v["crc32"])) for n, v in data["tensors"].items()}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-        raise MergeError(f"{f}: unreadable checksum list (expected mergesmith's JSON); merge again or remove "
-                         "it") from None
+        raise MergeError(
+            f"{f}: unreadable checksum list (expected mergesmith's JSON); merge again or remove it"
+        ) from None

@@ -57,8 +57,12 @@ def _validate(p: Param, value: Any) -> Any:
             return bool(value)
         raise _Invalid(f"'{p.name}' must be true or false, got {short(value)}")
     if p.kind is int:
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or value != int(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value != int(value)
+        ):
             raise _Invalid(f"'{p.name}' must be a whole number, got {short(value)}")
         return int(value)
     if p.kind is float:
@@ -76,8 +80,9 @@ def _validate(p: Param, value: Any) -> Any:
     if p.kind is str:
         v = str(value)
         if p.choices and v not in p.choices:
-            raise _Invalid(f"'{p.name}' must be one of {', '.join(p.choices)}, got {short(value)}"
-                           f"{did_you_mean(v, p.choices)}")
+            raise _Invalid(
+                f"'{p.name}' must be one of {', '.join(p.choices)}, got {short(value)}{did_you_mean(v, p.choices)}"
+            )
         return v
     return value
 
@@ -114,6 +119,7 @@ def evaluate_setting(tensor_name: str, setting: Any, t: float, p: Param) -> Any:
 @dataclass(frozen=True)
 class Source:
     """One `parameters:` mapping of the recipe and where it is."""
+
     values: Dict[str, Any]
     path: Tuple[Any, ...]
 
@@ -121,8 +127,7 @@ class Source:
 class ParameterResolver:
     """Resolves a method's parameters for each tensor of one output slice."""
 
-    def __init__(self, recipe: Recipe, method: Method, slice_index: Optional[int] = None,
-                 module: Optional[str] = None):
+    def __init__(self, recipe: Recipe, method: Method, slice_index: Optional[int] = None, module: Optional[str] = None):
         """For output slice `slice_index` (None: the `models:` list) of the recipe, or of its `modules:` entry
         `module`, whose `parameters:` rank between the slice's and the recipe's (mergekit's order)."""
         self.recipe, self.method = recipe, method
@@ -142,8 +147,9 @@ class ParameterResolver:
             self.slice_src = Source(s.parameters or {}, at + ("slices", slice_index, "parameters"))
             for j, src in enumerate(s.sources):
                 if src.parameters is not None and src.model not in self.model_src:
-                    self.model_src[src.model] = Source(src.parameters,
-                                                       at + ("slices", slice_index, "sources", j, "parameters"))
+                    self.model_src[src.model] = Source(
+                        src.parameters, at + ("slices", slice_index, "sources", j, "parameters")
+                    )
 
     def _chain(self, model: Optional[str] = None) -> List[Source]:
         """The parameter sources for a model (None: shared parameters), highest precedence first."""
@@ -158,8 +164,10 @@ class ParameterResolver:
                 continue
             for k in src.values:
                 if self.method.param(k) is None:
-                    warn(f"{self.recipe.at(*src.path, k)}: parameter {short(k)} is not used by {self.method.name}"
-                         f"{did_you_mean(k, names)}; ignored")
+                    warn(
+                        f"{self.recipe.at(*src.path, k)}: parameter {short(k)} is not used by {self.method.name}"
+                        f"{did_you_mean(k, names)}; ignored"
+                    )
 
     def _resolve(self, p: Param, sources: Sequence[Source], tensor_name: str, t: float, who: str) -> Any:
         for src in sources:
@@ -171,17 +179,26 @@ class ParameterResolver:
                 if v is not None:
                     return v
         if p.required:
-            raise MergeError(f"{self.recipe.at(*(sources[0].path if sources else ()))}: missing required parameter "
-                             f"'{p.name}' for {who} (tensor {tensor_name}); add '{p.name}:' under its parameters")
+            raise MergeError(
+                f"{self.recipe.at(*(sources[0].path if sources else ()))}: missing required parameter "
+                f"'{p.name}' for {who} (tensor {tensor_name}); add '{p.name}:' under its parameters"
+            )
         return p.default
 
-    def resolve(self, tensor_name: str, t: float, models: Sequence[str], base_model: Optional[str],
-                input_names: Optional[Sequence[str]] = None) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    def resolve(
+        self,
+        tensor_name: str,
+        t: float,
+        models: Sequence[str],
+        base_model: Optional[str],
+        input_names: Optional[Sequence[str]] = None,
+    ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
         """Shared values for output tensor `tensor_name`; per-model values with filters matched against each
         model's own tensor name (`input_names`, which differ from the output's in sliced merges), as mergekit."""
         input_names = input_names or [tensor_name] * len(models)
-        shared = {p.name: self._resolve(p, self._chain(), tensor_name, t, "the merge")
-                  for p in self.method.shared_params}
+        shared = {
+            p.name: self._resolve(p, self._chain(), tensor_name, t, "the merge") for p in self.method.shared_params
+        }
         per_input = []
         for m, in_name in zip(models, input_names):
             sources = self._chain(m)

@@ -20,8 +20,13 @@ from mergesmith.io.writer import Layout, plan_layout
 from mergesmith.methods import Method, check_params, get_method
 from mergesmith.methods.rng import stream_key
 from mergesmith.params import _LAYER_RE, ParameterResolver, is_embedding, layer_index
-from mergesmith.recipe import (InputModelDefinition, OutputModuleDefinition, OutputSliceDefinition, Recipe,
-                               normalize_dtype)
+from mergesmith.recipe import (
+    InputModelDefinition,
+    OutputModuleDefinition,
+    OutputSliceDefinition,
+    Recipe,
+    normalize_dtype,
+)
 from mergesmith.stacks import Anatomy, anatomy, claimed_layers, is_front, uncountable
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -59,6 +64,7 @@ class TensorTask:
 class Plan:
     """What a run does, decided before the first tensor is read; not changed afterwards (the run's options that
     the executor needs, like `strict`, are part of it)."""
+
     recipe: Recipe
     method: Method
     models: "OrderedDict[str, ModelIndex]"
@@ -126,8 +132,13 @@ BLOCK_ELEMENTS = 1 << 22
 def row_blocks(plan: "Plan", task: TensorTask) -> List[Tuple[int, int]]:
     """[(first_row, end_row)] for a task: one block unless it is large and its method is row-wise."""
     rows = task.shape[0] if task.shape else 1
-    if (task.kind != "merge" or task.vocab or len(task.shape) < 2 or task.numel <= BLOCK_ELEMENTS
-            or not plan.method.in_row_blocks(task.shared)):
+    if (
+        task.kind != "merge"
+        or task.vocab
+        or len(task.shape) < 2
+        or task.numel <= BLOCK_ELEMENTS
+        or not plan.method.in_row_blocks(task.shared)
+    ):
         return [(0, rows)]
     per = max(1, BLOCK_ELEMENTS // (task.numel // rows))
     return [(a, min(rows, a + per)) for a in range(0, rows, per)]
@@ -142,24 +153,30 @@ def _natural_key(name: str):
 def _architecture(idx: ModelIndex, layers: bool) -> Tuple[Tuple[str, ...], Any, Any]:
     """(architectures, hidden size, layer count or None) from a model's config.json."""
     cfg = idx.config or {}
-    return (tuple(cfg.get("architectures") or []), cfg.get("hidden_size"),
-            cfg.get("num_hidden_layers") if layers else None)
+    return (
+        tuple(cfg.get("architectures") or []),
+        cfg.get("hidden_size"),
+        cfg.get("num_hidden_layers") if layers else None,
+    )
 
 
-def _check_architectures(models: "OrderedDict[str, ModelIndex]", recipe: Recipe, allow_crimes: bool,
-                         layers: bool = True) -> None:
+def _check_architectures(
+    models: "OrderedDict[str, ModelIndex]", recipe: Recipe, allow_crimes: bool, layers: bool = True
+) -> None:
     archs = {ref: _architecture(idx, layers) for ref, idx in models.items()}
     distinct = {k for k in archs.values() if k != ((), None, None)}
     if len(distinct) > 1 and not allow_crimes:
         desc = "; ".join(f"{r}: {k[0][0] if k[0] else '?'} hidden {k[1]} layers {k[2]}" for r, k in archs.items())
-        raise MergeError(f"{recipe.at()}: the models have different architectures ({desc}); "
-                         "pass --allow-crimes to merge them anyway")
+        raise MergeError(
+            f"{recipe.at()}: the models have different architectures ({desc}); pass --allow-crimes to merge them anyway"
+        )
 
 
 @dataclass(frozen=True)
 class SliceSource:
     """One model's layers [start, end) in an output slice. `position`: its place among the slice's sources (or in
     `models:`), which keys the random streams of its tensors."""
+
     model: str
     start: int
     end: int
@@ -178,6 +195,7 @@ class SliceSource:
 class Group:
     """One output slice: its sources, the base among them, the other sources (the inputs), and where its layers
     land in the output. A `models:` recipe is one group per layer stack, spanning all of its layers."""
+
     index: Optional[int]  # slice index, None for `models:`
     sources: List[SliceSource]
     base: Optional[SliceSource]
@@ -217,12 +235,16 @@ def stack_layers(idx: ModelIndex, an: Anatomy, prefix: Optional[str], where: str
     of = f" of {stack.module}" if an.multi else ""
     if len(stack.held) != n:
         gap = min(set(range(n)) - set(stack.held))
-        raise MergeError(f"{at}model {idx.ref}: its tensors hold layers{of} up to {n - 1} but nothing of layer {gap}; "
-                         "the weights are incomplete")
+        raise MergeError(
+            f"{at}model {idx.ref}: its tensors hold layers{of} up to {n - 1} but nothing of layer {gap}; "
+            "the weights are incomplete"
+        )
     claimed = claimed_layers(stack, idx.config, an.multi)
     if n and claimed and claimed[1] > n:
-        raise MergeError(f"{at}model {idx.ref}: its config.json says {claimed[0]} {claimed[1]} but its tensors "
-                         f"hold {n} layers{of}; the weights are incomplete or the config is wrong")
+        raise MergeError(
+            f"{at}model {idx.ref}: its config.json says {claimed[0]} {claimed[1]} but its tensors "
+            f"hold {n} layers{of}; the weights are incomplete or the config is wrong"
+        )
     return n
 
 
@@ -261,7 +283,7 @@ def embedding_rows(idx: ModelIndex) -> int:
 def rename_layer(name: str, new: int) -> str:
     """`model.layers.7.mlp...` -> `model.layers.{new}.mlp...`"""
     m = _LAYER_RE.search(name)
-    return name if m is None else name[:m.start(1)] + str(new) + name[m.end(1):]
+    return name if m is None else name[: m.start(1)] + str(new) + name[m.end(1) :]
 
 
 # -- step 1: the models ----------------------------------------------------------------------------------------------
@@ -269,8 +291,11 @@ def _resolvers(recipe: Recipe, method: Method) -> List[ParameterResolver]:
     """A parameter resolver per output slice (or `models:` list) the recipe writes, module by module."""
     c = recipe.config
     if c.modules:
-        return [ParameterResolver(recipe, method, si, name) for name, m in c.modules.items()
-                for si in (range(len(m.slices)) if m.slices else [None])]
+        return [
+            ParameterResolver(recipe, method, si, name)
+            for name, m in c.modules.items()
+            for si in (range(len(m.slices)) if m.slices else [None])
+        ]
     return [ParameterResolver(recipe, method, si) for si in (range(len(c.slices)) if c.slices else [None])]
 
 
@@ -292,8 +317,7 @@ def _check_base_named(recipe: Recipe, method: Method) -> None:
         warn(f"{recipe.at('base_model')}: {method.name} does not use a base model; base_model is ignored")
 
 
-def resolve_models(recipe: Recipe, recipe_dir: Optional[Path], allow_crimes: bool
-                   ) -> "OrderedDict[str, ModelIndex]":
+def resolve_models(recipe: Recipe, recipe_dir: Optional[Path], allow_crimes: bool) -> "OrderedDict[str, ModelIndex]":
     """Resolve and index every model, in recipe order: the first problem is the one reported."""
     models: "OrderedDict[str, ModelIndex]" = OrderedDict()
     found = recipe.found_at()
@@ -312,8 +336,12 @@ def _vocabulary(recipe: Recipe, models: "OrderedDict[str, ModelIndex]") -> Any:
     from mergesmith.io.index import model_folder
     from mergesmith.vocab import build_vocabulary
 
-    return build_vocabulary(recipe, {r: model_folder(m) for r, m in models.items()},
-                            {r: embedding_rows(m) for r, m in models.items()}, c.base_model)
+    return build_vocabulary(
+        recipe,
+        {r: model_folder(m) for r, m in models.items()},
+        {r: embedding_rows(m) for r, m in models.items()},
+        c.base_model,
+    )
 
 
 # -- step 2: the output slices ---------------------------------------------------------------------------------------
@@ -323,6 +351,7 @@ Anatomies = Dict[str, Anatomy]
 @dataclass(frozen=True)
 class _Spec:
     """What the recipe says of one output group, before its base is picked."""
+
     index: Optional[int]  # slice index, None for a `models:` list
     sources: List[SliceSource]
     base_ref: Optional[str]  # the base model named
@@ -331,8 +360,14 @@ class _Spec:
     module: Optional[str] = None  # its `modules:` entry
 
 
-def _models_sources(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]", anats: Anatomies,
-                    entries: List[InputModelDefinition], stack: Optional[str]) -> List[SliceSource]:
+def _models_sources(
+    recipe: Recipe,
+    method: Method,
+    models: "OrderedDict[str, ModelIndex]",
+    anats: Anatomies,
+    entries: List[InputModelDefinition],
+    stack: Optional[str],
+) -> List[SliceSource]:
     """A `models:` list: every layer of the stack in each model (and in a base that is not listed)."""
     c = recipe.config
     listed = [m.model for m in entries]
@@ -340,21 +375,37 @@ def _models_sources(recipe: Recipe, method: Method, models: "OrderedDict[str, Mo
     if c.base_model and c.base_model not in refs and method.base_policy != "ignored":
         refs.append(c.base_model)
     paths = dict(recipe.model_refs())
-    return [SliceSource(r, 0, stack_layers(models[r], anats[r], stack, recipe.at(*paths.get(r, ()))),
-                        listed.index(r) if r in listed else len(listed)) for r in refs]
+    return [
+        SliceSource(
+            r,
+            0,
+            stack_layers(models[r], anats[r], stack, recipe.at(*paths.get(r, ()))),
+            listed.index(r) if r in listed else len(listed),
+        )
+        for r in refs
+    ]
 
 
-def _slice_sources(recipe: Recipe, path: tuple, sl: OutputSliceDefinition, models: "OrderedDict[str, ModelIndex]",
-                   anats: Anatomies, stack: Optional[str], module: Optional[str] = None) -> List[SliceSource]:
+def _slice_sources(
+    recipe: Recipe,
+    path: tuple,
+    sl: OutputSliceDefinition,
+    models: "OrderedDict[str, ModelIndex]",
+    anats: Anatomies,
+    stack: Optional[str],
+    module: Optional[str] = None,
+) -> List[SliceSource]:
     """The sources of the slice at `path`, each layer_range within what its model holds in the stack."""
     sources = []
     for j, src in enumerate(sl.sources):
         a, b = src.layer_range
-        have = stack_layers(models[src.model], anats[src.model], stack, recipe.at(*path, 'sources', j, 'model'))
+        have = stack_layers(models[src.model], anats[src.model], stack, recipe.at(*path, "sources", j, "model"))
         if b > have:
-            raise MergeError(f"{recipe.at(*path, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] but "
-                             f"{src.model} has {have} layers{f' in {module}' if module else ''} (0 to {have - 1}); "
-                             "the end is exclusive")
+            raise MergeError(
+                f"{recipe.at(*path, 'sources', j, 'layer_range')}: layer_range [{a}, {b}] but "
+                f"{src.model} has {have} layers{f' in {module}' if module else ''} (0 to {have - 1}); "
+                "the end is exclusive"
+            )
         sources.append(SliceSource(src.model, a, b, j))
     return sources
 
@@ -365,49 +416,69 @@ def _refuse_many_stacks(recipe: Recipe, anats: Anatomies) -> None:
     for ref, an in anats.items():
         if an.multi:
             mods = ", ".join(f"{s.module} ({s.prefix}N)" for s in an.stacks)
-            raise MergeError(f"{recipe.at('slices')}: model {ref} has {len(an.stacks)} layer stacks ({mods}), and a "
-                             f"layer_range cannot say which one it means; use 'modules:' with an entry per stack "
-                             f"to slice (like '{an.stacks[0].module}: {{slices: [...]}}'), as in mergekit")
+            raise MergeError(
+                f"{recipe.at('slices')}: model {ref} has {len(an.stacks)} layer stacks ({mods}), and a "
+                f"layer_range cannot say which one it means; use 'modules:' with an entry per stack "
+                f"to slice (like '{an.stacks[0].module}: {{slices: [...]}}'), as in mergekit"
+            )
 
 
-def _group_specs(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]",
-                 anats: Anatomies) -> List[_Spec]:
+def _group_specs(
+    recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]", anats: Anatomies
+) -> List[_Spec]:
     """Each output group; every layer range is checked before any group's base."""
     c = recipe.config
     if c.modules:
         return _module_specs(recipe, method, models, anats)
     if c.models:
         lead = anats[c.models[0].model]
-        return [_Spec(None, _models_sources(recipe, method, models, anats, c.models, s), c.base_model, ("models",), s)
-                for s in [s.prefix for s in lead.stacks] or [None]]
+        return [
+            _Spec(None, _models_sources(recipe, method, models, anats, c.models, s), c.base_model, ("models",), s)
+            for s in [s.prefix for s in lead.stacks] or [None]
+        ]
     _refuse_many_stacks(recipe, anats)
     lead = anats[c.slices[0].sources[0].model]
     stack = lead.stacks[0].prefix if lead.stacks else None
-    return [_Spec(si, _slice_sources(recipe, ("slices", si), sl, models, anats, stack), sl.base_model or c.base_model,
-                  ("slices", si), stack) for si, sl in enumerate(c.slices)]
+    return [
+        _Spec(
+            si,
+            _slice_sources(recipe, ("slices", si), sl, models, anats, stack),
+            sl.base_model or c.base_model,
+            ("slices", si),
+            stack,
+        )
+        for si, sl in enumerate(c.slices)
+    ]
 
 
-def _module_stack(recipe: Recipe, name: str, mod: OutputModuleDefinition, an: Anatomy, ref: str,
-                  seen: Dict[Optional[str], str]) -> Optional[str]:
+def _module_stack(
+    recipe: Recipe, name: str, mod: OutputModuleDefinition, an: Anatomy, ref: str, seen: Dict[Optional[str], str]
+) -> Optional[str]:
     """The stack a `modules:` entry names in its first model (None: the tensors outside every stack)."""
     stack = an.find(name)
     if stack is None and name not in an.outside:
         names = [n for s in an.stacks for n in s.names] + list(an.outside)
-        raise MergeError(f"{recipe.at('modules', name)}: model {ref} has no module {name!r}; its modules are "
-                         f"{', '.join(an.module_names()) or 'none (it has no layers)'}{did_you_mean(name, names)}")
+        raise MergeError(
+            f"{recipe.at('modules', name)}: model {ref} has no module {name!r}; its modules are "
+            f"{', '.join(an.module_names()) or 'none (it has no layers)'}{did_you_mean(name, names)}"
+        )
     if stack is None and mod.slices:
-        raise MergeError(f"{recipe.at('modules', name, 'slices')}: module {name!r} holds no layers (the tensors "
-                         "outside every layer stack); give it 'models:'")
+        raise MergeError(
+            f"{recipe.at('modules', name, 'slices')}: module {name!r} holds no layers (the tensors "
+            "outside every layer stack); give it 'models:'"
+        )
     prefix = stack.prefix if stack else None
     if prefix in seen:
-        raise MergeError(f"{recipe.at('modules', name)}: {name!r} and {seen[prefix]!r} name the same module of "
-                         f"{ref}; list it once")
+        raise MergeError(
+            f"{recipe.at('modules', name)}: {name!r} and {seen[prefix]!r} name the same module of {ref}; list it once"
+        )
     seen[prefix] = name
     return prefix
 
 
-def _module_specs(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]",
-                  anats: Anatomies) -> List[_Spec]:
+def _module_specs(
+    recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]", anats: Anatomies
+) -> List[_Spec]:
     """A `modules:` recipe: each entry's slices (or models) on its own stack, then each stack it does not list,
     whole, by the first entry's rule (as the tensors outside every stack)."""
     c = recipe.config
@@ -421,27 +492,40 @@ def _module_specs(recipe: Recipe, method: Method, models: "OrderedDict[str, Mode
             sources = _models_sources(recipe, method, models, anats, mod.models, stack)
             specs.append(_Spec(None, sources, c.base_model, at + ("models",), stack, name))
             continue
-        specs += [_Spec(si, _slice_sources(recipe, at + ("slices", si), sl, models, anats, stack, name),
-                        sl.base_model or c.base_model, at + ("slices", si), stack, name)
-                  for si, sl in enumerate(mod.slices)]
+        specs += [
+            _Spec(
+                si,
+                _slice_sources(recipe, at + ("slices", si), sl, models, anats, stack, name),
+                sl.base_model or c.base_model,
+                at + ("slices", si),
+                stack,
+                name,
+            )
+            for si, sl in enumerate(mod.slices)
+        ]
     rule = specs[0]
     for stack in anats[rule.sources[0].model].stacks:
         if stack.prefix not in seen:
-            sources = [SliceSource(s.model, 0, stack_layers(models[s.model], anats[s.model], stack.prefix),
-                                   s.position) for s in rule.sources]
+            sources = [
+                SliceSource(s.model, 0, stack_layers(models[s.model], anats[s.model], stack.prefix), s.position)
+                for s in rule.sources
+            ]
             specs.append(_Spec(rule.index, sources, rule.base_ref, rule.path, stack.prefix, rule.module))
     return specs
 
 
-def _pick_base(recipe: Recipe, method: Method, sources: List[SliceSource], base_ref: Optional[str],
-               path: tuple) -> Optional[SliceSource]:
+def _pick_base(
+    recipe: Recipe, method: Method, sources: List[SliceSource], base_ref: Optional[str], path: tuple
+) -> Optional[SliceSource]:
     """The slice's source that is its base, when the method uses one."""
     base = None
     if method.uses_base and base_ref:
         base = next((s for s in sources if s.model == base_ref), None)
         if base is None:
-            raise MergeError(f"{recipe.at(*path)}: the base model {base_ref} is not among this slice's sources; "
-                             f"{method.name} needs it as one of them (with its layer_range)")
+            raise MergeError(
+                f"{recipe.at(*path)}: the base model {base_ref} is not among this slice's sources; "
+                f"{method.name} needs it as one of them (with its layer_range)"
+            )
     if method.base_policy == "required" and base is None:
         raise MergeError(f"{recipe.at('merge_method')}: {method.name} needs a 'base_model:'")
     return base
@@ -452,16 +536,23 @@ def _check_arity(recipe: Recipe, method: Method, inputs: List[SliceSource], path
     n = len(inputs)
     if method.min_inputs <= n and (method.max_inputs is None or n <= method.max_inputs):
         return
-    want = (f"exactly {method.min_inputs}" if method.max_inputs == method.min_inputs else
-            f"at least {method.min_inputs}" if method.max_inputs is None else
-            f"{method.min_inputs} to {method.max_inputs}")
+    want = (
+        f"exactly {method.min_inputs}"
+        if method.max_inputs == method.min_inputs
+        else f"at least {method.min_inputs}"
+        if method.max_inputs is None
+        else f"{method.min_inputs} to {method.max_inputs}"
+    )
     what = "models besides the base" if method.uses_base else "models"
-    raise MergeError(f"{recipe.at(*path)}: {method.name} takes {want} {what}, got {n}"
-                     + (f" ({', '.join(s.model for s in inputs)})" if inputs else ""))
+    raise MergeError(
+        f"{recipe.at(*path)}: {method.name} takes {want} {what}, got {n}"
+        + (f" ({', '.join(s.model for s in inputs)})" if inputs else "")
+    )
 
 
-def output_groups(recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]",
-                  anats: Optional[Anatomies] = None) -> List[Group]:
+def output_groups(
+    recipe: Recipe, method: Method, models: "OrderedDict[str, ModelIndex]", anats: Optional[Anatomies] = None
+) -> List[Group]:
     """The output groups in order, each placed after the layers of the ones before it in its stack."""
     anats = anats or anatomies(models)
     groups: List[Group] = []
@@ -470,8 +561,16 @@ def output_groups(recipe: Recipe, method: Method, models: "OrderedDict[str, Mode
         base = _pick_base(recipe, method, spec.sources, spec.base_ref, spec.path)
         inputs = [s for s in spec.sources if s is not base]
         _check_arity(recipe, method, inputs, spec.path)
-        g = Group(spec.index, spec.sources, base, inputs, out[spec.stack],
-                  ParameterResolver(recipe, method, spec.index, spec.module), spec.stack, spec.module)
+        g = Group(
+            spec.index,
+            spec.sources,
+            base,
+            inputs,
+            out[spec.stack],
+            ParameterResolver(recipe, method, spec.index, spec.module),
+            spec.stack,
+            spec.module,
+        )
         groups.append(g)
         out[spec.stack] += g.length
     return groups
@@ -483,8 +582,15 @@ def anatomies(models: "OrderedDict[str, ModelIndex]") -> Anatomies:
 
 
 # -- steps 3 and 4: each output tensor's inputs and parameters -------------------------------------------------------
-def _check_values(method: Method, resolver: ParameterResolver, tensor: str, shared: Dict[str, Any],
-                  refs: List[str], per_input: List[Dict[str, Any]], allow_extrapolation: bool) -> None:
+def _check_values(
+    method: Method,
+    resolver: ParameterResolver,
+    tensor: str,
+    shared: Dict[str, Any],
+    refs: List[str],
+    per_input: List[Dict[str, Any]],
+    allow_extrapolation: bool,
+) -> None:
     """Every resolved parameter value of one output tensor within its method's ranges (methods.check_params)."""
     problem = check_params(method, shared, per_input, allow_extrapolation)
     if problem is None:
@@ -498,6 +604,7 @@ def _check_values(method: Method, resolver: ParameterResolver, tensor: str, shar
 @dataclass(frozen=True)
 class _Target:
     """One output tensor and what it takes from its group's template source."""
+
     name: str  # in the output
     k: Optional[int]  # the slice's layer, None for a non-layer tensor
     model: str  # the template model
@@ -514,6 +621,7 @@ class _Target:
 @dataclass
 class _TensorPlanner:
     """Plans the output tensors one by one, counting what the notes report."""
+
     models: "OrderedDict[str, ModelIndex]"
     anats: Anatomies
     method: Method
@@ -550,8 +658,11 @@ class _TensorPlanner:
     def _outer(self, g: Group, stack: Optional[str], front: bool) -> None:
         """The non-layer tensors of group g's template that precede (or follow) the layers of `stack`."""
         an = self.anats[g.template.model]
-        names = [n for n in self.models[g.template.model].tensors
-                 if layer_index(n) is None and is_front(n) == front and an.owner(n) == stack]
+        names = [
+            n
+            for n in self.models[g.template.model].tensors
+            if layer_index(n) is None and is_front(n) == front and an.owner(n) == stack
+        ]
         for name in sorted(names, key=_natural_key):
             self.add(g, name, None)
 
@@ -592,15 +703,19 @@ class _TensorPlanner:
         name, ti = self._lookup(ref, src.tensor(tgt.name, tgt.k), tgt.name)
         if ti is None:
             if not self.allow_crimes:
-                raise MergeError(f"model {ref} lacks tensor {name}, which {tgt.model} has (the output takes "
-                                 f"{tgt.model}'s tensors); pass --allow-crimes to merge such tensors without it")
+                raise MergeError(
+                    f"model {ref} lacks tensor {name}, which {tgt.model} has (the output takes "
+                    f"{tgt.model}'s tensors); pass --allow-crimes to merge such tensors without it"
+                )
             self.counts[f"{ref} lacks some tensors of {tgt.model}; those merge without it"] += 1
             return None
         take = None
         if tgt.vocab:
             if tuple(ti.shape[1:]) != tuple(tgt.info.shape[1:]):
-                raise MergeError(f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tgt.model}'s is "
-                                 f"{list(tgt.info.shape)}; only the vocabulary dimension may differ")
+                raise MergeError(
+                    f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tgt.model}'s is "
+                    f"{list(tgt.info.shape)}; only the vocabulary dimension may differ"
+                )
         elif ti.shape != tgt.info.shape:
             if not self._leading_block(ref, name, ti, tgt):
                 return None
@@ -624,26 +739,36 @@ class _TensorPlanner:
         """A tensor shaped unlike the template's: an embedding with more rows gives its leading block (True);
         another embedding, or under --allow-crimes any tensor, is left out (False); anything else is refused."""
         shape = tgt.info.shape
-        if (not self.unsafe_truncate_embeddings and is_embedding(name) and len(ti.shape) == len(shape)
-                and ti.shape[1:] == shape[1:]):
-            raise MergeError(f"model {ref}: {name} has {ti.shape[0]} vocabulary rows but {tgt.model}'s has "
-                             f"{shape[0]}; the vocabularies differ: set tokenizer_source: union (or base, or a "
-                             "model) in the recipe to map every model's tokens, or pass --unsafe-truncate-embeddings "
-                             f"to merge row for row in {shape[0]} rows (only right when the token ids agree)")
+        if (
+            not self.unsafe_truncate_embeddings
+            and is_embedding(name)
+            and len(ti.shape) == len(shape)
+            and ti.shape[1:] == shape[1:]
+        ):
+            raise MergeError(
+                f"model {ref}: {name} has {ti.shape[0]} vocabulary rows but {tgt.model}'s has "
+                f"{shape[0]}; the vocabularies differ: set tokenizer_source: union (or base, or a "
+                "model) in the recipe to map every model's tokens, or pass --unsafe-truncate-embeddings "
+                f"to merge row for row in {shape[0]} rows (only right when the token ids agree)"
+            )
         if len(ti.shape) == len(shape) and is_embedding(name) and all(a >= b for a, b in zip(ti.shape, shape)):
             self.counts[f"{ref}: {name} is {list(ti.shape)}, using its leading {list(shape)} block"] += 1
             return True
         if is_embedding(name) or self.allow_crimes:
-            self.counts[f"{ref}: {name} is {list(ti.shape)} but {tgt.model}'s is {list(shape)}; "
-                        "skipped for that tensor"] += 1
+            self.counts[
+                f"{ref}: {name} is {list(ti.shape)} but {tgt.model}'s is {list(shape)}; skipped for that tensor"
+            ] += 1
             return False
-        raise MergeError(f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tgt.model}'s "
-                         f"is {list(shape)}; the models are not the same architecture "
-                         "(--allow-crimes skips such tensors)")
+        raise MergeError(
+            f"model {ref}: tensor {name} has shape {list(ti.shape)} but {tgt.model}'s "
+            f"is {list(shape)}; the models are not the same architecture "
+            "(--allow-crimes skips such tensors)"
+        )
 
     # -- step 4: copy or merge, and the parameters -----------------------------------------------------------
-    def _task(self, g: Group, tgt: _Target, base: Optional[InputRef],
-              used: List[Tuple[SliceSource, InputRef]]) -> TensorTask:
+    def _task(
+        self, g: Group, tgt: _Target, base: Optional[InputRef], used: List[Tuple[SliceSource, InputRef]]
+    ) -> TensorTask:
         if not tgt.is_float or (not used and base is None):
             if not tgt.is_float:
                 self.counts[f"non-float tensors copied from {tgt.model}"] += 1
@@ -652,20 +777,28 @@ class _TensorPlanner:
             return _copy_task(tgt, base)  # only the base has it: what every method returns without inputs
         return self._merge_task(g, tgt, base, used)
 
-    def _merge_task(self, g: Group, tgt: _Target, base: Optional[InputRef],
-                    used: List[Tuple[SliceSource, InputRef]]) -> TensorTask:
+    def _merge_task(
+        self, g: Group, tgt: _Target, base: Optional[InputRef], used: List[Tuple[SliceSource, InputRef]]
+    ) -> TensorTask:
         ins = [ref for _, ref in used]
         refs = [src.model for src, _ in used]
-        shared, per_input = g.resolver.resolve(tgt.name, self._position(g, tgt.k), refs,
-                                               g.base.model if g.base else None, input_names=[r.name for r in ins])
+        shared, per_input = g.resolver.resolve(
+            tgt.name,
+            self._position(g, tgt.k),
+            refs,
+            g.base.model if g.base else None,
+            input_names=[r.name for r in ins],
+        )
         _check_values(self.method, g.resolver, tgt.name, shared, refs, per_input, self.allow_extrapolation)
         if self.method.copies(shared, per_input) and not tgt.vocab:
             return _copy_task(tgt, ins[0])
-        keys = ([stream_key(self.seed, f"model{src.position}", tgt.name) for src, _ in used]
-                if self.method.randomized else [0] * len(used))
+        keys = (
+            [stream_key(self.seed, f"model{src.position}", tgt.name) for src, _ in used]
+            if self.method.randomized
+            else [0] * len(used)
+        )
         shape = (self.vocabulary.size, *tgt.info.shape[1:]) if tgt.vocab else tgt.info.shape
-        return TensorTask(tgt.name, shape, tgt.out_dtype, "merge", base, ins, shared, per_input, keys,
-                          vocab=tgt.vocab)
+        return TensorTask(tgt.name, shape, tgt.out_dtype, "merge", base, ins, shared, per_input, keys, vocab=tgt.vocab)
 
     def _position(self, g: Group, k: Optional[int]) -> float:
         """The gradient position t of the slice's layer k (non-layer tensors: 0)."""
@@ -702,14 +835,17 @@ def _notes(recipe: Recipe, models: "OrderedDict[str, ModelIndex]", first: Group,
     return notes
 
 
-def _check_countable(recipe: Recipe, template: ModelIndex, anats: Anatomies,
-                     stacks: Dict[Optional[str], List[Tuple[str, int]]]) -> None:
+def _check_countable(
+    recipe: Recipe, template: ModelIndex, anats: Anatomies, stacks: Dict[Optional[str], List[Tuple[str, int]]]
+) -> None:
     """Each layer stack that the output changes has a config.json key to count it."""
     stack = uncountable(anats[template.ref], template.config, template.ref, stacks)
     if stack is not None:
-        raise MergeError(f"{recipe.at()}: the output changes the layers of {stack.module} ({stack.prefix}N), but "
-                         f"mergesmith cannot tell which key of {template.ref}'s config.json counts them; "
-                         "merge that stack whole")
+        raise MergeError(
+            f"{recipe.at()}: the output changes the layers of {stack.module} ({stack.prefix}N), but "
+            f"mergesmith cannot tell which key of {template.ref}'s config.json counts them; "
+            "merge that stack whole"
+        )
 
 
 def _check_inputs(recipe: Recipe, groups: List[Group]) -> None:
@@ -729,11 +865,19 @@ def _seed(seed: Optional[int]) -> Tuple[int, bool]:
     return (secrets.randbits(31), False) if seed is None else (seed, True)
 
 
-def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] = None,
-              out_dtype: Optional[str] = None, shard_size: int = 5 * 10**9, allow_crimes: bool = False,
-              recipe_dir: Optional[Path] = None, gradient_span: str = "slice",
-              allow_extrapolation: bool = False, strict: bool = False,
-              unsafe_truncate_embeddings: bool = False) -> Plan:
+def make_plan(
+    recipe: Recipe,
+    seed: Optional[int] = None,
+    dtype: Optional[str] = None,
+    out_dtype: Optional[str] = None,
+    shard_size: int = 5 * 10**9,
+    allow_crimes: bool = False,
+    recipe_dir: Optional[Path] = None,
+    gradient_span: str = "slice",
+    allow_extrapolation: bool = False,
+    strict: bool = False,
+    unsafe_truncate_embeddings: bool = False,
+) -> Plan:
     """Check the recipe against its models and plan every output tensor; `strict`: NaN/Inf in an input is an
     error when merging; `unsafe_truncate_embeddings`: vocabularies of different sizes without a tokenizer setting
     merge row for row (else refused). The first problem found is the one raised."""
@@ -749,8 +893,19 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     for g in groups:
         totals[g.stack] += g.length
     seed, seed_given = _seed(seed)
-    planner = _TensorPlanner(models, anats, method, vocabulary, _out_dtype(recipe, dtype, out_dtype), totals, seed,
-                             allow_crimes, allow_extrapolation, gradient_span, unsafe_truncate_embeddings)
+    planner = _TensorPlanner(
+        models,
+        anats,
+        method,
+        vocabulary,
+        _out_dtype(recipe, dtype, out_dtype),
+        totals,
+        seed,
+        allow_crimes,
+        allow_extrapolation,
+        gradient_span,
+        unsafe_truncate_embeddings,
+    )
     stacks = planner.walk(groups)
     _check_unique(recipe, planner.tasks)
     _check_countable(recipe, models[groups[0].template.model], anats, stacks)
@@ -758,10 +913,22 @@ def make_plan(recipe: Recipe, seed: Optional[int] = None, dtype: Optional[str] =
     for n in notes:
         warn(n)
     layout = plan_layout([(t.name, t.out_dtype, t.shape) for t in planner.tasks], shard_size)
-    return Plan(recipe=recipe, method=method, models=models, base_model=c.base_model, seed=seed,
-                seed_given=seed_given, tasks=tuple(planner.tasks), layout=layout, notes=tuple(notes),
-                template=groups[0].template.model, stacks=tuple((k, tuple(v)) for k, v in stacks.items()),
-                sliced=bool(c.slices or c.modules), vocabulary=vocabulary, strict=strict)
+    return Plan(
+        recipe=recipe,
+        method=method,
+        models=models,
+        base_model=c.base_model,
+        seed=seed,
+        seed_given=seed_given,
+        tasks=tuple(planner.tasks),
+        layout=layout,
+        notes=tuple(notes),
+        template=groups[0].template.model,
+        stacks=tuple((k, tuple(v)) for k, v in stacks.items()),
+        sliced=bool(c.slices or c.modules),
+        vocabulary=vocabulary,
+        strict=strict,
+    )
 
 
 def _fmt_bytes(n: float) -> str:
@@ -775,20 +942,25 @@ def _fmt_bytes(n: float) -> str:
 def describe(plan: Plan) -> str:
     """Human-readable summary: models, methods, parameters per tensor group, bytes, expected peak memory."""
     lines = _describe_header(plan) + _describe_layers(plan) + _describe_tensors(plan)
-    lines += [f"read:   {_fmt_bytes(plan.bytes_read)}",
-              f"write:  {_fmt_bytes(plan.bytes_written)}",
-              f"peak memory (expected, tensor work): {_fmt_bytes(plan.peak_bytes_estimate)}"]
+    lines += [
+        f"read:   {_fmt_bytes(plan.bytes_read)}",
+        f"write:  {_fmt_bytes(plan.bytes_written)}",
+        f"peak memory (expected, tensor work): {_fmt_bytes(plan.peak_bytes_estimate)}",
+    ]
     return "\n".join(lines + [f"note:   {n}" for n in plan.notes])
 
 
 def _describe_header(plan: Plan) -> List[str]:
     """Recipe, method, seed, and each model with its size and folder."""
     m = plan.method
-    lines = [f"recipe: {plan.recipe.source}",
-             f"method: {m.name} ({m.pretty}, {m.url})",
-             f"seed:   {plan.seed}{'' if plan.seed_given else ' (chosen now; pass --seed to fix it)'}"
-             if m.randomized else "seed:   not used (the method draws nothing at random)",
-             "models:"]
+    lines = [
+        f"recipe: {plan.recipe.source}",
+        f"method: {m.name} ({m.pretty}, {m.url})",
+        f"seed:   {plan.seed}{'' if plan.seed_given else ' (chosen now; pass --seed to fix it)'}"
+        if m.randomized
+        else "seed:   not used (the method draws nothing at random)",
+        "models:",
+    ]
     for ref, idx in plan.models.items():
         role = " (base)" if ref == plan.base_model else ""
         size = sum(t.nbytes for t in idx.tensors.values())
@@ -819,8 +991,10 @@ def _describe_layers(plan: Plan) -> List[str]:
         if len(plan.stacks) > 1:
             lines.append(f"  {stack}N: {len(layers)} layers")
         for a, b, ref, i in _layer_runs(layers):
-            lines.append(f"{pad}{a}-{b} <- {ref} layers {i}-{i + b - a}"
-                         + (" (template; merged with the slice's sources)" if merged else ""))
+            lines.append(
+                f"{pad}{a}-{b} <- {ref} layers {i}-{i + b - a}"
+                + (" (template; merged with the slice's sources)" if merged else "")
+            )
     return lines
 
 
@@ -829,9 +1003,11 @@ def _task_summary(plan: Plan, t: TensorTask) -> str:
     if t.kind == "copy":
         return f"copy from {t.inputs[0].model}"
     shared = ", ".join(f"{k}={v}" for k, v in t.shared.items())
-    per = "; ".join(f"{r.model.split('/')[-1].split(chr(92))[-1]}: " + ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
-        for r, p in zip(t.inputs, t.per_input))
+    per = "; ".join(
+        f"{r.model.split('/')[-1].split(chr(92))[-1]}: "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+        for r, p in zip(t.inputs, t.per_input)
+    )
     return f"{plan.method.name}[{shared}] {per}"
 
 
@@ -840,8 +1016,10 @@ def _describe_tensors(plan: Plan) -> List[str]:
     groups: "OrderedDict[str, List[str]]" = OrderedDict()
     for t in plan.tasks:
         groups.setdefault(_task_summary(plan, t), []).append(t.name)
-    lines = [f"tensors: {len(plan.tasks)} in {len(plan.layout.files)} file(s), out dtype "
-             f"{', '.join(sorted({str(t.out_dtype).replace('torch.', '') for t in plan.tasks}))}"]
+    lines = [
+        f"tensors: {len(plan.tasks)} in {len(plan.layout.files)} file(s), out dtype "
+        f"{', '.join(sorted({str(t.out_dtype).replace('torch.', '') for t in plan.tasks}))}"
+    ]
     for key, names in groups.items():
         shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
         lines.append(f"  {len(names):5d} x {key}")

@@ -59,6 +59,7 @@ class OutputSliceDefinition(_Model):
 class OutputModuleDefinition(_Model):
     """One module of a `modules:` recipe (a layer stack: encoder, decoder, vision_tower, ...): its own slices, or
     its models merged whole."""
+
     slices: Optional[List[OutputSliceDefinition]] = None
     models: Optional[List[InputModelDefinition]] = None
     parameters: Optional[Dict[str, ParameterSetting]] = None
@@ -98,9 +99,14 @@ _KNOWN: Dict[Path_, Tuple[str, ...]] = {
 }
 
 DTYPES = {
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
 }
 
 
@@ -123,7 +129,7 @@ _BAD_IN_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 def short(value: Any, width: int = 60) -> str:
     """repr(value) cut to `width` characters: what a one-line message may quote of a user's value."""
     r = repr(value)
-    return r if len(r) <= width else r[:width - 3] + "..."
+    return r if len(r) <= width else r[: width - 3] + "..."
 
 
 class _Loader(yaml.SafeLoader):
@@ -138,8 +144,10 @@ class _Loader(yaml.SafeLoader):
         try:
             if self.depth > MAX_DEPTH:
                 line = self.peek_event().start_mark.line + 1
-                raise MergeError(f"{where(self.source, line)}: YAML nested more than {MAX_DEPTH} levels deep; "
-                                 "a recipe needs a handful")
+                raise MergeError(
+                    f"{where(self.source, line)}: YAML nested more than {MAX_DEPTH} levels deep; "
+                    "a recipe needs a handful"
+                )
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
@@ -147,8 +155,10 @@ class _Loader(yaml.SafeLoader):
 
 def _compose(text: str, source: str) -> Tuple[yaml.Node, _Loader]:
     if len(text) > MAX_RECIPE_BYTES:
-        raise MergeError(f"{source}: the recipe is {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES} "
-                         "(mergekit recipes are a few KB)")
+        raise MergeError(
+            f"{source}: the recipe is {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES} "
+            "(mergekit recipes are a few KB)"
+        )
     loader = None
     try:
         loader = _Loader(text, source)  # the reader refuses unprintable characters here
@@ -168,9 +178,11 @@ def _yaml_error(e: yaml.YAMLError, source: str) -> MergeError:
         mark = e.problem_mark or e.context_mark
         loc = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         if e.context == "expected a single document in the stream":
-            return MergeError(f"{loc}: a second YAML document (after a '---' line) in a single recipe: remove that "
-                              "line, or give each document a name: (a multi-stage recipe, which `mergesmith run` "
-                              "and `mergesmith plan` take)")
+            return MergeError(
+                f"{loc}: a second YAML document (after a '---' line) in a single recipe: remove that "
+                "line, or give each document a name: (a multi-stage recipe, which `mergesmith run` "
+                "and `mergesmith plan` take)"
+            )
         return MergeError(f"{loc}: malformed YAML: {e.problem or e.context}")
     return MergeError(f"{source}: malformed YAML: {' '.join(str(e).split())}")
 
@@ -179,11 +191,14 @@ def _scalar(loader: _Loader, n: yaml.Node, source: str) -> Any:
     try:
         value = loader.construct_object(n, deep=True)
     except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of thousands of digits
-        raise MergeError(f"{where(source, n.start_mark.line + 1)}: bad YAML value: {' '.join(str(e).split())}"
-                         ) from None
+        raise MergeError(
+            f"{where(source, n.start_mark.line + 1)}: bad YAML value: {' '.join(str(e).split())}"
+        ) from None
     if isinstance(value, str) and _BAD_CHARS.search(value):
-        raise MergeError(f"{where(source, n.start_mark.line + 1)}: the value {short(value)} holds a control or "
-                         "unpaired surrogate character; remove it")
+        raise MergeError(
+            f"{where(source, n.start_mark.line + 1)}: the value {short(value)} holds a control or "
+            "unpaired surrogate character; remove it"
+        )
     return value
 
 
@@ -198,8 +213,10 @@ def _load_yaml(text: str, source: str) -> Tuple[Any, Dict[Path_, int], List[str]
         line = n.start_mark.line + 1
         built[0] += 1
         if built[0] > MAX_NODES:
-            raise MergeError(f"{where(source, line)}: the recipe expands to more than {MAX_NODES} values "
-                             "(YAML aliases repeat what they point to); write it out without them")
+            raise MergeError(
+                f"{where(source, line)}: the recipe expands to more than {MAX_NODES} values "
+                "(YAML aliases repeat what they point to); write it out without them"
+            )
         if depth > MAX_DEPTH:
             raise MergeError(f"{where(source, line)}: YAML nested too deeply")
         lines[path] = line
@@ -222,8 +239,10 @@ def _load_yaml(text: str, source: str) -> Tuple[Any, Dict[Path_, int], List[str]
             kline = knode.start_mark.line + 1
             if key in out:
                 if out[key] == value:
-                    notes.append(f"{where(source, kline)}: {short(key)} is given twice (lines {key_line[key]} and "
-                                 f"{kline}) with the same value; using it once")
+                    notes.append(
+                        f"{where(source, kline)}: {short(key)} is given twice (lines {key_line[key]} and "
+                        f"{kline}) with the same value; using it once"
+                    )
                 else:
                     raise MergeError(
                         f"{where(source, kline)}: {short(key)} is given twice with different values "
@@ -399,8 +418,10 @@ def _schema_error(e: ValidationError, data: Any, loc) -> str:
         got = data
         for p in path:
             got = got[p]
-        return (f"{loc(path)}: parameter {short(path[-1], 40)} has a wrong value {short(got)}: give a number, "
-                "true/false, a list of numbers (a gradient) or a list of {filter: ..., value: ...}")
+        return (
+            f"{loc(path)}: parameter {short(path[-1], 40)} has a wrong value {short(got)}: give a number, "
+            "true/false, a list of numbers (a gradient) or a list of {filter: ..., value: ...}"
+        )
     path = tuple(p for p in raw if not _is_tag(p))
     key = short(".".join(str(p) for p in path) or "recipe", 80)[1:-1]
     if err["type"] == "missing":
@@ -420,20 +441,26 @@ def _check_structure(r: Recipe, strict: bool) -> None:
         )
     for name, m in (c.modules or {}).items():
         if bool(m.slices) == bool(m.models):
-            raise MergeError(f"{r.at('modules', name)}: module {short(name)} needs exactly one of 'slices:' or "
-                             f"'models:' ({'got both' if m.slices else 'got neither'})")
+            raise MergeError(
+                f"{r.at('modules', name)}: module {short(name)} needs exactly one of 'slices:' or "
+                f"'models:' ({'got both' if m.slices else 'got neither'})"
+            )
     for key in ("dtype", "out_dtype"):
         v = getattr(c, key)
         if v is not None:
             if v not in DTYPES:
-                raise MergeError(f"{r.at(key)}: {key} {short(v)} is not a dtype{did_you_mean(v, DTYPES)}; "
-                                 "use bfloat16, float16 or float32")
+                raise MergeError(
+                    f"{r.at(key)}: {key} {short(v)} is not a dtype{did_you_mean(v, DTYPES)}; "
+                    "use bfloat16, float16 or float32"
+                )
     if c.tokenizer_source and c.tokenizer:
         raise MergeError(f"{r.at('tokenizer')}: give either 'tokenizer_source:' or 'tokenizer:', not both")
     pad = c.tokenizer.pad_to_multiple_of if c.tokenizer else None
     if pad is not None and not 1 <= pad <= MAX_PAD:
-        raise MergeError(f"{r.at('tokenizer', 'pad_to_multiple_of')}: pad_to_multiple_of {short(pad)} must lie in "
-                         f"[1, {MAX_PAD}] (vocabularies are padded to multiples of 8 to 256)")
+        raise MergeError(
+            f"{r.at('tokenizer', 'pad_to_multiple_of')}: pad_to_multiple_of {short(pad)} must lie in "
+            f"[1, {MAX_PAD}] (vocabularies are padded to multiples of 8 to 256)"
+        )
     _check_names(r)
     _check_duplicates(r)
     for path, slices in r.slice_lists():
@@ -444,16 +471,20 @@ def _check_slices(r: Recipe, path: Path_, slices: List[OutputSliceDefinition]) -
     """Every source of a slice has as many layers as the others, in a range [start, end) with start < end."""
     for si, s in enumerate(slices):
         if not s.sources:
-            raise MergeError(f"{r.at(*path, si)}: a slice needs at least one source (sources: [{{model: ..., "
-                             "layer_range: [start, end]}])")
+            raise MergeError(
+                f"{r.at(*path, si)}: a slice needs at least one source (sources: [{{model: ..., "
+                "layer_range: [start, end]}])"
+            )
         lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
         if len(lens) > 1:
             raise MergeError(f"{r.at(*path, si)}: every source of a slice needs the same number of layers")
         for j, src in enumerate(s.sources):
             a, b = src.layer_range
             if not (0 <= a < b):
-                raise MergeError(f"{r.at(*path, si, 'sources', j, 'layer_range')}: layer_range "
-                                 f"[{short(a, 24)}, {short(b, 24)}] must be [start, end) with 0 <= start < end")
+                raise MergeError(
+                    f"{r.at(*path, si, 'sources', j, 'layer_range')}: layer_range "
+                    f"[{short(a, 24)}, {short(b, 24)}] must be [start, end) with 0 <= start < end"
+                )
 
 
 MAX_PAD = 1 << 16
@@ -474,24 +505,31 @@ def _check_names(r: Recipe) -> None:
         if not ref.strip():
             raise MergeError(f"{r.at(*path)}: an empty model reference; give a folder path or a Hub id")
         if _BAD_IN_NAME.search(ref):
-            raise MergeError(f"{r.at(*path)}: the model reference {short(ref)} holds a control character; "
-                             "give a folder path or a Hub id")
+            raise MergeError(
+                f"{r.at(*path)}: the model reference {short(ref)} holds a control character; "
+                "give a folder path or a Hub id"
+            )
 
 
 def _check_duplicates(r: Recipe) -> None:
     """A model listed twice counts once, with its first entry's parameters (so in mergekit): refuse a repeat, but
     for a slice's other layers of the same model with the same parameters."""
     lists = [(path, [(m.model, None, m.parameters) for m in models]) for path, models in r.model_lists()]
-    lists += [(path + (si, "sources"), [(src.model, tuple(src.layer_range), src.parameters) for src in s.sources])
-              for path, slices in r.slice_lists() for si, s in enumerate(slices)]
+    lists += [
+        (path + (si, "sources"), [(src.model, tuple(src.layer_range), src.parameters) for src in s.sources])
+        for path, slices in r.slice_lists()
+        for si, s in enumerate(slices)
+    ]
     for path, entries in lists:
         first: Dict[str, int] = {}
         for j, (model, layers, params) in enumerate(entries):
             k = first.setdefault(model, j)
             if k != j and (layers is None or layers == entries[k][1] or params != entries[k][2]):
-                raise MergeError(f"{r.at(*path, j, 'model')}: model {model} is listed twice (entries {k + 1} and "
-                                 f"{j + 1} of '{path[-1]}:', lines {r.line(*path, k, 'model')} and "
-                                 f"{r.line(*path, j, 'model')}); list each model once, with all of its parameters")
+                raise MergeError(
+                    f"{r.at(*path, j, 'model')}: model {model} is listed twice (entries {k + 1} and "
+                    f"{j + 1} of '{path[-1]}:', lines {r.line(*path, k, 'model')} and "
+                    f"{r.line(*path, j, 'model')}); list each model once, with all of its parameters"
+                )
 
 
 def load_recipe(path: Union[str, Path], strict: bool = False) -> Recipe:
@@ -508,8 +546,10 @@ def read_recipe_text(p: Path) -> str:
         if p.exists() and not p.is_dir() and not p.is_file():  # a pipe or device would block or never end
             raise MergeError(f"recipe {p} is not a regular file; save the recipe to a file")
         if p.is_file() and p.stat().st_size > MAX_RECIPE_BYTES:
-            raise MergeError(f"{p}: the recipe is {p.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} "
-                             "(mergekit recipes are a few KB)")
+            raise MergeError(
+                f"{p}: the recipe is {p.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} "
+                "(mergekit recipes are a few KB)"
+            )
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MergeError(f"recipe not found: {p}") from None
@@ -530,6 +570,7 @@ def read_recipe_text(p: Path) -> str:
 class RecipeDocument:
     """One document of a YAML file: its text with the `name:` entry blanked out, padded so that its line numbers are
     the file's (parse_recipe's messages then name the file's lines), and that name."""
+
     text: str
     line: int  # the file line where the document starts
     name: Any = None  # the `name:` value as written (None when absent)
@@ -539,8 +580,10 @@ class RecipeDocument:
 def split_documents(text: str, source: str) -> List[RecipeDocument]:
     """The non-empty documents of a YAML file, in file order; malformed YAML is a MergeError naming its line."""
     if len(text) > MAX_RECIPE_BYTES:
-        raise MergeError(f"{source}: the recipe is {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES} "
-                         "(mergekit recipes are a few KB)")
+        raise MergeError(
+            f"{source}: the recipe is {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES} "
+            "(mergekit recipes are a few KB)"
+        )
     loader = _Loader(text, source)
     docs: List[RecipeDocument] = []
     try:
@@ -565,8 +608,13 @@ def _document(text: str, node: yaml.Node, loader: _Loader, source: str) -> Recip
             name, name_line = _scalar(loader, v, source), k.start_mark.line + 1
             # blank the entry and its separator (the next key's start, or the previous value's end): the document
             # parses as the recipe without it, block or flow style, on the same lines
-            lo, hi = ((k.start_mark.index, entries[i + 1][0].start_mark.index) if i + 1 < len(entries) else
-                      (entries[i - 1][1].end_mark.index, v.end_mark.index) if i else (k.start_mark.index, b))
+            lo, hi = (
+                (k.start_mark.index, entries[i + 1][0].start_mark.index)
+                if i + 1 < len(entries)
+                else (entries[i - 1][1].end_mark.index, v.end_mark.index)
+                if i
+                else (k.start_mark.index, b)
+            )
             for j in range(lo - a, hi - a):
                 if body[j] != "\n":
                     body[j] = " "
@@ -576,4 +624,3 @@ def _document(text: str, node: yaml.Node, loader: _Loader, source: str) -> Recip
 
 def normalize_dtype(name: Optional[str]) -> Optional[str]:
     return None if name is None else DTYPES[name]
-

@@ -47,6 +47,7 @@ def one_thread(small: bool) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------------ token batches
 
+
 @dataclass
 class Batch:
     ids: torch.Tensor  # (B, T) token ids, right-padded
@@ -71,7 +72,7 @@ def make_batches(seqs: Sequence[Sequence[int]], pad: int = 0) -> List[Batch]:
             n = max(len(seqs[k]) for k in group)
             ids = torch.full((len(group), n), pad, dtype=torch.long)
             for r, k in enumerate(group):
-                ids[r, :len(seqs[k])] = torch.tensor(list(seqs[k]), dtype=torch.long)
+                ids[r, : len(seqs[k])] = torch.tensor(list(seqs[k]), dtype=torch.long)
             batches.append(Batch(ids, [len(seqs[k]) for k in group], list(group)))
             group.clear()
 
@@ -105,6 +106,7 @@ def encode(tok, item, what: str = "a prompt") -> Tuple[List[int], List[int]]:
 
 # ------------------------------------------------------------------------------------------------ the layer stack
 
+
 class _Zero(torch.nn.Module):
     """Stands in for a layer's MLP: keeps its input, returns zeros (the layer then returns its attention output)."""
 
@@ -128,6 +130,7 @@ def _activation(name: str):
 @dataclass
 class DenseMLP:
     """gate/up/down weights (stored dtype, upcast at use): down(act(gate x) * up x)."""
+
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
@@ -188,8 +191,10 @@ class Stack:
         state = {}
         for k in layer.state_dict():
             if prefix + k not in self.idx.tensors:
-                raise MergeError(f"model {self.idx.ref}: tensor {prefix + k} is missing (needed to run the model "
-                                 "for the router prompts)")
+                raise MergeError(
+                    f"model {self.idx.ref}: tensor {prefix + k} is missing (needed to run the model "
+                    "for the router prompts)"
+                )
             state[k] = self.read(prefix + k).float()
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
@@ -197,8 +202,9 @@ class Stack:
     def mlp(self, idx, i: int) -> DenseMLP:
         """Layer i's MLP of the model `idx` (the base or an expert)."""
         p = f"model.layers.{i}.mlp."
-        return DenseMLP(*(idx.read(p + n + "_proj.weight").to(self.device) for n in ("gate", "up", "down")),
-                        act=self.act)
+        return DenseMLP(
+            *(idx.read(p + n + "_proj.weight").to(self.device) for n in ("gate", "up", "down")), act=self.act
+        )
 
     @torch.no_grad()
     def attention(self, layer: torch.nn.Module, i: int, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -233,11 +239,13 @@ def walk(stack: Stack, batches: Sequence[Batch], visit: Visit, layers: Optional[
 
 # ------------------------------------------------------------------------------------------------ the mixture
 
+
 @dataclass
 class Mixture:
     """One layer's mixture of experts as the output model computes it: softmax over the router's logits, the
     top k, their weights renormalised to sum to 1 (Mixtral; Qwen MoE with norm_topk_prob), plus a shared expert
     scaled by sigmoid(shared gate . x) when there is one."""
+
     router: torch.Tensor  # (E, H) float32
     experts: List[DenseMLP]
     k: int
@@ -262,6 +270,7 @@ class Mixture:
 
 # ------------------------------------------------------------------------------------------------ mergekit's gates
 
+
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
@@ -280,6 +289,7 @@ def random_gates(layers: int, n: int, hidden: int, seed: int, uniform: bool) -> 
 class PromptSets:
     """The distinct prompts of every gated expert (token ids and counted positions: encode), and which belong to
     whom."""
+
     seqs: List[List[int]] = field(default_factory=list)
     positions: List[List[int]] = field(default_factory=list)
     positive: List[List[int]] = field(default_factory=list)  # per expert: indexes into seqs
@@ -311,6 +321,7 @@ def cheap_embed_gates(table: torch.Tensor, sets: PromptSets, layers: int) -> tor
     """(layers, n, hidden): per expert, the sum of the token embeddings of its positive prompts (every token of a
     text prompt, BOS included), made unit length; minus the same of its negative prompts; made unit length again;
     the same vector for every layer."""
+
     def summed(which: List[int]) -> torch.Tensor:
         ids = torch.tensor([sets.seqs[k][j] for k in which for j in sets.positions[k]], dtype=torch.long)
         return _unit(table[ids].float().sum(0))
@@ -324,8 +335,9 @@ def cheap_embed_gates(table: torch.Tensor, sets: PromptSets, layers: int) -> tor
     return torch.stack(vecs)[None].expand(layers, -1, -1).clone()
 
 
-def _prompt_state(states: List[torch.Tensor], batches: Sequence[Batch], sets: PromptSets,
-                  average: bool) -> torch.Tensor:
+def _prompt_state(
+    states: List[torch.Tensor], batches: Sequence[Batch], sets: PromptSets, average: bool
+) -> torch.Tensor:
     """(prompts, hidden): per prompt, the state at its last counted position, or the mean over its counted
     positions when `average` (a text prompt counts every token)."""
     out = torch.empty(len(sets.seqs), states[0].shape[-1], dtype=torch.float64)
@@ -367,8 +379,9 @@ CALIBRATION_L2 = 1e-4
 SMALL_FIT = 1 << 24  # tokens x hidden x experts below which the fit runs on one thread
 
 
-def fit_router(x: torch.Tensor, y: torch.Tensor, n: int, steps: Optional[int] = None,
-               l2: Optional[float] = None) -> torch.Tensor:
+def fit_router(
+    x: torch.Tensor, y: torch.Tensor, n: int, steps: Optional[int] = None, l2: Optional[float] = None
+) -> torch.Tensor:
     """(n, hidden) float64: multinomial logistic regression without bias (a router has none) of the labels `y`
     on the rows of `x`, each expert's tokens weighted equally in total, with an L2 penalty `l2`/2 |W|^2; fitted
     by L-BFGS in float64 from zero (the loss is convex: the result does not depend on a starting point)."""
@@ -379,8 +392,15 @@ def fit_router(x: torch.Tensor, y: torch.Tensor, n: int, steps: Optional[int] = 
     weight = ((1.0 / counts.clamp(min=1))[y] / (counts > 0).sum())[:, None]
     target = torch.nn.functional.one_hot(y, n).double() * weight  # each row: its label, weighted
     w = torch.zeros(n, x64.shape[1], dtype=torch.float64)
-    opt = torch.optim.LBFGS([w], lr=1, max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1,
+        max_iter=steps,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def loss_fn():  # the loss and its gradient, (softmax - one-hot)^T x, without autograd
         logp = torch.log_softmax(x64 @ w.T, dim=-1)
@@ -393,8 +413,12 @@ def fit_router(x: torch.Tensor, y: torch.Tensor, n: int, steps: Optional[int] = 
     return w
 
 
-def _tokens(xs: List[torch.Tensor], batches: Sequence[Batch], labels: Sequence[int],
-            positions: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _tokens(
+    xs: List[torch.Tensor],
+    batches: Sequence[Batch],
+    labels: Sequence[int],
+    positions: Optional[Sequence[Sequence[int]]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The rows of the batches' states at the counted positions of each sequence (all of its tokens by default),
     with each sequence's label."""
     rows, ys = [], []
@@ -411,6 +435,7 @@ class MoELayers:
     """What the mixture at each layer is made of: the expert models (indexes), the shared expert model, its gate
     vectors, the number of experts per token, and the dtype the output stores routers in (the calibration and the
     report use the rounded routers, as the output will)."""
+
     experts: List  # ModelIndex per expert
     k: int
     out_dtype: torch.dtype
@@ -420,13 +445,13 @@ class MoELayers:
     def mixture(self, stack: Stack, i: int, router: torch.Tensor) -> Mixture:
         rounded = router.to(self.out_dtype).float().to(stack.device)
         shared = stack.mlp(self.shared, i) if self.shared is not None else None
-        g = (self.shared_gates[i].to(self.out_dtype).float().to(stack.device)
-             if self.shared_gates is not None else None)
+        g = self.shared_gates[i].to(self.out_dtype).float().to(stack.device) if self.shared_gates is not None else None
         return Mixture(rounded, [stack.mlp(e, i) for e in self.experts], self.k, shared, g)
 
 
-def calibrated_gates(stack: Stack, moe: MoELayers, seqs: List[List[int]], labels: List[int],
-                     positions: Optional[List[List[int]]] = None) -> torch.Tensor:
+def calibrated_gates(
+    stack: Stack, moe: MoELayers, seqs: List[List[int]], labels: List[int], positions: Optional[List[List[int]]] = None
+) -> torch.Tensor:
     """(layers, n, hidden): each layer's router fitted (fit_router) on the MLP inputs of the labelled sequences'
     tokens (those at `positions`, all by default) at that layer, as the mixture itself computes them: layers below
     use the routers already fitted, so each router learns the states it will see in the output model."""
@@ -444,15 +469,23 @@ def calibrated_gates(stack: Stack, moe: MoELayers, seqs: List[List[int]], labels
 
 # ------------------------------------------------------------------------------------------------ routing report
 
-def routing_report(stack: Stack, moe: MoELayers, routers: torch.Tensor, seqs: List[List[int]],
-                   labels: List[int], positions: List[List[int]]) -> Dict[str, object]:
+
+def routing_report(
+    stack: Stack,
+    moe: MoELayers,
+    routers: torch.Tensor,
+    seqs: List[List[int]],
+    labels: List[int],
+    positions: List[List[int]],
+) -> Dict[str, object]:
     """Per expert and layer, the share of its report tokens whose top-1 expert (the largest router logit, as the
     output model routes) is that expert, running the mixture as the output model does."""
     batches = make_batches(seqs)
     n = len(moe.experts)
     hits = torch.zeros(stack.num_layers, n, dtype=torch.long)
-    total = torch.bincount(torch.tensor([labels[k] for k in range(len(seqs)) for _ in positions[k]],
-                                        dtype=torch.long), minlength=n)
+    total = torch.bincount(
+        torch.tensor([labels[k] for k in range(len(seqs)) for _ in positions[k]], dtype=torch.long), minlength=n
+    )
 
     def visit(i, _inputs, xs):
         mix = moe.mixture(stack, i, routers[i])
@@ -463,5 +496,8 @@ def routing_report(stack: Stack, moe: MoELayers, routers: torch.Tensor, seqs: Li
 
     walk(stack, batches, visit)
     share = hits.double() / total.clamp(min=1).double()
-    return {"tokens": total.tolist(), "by_layer": share.T.tolist(),
-            "overall": (hits.sum(0).double() / (total.clamp(min=1) * stack.num_layers)).tolist()}
+    return {
+        "tokens": total.tolist(),
+        "by_layer": share.T.tolist(),
+        "overall": (hits.sum(0).double() / (total.clamp(min=1) * stack.num_layers)).tolist(),
+    }

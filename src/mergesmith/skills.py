@@ -45,8 +45,11 @@ def _sort(rng: random.Random) -> Tuple[str, str]:
 
 
 GENERATORS: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
-    "addition": _addition, "reverse": _reverse, "sort": _sort,
+    "addition": _addition,
+    "reverse": _reverse,
+    "sort": _sort,
 }
+
 
 @lru_cache(maxsize=None)
 def eval_set(skill: str, n: int = EVAL_N) -> Tuple[Tuple[str, str], ...]:

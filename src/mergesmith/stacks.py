@@ -18,14 +18,28 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from mergesmith.params import _LAYER_RE
 
 # Words in a stack's distinguishing prefix that tell its role.
-_ROLE_WORDS = (("vision", ("vision", "visual", "image")), ("audio", ("audio", "speech")),
-               ("text", ("text", "language")))
+_ROLE_WORDS = (
+    ("vision", ("vision", "visual", "image")),
+    ("audio", ("audio", "speech")),
+    ("text", ("text", "language")),
+)
 # Module names per role, mergekit's first (its VLM definitions say text_decoder and vision_tower).
-_ROLE_NAMES = {"encoder": ("encoder",), "decoder": ("decoder",), "audio": ("audio_tower", "audio_model"),
-               "text": ("text_decoder", "text_model", "language_model"), "vision": ("vision_tower", "vision_model")}
+_ROLE_NAMES = {
+    "encoder": ("encoder",),
+    "decoder": ("decoder",),
+    "audio": ("audio_tower", "audio_model"),
+    "text": ("text_decoder", "text_model", "language_model"),
+    "vision": ("vision_tower", "vision_model"),
+}
 # Where a stack's layer count lives: sub-configs by role ("" is the top level).
-_SCOPES = {"vision": ("vision_config",), "audio": ("audio_config",), "text": ("text_config", ""),
-           "encoder": ("encoder", ""), "decoder": ("decoder", ""), None: ("", "text_config")}
+_SCOPES = {
+    "vision": ("vision_config",),
+    "audio": ("audio_config",),
+    "text": ("text_config", ""),
+    "encoder": ("encoder", ""),
+    "decoder": ("decoder", ""),
+    None: ("", "text_config"),
+}
 _GENERAL_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth")
 _ENCODER_KEYS = ("encoder_layers", "num_encoder_layers", "num_layers", "num_hidden_layers")  # T5: num_layers
 _DECODER_KEYS = ("decoder_layers", "num_decoder_layers")
@@ -33,8 +47,10 @@ _DECODER_KEYS = ("decoder_layers", "num_decoder_layers")
 _PER_LAYER = ("no_rope_layers", "layers_block_type")
 _INDEX_LISTS = ("mlp_only_layers",)
 # Non-layer tensors that come before the layers (from a slice run's first model): embeddings, stems, pre-norms.
-_FRONT_RE = re.compile(r"embed(?!_out)|wte|wpe|word_embeddings|tok_embeddings|conv\d|patch|pre_?layr?norm|"
-                       r"class_embedding|cls_token|^shared\.weight$")
+_FRONT_RE = re.compile(
+    r"embed(?!_out)|wte|wpe|word_embeddings|tok_embeddings|conv\d|patch|pre_?layr?norm|"
+    r"class_embedding|cls_token|^shared\.weight$"
+)
 
 
 def is_front(name: str) -> bool:
@@ -45,6 +61,7 @@ def is_front(name: str) -> bool:
 @dataclass(frozen=True)
 class Stack:
     """One stack of numbered layers: tensor `prefix + N + .rest` is of layer N."""
+
     prefix: str  # "model.layers.", "decoder.block."
     root: str  # the part of the prefix no other stack shares ("decoder."); "" for a model's only stack
     role: Optional[str]  # encoder, decoder, text, vision, audio; None for a model's only stack or an unknown one
@@ -65,6 +82,7 @@ class Stack:
 class Anatomy:
     """A model's stacks, and the module name(s) of its tensors outside every stack (a projector, shared
     embeddings), which a single-stack model does not have."""
+
     stacks: Tuple[Stack, ...]
     outside: Tuple[str, ...]
 
@@ -92,7 +110,7 @@ class Anatomy:
 def layer_of(name: str) -> Optional[Tuple[str, int]]:
     """(stack prefix, layer) of a tensor name, None for a non-layer tensor."""
     m = _LAYER_RE.search(name)
-    return None if m is None else (name[:m.start(1)], int(m.group(1)))
+    return None if m is None else (name[: m.start(1)], int(m.group(1)))
 
 
 def _root(prefix: str, prefixes: Sequence[str]) -> str:
@@ -158,8 +176,10 @@ def anatomy(tensors: Iterable[str]) -> Anatomy:
     roles = _roles(roots)
     names = [_names(p, r, role) for p, r, role in zip(prefixes, roots, roles)]
     taken = [n for ns in names for n in dict.fromkeys(ns)]
-    stacks = tuple(Stack(p, r, role, tuple(dict.fromkeys(n for n in ns if taken.count(n) == 1)), _frozen(held[p]))
-                   for p, r, role, ns in zip(prefixes, roots, roles, names))
+    stacks = tuple(
+        Stack(p, r, role, tuple(dict.fromkeys(n for n in ns if taken.count(n) == 1)), _frozen(held[p]))
+        for p, r, role, ns in zip(prefixes, roots, roles, names)
+    )
     return Anatomy(stacks, _outside_names(roles))
 
 
@@ -198,8 +218,13 @@ def count_keys(stack: Stack, cfg: Optional[Dict[str, Any]], multi: bool) -> List
     present, then its aliases that agree with it (GPT-2's `n_layer` beside a `num_hidden_layers`). With none
     present, the key to write."""
     cfg = cfg or {}
-    found = [(sc, k) for sc in _scopes(stack, multi) if _scope(cfg, sc) is not None
-             for k in _keys(stack, sc) if _is_count(_scope(cfg, sc).get(k))]
+    found = [
+        (sc, k)
+        for sc in _scopes(stack, multi)
+        if _scope(cfg, sc) is not None
+        for k in _keys(stack, sc)
+        if _is_count(_scope(cfg, sc).get(k))
+    ]
     if found:
         first = _scope(cfg, found[0][0])[found[0][1]]
         return [(sc, k) for sc, k in found if _scope(cfg, sc)[k] == first]
@@ -229,16 +254,22 @@ def changed_stacks(an: Anatomy, template: str, out: Dict[Optional[str], Sources]
     return [s for s in an.stacks if list(out.get(s.prefix, ())) != [(template, i) for i in range(s.count)]]
 
 
-def uncountable(an: Anatomy, cfg: Optional[Dict[str, Any]], template: str,
-                out: Dict[Optional[str], Sources]) -> Optional[Stack]:
+def uncountable(
+    an: Anatomy, cfg: Optional[Dict[str, Any]], template: str, out: Dict[Optional[str], Sources]
+) -> Optional[Stack]:
     """A changed stack whose count no config key can hold (a many-stack model of unknown layout), else None."""
     if cfg is None:
         return None
     return next((s for s in changed_stacks(an, template, out) if not count_keys(s, cfg, an.multi)), None)
 
 
-def update_counts(cfg: Dict[str, Any], an: Anatomy, template: str, out: Dict[Optional[str], Sources],
-                  configs: Dict[str, Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+def update_counts(
+    cfg: Dict[str, Any],
+    an: Anatomy,
+    template: str,
+    out: Dict[Optional[str], Sources],
+    configs: Dict[str, Optional[Dict[str, Any]]],
+) -> Dict[str, Any]:
     """The template's config.json with the layer counts of the output: unchanged when no stack moved; else every
     stack's count keys (aliases with them) set, and each changed stack's per-layer lists following its layers."""
     changed = changed_stacks(an, template, out)
@@ -265,5 +296,7 @@ def _follow_lists(sub: Dict[str, Any], sc: str, layers: Sources, configs: Dict[s
         if key in _INDEX_LISTS:
             sub[key] = [o for o, ((_, i), src) in enumerate(zip(layers, srcs)) if isinstance(src, list) and i in src]
         elif value and (key.startswith("layer_") or key in _PER_LAYER):  # [] has no entry to spread
-            sub[key] = [src[i] if isinstance(src, list) and i < len(src) else value[min(i, len(value) - 1)]
-                        for (_, i), src in zip(layers, srcs)]
+            sub[key] = [
+                src[i] if isinstance(src, list) and i < len(src) else value[min(i, len(value) - 1)]
+                for (_, i), src in zip(layers, srcs)
+            ]

@@ -39,6 +39,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 @dataclass
 class Stage:
     """One document of a multi-stage file: its recipe, the stages it uses and where its output goes."""
+
     name: Optional[str]  # None: the document without a name, the output
     recipe: Recipe
     line: int  # where its document starts in the file
@@ -73,6 +74,7 @@ def is_multi_stage(source: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------------- loading
 
+
 def load_pipeline(path: Path, strict: bool = False) -> Pipeline:
     """Parse every stage of the file at `path` and order them; every refusal before any work."""
     path = Path(path)
@@ -90,9 +92,11 @@ def load_pipeline(path: Path, strict: bool = False) -> Pipeline:
     final.final = True
     for s in stages:
         if final.name is not None and final.name in s.uses:
-            raise MergeError(f"{s.recipe.at(*_ref_path(s.recipe, final.name))}: stage {s.label} uses {final.name}, "
-                             "the output stage (the last document, as none goes without a name); put the output "
-                             "stage last, or leave out its name")
+            raise MergeError(
+                f"{s.recipe.at(*_ref_path(s.recipe, final.name))}: stage {s.label} uses {final.name}, "
+                "the output stage (the last document, as none goes without a name); put the output "
+                "stage last, or leave out its name"
+            )
     return Pipeline(path, text, _order(stages, path.name))
 
 
@@ -103,17 +107,27 @@ def _check_names(docs: List[RecipeDocument], source: str) -> Set[str]:
     for d in docs:
         if d.name is None:
             if unnamed is not None:
-                raise MergeError(f"{where(source, d.line)}: the documents at lines {unnamed} and {d.line} both lack "
-                                 "'name:'; only the output stage may go without a name")
+                raise MergeError(
+                    f"{where(source, d.line)}: the documents at lines {unnamed} and {d.line} both lack "
+                    "'name:'; only the output stage may go without a name"
+                )
             unnamed = d.line
             continue
-        if not isinstance(d.name, str) or not _NAME.fullmatch(d.name) or d.name.endswith(outdir.WORK_SUFFIXES) \
-                or d.name == STATE:
-            raise MergeError(f"{where(source, d.name_line)}: stage name {short(d.name)} must be a plain folder name "
-                             "(letters, digits, '.', '_', '-'; at most 100) as it names the stage's output folder")
+        if (
+            not isinstance(d.name, str)
+            or not _NAME.fullmatch(d.name)
+            or d.name.endswith(outdir.WORK_SUFFIXES)
+            or d.name == STATE
+        ):
+            raise MergeError(
+                f"{where(source, d.name_line)}: stage name {short(d.name)} must be a plain folder name "
+                "(letters, digits, '.', '_', '-'; at most 100) as it names the stage's output folder"
+            )
         if d.name in seen:
-            raise MergeError(f"{where(source, d.name_line)}: stage name '{d.name}' is given twice (lines "
-                             f"{seen[d.name]} and {d.name_line}); give each stage its own name")
+            raise MergeError(
+                f"{where(source, d.name_line)}: stage name '{d.name}' is given twice (lines "
+                f"{seen[d.name]} and {d.name_line}); give each stage its own name"
+            )
         seen[d.name] = d.name_line
     return set(seen)
 
@@ -171,9 +185,11 @@ def _uses(r: Recipe, names: Set[str]) -> Tuple[str, ...]:
         if model in names:
             used += [model] if model not in used else []
         elif not is_hub_id(model) and not _exists(model, r.folder):
-            raise MergeError(f"{r.at(*path)}: model {short(model)} is neither a stage of this file "
-                             f"({', '.join(sorted(names)) or 'none is named'}) nor a folder"
-                             f"{did_you_mean(model, names)}")
+            raise MergeError(
+                f"{r.at(*path)}: model {short(model)} is neither a stage of this file "
+                f"({', '.join(sorted(names)) or 'none is named'}) nor a folder"
+                f"{did_you_mean(model, names)}"
+            )
     return tuple(used)
 
 
@@ -196,11 +212,13 @@ def _order(stages: List[Stage], source: str) -> List[Stage]:
         if state.get(id(s)) == "done":
             return
         if state.get(id(s)) == "open":
-            cycle = trail[trail.index(s):] + [s]
+            cycle = trail[trail.index(s) :] + [s]
             steps = " -> ".join(f"{c.label} (line {c.line})" for c in cycle)
             user = trail[-1].recipe
-            raise MergeError(f"{where(source, user.line(*_ref_path(user, s.label)))}: the stages "
-                             f"use each other in a cycle: {steps}; a stage may use only stages that do not use it")
+            raise MergeError(
+                f"{where(source, user.line(*_ref_path(user, s.label)))}: the stages "
+                f"use each other in a cycle: {steps}; a stage may use only stages that do not use it"
+            )
         state[id(s)] = "open"
         for n in s.uses:
             visit(by_name[n], trail + [s])
@@ -226,6 +244,7 @@ def assign(p: Pipeline, out: Path, work: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- seeds and state
 
+
 def stage_seed(seed: int, name: Optional[str]) -> int:
     """A stage's seed: drawn from the pipeline's seed and the stage's name, so that stages draw apart."""
     digest = hashlib.sha256(f"{seed}/{name or ''}".encode()).digest()
@@ -236,8 +255,10 @@ def work_dir(out: Path, intermediate_dir: Optional[str]) -> Path:
     """Where the named stages go: --intermediate-dir, else OUT_DIR.stages; apart from OUT_DIR."""
     work = outdir.output_path(intermediate_dir) if intermediate_dir else out.parent / (out.name + ".stages")
     if work == out or out in work.parents or work in out.parents:
-        raise MergeError(f"intermediate folder {work} and output {out} hold one another; choose an "
-                         "--intermediate-dir apart from OUT_DIR")
+        raise MergeError(
+            f"intermediate folder {work} and output {out} hold one another; choose an "
+            "--intermediate-dir apart from OUT_DIR"
+        )
     return work
 
 
@@ -251,8 +272,9 @@ def _read_state(work: Path) -> Dict[str, Any]:
             return state
     except (OSError, UnicodeDecodeError, ValueError):
         pass
-    raise MergeError(f"{f}: not mergesmith's pipeline state (expected its JSON); remove it, or choose another "
-                     "--intermediate-dir")
+    raise MergeError(
+        f"{f}: not mergesmith's pipeline state (expected its JSON); remove it, or choose another --intermediate-dir"
+    )
 
 
 def _write_state(work: Path, state: Dict[str, Any]) -> None:
@@ -289,8 +311,7 @@ def _start(work: Path, seed: Optional[int]) -> Dict[str, Any]:
 
 
 def _complete(folder: Path) -> bool:
-    return outdir.is_ours(folder) and (folder / outdir.RECIPE_COPY).is_file() and \
-        not (folder / outdir.JOURNAL).exists()
+    return outdir.is_ours(folder) and (folder / outdir.RECIPE_COPY).is_file() and not (folder / outdir.JOURNAL).exists()
 
 
 def _key(plan, o) -> str:
@@ -302,6 +323,7 @@ def _key(plan, o) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- running
+
 
 def merge_pipeline(path: Path, out_dir, options, plan_merge: Callable, merge: Callable) -> Tuple[Any, Any]:
     """Run every stage of the multi-stage file at `path`, the output stage into `out_dir`, with the API's
@@ -315,12 +337,18 @@ def merge_pipeline(path: Path, out_dir, options, plan_merge: Callable, merge: Ca
     with outdir.claim(work, [("the recipe", p.path)], True, f"mergesmith run {path} {out_dir}"):
         state = _start(work, options.seed)
         seed = state["seed"]
-        p.stages[-1].recipe.pipeline = (f"# seed: {seed}  (each stage's seed derives from it; reproduce with: "
-                                        f"mergesmith run {p.path.name} OUT_DIR --seed {seed})\n{p.text}")
+        p.stages[-1].recipe.pipeline = (
+            f"# seed: {seed}  (each stage's seed derives from it; reproduce with: "
+            f"mergesmith run {p.path.name} OUT_DIR --seed {seed})\n{p.text}"
+        )
         merged: Set[str] = set()
         for s in p.stages:
-            o = replace(options, seed=stage_seed(seed, s.name), overwrite=options.overwrite if s.final else True,
-                        restart=options.restart or bool(merged & set(s.uses)))
+            o = replace(
+                options,
+                seed=stage_seed(seed, s.name),
+                overwrite=options.overwrite if s.final else True,
+                restart=options.restart or bool(merged & set(s.uses)),
+            )
             plan = plan_merge(s.recipe, o)
             key = _key(plan, o)
             if options.lazy and _complete(s.out) and state["done"].get(str(s.out)) == key:
@@ -337,25 +365,32 @@ def merge_pipeline(path: Path, out_dir, options, plan_merge: Callable, merge: Ca
 
 # ----------------------------------------------------------------------------------------------- plan
 
+
 def describe_pipeline(path: Path, options, plan_merge: Callable) -> str:
     """`mergesmith plan` of a multi-stage file: the stages in run order, and the plan of each stage whose inputs
     exist now (the others are planned when the stages they use are merged), made with the API's `plan_merge`."""
     from mergesmith.plan import describe
 
     p = load_pipeline(Path(path), options.strict)
-    lines = [f"stages: {len(p.stages)} in {p.path.name}, run in this order (each named stage is written to "
-             "OUT_DIR.stages/NAME/ or --intermediate-dir/NAME/, the output stage to OUT_DIR):"]
+    lines = [
+        f"stages: {len(p.stages)} in {p.path.name}, run in this order (each named stage is written to "
+        "OUT_DIR.stages/NAME/ or --intermediate-dir/NAME/, the output stage to OUT_DIR):"
+    ]
     for i, s in enumerate(p.stages, 1):
         role = ", the output" if s.final else ""
         uses = f"; uses {', '.join(s.uses)}" if s.uses else ""
         lines.append(f"  {i}. {s.label} (line {s.line}{role}): {s.recipe.config.merge_method}{uses}")
     seed = options.seed
-    lines.append(f"seed: {seed} (each stage's seed derives from it)" if seed is not None else
-                 "seed: drawn when the run starts (pass --seed to fix it); each stage's seed derives from it")
+    lines.append(
+        f"seed: {seed} (each stage's seed derives from it)"
+        if seed is not None
+        else "seed: drawn when the run starts (pass --seed to fix it); each stage's seed derives from it"
+    )
     for s in p.stages:
         if s.uses:
-            lines.append(f"\nstage {s.label}: planned when {', '.join(s.uses)} "
-                         f"{'is' if len(s.uses) == 1 else 'are'} merged")
+            lines.append(
+                f"\nstage {s.label}: planned when {', '.join(s.uses)} {'is' if len(s.uses) == 1 else 'are'} merged"
+            )
             continue
         o = replace(options, seed=None if seed is None else stage_seed(seed, s.name))
         plan = plan_merge(s.recipe, o)

@@ -95,8 +95,9 @@ def read_tensors(folder: Path, files: List[str]) -> Iterator[Tuple[str, str, int
                 yield f, name, zlib.crc32(raw), t.reshape(info["shape"])
 
 
-def _check_tensors(folder: Path, files: List[str], sums: Optional[Dict[str, Tuple[str, int]]]
-                   ) -> Tuple[Dict[str, Tuple[int, ...]], List[str]]:
+def _check_tensors(
+    folder: Path, files: List[str], sums: Optional[Dict[str, Tuple[str, int]]]
+) -> Tuple[Dict[str, Tuple[int, ...]], List[str]]:
     """Every tensor against the checksum list, and free of NaN/Inf; returns the shapes and the floating tensors
     that are all zeros."""
     from mergesmith.outdir import CHECKSUMS
@@ -106,16 +107,20 @@ def _check_tensors(folder: Path, files: List[str], sums: Optional[Dict[str, Tupl
     for f, name, crc, t in read_tensors(folder, files):
         if sums is not None and sums.get(name) != (f, crc):
             why = "is not listed" if name not in sums else "does not match its checksum"
-            raise MergeError(f"{folder / f}: tensor {name} {why} in {CHECKSUMS} (the file changed after the merge: "
-                             "a disk error or an edit); merge again")
+            raise MergeError(
+                f"{folder / f}: tensor {name} {why} in {CHECKSUMS} (the file changed after the merge: "
+                "a disk error or an edit); merge again"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise MergeError(f"{folder / f}: tensor {name} holds NaN or Inf")
         if t.is_floating_point() and t.numel() and not t.any():
             zeros.append(name)
         shapes[name] = tuple(t.shape)
     if sums is not None and set(sums) - set(shapes):
-        raise MergeError(f"{folder}: {CHECKSUMS} lists tensor {sorted(set(sums) - set(shapes))[0]}, which no "
-                         "shard holds; merge again")
+        raise MergeError(
+            f"{folder}: {CHECKSUMS} lists tensor {sorted(set(sums) - set(shapes))[0]}, which no "
+            "shard holds; merge again"
+        )
     return shapes, zeros
 
 
@@ -141,14 +146,18 @@ def _zero_lines(folder: Path, zeros: List[str]) -> List[str]:
     unknown = [n for n in zeros if inputs is None or any(n not in idx.tensors for idx in inputs)]
     for name in (n for n in zeros if n not in unknown):
         if any(bool(idx.read(name).any()) for idx in inputs):
-            raise MergeError(f"{folder}: tensor {name} is all zeros but the inputs' {name} is not (a tensor that "
-                             "was never written, or weights that cancel out); merge again")
+            raise MergeError(
+                f"{folder}: tensor {name} is all zeros but the inputs' {name} is not (a tensor that "
+                "was never written, or weights that cancel out); merge again"
+            )
     lines = []
     if len(unknown) < len(zeros):
         lines.append(f"ok  {len(zeros) - len(unknown)} all-zero tensor(s) are all zeros in every input too")
     if unknown:
-        lines.append(f"warning: {len(unknown)} tensor(s) are all zeros, like {unknown[0]}; the merge's inputs "
-                     "were not found to tell whether they should be")
+        lines.append(
+            f"warning: {len(unknown)} tensor(s) are all zeros, like {unknown[0]}; the merge's inputs "
+            "were not found to tell whether they should be"
+        )
     return lines
 
 
@@ -163,8 +172,9 @@ def _refuse_odd_files(folder: Path) -> None:
             raise MergeError(f"{folder}: {entry.name} is not a regular file (a pipe or device?); remove it")
 
 
-def _as_saved(model, want: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]]
-              ) -> Dict[str, Tuple[int, ...]]:
+def _as_saved(
+    model, want: Dict[str, Tuple[int, ...]], shapes: Dict[str, Tuple[int, ...]]
+) -> Dict[str, Tuple[int, ...]]:
     """The tensor names and shapes as transformers saves them, when the folder uses those: some architectures
     are saved under other names than the model's modules hold (a Mixtral's experts, one tensor per expert)."""
     from transformers.core_model_loading import revert_weight_conversion
@@ -190,8 +200,7 @@ def _config_shapes(folder: Path, shapes: Dict[str, Tuple[int, ...]]) -> List[str
                 continue
             raise MergeError(f"{folder}: config.json's model needs tensor {name}, which is missing")
         if shapes[name] != shape:
-            raise MergeError(f"{folder}: tensor {name} is {list(shapes[name])} but config.json implies "
-                             f"{list(shape)}")
+            raise MergeError(f"{folder}: tensor {name} is {list(shapes[name])} but config.json implies {list(shape)}")
     return ["ok  shapes agree with config.json"]
 
 

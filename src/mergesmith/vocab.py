@@ -29,6 +29,7 @@ from mergesmith.errors import MergeError, warn
 class TokenSource:
     """A `tokenizer: tokens:` entry: where a token's row comes from, and whether to use it even where a model has
     the token (`force`)."""
+
     kind: str  # "model", "model_token" or "zero"
     model: Optional[str] = None
     token_id: Optional[int] = None
@@ -73,18 +74,30 @@ def parse_tokens(recipe, tokens: Optional[Dict[str, Any]]) -> Dict[str, TokenSou
         elif isinstance(src, dict) and src.get("kind") == "model_token":
             tid, ttok = src.get("token_id"), src.get("token")
             if not isinstance(src.get("model"), str) or (tid is None) == (ttok is None):
-                raise MergeError(f"{where}: a model_token source needs 'model:' and exactly one of 'token_id:' or "
-                                 "'token:'")
+                raise MergeError(
+                    f"{where}: a model_token source needs 'model:' and exactly one of 'token_id:' or 'token:'"
+                )
             out[tok] = TokenSource("model_token", model=src["model"], token_id=tid, token=ttok, force=force)
         else:
-            raise MergeError(f"{where}: source of token {tok!r} must be a model, {{kind: zero}} or "
-                             "{kind: model_token, model: ..., token_id|token: ...}")
+            raise MergeError(
+                f"{where}: source of token {tok!r} must be a model, {{kind: zero}} or "
+                "{kind: model_token, model: ..., token_id|token: ...}"
+            )
     return out
 
 
 TOKENIZER_FILES = [
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.tiktoken",
+    "chat_template.jinja",
     "chat_template.json",
 ]
 
@@ -103,8 +116,10 @@ def check_tokenizer_files(folder: Path, who: str, names: List[str] = TOKENIZER_F
             if name.endswith(".json"):
                 read_json_object(p)
             elif p.stat().st_size > MAX_JSON:  # the cap of JSON files: the largest real tokenizer files are ~35 MB
-                raise MergeError(f"{folder}: {name} is {p.stat().st_size / 2**20:.0f} MiB, too large for a "
-                                 f"tokenizer file (at most {MAX_JSON / 2**20:g} MiB); refused")
+                raise MergeError(
+                    f"{folder}: {name} is {p.stat().st_size / 2**20:.0f} MiB, too large for a "
+                    f"tokenizer file (at most {MAX_JSON / 2**20:g} MiB); refused"
+                )
         except MergeError as e:
             raise MergeError(f"model {who}: tokenizer file {e}") from None
         found.append((name, p))
@@ -122,8 +137,9 @@ def _file_arguments(folder: Path, who: str) -> None:
         if key.endswith("_file") and isinstance(v, str) and v:
             target = (folder / v).resolve()
             if target.exists() and not lies_inside(folder, target):
-                raise MergeError(f"model {who}: tokenizer_config.json's {key} names {v}, outside the model folder; "
-                                 "refused")
+                raise MergeError(
+                    f"model {who}: tokenizer_config.json's {key} names {v}, outside the model folder; refused"
+                )
 
 
 def _load_tokenizer(folder: Path, who: str):
@@ -133,12 +149,13 @@ def _load_tokenizer(folder: Path, who: str):
     check_tokenizer_files(folder, who, [*TOKENIZER_FILES, "config.json", *extra])
     _file_arguments(folder, who)
     try:
-        return AutoTokenizer.from_pretrained(str(folder), use_fast=True, local_files_only=True,
-                                             trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(folder), use_fast=True, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         reason = " ".join(str(e).split())[:200]
-        raise MergeError(f"model {who}: its tokenizer does not load ({type(e).__name__}: {reason}); "
-                         "a tokenizer merge needs every model's tokenizer") from None
+        raise MergeError(
+            f"model {who}: its tokenizer does not load ({type(e).__name__}: {reason}); "
+            "a tokenizer merge needs every model's tokenizer"
+        ) from None
 
 
 def union_tokenizer(base_tok, toks: Dict[str, Any], rows: Dict[str, int]):
@@ -189,14 +206,17 @@ def _check_overrides(recipe, overrides: Dict[str, Any], toks: Dict[str, Any], ro
     """Every `tokens:` source names a recipe model, and a model_token source a token that model has."""
     for tok, s in overrides.items():
         if s.model is not None and s.model not in toks:
-            raise MergeError(f"{recipe.at('tokenizer', 'tokens', tok)}: model {s.model} is not one of the recipe's "
-                             "models")
+            raise MergeError(
+                f"{recipe.at('tokenizer', 'tokens', tok)}: model {s.model} is not one of the recipe's models"
+            )
         if s.kind == "model_token":
             src_vocab = toks[s.model].get_vocab()
             tid = s.token_id if s.token_id is not None else src_vocab.get(s.token, -1)
             if not 0 <= tid < rows[s.model]:
-                raise MergeError(f"{recipe.at('tokenizer', 'tokens', tok)}: token "
-                                 f"{s.token if s.token is not None else s.token_id!r} is not in model {s.model}")
+                raise MergeError(
+                    f"{recipe.at('tokenizer', 'tokens', tok)}: token "
+                    f"{s.token if s.token is not None else s.token_id!r} is not in model {s.model}"
+                )
 
 
 def _permutations(vocab: Dict[str, int], toks: Dict[str, Any], rows: Dict[str, int], n: int) -> Dict[str, Any]:
@@ -244,8 +264,9 @@ def _forced(v: Vocabulary) -> "np.ndarray":
     return forced
 
 
-def _default_row(v: Vocabulary, tensors: Dict[str, torch.Tensor], i: int, tok: Optional[str], having: List[str],
-                 shape, dev) -> Optional[torch.Tensor]:
+def _default_row(
+    v: Vocabulary, tensors: Dict[str, torch.Tensor], i: int, tok: Optional[str], having: List[str], shape, dev
+) -> Optional[torch.Tensor]:
     """The row for output token i where a model lacks it (or it is forced), by the module docstring's rules; None
     when no model has it (a zero row, reported)."""
     s = v.overrides.get(tok) if tok is not None else None
@@ -275,7 +296,6 @@ def permute_rows(v: Vocabulary, tensors: Dict[str, torch.Tensor]) -> Dict[str, t
     models = list(tensors)
     first = tensors[models[0]]
     shape, dev = first.shape[1:], first.device
-    n = v.n_tokens
     present = {m: v.perms[m] >= 0 for m in models}
     forced = _forced(v)
     need = forced.copy()
@@ -293,13 +313,14 @@ def permute_rows(v: Vocabulary, tensors: Dict[str, torch.Tensor]) -> Dict[str, t
                 unfound.append(tok)
         defaults[i] = row
     if unfound:
-        warn(f"{len(unfound)} token(s) of the output vocabulary are in no model (rows set to zero): "
-             + ", ".join(repr(t) for t in unfound[:5]))
+        warn(
+            f"{len(unfound)} token(s) of the output vocabulary are in no model (rows set to zero): "
+            + ", ".join(repr(t) for t in unfound[:5])
+        )
     return {m: _laid_out(v, tensors[m], v.perms[m], present[m] & ~forced, defaults, shape, dev) for m in models}
 
 
-def _laid_out(v: Vocabulary, x: torch.Tensor, perm, own, defaults: Dict[int, torch.Tensor], shape,
-              dev) -> torch.Tensor:
+def _laid_out(v: Vocabulary, x: torch.Tensor, perm, own, defaults: Dict[int, torch.Tensor], shape, dev) -> torch.Tensor:
     """One model's rows at their output ids (`own`, from its permutation `perm`), the default rows elsewhere, pad
     rows the mean of the others."""
     n = v.n_tokens

@@ -15,10 +15,16 @@ def _weights_not_zero(weight):
     return None
 
 
-@merge_method("scaled_mean", pretty="Scaled mean", url="https://example.org/scaled-mean", base="ignored",
-              streaming=Streaming.ELEMENTWISE, ranges={"factor": (0, None)}, check=_weights_not_zero)
-def scaled_mean(inputs: Sequence[torch.Tensor], *, weight: PerModel[float] = 1.0,
-                factor: float = 1.0) -> torch.Tensor:
+@merge_method(
+    "scaled_mean",
+    pretty="Scaled mean",
+    url="https://example.org/scaled-mean",
+    base="ignored",
+    streaming=Streaming.ELEMENTWISE,
+    ranges={"factor": (0, None)},
+    check=_weights_not_zero,
+)
+def scaled_mean(inputs: Sequence[torch.Tensor], *, weight: PerModel[float] = 1.0, factor: float = 1.0) -> torch.Tensor:
     """The weighted mean of the models, times a factor.
 
     Args:

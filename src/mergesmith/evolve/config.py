@@ -35,16 +35,48 @@ import yaml
 
 from mergesmith.errors import MergeError, did_you_mean
 
-GENOME_KEYS = ("models", "merge_method", "base_model", "tokenizer_source", "layer_granularity", "normalize",
-               "allow_negative_weights", "filters", "smooth", "parameters", "dtype")
-TOP_KEYS = ("genome", "tasks", "limit", "num_fewshot", "shuffle", "random_init", "apply_chat_template",
-            "fewshot_as_multiturn")
+GENOME_KEYS = (
+    "models",
+    "merge_method",
+    "base_model",
+    "tokenizer_source",
+    "layer_granularity",
+    "normalize",
+    "allow_negative_weights",
+    "filters",
+    "smooth",
+    "parameters",
+    "dtype",
+)
+TOP_KEYS = (
+    "genome",
+    "tasks",
+    "limit",
+    "num_fewshot",
+    "shuffle",
+    "random_init",
+    "apply_chat_template",
+    "fewshot_as_multiturn",
+)
 TASK_KEYS = ("name", "weight", "metric", "search", "heldout")
 OWN_METRICS = ("token_accuracy", "exact_match", "perplexity")
 DTYPES = ("bfloat16", "float16", "float32")
 # mergekit-evolve's guard: searching against a benchmark's test set games the benchmark
-BENCHMARK_PREFIXES = ("mmlu", "hendrycks", "agieval", "gsm8k", "hellaswag", "winogrande", "arc_", "ai2_arc",
-                      "truthfulqa", "bigbench", "piqa", "openbookqa", "leaderboard")
+BENCHMARK_PREFIXES = (
+    "mmlu",
+    "hendrycks",
+    "agieval",
+    "gsm8k",
+    "hellaswag",
+    "winogrande",
+    "arc_",
+    "ai2_arc",
+    "truthfulqa",
+    "bigbench",
+    "piqa",
+    "openbookqa",
+    "leaderboard",
+)
 
 
 @dataclass(frozen=True)
@@ -123,8 +155,12 @@ def _check_genome(path: Path, g: Any) -> Dict[str, Any]:
     method = g.get("merge_method")
     searchable = sorted(m for m in METHODS if searched_params(m))
     if not isinstance(method, str) or method not in METHODS or not searched_params(method):
-        raise _fail(path, "genome.merge_method", f"{method!r} is not a method evolve can search"
-                    f"{did_you_mean(str(method), searchable)}; use one with per-model weights: {', '.join(searchable)}")
+        raise _fail(
+            path,
+            "genome.merge_method",
+            f"{method!r} is not a method evolve can search"
+            f"{did_you_mean(str(method), searchable)}; use one with per-model weights: {', '.join(searchable)}",
+        )
     for key in ("base_model", "tokenizer_source"):
         if g.get(key) is not None and not (isinstance(g[key], str) and g[key]):
             raise _fail(path, f"genome.{key}", "give a model path or Hub id")
@@ -168,13 +204,18 @@ def _task(path: Path, i: int, t: Any) -> TaskConfig:
     name, weight = t["name"], _weight(path, f"{key}.weight", t.get("weight", 1.0))
     if name.startswith("tiny:"):
         if name[5:] not in SKILLS:
-            raise _fail(path, f"{key}.name", f"{name!r}: the tiny family's skills are "
-                        f"{', '.join('tiny:' + s for s in SKILLS)}{did_you_mean(name, ['tiny:' + s for s in SKILLS])}")
+            raise _fail(
+                path,
+                f"{key}.name",
+                f"{name!r}: the tiny family's skills are "
+                f"{', '.join('tiny:' + s for s in SKILLS)}{did_you_mean(name, ['tiny:' + s for s in SKILLS])}",
+            )
         return TaskConfig(name, "tiny", weight, _own_metric(path, key, t))
     if "search" in t:
         held = _paths(path, f"{key}.heldout", t["heldout"]) if t.get("heldout") is not None else []
-        return TaskConfig(name, "jsonl", weight, _own_metric(path, key, t), _paths(path, f"{key}.search", t["search"]),
-                          held)
+        return TaskConfig(
+            name, "jsonl", weight, _own_metric(path, key, t), _paths(path, f"{key}.search", t["search"]), held
+        )
     metric = t.get("metric", "acc,none")
     held = t.get("heldout")
     if not isinstance(metric, str) or (held is not None and not isinstance(held, str)):
@@ -185,8 +226,11 @@ def _task(path: Path, i: int, t: Any) -> TaskConfig:
 def _own_metric(path: Path, key: str, t: Dict[str, Any]) -> str:
     m = t.get("metric", "token_accuracy")
     if m not in OWN_METRICS:
-        raise _fail(path, f"{key}.metric", f"{m!r}: a prompt/answer task is scored by {', '.join(OWN_METRICS)}"
-                    f"{did_you_mean(str(m), OWN_METRICS)}")
+        raise _fail(
+            path,
+            f"{key}.metric",
+            f"{m!r}: a prompt/answer task is scored by {', '.join(OWN_METRICS)}{did_you_mean(str(m), OWN_METRICS)}",
+        )
     return m
 
 
@@ -195,9 +239,11 @@ def check_benchmarks(config: EvolveConfig, allow: bool) -> None:
     for t in config.tasks:
         if t.kind == "lm_eval" and t.name.startswith(BENCHMARK_PREFIXES) and not t.name.endswith("_train"):
             if not allow:
-                raise MergeError(f"{config.path}: task {t.name} is a common benchmark: searching against it games "
-                                 "the benchmark; pass --i-understand-the-depths-of-the-evils-i-am-unleashing to do it "
-                                 "anyway")
+                raise MergeError(
+                    f"{config.path}: task {t.name} is a common benchmark: searching against it games "
+                    "the benchmark; pass --i-understand-the-depths-of-the-evils-i-am-unleashing to do it "
+                    "anyway"
+                )
 
 
 def load_config(path: Path) -> EvolveConfig:
@@ -221,7 +267,17 @@ def load_config(path: Path) -> EvolveConfig:
         _count(path, "limit", limit, 1)
     if data.get("num_fewshot") is not None:
         _count(path, "num_fewshot", data["num_fewshot"], 0)
-    flags = {k: _bool(path, k, data[k]) for k in ("shuffle", "random_init", "apply_chat_template",
-                                                  "fewshot_as_multiturn") if k in data}
-    return EvolveConfig(path=path, genome=genome, tasks=tuple(parsed), limit=limit, num_fewshot=data.get("num_fewshot"),
-                        raw=data, **flags)
+    flags = {
+        k: _bool(path, k, data[k])
+        for k in ("shuffle", "random_init", "apply_chat_template", "fewshot_as_multiturn")
+        if k in data
+    }
+    return EvolveConfig(
+        path=path,
+        genome=genome,
+        tasks=tuple(parsed),
+        limit=limit,
+        num_fewshot=data.get("num_fewshot"),
+        raw=data,
+        **flags,
+    )

@@ -99,8 +99,11 @@ class Genome:
         out: Dict[str, Any] = {}
         for p, v in values.items():
             sets = [_plain(v[at + (s,)]) for s in range(len(self.filters) + 1)]
-            out[p] = ([{"filter": f, "value": val} for f, val in zip(list(self.filters) + [None], sets)]
-                      if self.filters else sets[0])
+            out[p] = (
+                [{"filter": f, "value": val} for f, val in zip(list(self.filters) + [None], sets)]
+                if self.filters
+                else sets[0]
+            )
         return out
 
     def recipe(self, x: Sequence[float]) -> Dict[str, Any]:
@@ -131,8 +134,10 @@ class Genome:
         slices = []
         for gi in range(self.groups):
             span = [gi * step, (gi + 1) * step]
-            sources = [{"model": m, "layer_range": list(span), "parameters": self._param(values, (gi, mi))}
-                       for mi, m in enumerate(self.models)]
+            sources = [
+                {"model": m, "layer_range": list(span), "parameters": self._param(values, (gi, mi))}
+                for mi, m in enumerate(self.models)
+            ]
             if self.base_model and self.base_model not in self.models:
                 sources.append({"model": self.base_model, "layer_range": list(span)})
             slices.append({"sources": sources})

@@ -36,14 +36,15 @@ class Journal:
         except OSError as e:
             raise MergeError(f"cannot read {self.path}: {e.strerror}") from None
         # a line cut short by a crash is dropped (its candidate is scored again)
-        good = raw[:raw.rfind(b"\n") + 1]
+        good = raw[: raw.rfind(b"\n") + 1]
         lines = good.decode("utf-8", "replace").splitlines()
         try:
             head = json.loads(lines[0]) if lines else None
             entries = [json.loads(x) for x in lines[1:] if x.strip()]
         except ValueError:
-            raise MergeError(f"{self.path} is not a journal mergesmith evolve can read; use another --storage "
-                             "or --restart") from None
+            raise MergeError(
+                f"{self.path} is not a journal mergesmith evolve can read; use another --storage or --restart"
+            ) from None
         if not isinstance(head, dict) or head.get("journal") != "mergesmith evolve":
             raise MergeError(f"{self.path} is not a mergesmith evolve journal; use another --storage")
         self._check(head.get("fingerprint") or {})
@@ -57,8 +58,10 @@ class Journal:
     def _check(self, old: Dict[str, Any]) -> None:
         changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
         if changed:
-            raise MergeError(f"{self.path.parent} holds a search with other settings (changed: {', '.join(changed)}); "
-                             "use another --storage, or --restart to discard it")
+            raise MergeError(
+                f"{self.path.parent} holds a search with other settings (changed: {', '.join(changed)}); "
+                "use another --storage, or --restart to discard it"
+            )
 
     def _append(self, obj: Dict[str, Any]) -> None:
         line = json.dumps(obj, separators=(",", ":")) + "\n"

@@ -30,12 +30,20 @@ def wrap(model, tok, batch: int):
 def run_task(lm, name: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """lm-eval's results for one task: {"acc,none": ..., ...}."""
     seed = int(cfg.get("seed") or 0)
-    res = lm_eval.simple_evaluate(model=lm, tasks=[name], limit=cfg.get("limit"), num_fewshot=cfg.get("num_fewshot"),
-                                  task_manager=task_manager(cfg.get("include_path") or ()),
-                                  apply_chat_template=bool(cfg.get("apply_chat_template")) and
-                                  bool(getattr(lm.tokenizer, "chat_template", None)),
-                                  fewshot_as_multiturn=bool(cfg.get("fewshot_as_multiturn")) and
-                                  bool(cfg.get("apply_chat_template")),
-                                  log_samples=False, bootstrap_iters=0, verbosity="ERROR", random_seed=seed,
-                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    res = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[name],
+        limit=cfg.get("limit"),
+        num_fewshot=cfg.get("num_fewshot"),
+        task_manager=task_manager(cfg.get("include_path") or ()),
+        apply_chat_template=bool(cfg.get("apply_chat_template")) and bool(getattr(lm.tokenizer, "chat_template", None)),
+        fewshot_as_multiturn=bool(cfg.get("fewshot_as_multiturn")) and bool(cfg.get("apply_chat_template")),
+        log_samples=False,
+        bootstrap_iters=0,
+        verbosity="ERROR",
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     return dict(res["results"][name])

@@ -56,8 +56,15 @@ class RayPool:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         else:
             self._own_temp = tempfile.mkdtemp(prefix="ms-ray-")
-            ray.init(num_cpus=workers or 1, num_gpus=num_gpus or None, include_dashboard=False, logging_level="ERROR",
-                     log_to_driver=False, _temp_dir=self._own_temp, object_store_memory=100 * 1024 ** 2)
+            ray.init(
+                num_cpus=workers or 1,
+                num_gpus=num_gpus or None,
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+                _temp_dir=self._own_temp,
+                object_store_memory=100 * 1024**2,
+            )
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = workers or max(1, cpus)
         from mergesmith.evolve.worker import Scorer
@@ -96,8 +103,9 @@ class RayPool:
         except ray.exceptions.RayActorError:
             n = tries[job["index"]] = tries.get(job["index"], 0) + 1
             if n >= MAX_TRIES:
-                raise MergeError(f"candidate {job['index']} killed its worker {n} times (out of memory?); "
-                                 "rerun to try it again") from None
+                raise MergeError(
+                    f"candidate {job['index']} killed its worker {n} times (out of memory?); rerun to try it again"
+                ) from None
             warn(f"a worker died scoring candidate {job['index']}; starting a new one and scoring it again")
             return None
         except ray.exceptions.RayTaskError as e:

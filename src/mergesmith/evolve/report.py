@@ -17,15 +17,26 @@ def _rows(prep, journal) -> List[Dict[str, Any]]:
     rows = [{"name": "base", "model": g.base_model}] if g.base_model else []
     rows += [{"name": Path(m).name, "model": m} for m in g.models]
     best = journal.best()
-    rows += [{"name": "start", "recipe": g.recipe(prep.x0)},
-             {"name": f"best (#{best['index']})", "recipe": best["recipe"], "index": best["index"]}]
+    rows += [
+        {"name": "start", "recipe": g.recipe(prep.x0)},
+        {"name": f"best (#{best['index']})", "recipe": best["recipe"], "index": best["index"]},
+    ]
     return rows
 
 
 def final_report(prep, journal, pool, storage: Path) -> Dict[str, Any]:
     rows = _rows(prep, journal)
-    jobs = [{"index": f"{k}/{split}", "split": split, "every_metric": True,
-             "recipe": r.get("recipe"), "model": r.get("model")} for k, r in enumerate(rows) for split in SPLITS]
+    jobs = [
+        {
+            "index": f"{k}/{split}",
+            "split": split,
+            "every_metric": True,
+            "recipe": r.get("recipe"),
+            "model": r.get("model"),
+        }
+        for k, r in enumerate(rows)
+        for split in SPLITS
+    ]
     got: Dict[str, Dict[str, Any]] = {}
     pool.run(jobs, lambda res: got.__setitem__(res["index"], res))
     specs = prep.setup["tasks"]
@@ -36,14 +47,20 @@ def final_report(prep, journal, pool, storage: Path) -> Dict[str, Any]:
     base = rows[0] if prep.genome.base_model else None
     inputs = [r for r in rows if "model" in r and r is not base]
     for r in rows:
-        r["recovered"] = recovered(r["heldout"], base["heldout"] if base else None, [i["heldout"] for i in inputs],
-                                   specs)
-    report = {"rows": [{k: v for k, v in r.items() if k != "recipe"} for r in rows],
-              "evaluations": len(journal.entries), "best": journal.best()["index"],
-              "table": format_report(rows, specs)}
+        r["recovered"] = recovered(
+            r["heldout"], base["heldout"] if base else None, [i["heldout"] for i in inputs], specs
+        )
+    report = {
+        "rows": [{k: v for k, v in r.items() if k != "recipe"} for r in rows],
+        "evaluations": len(journal.entries),
+        "best": journal.best()["index"],
+        "table": format_report(rows, specs),
+    }
     _write(storage / "report.json", json.dumps(report, indent=1))
-    _write(storage / "scores.svg", svg_scores([e["score"] for e in journal.entries], rows[-2]["score"],
-                                              "mergesmith evolve: score per evaluation"))
+    _write(
+        storage / "scores.svg",
+        svg_scores([e["score"] for e in journal.entries], rows[-2]["score"], "mergesmith evolve: score per evaluation"),
+    )
     return report
 
 
@@ -54,8 +71,12 @@ def _write(path: Path, text: str) -> None:
         raise MergeError(f"cannot write {path}: {e.strerror}") from None
 
 
-def recovered(merged: Dict[str, Any], base: Optional[Dict[str, Any]], inputs: Sequence[Dict[str, Any]],
-              specs: Sequence[Dict[str, Any]]) -> Optional[float]:
+def recovered(
+    merged: Dict[str, Any],
+    base: Optional[Dict[str, Any]],
+    inputs: Sequence[Dict[str, Any]],
+    specs: Sequence[Dict[str, Any]],
+) -> Optional[float]:
     """Mean over tasks of (merged - base) / (best input - base) in the task's metric (perplexity: its log, lower is
     better): the share of the gap to the best input model that the merge closed, as `mergesmith demo` measures."""
     import math
@@ -68,7 +89,7 @@ def recovered(merged: Dict[str, Any], base: Optional[Dict[str, Any]], inputs: Se
         if name not in merged or name not in base:
             continue
         sign = -1.0 if m == "perplexity" else 1.0
-        val = (lambda d: sign * (math.log(d[name][m]) if m == "perplexity" else d[name][m]))  # noqa: E731
+        val = lambda d: sign * (math.log(d[name][m]) if m == "perplexity" else d[name][m])  # noqa: E731
         top = max((val(i) for i in inputs if name in i), default=None)
         if top is not None and top - val(base) > 0:
             shares.append((val(merged) - val(base)) / (top - val(base)))
@@ -85,14 +106,27 @@ def format_report(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]]) -
             continue
         metric = {s["name"]: s["metric"] for s in specs}
         em = [n for n in shown if "exact_match" in rows[0][split].get(n, {}) and metric[n] != "exact_match"]
-        lines.append(f"{split} split: {', '.join(sorted({metric[n] for n in shown}))}"
-                     + (" | exact match" if em else "") + (" | score" if split == "search" else " | recovered"))
-        head = f"{'':18s}" + "".join(f"{short[names.index(n)]:>10s}" for n in shown) + " |" + \
-            "".join(f"{short[names.index(n)]:>10s}" for n in em) + " |"
+        lines.append(
+            f"{split} split: {', '.join(sorted({metric[n] for n in shown}))}"
+            + (" | exact match" if em else "")
+            + (" | score" if split == "search" else " | recovered")
+        )
+        head = (
+            f"{'':18s}"
+            + "".join(f"{short[names.index(n)]:>10s}" for n in shown)
+            + " |"
+            + "".join(f"{short[names.index(n)]:>10s}" for n in em)
+            + " |"
+        )
         lines += [head, "-" * (len(head) + 10)]
         for r in rows:
-            row = f"{r['name'][:18]:18s}" + "".join(f"{r[split][n][metric[n]]:10.3f}" for n in shown) + " |" + \
-                "".join(f"{r[split][n]['exact_match']:10.3f}" for n in em) + " |"
+            row = (
+                f"{r['name'][:18]:18s}"
+                + "".join(f"{r[split][n][metric[n]]:10.3f}" for n in shown)
+                + " |"
+                + "".join(f"{r[split][n]['exact_match']:10.3f}" for n in em)
+                + " |"
+            )
             last = r["score"] if split == "search" else r.get("recovered")
             row += f" {last:8.3f}" if split == "search" else (f" {last:8.0%}" if last is not None else "        -")
             lines.append(row)
@@ -116,26 +150,36 @@ def svg_scores(scores: Sequence[float], start: Optional[float], title: str) -> s
     n = max(1, len(scores) - 1)
     x = lambda i: left + pw * i / n  # noqa: E731
     y = lambda v: top + ph * (hi - v) / (hi - lo)  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-           'font-family="sans-serif" font-size="11">', f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<rect width="{W}" height="{H}" fill="white"/>',
+        f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>',
+    ]
     for k in range(5):
         v = lo + (hi - lo) * k / 4
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eee"/>')
         out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.3f}</text>')
-    out += [f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="2.5" fill="#1f77b4" fill-opacity="0.6"/>'
-            for i, v in enumerate(scores)]
+    out += [
+        f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="2.5" fill="#1f77b4" fill-opacity="0.6"/>'
+        for i, v in enumerate(scores)
+    ]
     best, pts = float("-inf"), []
     for i, v in enumerate(scores):
         best = max(best, v)
         pts.append(f"{x(i):.1f},{y(best):.1f}")
     out.append(f'<polyline fill="none" stroke="#d62728" stroke-width="2" points="{" ".join(pts)}"/>')
     if start is not None:
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(start):.1f}" y2="{y(start):.1f}" stroke="#555" '
-                   'stroke-dasharray="5,4"/>')
-    out += [f'<text x="{left + pw / 2}" y="{H - 15}" text-anchor="middle">evaluation</text>',
-            f'<text x="{left + 8}" y="{top + 14}" fill="#d62728">best so far</text>',
-            f'<text x="{left + 8}" y="{top + 28}" fill="#1f77b4">candidate</text>',
-            f'<text x="{left + 8}" y="{top + 42}" fill="#555">start recipe (dashed)</text>', "</svg>"]
+        out.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{y(start):.1f}" y2="{y(start):.1f}" stroke="#555" '
+            'stroke-dasharray="5,4"/>'
+        )
+    out += [
+        f'<text x="{left + pw / 2}" y="{H - 15}" text-anchor="middle">evaluation</text>',
+        f'<text x="{left + 8}" y="{top + 14}" fill="#d62728">best so far</text>',
+        f'<text x="{left + 8}" y="{top + 28}" fill="#1f77b4">candidate</text>',
+        f'<text x="{left + 8}" y="{top + 42}" fill="#555">start recipe (dashed)</text>',
+        "</svg>",
+    ]
     return "\n".join(out)

@@ -74,6 +74,7 @@ def check_options(o: EvolveOptions) -> None:
 
 # ----------------------------------------------------------------------------------------------- preparing
 
+
 def _model_ref(ref: str, folder: Path) -> str:
     """A local folder as an absolute path (recipes then run from anywhere); a Hub id as it is."""
     local = ref if Path(ref).is_absolute() else folder / ref
@@ -91,19 +92,29 @@ def make_genome(config: EvolveConfig) -> Genome:
     layers = model_layers(idx)
     gran = int(g.get("layer_granularity") or 0)
     if gran and layers % gran:
-        raise MergeError(f"{config.path}: genome.layer_granularity: {gran} does not divide the {layers} layers of "
-                         f"{g['models'][0]}")
+        raise MergeError(
+            f"{config.path}: genome.layer_granularity: {gran} does not divide the {layers} layers of {g['models'][0]}"
+        )
     method = get_method(g["merge_method"])
     shared = [p.name for p in method.params if p.scope == "shared"]
     eps = next((p.default for p in method.params if p.name == "epsilon"), None)
     eps = (g.get("parameters") or {}).get("epsilon", eps)
-    return Genome(models=tuple(models), merge_method=g["merge_method"], num_layers=layers,
-                  base_model=_model_ref(g["base_model"], folder) if g.get("base_model") else None,
-                  tokenizer_source=g.get("tokenizer_source"), layer_granularity=gran, normalize=g.get("normalize"),
-                  allow_negative_weights=bool(g.get("allow_negative_weights")), filters=tuple(g.get("filters") or ()),
-                  smooth=bool(g.get("smooth")), parameters=dict(g.get("parameters") or {}),
-                  dtype=g.get("dtype", "bfloat16"), method_shared=tuple(shared),
-                  epsilon=float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None)
+    return Genome(
+        models=tuple(models),
+        merge_method=g["merge_method"],
+        num_layers=layers,
+        base_model=_model_ref(g["base_model"], folder) if g.get("base_model") else None,
+        tokenizer_source=g.get("tokenizer_source"),
+        layer_granularity=gran,
+        normalize=g.get("normalize"),
+        allow_negative_weights=bool(g.get("allow_negative_weights")),
+        filters=tuple(g.get("filters") or ()),
+        smooth=bool(g.get("smooth")),
+        parameters=dict(g.get("parameters") or {}),
+        dtype=g.get("dtype", "bfloat16"),
+        method_shared=tuple(shared),
+        epsilon=float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None,
+    )
 
 
 @dataclass
@@ -134,12 +145,27 @@ def prepare(config_path: Path, o: EvolveOptions) -> Prepared:
 
     refuse_custom_code(Path(skeleton), "evolve")
     specs = task_specs(config, o.random_seed, o.task_search_path)
-    setup = {"skeleton": skeleton, "tasks": specs, "seed": o.random_seed, "threads": o.threads, "device": o.device,
-             "batch_size": o.batch_size}
-    fingerprint = {"config": digest(config.raw), "genome": digest(asdict(genome)), "tasks": digest(specs),
-                   "strategy": o.strategy, "random_seed": o.random_seed, "sigma0": o.sigma0, "popsize": o.popsize,
-                   "grid_levels": o.grid_levels if o.strategy == "grid" else None, "x0": digest(list(x0)),
-                   "threads": o.threads, "device": o.device}
+    setup = {
+        "skeleton": skeleton,
+        "tasks": specs,
+        "seed": o.random_seed,
+        "threads": o.threads,
+        "device": o.device,
+        "batch_size": o.batch_size,
+    }
+    fingerprint = {
+        "config": digest(config.raw),
+        "genome": digest(asdict(genome)),
+        "tasks": digest(specs),
+        "strategy": o.strategy,
+        "random_seed": o.random_seed,
+        "sigma0": o.sigma0,
+        "popsize": o.popsize,
+        "grid_levels": o.grid_levels if o.strategy == "grid" else None,
+        "x0": digest(list(x0)),
+        "threads": o.threads,
+        "device": o.device,
+    }
     log.debug(f"start recipe: {len(plan.tasks)} tensors")
     return Prepared(config, genome, x0, setup, fingerprint)
 
@@ -166,6 +192,7 @@ def _storage(path: Path, restart: bool) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- searching
+
 
 class Progress:
     """One line on stderr: evaluations, best so far, candidates per minute."""
@@ -205,10 +232,18 @@ class _InOrder:
         while len(self.journal.entries) in self.waiting:
             i = len(self.journal.entries)
             r = self.waiting.pop(i)
-            self.journal.add({"index": i, "x": [float(v) for v in self.xs[i]], "score": r["score"],
-                              "scores": r["scores"], "recipe": self.genome.recipe(self.xs[i]),
-                              "seconds": r["seconds"], "worker": r["worker"],
-                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            self.journal.add(
+                {
+                    "index": i,
+                    "x": [float(v) for v in self.xs[i]],
+                    "score": r["score"],
+                    "scores": r["scores"],
+                    "recipe": self.genome.recipe(self.xs[i]),
+                    "seconds": r["seconds"],
+                    "worker": r["worker"],
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
             self.progress.update(len(self.journal.entries), self.journal.best())
 
 
@@ -218,8 +253,10 @@ def _replayed(journal: Journal, index: int, x: np.ndarray) -> Optional[float]:
     if e is None:
         return None
     if not np.array_equal(np.asarray(e["x"], dtype=float), x):
-        raise MergeError(f"{journal.path}: candidate {index} differs from the one this search asks for (another "
-                         "cma version?); use another --storage, or --restart")
+        raise MergeError(
+            f"{journal.path}: candidate {index} differs from the one this search asks for (another "
+            "cma version?); use another --storage, or --restart"
+        )
     return float(e["score"])
 
 
@@ -235,7 +272,7 @@ def search(prep: Prepared, o: EvolveOptions, journal: Journal, pool) -> None:
         xs = strat.ask()
         if not xs:
             break  # a grid that is done
-        take = xs[:o.max_fevals - index]
+        take = xs[: o.max_fevals - index]
         known = [_replayed(journal, index + k, x) for k, x in enumerate(take)]
         todo = [{"index": index + k, "recipe": prep.genome.recipe(x)} for k, x in enumerate(take) if known[k] is None]
         if todo:
@@ -249,9 +286,12 @@ def search(prep: Prepared, o: EvolveOptions, journal: Journal, pool) -> None:
 def write_best(storage: Path, best: Dict[str, Any], seed: int, randomized: bool) -> Path:
     import yaml
 
-    head = (f"# mergesmith evolve: candidate {best['index']}, search score {best['score']:.6f}\n"
-            + (f"# seed: {seed}  (reproduce with: mergesmith run best.yml OUT_DIR --seed {seed}; "
-               f"mergekit-yaml best.yml OUT_DIR --random-seed {seed})\n" if randomized else ""))
+    head = f"# mergesmith evolve: candidate {best['index']}, search score {best['score']:.6f}\n" + (
+        f"# seed: {seed}  (reproduce with: mergesmith run best.yml OUT_DIR --seed {seed}; "
+        f"mergekit-yaml best.yml OUT_DIR --random-seed {seed})\n"
+        if randomized
+        else ""
+    )
     path = storage / "best.yml"
     tmp = storage / ".best.yml.tmp"
     recipe = json.loads(json.dumps(best["recipe"]))  # plain data: no YAML anchors for shared lists
@@ -292,4 +332,3 @@ def _default_workers(o: EvolveOptions) -> Optional[int]:
     except ImportError:
         return 1
     return os.cpu_count() or 1
-

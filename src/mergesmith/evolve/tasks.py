@@ -47,14 +47,17 @@ def _own_splits(t: TaskConfig, config: EvolveConfig, seed: int) -> Dict[str, Any
 
     if t.kind == "tiny":
         skill = t.name[5:]
-        search = _rows(Task(skill, p, a) for p, a in training_examples(skill, config.limit or TINY_SEARCH_N,
-                                                                          TINY_SEARCH_SEED))
+        search = _rows(
+            Task(skill, p, a) for p, a in training_examples(skill, config.limit or TINY_SEARCH_N, TINY_SEARCH_SEED)
+        )
         return {"search": search, "heldout": _rows(Task(skill, p, a) for p, a in eval_set(skill))}
     search = _cut(_jsonl(t.search), config.limit, config.shuffle, seed)
     held = _jsonl(t.heldout) if t.heldout else None
     if held is not None and {r[1] for r in held} & {r[1] for r in search}:
-        raise MergeError(f"{config.path}: task {t.name}: a held-out prompt is also in the search split; held-out "
-                         "prompts must be ones the search never sees")
+        raise MergeError(
+            f"{config.path}: task {t.name}: a held-out prompt is also in the search split; held-out "
+            "prompts must be ones the search never sees"
+        )
     return {"search": search, "heldout": held}
 
 
@@ -67,10 +70,16 @@ def task_specs(config: EvolveConfig, seed: int, search_path: Sequence[str] = ())
     for t in config.tasks:
         spec: Dict[str, Any] = {"name": t.name, "kind": t.kind, "weight": t.weight, "metric": t.metric}
         if t.kind == "lm_eval":
-            spec["lm_eval"] = {"task": t.name, "heldout_task": t.heldout_task, "include_path": list(search_path),
-                               "limit": config.limit, "num_fewshot": config.num_fewshot,
-                               "apply_chat_template": config.apply_chat_template,
-                               "fewshot_as_multiturn": config.fewshot_as_multiturn, "seed": seed}
+            spec["lm_eval"] = {
+                "task": t.name,
+                "heldout_task": t.heldout_task,
+                "include_path": list(search_path),
+                "limit": config.limit,
+                "num_fewshot": config.num_fewshot,
+                "apply_chat_template": config.apply_chat_template,
+                "fewshot_as_multiturn": config.fewshot_as_multiturn,
+                "seed": seed,
+            }
         else:
             spec.update(_own_splits(t, config, seed))
         specs.append(spec)
@@ -82,15 +91,19 @@ def check_lm_eval(names: Sequence[str], search_path: Sequence[str], config: Evol
     try:
         from mergesmith.evolve.lmeval import task_manager
     except ImportError:
-        raise MergeError(f"{config.path}: task {names[0]} is an lm-evaluation-harness task, and lm-eval is not "
-                         "installed: pip install 'mergesmith[evolve]' (or name a tiny: or JSONL task)") from None
+        raise MergeError(
+            f"{config.path}: task {names[0]} is an lm-evaluation-harness task, and lm-eval is not "
+            "installed: pip install 'mergesmith[evolve]' (or name a tiny: or JSONL task)"
+        ) from None
     known = set(task_manager(search_path).all_tasks)
     for n in names:
         if n not in known:
             from mergesmith.errors import did_you_mean
 
-            raise MergeError(f"{config.path}: task {n!r}: neither tiny:SKILL, a task with search: files, nor an "
-                             f"lm-eval task{did_you_mean(n, known)}; add its folder with --task-search-path")
+            raise MergeError(
+                f"{config.path}: task {n!r}: neither tiny:SKILL, a task with search: files, nor an "
+                f"lm-eval task{did_you_mean(n, known)}; add its folder with --task-search-path"
+            )
 
 
 def fitness(specs: Sequence[Dict[str, Any]], scores: Dict[str, Dict[str, float]]) -> float:
@@ -110,8 +123,13 @@ class TaskSet:
         from mergesmith.evaluate import Task, encode
 
         self.specs, self.tok, self.batch = list(specs), tok, batch
-        self.encoded = {(s["name"], split): encode(tok, [Task(*r) for r in s[split]])
-                        for s in self.specs if s["kind"] != "lm_eval" for split in SPLITS if s.get(split)}
+        self.encoded = {
+            (s["name"], split): encode(tok, [Task(*r) for r in s[split]])
+            for s in self.specs
+            if s["kind"] != "lm_eval"
+            for split in SPLITS
+            if s.get(split)
+        }
         self._lm = None
 
     def score(self, model, split: str, every_metric: bool) -> Dict[str, Dict[str, Any]]:
@@ -157,7 +175,11 @@ class TaskSet:
             self._lm = wrap(model, self.tok, self.batch)
         results = run_task(self._lm, name, cfg)
         if spec["metric"] not in results:
-            raise MergeError(f"lm-eval task {name} has no metric {spec['metric']!r}; it reports "
-                             f"{', '.join(sorted(k for k in results if k != 'alias'))}")
-        return {spec["metric"]: float(results[spec["metric"]]),
-                **{k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+            raise MergeError(
+                f"lm-eval task {name} has no metric {spec['metric']!r}; it reports "
+                f"{', '.join(sorted(k for k in results if k != 'alias'))}"
+            )
+        return {
+            spec["metric"]: float(results[spec["metric"]]),
+            **{k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        }

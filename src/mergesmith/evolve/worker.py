@@ -43,7 +43,7 @@ class CachedIndex(ModelIndex):
         if full is None:
             full = self.store[key] = super()._read(name, None, take)
         # a copy: kernels may work in place on what they read
-        return (full[rows[0]:rows[1]] if rows else full).clone()
+        return (full[rows[0] : rows[1]] if rows else full).clone()
 
 
 def merged_tensors(recipe: Dict[str, Any], store: Dict, seed: int, device: str = "cpu") -> Dict[str, torch.Tensor]:
@@ -96,8 +96,7 @@ class Scorer:
         self._load(tensors)
         split = job.get("split", "search")
         scores = self.tasks.score(self.model, split, bool(job.get("every_metric")))
-        out = {"index": job["index"], "scores": scores, "seconds": round(time.monotonic() - t0, 3),
-               "worker": self.name}
+        out = {"index": job["index"], "scores": scores, "seconds": round(time.monotonic() - t0, 3), "worker": self.name}
         if split == "search":
             out["score"] = fitness(self.setup["tasks"], scores)
         return out
@@ -107,8 +106,10 @@ class Scorer:
         sd = self.model.state_dict()
         extra = sorted(set(tensors) - set(sd))
         if extra:
-            raise MergeError(f"the merged model has tensor {extra[0]} that {self.setup['skeleton']} does not; "
-                             "evolve merges models of one architecture and size")
+            raise MergeError(
+                f"the merged model has tensor {extra[0]} that {self.setup['skeleton']} does not; "
+                "evolve merges models of one architecture and size"
+            )
         missing = [n for n in sd if n not in tensors and not _tied(self.model, n)]
         if missing:
             raise MergeError(f"the merged model lacks tensor {missing[0]} of {self.setup['skeleton']}")

@@ -26,10 +26,18 @@ from mergesmith.errors import MergeError
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 ST_DTYPES: Dict[str, Tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
 }
 TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -48,6 +56,7 @@ class TensorInfo:
     never makes an FP8 output). `ModelIndex.read` gives the stored dtype, except for FP8 tensors, which read as
     float32: the FP8 values times their block scales when the model has `*_scale_inv` tensors (one rounding),
     else the FP8 values themselves (exact)."""
+
     name: str
     file: Path
     dtype: torch.dtype
@@ -102,8 +111,10 @@ def read_capped(path: Path, limit: int, what: str = "file") -> bytes:
     finally:
         os.close(fd)
     if size > limit or len(raw) > limit:
-        raise MergeError(f"{path}: {max(size, len(raw)) / 2**20:.0f} MiB is too large for a {what} "
-                         f"(at most {limit / 2**20:g} MiB is read); refused")
+        raise MergeError(
+            f"{path}: {max(size, len(raw)) / 2**20:.0f} MiB is too large for a {what} "
+            f"(at most {limit / 2**20:g} MiB is read); refused"
+        )
     return raw
 
 
@@ -152,8 +163,9 @@ def safe_member(folder: Path, name: str) -> Path:
     elsewhere, a folder, FIFO or device, a missing file."""
     parts = PurePosixPath(name).parts if isinstance(name, str) else ()
     if not parts or ".." in parts or parts[0] == "/" or "\\" in name or "\0" in name:
-        raise MergeError(f"{folder}: names the file {str(name)[:80]!r}, which is not a file name inside the model "
-                         "folder; refused")
+        raise MergeError(
+            f"{folder}: names the file {str(name)[:80]!r}, which is not a file name inside the model folder; refused"
+        )
     try:
         p = (folder.resolve() / name).resolve(strict=True)
         mode = p.stat().st_mode
@@ -162,8 +174,10 @@ def safe_member(folder: Path, name: str) -> Path:
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
         raise MergeError(f"{folder}: cannot open {name} ({getattr(e, 'strerror', None) or e})") from None
     if not lies_inside(folder, p):
-        raise MergeError(f"{folder}: {name} leads outside the model folder (to {p}); refused (if that file is "
-                         "yours, put a copy of it in the folder instead of the link)")
+        raise MergeError(
+            f"{folder}: {name} leads outside the model folder (to {p}); refused (if that file is "
+            "yours, put a copy of it in the folder instead of the link)"
+        )
     if not stat.S_ISREG(mode):
         raise MergeError(f"{folder}: {name} is not a regular file (a folder, FIFO or device); refused")
     return p
@@ -187,8 +201,10 @@ def load_pickled_weights(path: Path, mmap: bool = False) -> Dict[str, Any]:
             warnings.simplefilter("ignore")
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a refusal
-        raise MergeError(f"{path}: refused to load: it is not a plain weights file that loads with "
-                         f"weights_only=True ({type(e).__name__}); convert it to safetensors") from None
+        raise MergeError(
+            f"{path}: refused to load: it is not a plain weights file that loads with "
+            f"weights_only=True ({type(e).__name__}); convert it to safetensors"
+        ) from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise MergeError(f"{path}: does not hold a state dict ({{tensor name: tensor}})")
     return sd
@@ -204,8 +220,10 @@ def _header_bytes(path: Path) -> Tuple[int, bytes]:
             raise MergeError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n == 0 or n > MAX_HEADER or n > size - 8:
-            raise MergeError(f"{path}: safetensors header size {n} is impossible for a {size}-byte file "
-                             "(truncated or not a safetensors file)")
+            raise MergeError(
+                f"{path}: safetensors header size {n} is impossible for a {size}-byte file "
+                "(truncated or not a safetensors file)"
+            )
         raw = _read_all(fd, n, 8)
     except OSError as e:
         raise MergeError(f"{path}: cannot read ({e.strerror})") from None
@@ -224,20 +242,28 @@ def _check_entry(path: Path, name: str, info: Any, data_len: int) -> Tuple[int, 
     if dt not in ST_DTYPES:
         raise MergeError(f"{path}: tensor {name!r}: unsupported dtype {str(dt)[:40]!r}")
     shape = info.get("shape")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)
+    ):
         raise MergeError(f"{path}: tensor {name!r}: bad shape {str(shape)[:80]}")
     off = info.get("data_offsets")
-    if (not isinstance(off, list) or len(off) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in off)):
+    if (
+        not isinstance(off, list)
+        or len(off) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in off)
+    ):
         raise MergeError(f"{path}: tensor {name!r}: bad data_offsets {str(off)[:80]}")
     b, e = off
     numel = 1
     for s in shape:
         numel *= s
     if not (0 <= b <= e <= data_len):
-        raise MergeError(f"{path}: tensor {name!r}: data_offsets [{b}, {e}] lie outside the file's "
-                         f"{data_len} data bytes (truncated download?)")
+        raise MergeError(
+            f"{path}: tensor {name!r}: data_offsets [{b}, {e}] lie outside the file's "
+            f"{data_len} data bytes (truncated download?)"
+        )
     if e - b != numel * ST_DTYPES[dt][1]:
         raise MergeError(f"{path}: tensor {name!r}: {e - b} bytes stored for shape {shape} of {dt}")
     return b, e
@@ -258,8 +284,9 @@ def _parse_header(path: Path) -> Tuple[Dict[str, Any], int]:
     if not isinstance(header, dict):
         raise MergeError(f"{path}: safetensors header is not a JSON object")
     data_len = size - 8 - len(raw)
-    spans = sorted((*_check_entry(path, name, info, data_len), name)
-                   for name, info in header.items() if name != "__metadata__")
+    spans = sorted(
+        (*_check_entry(path, name, info, data_len), name) for name, info in header.items() if name != "__metadata__"
+    )
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise MergeError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file (corrupt header)")
@@ -267,8 +294,9 @@ def _parse_header(path: Path) -> Tuple[Dict[str, Any], int]:
             raise MergeError(f"{path}: a gap of {b1 - e0} bytes between tensors {n0!r} and {n1!r} (corrupt header)")
     end = spans[-1][1] if spans else 0
     if (spans and spans[0][0] != 0) or end != data_len:
-        raise MergeError(f"{path}: the header describes {end} data bytes but the file holds {data_len} "
-                         "(truncated or corrupt)")
+        raise MergeError(
+            f"{path}: the header describes {end} data bytes but the file holds {data_len} (truncated or corrupt)"
+        )
     return header, 8 + len(raw)
 
 
@@ -300,8 +328,9 @@ class ModelIndex:
                 self._handles[file] = h
             return h
 
-    def read(self, name: str, rows: Optional[Tuple[int, int]] = None,
-             take: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+    def read(
+        self, name: str, rows: Optional[Tuple[int, int]] = None, take: Optional[Tuple[int, ...]] = None
+    ) -> torch.Tensor:
         """Read one tensor (or rows [a, b) of it; or its leading sub-block `take`) in its stored dtype (FP8 tensors:
         float32, see TensorInfo)."""
         try:
@@ -314,15 +343,17 @@ class ModelIndex:
         except Exception as e:  # noqa: BLE001 - the file changed or lies in a way the header check missed
             if type(e).__name__ != "SafetensorError" and not isinstance(e, (OSError, RuntimeError)):
                 raise
-            raise MergeError(f"model {self.ref}: reading tensor {name} from {self.tensors[name].file} failed "
-                             f"({str(e).splitlines()[0][:160]})") from None
+            raise MergeError(
+                f"model {self.ref}: reading tensor {name} from {self.tensors[name].file} failed "
+                f"({str(e).splitlines()[0][:160]})"
+            ) from None
 
     def _adapt(self, name: str, t: torch.Tensor, rows) -> torch.Tensor:
         """The LoRA-adapted value of a tensor (float32 when adapted: no rounding before the merge)."""
         ad = self.lora
         if name in ad.replace:
             r = ad.replace[name]
-            r = r[rows[0]:rows[1]] if rows else r
+            r = r[rows[0] : rows[1]] if rows else r
             return r[tuple(slice(0, s) for s in t.shape)].clone() if t.dim() else r.clone()
         if name not in ad.factors:
             return t
@@ -345,7 +376,7 @@ class ModelIndex:
         q = self._raw(info, (a, b), None).float()
         br, bc = info.block
         s = self._raw(info.scale, (a // br, -(-b // br)), None).float()
-        s = s.repeat_interleave(br, dim=0)[a - a // br * br:][:b - a].repeat_interleave(bc, dim=1)[:, :q.shape[1]]
+        s = s.repeat_interleave(br, dim=0)[a - a // br * br :][: b - a].repeat_interleave(bc, dim=1)[:, : q.shape[1]]
         out = q.mul_(s)
         if take is not None and tuple(take[1:]) != tuple(info.shape[1:]):
             out = out[(slice(None),) + tuple(slice(0, n) for n in take[1:])].contiguous()
@@ -359,7 +390,7 @@ class ModelIndex:
             t = h.sd[name]
             if take is not None:
                 t = t[tuple(slice(0, s) for s in take)]
-            return t[rows[0]:rows[1]].clone() if rows else t.clone()
+            return t[rows[0] : rows[1]].clone() if rows else t.clone()
         # safetensors: rows are contiguous bytes at a known offset; one pread into fresh (anonymous) memory, so
         # resident memory follows the tensors in flight, not the files' sizes (an mmap would keep touched pages)
         shape = info.shape
@@ -403,14 +434,20 @@ def refuse_custom_code(folder: Path, command: str) -> None:
         except MergeError:
             continue
         if data.get("auto_map"):
-            raise MergeError(f"{folder / name}: 'auto_map' asks to run Python code shipped with the model; mergesmith "
-                             f"never runs model code, so `{command}` cannot load it (merging its weights still works)")
+            raise MergeError(
+                f"{folder / name}: 'auto_map' asks to run Python code shipped with the model; mergesmith "
+                f"never runs model code, so `{command}` cannot load it (merging its weights still works)"
+            )
 
 
 # config.json fields mergesmith reads itself, with the types they must have
-_CONFIG_FIELDS = {"hidden_size": "a whole number", "num_hidden_layers": "a whole number",
-                  "vocab_size": "a whole number", "tie_word_embeddings": "true or false",
-                  "architectures": "a list of class names"}
+_CONFIG_FIELDS = {
+    "hidden_size": "a whole number",
+    "num_hidden_layers": "a whole number",
+    "vocab_size": "a whole number",
+    "tie_word_embeddings": "true or false",
+    "architectures": "a list of class names",
+}
 
 
 def _config_field_ok(key: str, v: Any) -> bool:
@@ -431,8 +468,9 @@ def read_config(folder: Path) -> Optional[Dict[str, Any]]:
     cfg = member_json(folder, "config.json")
     for key, want in _CONFIG_FIELDS.items():
         if not _config_field_ok(key, cfg.get(key)):
-            raise MergeError(f"{folder / 'config.json'}: '{key}' is {json.dumps(cfg[key])[:60]}, not {want}; "
-                             "the config is corrupt")
+            raise MergeError(
+                f"{folder / 'config.json'}: '{key}' is {json.dumps(cfg[key])[:60]}, not {want}; the config is corrupt"
+            )
     return cfg
 
 
@@ -443,8 +481,10 @@ def _weight_map(folder: Path, index: str, suffix: str) -> Dict[str, str]:
         raise MergeError(f"{folder / index}: no 'weight_map' (an object of tensor name -> file name)")
     for tensor, fname in wm.items():
         if not isinstance(fname, str) or not fname.endswith(suffix) or fname == index:
-            raise MergeError(f"{folder / index}: tensor {tensor!r} maps to {json.dumps(fname)[:80]}, which is not a "
-                             f"{suffix} file name; the index is corrupt")
+            raise MergeError(
+                f"{folder / index}: tensor {tensor!r} maps to {json.dumps(fname)[:80]}, which is not a "
+                f"{suffix} file name; the index is corrupt"
+            )
     return wm
 
 
@@ -472,8 +512,7 @@ def _weight_files(ref: str, folder: Path) -> Tuple[List[WeightsFile], Optional[D
     return [(n, safe_member(folder, n), n.endswith(".safetensors")) for n in names], None
 
 
-def _info(name: str, f: Path, dtype: torch.dtype, shape: Tuple[int, ...], nbytes: int, offset: int = -1
-          ) -> TensorInfo:
+def _info(name: str, f: Path, dtype: torch.dtype, shape: Tuple[int, ...], nbytes: int, offset: int = -1) -> TensorInfo:
     if dtype in FP8:
         return TensorInfo(name, f, FP8_STANDS_FOR, shape, nbytes, offset, stored=dtype)
     return TensorInfo(name, f, dtype, shape, nbytes, offset)
@@ -482,12 +521,24 @@ def _info(name: str, f: Path, dtype: torch.dtype, shape: Tuple[int, ...], nbytes
 def _tensors_of(idx: ModelIndex, f: Path, safetensors: bool) -> List[TensorInfo]:
     if safetensors:
         header, start = _parse_header(f)
-        return [_info(name, f, ST_DTYPES[info["dtype"]][0], tuple(info["shape"]),
-                      info["data_offsets"][1] - info["data_offsets"][0], start + info["data_offsets"][0])
-                for name, info in header.items() if name != "__metadata__"]
+        return [
+            _info(
+                name,
+                f,
+                ST_DTYPES[info["dtype"]][0],
+                tuple(info["shape"]),
+                info["data_offsets"][1] - info["data_offsets"][0],
+                start + info["data_offsets"][0],
+            )
+            for name, info in header.items()
+            if name != "__metadata__"
+        ]
     sd = idx._handle(f, False).sd
-    return [_info(n, f, t.dtype, tuple(t.shape), t.numel() * t.element_size())
-            for n, t in sd.items() if isinstance(t, torch.Tensor)]
+    return [
+        _info(n, f, t.dtype, tuple(t.shape), t.numel() * t.element_size())
+        for n, t in sd.items()
+        if isinstance(t, torch.Tensor)
+    ]
 
 
 def _add_files(idx: ModelIndex, files: List[WeightsFile]) -> Dict[str, str]:
@@ -496,8 +547,10 @@ def _add_files(idx: ModelIndex, files: List[WeightsFile]) -> Dict[str, str]:
     for name, f, safetensors in files:
         for t in _tensors_of(idx, f, safetensors):
             if t.name in where:
-                raise MergeError(f"model {idx.ref}: tensor {t.name} is in both {where[t.name]} and {name}; which one "
-                                 "is meant? (corrupt or mixed download)")
+                raise MergeError(
+                    f"model {idx.ref}: tensor {t.name} is in both {where[t.name]} and {name}; which one "
+                    "is meant? (corrupt or mixed download)"
+                )
             where[t.name] = name
             idx.tensors[t.name] = t
     return where
@@ -508,8 +561,10 @@ def _check_index(ref: str, index: Dict[str, str], where: Dict[str, str]) -> None
     for name, f in index.items():
         if where.get(name) != f:
             actual = f"is in {where[name]}" if name in where else "is in no weights file"
-            raise MergeError(f"model {ref}: the index puts tensor {name} in {f}, but it {actual}; the index does not "
-                             "match the files (incomplete or mixed download?)")
+            raise MergeError(
+                f"model {ref}: the index puts tensor {name} in {f}, but it {actual}; the index does not "
+                "match the files (incomplete or mixed download?)"
+            )
 
 
 def _block_size(idx: ModelIndex) -> Tuple[int, int]:
@@ -518,18 +573,23 @@ def _block_size(idx: ModelIndex) -> Tuple[int, int]:
     size = q.get("weight_block_size") if isinstance(q, dict) else None
     if size is None:
         return 128, 128
-    if not (isinstance(size, list) and len(size) == 2 and all(
-            isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_DIM for n in size)):
-        raise MergeError(f"model {idx.ref}: config.json's quantization_config.weight_block_size is "
-                         f"{json.dumps(size)[:60]}, not [rows, columns] (two whole numbers above 0); the config is "
-                         "corrupt")
+    if not (
+        isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_DIM for n in size)
+    ):
+        raise MergeError(
+            f"model {idx.ref}: config.json's quantization_config.weight_block_size is "
+            f"{json.dumps(size)[:60]}, not [rows, columns] (two whole numbers above 0); the config is "
+            "corrupt"
+        )
     return size[0], size[1]
 
 
 def _pair_scales(idx: ModelIndex) -> None:
     """Each FP8 weight `X.weight` with a `X.weight_scale_inv` tensor reads dequantized (TensorInfo); the scale
     tensors are then no tensors of the model (neither merged nor copied)."""
-    pairs = [(n[:-len(SCALE_SUFFIX)], n) for n in idx.tensors if n.endswith(SCALE_SUFFIX)]
+    pairs = [(n[: -len(SCALE_SUFFIX)], n) for n in idx.tensors if n.endswith(SCALE_SUFFIX)]
     pairs = [(w, s) for w, s in pairs if w in idx.tensors and idx.tensors[w].stored in FP8]
     if not pairs:
         return
@@ -538,9 +598,11 @@ def _pair_scales(idx: ModelIndex) -> None:
         wi, si = idx.tensors[w], idx.tensors[s]
         want = tuple(-(-n // b) for n, b in zip(wi.shape, block))
         if len(wi.shape) != 2 or si.shape != want or not si.dtype.is_floating_point:
-            raise MergeError(f"model {idx.ref}: {s} is {si.dtype} {list(si.shape)}, but the block scales of {w} "
-                             f"{list(wi.shape)} in blocks of {list(block)} are floats of shape {list(want)}; the "
-                             "checkpoint or its quantization_config.weight_block_size is corrupt")
+            raise MergeError(
+                f"model {idx.ref}: {s} is {si.dtype} {list(si.shape)}, but the block scales of {w} "
+                f"{list(wi.shape)} in blocks of {list(block)} are floats of shape {list(want)}; the "
+                "checkpoint or its quantization_config.weight_block_size is corrupt"
+            )
         idx.tensors[w] = dataclasses.replace(wi, scale=si, block=block)
         del idx.tensors[s]
 
@@ -554,8 +616,10 @@ def _check_layers(idx: ModelIndex) -> None:
     said = (idx.config or {}).get("num_hidden_layers") or 0
     if max(named, said) > len(idx.tensors):
         what = f"config.json says {said}" if said >= named else f"a tensor name says {named}"
-        raise MergeError(f"model {idx.ref}: {what} layers, but the model holds only {len(idx.tensors)} tensors; "
-                         "the config or a header is corrupt")
+        raise MergeError(
+            f"model {idx.ref}: {what} layers, but the model holds only {len(idx.tensors)} tensors; "
+            "the config or a header is corrupt"
+        )
 
 
 def index_model(ref: str, path: Path) -> ModelIndex:

@@ -38,16 +38,19 @@ def resolve_model(ref: str, where: str, recipe_dir: Optional[Path] = None) -> Pa
             from huggingface_hub import snapshot_download
 
             try:
-                return Path(snapshot_download(repo, revision=rev or None, local_files_only=True,
-                                              allow_patterns=WEIGHT_PATTERNS))
+                return Path(
+                    snapshot_download(repo, revision=rev or None, local_files_only=True, allow_patterns=WEIGHT_PATTERNS)
+                )
             except Exception:  # noqa: BLE001 - not in the cache
                 if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
                     raise
                 return Path(snapshot_download(repo, revision=rev or None, allow_patterns=WEIGHT_PATTERNS))
         except Exception as e:  # noqa: BLE001
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-            raise MergeError(f"{where}: model '{ref}' is not on disk nor in the Hugging Face cache, and could not "
-                             f"be downloaded ({reason})") from None
+            raise MergeError(
+                f"{where}: model '{ref}' is not on disk nor in the Hugging Face cache, and could not "
+                f"be downloaded ({reason})"
+            ) from None
     raise MergeError(f"{where}: model path not found: {ref}")
 
 
@@ -66,5 +69,7 @@ def _check_cache_ref(repo: str, rev: str, where: str) -> None:
         return
     text = read_capped(ref, 1024, "Hub cache ref").decode("ascii", "replace").strip()
     if not _COMMIT.match(text):
-        raise MergeError(f"{where}: the Hugging Face cache's {ref} does not hold a commit hash; the cache is corrupt "
-                         "(delete that ref file and download again)")
+        raise MergeError(
+            f"{where}: the Hugging Face cache's {ref} does not hold a commit hash; the cache is corrupt "
+            "(delete that ref file and download again)"
+        )

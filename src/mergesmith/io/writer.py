@@ -41,6 +41,7 @@ class Slot:
 @dataclass
 class Layout:
     """Where every output tensor goes: shard files, their headers, and each tensor's byte offset."""
+
     slots: Dict[str, Slot]
     files: List[str]
     headers: List[bytes]
@@ -147,8 +148,7 @@ def write_index(folder: Path, layout: Layout) -> None:
 # the number with each tensor's bytes, so `--out-shard-size 1M` gives shards of at most 1,000,000 bytes of tensor
 # data there; the same count here gives the same shards. A byte unit (KB, MB, GB, TB, KiB, ...) says bytes.
 _COUNTS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-_BYTES = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-          "TIB": 2**40}
+_BYTES = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text) -> int:
@@ -156,9 +156,11 @@ def parse_size(text) -> int:
     -> 500_000_000, '5GB' -> 5_000_000_000, '2GiB' -> 2*1024**3, '1024' -> 1024."""
     s = str(text).strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
-    bad = (f"bad size {text!r}: give a count like 5B or 500M (as mergekit counts: billions, millions) or bytes "
-           "like 5GB or 2GiB")
+    unit = s[len(num) :]
+    bad = (
+        f"bad size {text!r}: give a count like 5B or 500M (as mergekit counts: billions, millions) or bytes "
+        "like 5GB or 2GiB"
+    )
     try:
         value = float(num) * {**_COUNTS, **_BYTES}[unit]
     except (ValueError, KeyError):

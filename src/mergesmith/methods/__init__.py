@@ -12,12 +12,40 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from mergesmith.methods.registry import (METHODS, REQUIRED, Method, Param, PerModel, Problem, Range, Round,
-                                         Streaming, TwoPass, check_params, get_method, load_plugins, merge_method,
-                                         row_block_methods)
+from mergesmith.methods.registry import (
+    METHODS,
+    REQUIRED,
+    Method,
+    Param,
+    PerModel,
+    Problem,
+    Range,
+    Round,
+    Streaming,
+    TwoPass,
+    check_params,
+    get_method,
+    load_plugins,
+    merge_method,
+    row_block_methods,
+)
 
-__all__ = ["METHODS", "REQUIRED", "Method", "Param", "PerModel", "Problem", "Range", "Round", "Streaming", "TwoPass",
-           "check_params", "get_method", "merge_method", "row_block_methods"]
+__all__ = [
+    "METHODS",
+    "REQUIRED",
+    "Method",
+    "Param",
+    "PerModel",
+    "Problem",
+    "Range",
+    "Round",
+    "Streaming",
+    "TwoPass",
+    "check_params",
+    "get_method",
+    "merge_method",
+    "row_block_methods",
+]
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

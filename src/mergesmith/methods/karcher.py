@@ -23,8 +23,7 @@ TOL_FLOOR = 1e-6
 STALL = 20  # steps without a new low of the tangent norm before the iteration is deemed at float32's floor
 
 
-def _tangent(mean: torch.Tensor, units: Sequence[torch.Tensor], weights: Sequence[float], tol: float
-             ) -> torch.Tensor:
+def _tangent(mean: torch.Tensor, units: Sequence[torch.Tensor], weights: Sequence[float], tol: float) -> torch.Tensor:
     """sum_i a_i theta_i / sin(theta_i) (u_i - cos(theta_i) m) over the u_i at angle theta_i >= tol from m."""
     tangent = torch.zeros_like(mean)
     for a, u in zip(weights, units):
@@ -37,8 +36,14 @@ def _tangent(mean: torch.Tensor, units: Sequence[torch.Tensor], weights: Sequenc
     return tangent
 
 
-def _iterate(mean: torch.Tensor, units: List[torch.Tensor], weights: List[float], max_iter: int, tol: float,
-             report: Callable[[str], None]) -> torch.Tensor:
+def _iterate(
+    mean: torch.Tensor,
+    units: List[torch.Tensor],
+    weights: List[float],
+    max_iter: int,
+    tol: float,
+    report: Callable[[str], None],
+) -> torch.Tensor:
     """Fixed-point steps m <- normalize(cos|T| m + sin|T| T/|T|) until |T| < max(tol, TOL_FLOOR), a stall, or
     max_iter steps."""
     stop = max(tol, TOL_FLOOR)
@@ -50,15 +55,19 @@ def _iterate(mean: torch.Tensor, units: List[torch.Tensor], weights: List[float]
             return mean
         best, since = (tn, 0) if tn < best else (best, since + 1)
         if since >= STALL:
-            report(f"karcher: the tangent norm stopped falling above tol {stop:g} (float32 rounding gets no closer); "
-                   f"iterations stopped after {STALL} steps without progress")
+            report(
+                f"karcher: the tangent norm stopped falling above tol {stop:g} (float32 rounding gets no closer); "
+                f"iterations stopped after {STALL} steps without progress"
+            )
             return mean
         mean = mean.mul_(math.cos(tn)).add_(tangent, alpha=math.sin(tn) / tn)
         un = float(norm64(mean))
         if un > tol:
             mean.div_(un)
-    report(f"karcher: not converged in max_iter {max_iter} iterations (the tangent norm stayed above {stop:g}); "
-           "the last iterate is used (raise max_iter to go on)")
+    report(
+        f"karcher: not converged in max_iter {max_iter} iterations (the tangent norm stayed above {stop:g}); "
+        "the last iterate is used (raise max_iter to go on)"
+    )
     return mean
 
 
@@ -71,10 +80,16 @@ def _start(units: List[torch.Tensor], weights: List[float], tol: float) -> torch
     return units[0].clone() if mn < tol else mean.div_(mn)
 
 
-@merge_method("karcher", pretty="Karcher Mean", url="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean", base="input",
-              ranges={"max_iter": (1, 100000), "tol": (0, 1)})
-def karcher(inputs: Sequence[torch.Tensor], report: Callable[[str], None], *, max_iter: int = 10,
-            tol: float = 1e-5) -> torch.Tensor:
+@merge_method(
+    "karcher",
+    pretty="Karcher Mean",
+    url="https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean",
+    base="input",
+    ranges={"max_iter": (1, 100000), "tol": (0, 1)},
+)
+def karcher(
+    inputs: Sequence[torch.Tensor], report: Callable[[str], None], *, max_iter: int = 10, tol: float = 1e-5
+) -> torch.Tensor:
     """Riemannian (Karcher) mean of the models' directions, scaled by their mean norm.
 
     mergekit `karcher`, equal weights a_i = 1/N: unit directions u_i = x_i/|x_i| (tensors with |x_i| <= tol are
@@ -96,8 +111,10 @@ def karcher(inputs: Sequence[torch.Tensor], report: Callable[[str], None], *, ma
     if not valid:
         return torch.zeros_like(xs[0])
     if tol < TOL_FLOOR:
-        report(f"karcher: tol {tol:g} is below what float32 iterations reach; they stop once the tangent norm is "
-               f"below {TOL_FLOOR:g}")
+        report(
+            f"karcher: tol {tol:g} is below what float32 iterations reach; they stop once the tangent norm is "
+            f"below {TOL_FLOOR:g}"
+        )
     a_sum = sum(alphas[i] for i in valid)
     na = [alphas[i] / a_sum for i in valid]
     units = [xs[i] / norms[i] for i in valid]

@@ -12,13 +12,20 @@ from mergesmith.methods.registry import PerModel, Streaming, merge_method
 
 def _weights_sum_to_zero(weight, normalize):
     if normalize and abs(sum(weight)) < 1e-12:
-        return "weight", ("the weights sum to 0, so normalize cannot divide by them; set normalize: false or change "
-                          "the weights")
+        return "weight", (
+            "the weights sum to 0, so normalize cannot divide by them; set normalize: false or change the weights"
+        )
     return None
 
 
-@merge_method("linear", pretty="Linear", url="https://arxiv.org/abs/2203.05482", base="ignored",
-              streaming=Streaming.ELEMENTWISE, check=_weights_sum_to_zero)
+@merge_method(
+    "linear",
+    pretty="Linear",
+    url="https://arxiv.org/abs/2203.05482",
+    base="ignored",
+    streaming=Streaming.ELEMENTWISE,
+    check=_weights_sum_to_zero,
+)
 def linear(inputs: Sequence[torch.Tensor], *, weight: PerModel[float], normalize: bool = True) -> torch.Tensor:
     """Weighted average of the models (model soups).
 

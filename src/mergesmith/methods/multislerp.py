@@ -11,19 +11,31 @@ from mergesmith.methods.registry import PerModel, Range, merge_method
 from mergesmith.methods.spherical import dot64, norm64
 
 
-
 def _weights_sum_to_zero(weight, normalize_weights):
     if normalize_weights and abs(sum(weight)) < 1e-12:
-        return "weight", ("the weights sum to 0, so normalize_weights cannot divide by them; set "
-                          "normalize_weights: false or change the weights")
+        return "weight", (
+            "the weights sum to 0, so normalize_weights cannot divide by them; set "
+            "normalize_weights: false or change the weights"
+        )
     return None
 
 
-@merge_method("multislerp", pretty="Multi-SLERP", url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-              base="optional", check=_weights_sum_to_zero,
-              ranges={"weight": Range(0, None, extrapolate=True), "eps": (0, 1e-2)})
-def multislerp(base: Optional[torch.Tensor], inputs: Sequence[torch.Tensor], *, weight: PerModel[float],
-               normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+@merge_method(
+    "multislerp",
+    pretty="Multi-SLERP",
+    url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    base="optional",
+    check=_weights_sum_to_zero,
+    ranges={"weight": Range(0, None, extrapolate=True), "eps": (0, 1e-2)},
+)
+def multislerp(
+    base: Optional[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    *,
+    weight: PerModel[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """Barycentric interpolation of any number of models on the hypersphere (optionally around a base).
 
     Goddard's multislerp (mergekit `multislerp`). With x_i the tensors (minus `base` when given),

@@ -9,9 +9,14 @@ import torch
 from mergesmith.methods.registry import Streaming, merge_method
 
 
-@merge_method("nearswap", pretty="NearSwap", url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-              inputs=(1, 1), streaming=Streaming.ELEMENTWISE,
-              ranges={"t": (0, 1e6)})
+@merge_method(
+    "nearswap",
+    pretty="NearSwap",
+    url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    inputs=(1, 1),
+    streaming=Streaming.ELEMENTWISE,
+    ranges={"t": (0, 1e6)},
+)
 def nearswap(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, t: float) -> torch.Tensor:
     """Take the other model's value where it lies within t of the base's, move by t elsewhere.
 

@@ -10,8 +10,9 @@ from mergesmith.methods.registry import PerModel, Range, merge_method
 from mergesmith.methods.spherical import dot64, norm64
 
 
-def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False, flatten: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+def slerp_vectors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool = False, flatten: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """mergekit's `nuslerp` kernel: slerp of whole tensors (`flatten`), or of each row vector (the last dimension),
     or with `row_wise` of each column (dimension 0).
 
@@ -29,7 +30,7 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool =
     na = norm64(a, dim=-1, keepdim=True).clamp(min=1e-7)
     nb = norm64(b, dim=-1, keepdim=True).clamp(min=1e-7)
     cos = (dot64(a, b, dim=-1, keepdim=True) / (na * nb)).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= eps ** 2
+    colinear = (1 - cos.square()) <= eps**2
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     s = torch.sin(theta)
     ca = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / torch.where(colinear, 1.0, s))
@@ -40,10 +41,22 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool =
     return out.reshape(shape)
 
 
-@merge_method("nuslerp", pretty="NuSLERP", url="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
-              base="optional", inputs=(2, 2), ranges={"weight": Range(0, None, extrapolate=True)})
-def nuslerp(base: Optional[torch.Tensor], inputs: Sequence[torch.Tensor], *, weight: PerModel[float],
-            nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False) -> torch.Tensor:
+@merge_method(
+    "nuslerp",
+    pretty="NuSLERP",
+    url="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+    base="optional",
+    inputs=(2, 2),
+    ranges={"weight": Range(0, None, extrapolate=True)},
+)
+def nuslerp(
+    base: Optional[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    *,
+    weight: PerModel[float],
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> torch.Tensor:
     """Slerp of two models (or of their task vectors when a base is given) by relative weight.
 
     t = w_2 / (w_1 + w_2) (0.5 when the sum is within 1e-6 of 0).
@@ -58,5 +71,6 @@ def nuslerp(base: Optional[torch.Tensor], inputs: Sequence[torch.Tensor], *, wei
     if base is None:
         return slerp_vectors(t, inputs[0], inputs[1], row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
     b = base.float()
-    return b + slerp_vectors(t, inputs[0].float() - b, inputs[1].float() - b, row_wise=nuslerp_row_wise,
-                             flatten=nuslerp_flatten)
+    return b + slerp_vectors(
+        t, inputs[0].float() - b, inputs[1].float() - b, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten
+    )

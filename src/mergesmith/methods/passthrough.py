@@ -9,8 +9,15 @@ import torch
 from mergesmith.methods.registry import PerModel, Streaming, merge_method
 
 
-@merge_method("passthrough", pretty="Passthrough", url="https://github.com/arcee-ai/mergekit", base="ignored",
-              inputs=(1, 1), streaming=Streaming.ELEMENTWISE, copy_when=lambda scale: scale[0] is None)
+@merge_method(
+    "passthrough",
+    pretty="Passthrough",
+    url="https://github.com/arcee-ai/mergekit",
+    base="ignored",
+    inputs=(1, 1),
+    streaming=Streaming.ELEMENTWISE,
+    copy_when=lambda scale: scale[0] is None,
+)
 def passthrough(inputs: Sequence[torch.Tensor], *, scale: PerModel[Optional[float]] = None) -> torch.Tensor:
     """Copy one model's tensors unchanged (optionally scaled): layer stacking with slices.
 

@@ -18,8 +18,13 @@ def contributions(b: torch.Tensor, inputs: Sequence[torch.Tensor], epsilon: floa
     return count
 
 
-def combine(b: torch.Tensor, inputs: Sequence[torch.Tensor], epsilon: float, count: torch.Tensor,
-            boosts: Optional[Sequence[float]] = None) -> torch.Tensor:
+def combine(
+    b: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    epsilon: float,
+    count: torch.Tensor,
+    boosts: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
     """b + (the kept delta, times model i's boost, where model i alone changed the element; else the mean of the
     kept deltas). Kept deltas are summed in recipe order and divided once, so exact means stay exact."""
     total = torch.zeros_like(b)
@@ -35,8 +40,13 @@ def combine(b: torch.Tensor, inputs: Sequence[torch.Tensor], epsilon: float, cou
     return b + (mean if unique is None else torch.where(count == 1, unique, mean))
 
 
-@merge_method("ram", pretty="Reinforced Agent Merging", url="https://arxiv.org/abs/2601.13572",
-              ranges={"epsilon": (0, None)}, streaming=Streaming.ELEMENTWISE)
+@merge_method(
+    "ram",
+    pretty="Reinforced Agent Merging",
+    url="https://arxiv.org/abs/2601.13572",
+    ranges={"epsilon": (0, None)},
+    streaming=Streaming.ELEMENTWISE,
+)
 def ram(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, epsilon: float = 1e-5) -> torch.Tensor:
     """Take deltas that one model alone made; average the deltas several models made.
 

@@ -46,11 +46,22 @@ def _add(total: Optional[Counts], part: Counts) -> Counts:
 COUNTS = TwoPass((Round(overlap_counts, _add, boosts),), share=lambda stat, k: stat)
 
 
-@merge_method("ramplus_tl", pretty="Reinforced Agent Merging Plus (Tensor-Local)",
-              url="https://arxiv.org/abs/2601.13572", ranges={"r": (0, None), "alpha": (0, None), "epsilon": (0, None)},
-              streaming=COUNTS)
-def ramplus_tl(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, r: float = 0.1, alpha: float = 0.2,
-               epsilon: float = 1e-5, stat: Optional[List[float]] = None) -> torch.Tensor:
+@merge_method(
+    "ramplus_tl",
+    pretty="Reinforced Agent Merging Plus (Tensor-Local)",
+    url="https://arxiv.org/abs/2601.13572",
+    ranges={"r": (0, None), "alpha": (0, None), "epsilon": (0, None)},
+    streaming=COUNTS,
+)
+def ramplus_tl(
+    base: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    *,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    epsilon: float = 1e-5,
+    stat: Optional[List[float]] = None,
+) -> torch.Tensor:
     """RAM, with the deltas a model alone made boosted by how much of its change overlaps other models'.
 
     mergekit `ramplus_tl`: as `ram` (deltas count where |x_i - base| > epsilon; c per element counts the models),

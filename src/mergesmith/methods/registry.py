@@ -33,8 +33,21 @@ import types
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Dict, Generic, List, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple, \
-    TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    Literal,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from mergesmith.errors import warn
 
@@ -51,6 +64,7 @@ class PerModel(Generic[T]):
 
 class Streaming(Enum):
     """How a method can take a large tensor."""
+
     ELEMENTWISE = "elementwise"  # each output element from the same element of the inputs: any split, same bytes
     ROWS = "rows"  # any split into blocks of rows gives the same bytes
     WHOLE = "whole"  # whole tensors only
@@ -62,6 +76,7 @@ class Round:
     kernel; `stat` is the previous round's result); `reduce(total, partial)` folds the partials in block order
     into the previous round's result (None in the first round); `finish` (called like the kernel with `stat`
     the folded total) makes the round's result."""
+
     collect: Callable[..., Any]
     reduce: Callable[[Any, Any], Any]
     finish: Optional[Callable[..., Any]] = None
@@ -72,6 +87,7 @@ class TwoPass:
     """Row blocks that need a whole-tensor statistic: pass 1 runs `rounds` over the blocks, pass 2 calls the
     kernel for block k with `stat=share(statistic, k)` (once per block). `keeps_state`: the statistic holds
     per-element state between the passes (keep masks), so such tensors take turns (execute.keeps_state)."""
+
     rounds: Tuple[Round, ...]
     share: Callable[[Any, int], Any]
     keeps_state: bool = False
@@ -80,6 +96,7 @@ class TwoPass:
 @dataclass(frozen=True)
 class Range:
     """Closed interval of a numeric parameter (None: unbounded); `extrapolate`: --allow-extrapolation lifts it."""
+
     low: Optional[float] = None
     high: Optional[float] = None
     extrapolate: bool = False
@@ -88,8 +105,10 @@ class Range:
         if v is None or ((self.low is None or v >= self.low) and (self.high is None or v <= self.high)):
             return None
         if self.extrapolate:
-            return (f"{name} {v:g} lies outside {self.bounds()}, so the merge would extrapolate; pass "
-                    "--allow-extrapolation if that is meant")
+            return (
+                f"{name} {v:g} lies outside {self.bounds()}, so the merge would extrapolate; pass "
+                "--allow-extrapolation if that is meant"
+            )
         if self.low is not None and self.high is not None:
             return f"{name} {v:g} must lie in [{self.low:g}, {self.high:g}]"
         if self.low is not None:
@@ -128,6 +147,7 @@ class Param:
 
 class Problem(NamedTuple):
     """A resolved value out of bounds: the parameter, the message, and which input (None: not one input's)."""
+
     param: str
     message: str
     index: Optional[int] = None
@@ -188,13 +208,30 @@ class Method:
             values[p.arg] = shared[p.name] if p.scope == "shared" else [d[p.name] for d in per_input]
         return fn(**{n: values[n] for n in _arg_names(fn) if n in values})
 
-    def merge(self, base, inputs, shared, per_input, keys=None, row_offset: int = 0, stat: Any = None,
-              report: Optional[Callable[[str], None]] = None):
+    def merge(
+        self,
+        base,
+        inputs,
+        shared,
+        per_input,
+        keys=None,
+        row_offset: int = 0,
+        stat: Any = None,
+        report: Optional[Callable[[str], None]] = None,
+    ):
         """The kernel on one tensor (or block of rows): base and inputs float32, parameters as resolved; its
         notes go to `report` (default: a warning each)."""
-        return self.call(self.kernel, shared, per_input, base=base, inputs=inputs,
-                         keys=keys if keys is not None else [0] * len(inputs), row_offset=row_offset, stat=stat,
-                         report=report or warn)
+        return self.call(
+            self.kernel,
+            shared,
+            per_input,
+            base=base,
+            inputs=inputs,
+            keys=keys if keys is not None else [0] * len(inputs),
+            row_offset=row_offset,
+            stat=stat,
+            report=report or warn,
+        )
 
     def streaming_for(self, shared: Mapping[str, Any]) -> Union[Streaming, TwoPass]:
         s = self.streaming
@@ -221,8 +258,9 @@ METHODS: Dict[str, Method] = {}
 
 def register(m: Method) -> Method:
     if m.name in METHODS:
-        raise ValueError(f"merge method '{m.name}' is already defined by {METHODS[m.name].kernel.__module__}; "
-                         "choose another name")
+        raise ValueError(
+            f"merge method '{m.name}' is already defined by {METHODS[m.name].kernel.__module__}; choose another name"
+        )
     METHODS[m.name] = m
     return m
 
@@ -232,8 +270,9 @@ def get_method(name: str) -> Method:
 
     if name not in METHODS:
         shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
-        raise MergeError(f"unknown merge_method {shown}{did_you_mean(name, METHODS)}; "
-                         f"known: {', '.join(sorted(METHODS))}")
+        raise MergeError(
+            f"unknown merge_method {shown}{did_you_mean(name, METHODS)}; known: {', '.join(sorted(METHODS))}"
+        )
     return METHODS[name]
 
 
@@ -242,10 +281,12 @@ def row_block_methods() -> List[str]:
     return [m.name for m in METHODS.values() if m.in_row_blocks(m.defaults())]
 
 
-def check_params(method: Method, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]],
-                 allow_extrapolation: bool = False) -> Optional[Problem]:
+def check_params(
+    method: Method, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]], allow_extrapolation: bool = False
+) -> Optional[Problem]:
     """The first resolved value outside its declared range (shared ones first, then each input's in order), else
     the method's own cross-input `check`; None when all is well."""
+
     def problem(p: Param, v: Any) -> Optional[str]:
         if p.kind not in (int, float) or not isinstance(v, (int, float)) or isinstance(v, bool):
             return None
@@ -269,6 +310,7 @@ def check_params(method: Method, shared: Mapping[str, Any], per_input: Sequence[
 
 # ---------------------------------------------------------------------------------------------------------------
 # reading a kernel's signature
+
 
 def _parse_doc(doc: Optional[str]) -> Tuple[str, Dict[str, str]]:
     """(first paragraph, {argument: text}) of a docstring with an `Args:` section (`name: text`, continued on
@@ -311,8 +353,9 @@ def _range(r: Any) -> Optional[Range]:
     return r if r is None or isinstance(r, Range) else Range(*r)
 
 
-def read_params(fn: Callable, name: str, base: str, ranges: Mapping[str, Any],
-                docs: Mapping[str, str]) -> Tuple[str, Tuple[Param, ...]]:
+def read_params(
+    fn: Callable, name: str, base: str, ranges: Mapping[str, Any], docs: Mapping[str, str]
+) -> Tuple[str, Tuple[Param, ...]]:
     """(description, parameters) of a kernel, from its signature, annotations and docstring."""
     hints = typing.get_type_hints(fn, include_extras=True)
     description, doc_args = _parse_doc(fn.__doc__)
@@ -339,11 +382,20 @@ def read_params(fn: Callable, name: str, base: str, ranges: Mapping[str, Any],
     return description, tuple(params)
 
 
-def merge_method(name: str, *, pretty: str, url: str, base: str = "required",
-                 inputs: Tuple[int, Optional[int]] = (1, None), randomized: bool = False,
-                 streaming: Any = Streaming.WHOLE, ranges: Optional[Mapping[str, Any]] = None,
-                 check: Optional[Callable[..., Any]] = None, copy_when: Optional[Callable[..., bool]] = None,
-                 docs: Optional[Mapping[str, str]] = None) -> Callable[[Callable], Callable]:
+def merge_method(
+    name: str,
+    *,
+    pretty: str,
+    url: str,
+    base: str = "required",
+    inputs: Tuple[int, Optional[int]] = (1, None),
+    randomized: bool = False,
+    streaming: Any = Streaming.WHOLE,
+    ranges: Optional[Mapping[str, Any]] = None,
+    check: Optional[Callable[..., Any]] = None,
+    copy_when: Optional[Callable[..., bool]] = None,
+    docs: Optional[Mapping[str, str]] = None,
+) -> Callable[[Callable], Callable]:
     """Register the decorated kernel as merge method `name` (see the module's docstring); returns it unchanged.
 
     base: "required", "optional", "input" or "ignored" (see Method.base_policy). inputs: (least, most) inputs
@@ -351,19 +403,45 @@ def merge_method(name: str, *, pretty: str, url: str, base: str = "required",
     function of the shared parameters giving one. ranges: {parameter: (low, high) or Range} checked on every
     resolved value before any work. check: a cross-input check (param, message[, input index]) or None.
     copy_when: true when the output is the single input's tensor unchanged (copied, not computed)."""
+
     def wrap(fn: Callable) -> Callable:
-        register(make_method(fn, name, pretty=pretty, url=url, base=base, inputs=inputs, randomized=randomized,
-                             streaming=streaming, ranges=ranges, check=check, copy_when=copy_when, docs=docs))
+        register(
+            make_method(
+                fn,
+                name,
+                pretty=pretty,
+                url=url,
+                base=base,
+                inputs=inputs,
+                randomized=randomized,
+                streaming=streaming,
+                ranges=ranges,
+                check=check,
+                copy_when=copy_when,
+                docs=docs,
+            )
+        )
         fn.merge_method = name
         return fn
+
     return wrap
 
 
-def make_method(fn: Callable, name: str, *, pretty: str, url: str, base: str = "required",
-                inputs: Tuple[int, Optional[int]] = (1, None), randomized: bool = False,
-                streaming: Any = Streaming.WHOLE, ranges: Optional[Mapping[str, Any]] = None,
-                check: Optional[Callable[..., Any]] = None, copy_when: Optional[Callable[..., bool]] = None,
-                docs: Optional[Mapping[str, str]] = None) -> Method:
+def make_method(
+    fn: Callable,
+    name: str,
+    *,
+    pretty: str,
+    url: str,
+    base: str = "required",
+    inputs: Tuple[int, Optional[int]] = (1, None),
+    randomized: bool = False,
+    streaming: Any = Streaming.WHOLE,
+    ranges: Optional[Mapping[str, Any]] = None,
+    check: Optional[Callable[..., Any]] = None,
+    copy_when: Optional[Callable[..., bool]] = None,
+    docs: Optional[Mapping[str, str]] = None,
+) -> Method:
     """The Method `merge_method` registers, without registering it."""
     if base not in BASE_POLICIES:
         raise TypeError(f"merge method '{name}': base must be one of {', '.join(BASE_POLICIES)}, got {base!r}")
@@ -373,9 +451,21 @@ def make_method(fn: Callable, name: str, *, pretty: str, url: str, base: str = "
     if ("keys" in names) != randomized:
         raise TypeError(f"merge method '{name}': a kernel takes `keys` exactly when it is randomized")
     description, params = read_params(fn, name, base, ranges or {}, docs or {})
-    return Method(name=name, pretty=pretty, url=url, description=description, params=params, kernel=fn,
-                  base_policy=base, min_inputs=inputs[0], max_inputs=inputs[1], randomized=randomized,
-                  streaming=streaming, check=check, copy_when=copy_when)
+    return Method(
+        name=name,
+        pretty=pretty,
+        url=url,
+        description=description,
+        params=params,
+        kernel=fn,
+        base_policy=base,
+        min_inputs=inputs[0],
+        max_inputs=inputs[1],
+        randomized=randomized,
+        streaming=streaming,
+        check=check,
+        copy_when=copy_when,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

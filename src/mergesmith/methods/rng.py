@@ -59,7 +59,7 @@ def _uniform_np(key: int, start: int, out: "np.ndarray") -> None:
     c1, c2 = np.uint64(_C1), np.uint64(_C2)
     for a in range(0, out.size, _CHUNK):
         b = min(out.size, a + _CHUNK)
-        zz, tt = z[:b - a], t[:b - a]
+        zz, tt = z[: b - a], t[: b - a]
         zz[...] = np.arange(start + a, start + b, dtype=np.uint64)
         np.multiply(zz, golden, out=zz)
         np.add(zz, k, out=zz)
@@ -69,7 +69,7 @@ def _uniform_np(key: int, start: int, out: "np.ndarray") -> None:
             if mult is not None:
                 np.multiply(zz, mult, out=zz)
         np.right_shift(zz, np.uint64(40), out=zz)
-        np.multiply(zz, 2.0 ** -24, out=out[a:b], casting="unsafe")
+        np.multiply(zz, 2.0**-24, out=out[a:b], casting="unsafe")
 
 
 _POOL = None
@@ -94,7 +94,7 @@ def uniform(key: int, start: int, n: int, device: torch.device | str = "cpu") ->
             if _POOL is None:
                 _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="rng")
             bounds = [n * i // parts for i in range(parts + 1)]
-            list(_POOL.map(lambda ab: _uniform_np(key, start + ab[0], out[ab[0]:ab[1]]), zip(bounds, bounds[1:])))
+            list(_POOL.map(lambda ab: _uniform_np(key, start + ab[0], out[ab[0] : ab[1]]), zip(bounds, bounds[1:])))
         return res
     out = torch.empty(n, dtype=torch.float32, device=device)
     step = _CHUNK if torch.device(device).type == "cpu" else max(n, 1)
@@ -102,14 +102,14 @@ def uniform(key: int, start: int, n: int, device: torch.device | str = "cpu") ->
     t = torch.empty_like(z)
     for a in range(0, n, step):
         b = min(n, a + step)
-        zz, tt = z[:b - a], t[:b - a]
+        zz, tt = z[: b - a], t[: b - a]
         torch.arange(start + a, start + b, dtype=torch.int64, device=device, out=zz)
         zz.mul_(_i64(_GOLDEN)).add_(_i64(key))
         _mix_(zz, tt)
         torch.bitwise_right_shift(zz, 40, out=tt)
         tt.bitwise_and_((1 << 24) - 1)
         out[a:b] = tt
-    return out.mul_(2.0 ** -24)
+    return out.mul_(2.0**-24)
 
 
 def uniform_like(key: int, shape: torch.Size, row_offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -27,8 +27,9 @@ def sce_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
 
 
 @merge_method("sce", pretty="SCE", url="https://arxiv.org/abs/2408.07990", ranges={"select_topk": (0, 1)})
-def sce(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, select_topk: float = 1.0,
-        int8_mask: bool = False) -> torch.Tensor:
+def sce(
+    base: torch.Tensor, inputs: Sequence[torch.Tensor], *, select_topk: float = 1.0, int8_mask: bool = False
+) -> torch.Tensor:
     """Select high-variance elements, weight task vectors by energy, erase sign conflicts.
 
     base + sum_i(m_i w_i d_i) / max(sum_i m_i w_i, 1e-6) (mergekit `sce`).

@@ -14,8 +14,13 @@ DOT_THRESHOLD = 0.9995  # |cos| above this: nearly collinear, the plain lerp
 EPS = 1e-8  # a norm at most this counts as 1
 
 
-@merge_method("slerp", pretty="SLERP", url="https://en.wikipedia.org/wiki/Slerp", inputs=(1, 1),
-              ranges={"t": Range(0, 1, extrapolate=True)})
+@merge_method(
+    "slerp",
+    pretty="SLERP",
+    url="https://en.wikipedia.org/wiki/Slerp",
+    inputs=(1, 1),
+    ranges={"t": Range(0, 1, extrapolate=True)},
+)
 def slerp(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, t: float) -> torch.Tensor:
     """Spherical interpolation between the base and one other model by t.
 

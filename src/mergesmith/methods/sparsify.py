@@ -58,6 +58,7 @@ def rescale_l1(delta: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> 
 class RankCut:
     """Which elements of a tensor a rank range keeps: values strictly between `low` and `high`, and at each boundary
     value the members of its tie group with group rank (index order) in [first, last)."""
+
     low: float
     high: float
     groups: Tuple[Tuple[float, int, int], ...]
@@ -74,13 +75,18 @@ def rank_cut(a: "np.ndarray | torch.Tensor", lo: int, hi: int, largest_first: bo
     ks = [n - hi, n - 1 - lo] if largest_first else [lo, hi - 1]
     if isinstance(a, torch.Tensor) and not numpy_path(a):
         vl, vh = (torch.kthvalue(a, k + 1).values.item() for k in ks)
-        count = (lambda f: int(f(a).sum()))
+
+        def count(f):
+            return int(f(a).sum())
     else:
         part = np.partition(a.numpy() if isinstance(a, torch.Tensor) else a, ks)
         vl, vh = part[ks[0]].item(), part[ks[1]].item()
-        count = (lambda f: int(np.count_nonzero(f(part))))
+
+        def count(f):
+            return int(np.count_nonzero(f(part)))
+
     groups = []
-    for v in ((vl, vh) if vl != vh else (vl,)):
+    for v in (vl, vh) if vl != vh else (vl,):
         before = count(lambda t: t > v) if largest_first else count(lambda t: t < v)
         groups.append((v, max(0, lo - before), max(0, hi - before)))
     return RankCut(vl, vh, tuple(groups))
@@ -100,8 +106,9 @@ class RadixSelect:
         self.empty = self.lo >= self.hi
         self.ks = [n - self.hi, n - 1 - self.lo] if largest_first else [self.lo, self.hi - 1]
         self.high_cum = np.cumsum(high)
-        self.buckets = [] if self.empty else sorted({int(np.searchsorted(self.high_cum, k, side="right"))
-                                                     for k in self.ks})
+        self.buckets = (
+            [] if self.empty else sorted({int(np.searchsorted(self.high_cum, k, side="right")) for k in self.ks})
+        )
         self.low = {b: np.zeros(1 << 16, dtype=np.int64) for b in self.buckets}
         self.per_block: List[dict] = []
 
@@ -135,7 +142,7 @@ class RadixSelect:
             return RankCut(0.0, 0.0, (), empty=True), [[] for _ in self.per_block]
         found = [self._locate(k) for k in self.ks]
         groups, members = [], []
-        for b, lb, below, equal in (found if found[0][:2] != found[1][:2] else found[:1]):
+        for b, lb, below, equal in found if found[0][:2] != found[1][:2] else found[:1]:
             v = np.array([(b << 16) | lb], dtype=np.uint32).view(np.float32)[0].item()
             before = self.n - below - equal if self.largest_first else below
             groups.append((v, max(0, self.lo - before), max(0, self.hi - before)))
@@ -145,8 +152,9 @@ class RadixSelect:
         return RankCut(vl, vh, tuple(groups)), counts
 
 
-def rank_cut_blocks(read: Callable[[int], "np.ndarray"], n_blocks: int, n: int, lo: int, hi: int,
-                    largest_first: bool = False) -> Tuple[RankCut, List[List[int]]]:
+def rank_cut_blocks(
+    read: Callable[[int], "np.ndarray"], n_blocks: int, n: int, lo: int, hi: int, largest_first: bool = False
+) -> Tuple[RankCut, List[List[int]]]:
     """RadixSelect over blocks `read(k)` (block k, 1-D float32): (RankCut, per block its boundary group counts)."""
     high = np.zeros(1 << 16, dtype=np.int64)
     if max(0, lo) < min(n, hi):
@@ -168,7 +176,7 @@ def apply_cut(a: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = 
     for g, (v, first, last) in enumerate(cut.groups):
         members = torch.nonzero(a == v).flatten()
         off = offsets[g] if offsets is not None else 0
-        mask[members[max(0, first - off):max(0, last - off)]] = True
+        mask[members[max(0, first - off) : max(0, last - off)]] = True
     return mask
 
 
@@ -189,8 +197,13 @@ def magnitude_range(n: int, method: str, density: float, gamma: float = 0.01) ->
     return n_bot, n_bot + target, False
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: bool = False, cut: Optional[RankCut] = None,
-              offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
+def magnitude(
+    delta: torch.Tensor,
+    density: float,
+    rescale: bool = False,
+    cut: Optional[RankCut] = None,
+    offsets: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """TIES trim: keep the k = max(1, floor(density * n)) largest-magnitude elements (ties by lower index).
 
     For a row block of a larger tensor, `cut` (from the whole tensor) and `offsets` (tie-group members in earlier
@@ -210,8 +223,14 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False, cut: O
     return rescale_l1(delta, out) if rescale else out
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False,
-                       cut: Optional[RankCut] = None, offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
+def magnitude_outliers(
+    delta: torch.Tensor,
+    density: float,
+    gamma: float = 0.01,
+    rescale: bool = False,
+    cut: Optional[RankCut] = None,
+    offsets: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """Model Breadcrumbs: drop the top `gamma` fraction by magnitude, then the smallest, keeping floor(density*n).
 
     When density + gamma > 1, fewer outliers are dropped so that floor(density * n) elements remain. Ranks are
@@ -277,12 +296,13 @@ def stable_argsort_rows(mag: torch.Tensor) -> torch.Tensor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sort")
     bounds = [rows * i // workers for i in range(workers + 1)]
-    list(_POOL.map(lambda ab: _packed_argsort_into(keys[ab[0]:ab[1]], out[ab[0]:ab[1]]), zip(bounds, bounds[1:])))
+    list(_POOL.map(lambda ab: _packed_argsort_into(keys[ab[0] : ab[1]], out[ab[0] : ab[1]]), zip(bounds, bounds[1:])))
     return result
 
 
-def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float,
-                             rank_scope: str = "row") -> torch.Tensor:
+def della_keep_probabilities(
+    delta: torch.Tensor, density: float, epsilon: float, rank_scope: str = "row"
+) -> torch.Tensor:
     """DELLA MagPrune keep probabilities, shaped like `delta` viewed as 2-D rows.
 
     Magnitudes are ranked (ascending, ties by index) within each row (`rank_scope="row"`, mergekit) or over the
@@ -303,8 +323,15 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     return p
 
 
-def keep_mask(delta: torch.Tensor, method: str, density: float, key: int, epsilon: float = 0.15,
-              rank_scope: str = "row", row_offset: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def keep_mask(
+    delta: torch.Tensor,
+    method: str,
+    density: float,
+    key: int,
+    epsilon: float = 0.15,
+    rank_scope: str = "row",
+    row_offset: int = 0,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(mask, keep probability) of a random sparsifier for rows starting at `row_offset` of the whole tensor.
 
     The probability is None for DARE (it is `density` everywhere).
@@ -317,9 +344,19 @@ def keep_mask(delta: torch.Tensor, method: str, density: float, key: int, epsilo
     return (u.reshape(p.shape) < p).reshape(delta.shape), p.reshape(delta.shape)
 
 
-def random_sparsify(delta: torch.Tensor, method: str, density: float, key: int, rescale: bool = True,
-                    rescale_mode: str = "l1", epsilon: float = 0.15, rank_scope: str = "row", row_offset: int = 0,
-                    l1: Optional[L1Sums] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def random_sparsify(
+    delta: torch.Tensor,
+    method: str,
+    density: float,
+    key: int,
+    rescale: bool = True,
+    rescale_mode: str = "l1",
+    epsilon: float = 0.15,
+    rank_scope: str = "row",
+    row_offset: int = 0,
+    l1: Optional[L1Sums] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """DARE (`method="random"`, keep with probability density) or DELLA MagPrune (`"della_magprune"`).
 
     Rescale: `l1` (mergekit) scales the kept elements so the tensor's L1 norm is unchanged (over the whole tensor:
@@ -345,8 +382,15 @@ def random_sparsify(delta: torch.Tensor, method: str, density: float, key: int, 
     return out if f == 1.0 else out * f
 
 
-def l1_sums(delta: torch.Tensor, method: str, density: float, key: int, epsilon: float = 0.15,
-            rank_scope: str = "row", row_offset: int = 0) -> Tuple[L1Sums, Optional[torch.Tensor]]:
+def l1_sums(
+    delta: torch.Tensor,
+    method: str,
+    density: float,
+    key: int,
+    epsilon: float = 0.15,
+    rank_scope: str = "row",
+    row_offset: int = 0,
+) -> Tuple[L1Sums, Optional[torch.Tensor]]:
     """This block's (sum |delta|, sum |kept delta|), in float64, for a whole-tensor L1 rescale, and its mask."""
     if density >= 1 or density <= 0:
         s = abs_sum(delta)
@@ -371,10 +415,22 @@ def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
     return sign == majority.to(sign.dtype)
 
 
-def sparsify(delta: torch.Tensor, method: Optional[str], density: float, key: int = 0, rescale: bool = False,
-             epsilon: float = 0.15, gamma: float = 0.01, rescale_mode: str = "l1", rank_scope: str = "row",
-             row_offset: int = 0, l1: Optional[L1Sums] = None, mask: Optional[torch.Tensor] = None,
-             cut: Optional[RankCut] = None, offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
+def sparsify(
+    delta: torch.Tensor,
+    method: Optional[str],
+    density: float,
+    key: int = 0,
+    rescale: bool = False,
+    epsilon: float = 0.15,
+    gamma: float = 0.01,
+    rescale_mode: str = "l1",
+    rank_scope: str = "row",
+    row_offset: int = 0,
+    l1: Optional[L1Sums] = None,
+    mask: Optional[torch.Tensor] = None,
+    cut: Optional[RankCut] = None,
+    offsets: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """Dispatch to one of the sparsifiers above by mergekit's name for it."""
     if method is None:
         return delta
@@ -383,6 +439,7 @@ def sparsify(delta: torch.Tensor, method: Optional[str], density: float, key: in
     if method == "magnitude_outliers":
         return magnitude_outliers(delta, density, gamma, rescale, cut, offsets)
     if method in ("random", "della_magprune"):
-        return random_sparsify(delta, method, density, key, rescale, rescale_mode, epsilon, rank_scope, row_offset,
-                               l1, mask)
+        return random_sparsify(
+            delta, method, density, key, rescale, rescale_mode, epsilon, rank_scope, row_offset, l1, mask
+        )
     raise ValueError(f"unknown sparsification {method}")

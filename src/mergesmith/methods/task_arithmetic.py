@@ -51,14 +51,25 @@ def generalized_task_arithmetic(
             extra["epsilon"] = epsilons[i]
         if gammas is not None:
             extra["gamma"] = gammas[i]
-        return sparsify(delta, sparsification, densities[i], key=keys[i] if keys is not None else 0,
-                        rescale=rescale, rescale_mode=rescale_mode, rank_scope=rank_scope, row_offset=row_offset,
-                        **extra)
+        return sparsify(
+            delta,
+            sparsification,
+            densities[i],
+            key=keys[i] if keys is not None else 0,
+            rescale=rescale,
+            rescale_mode=rescale_mode,
+            rank_scope=rank_scope,
+            row_offset=row_offset,
+            **extra,
+        )
 
     # w_i = nums_i / den exactly: products and small sums stay exact in float32 (see methods/exact.py)
     nums, den = integer_weights(weights)
-    mixed = (_consensus(base, inputs, sparse, nums, den, consensus, normalize) if consensus else
-             _weighted_sum(inputs, sparse, nums, den, normalize))
+    mixed = (
+        _consensus(base, inputs, sparse, nums, den, consensus, normalize)
+        if consensus
+        else _weighted_sum(inputs, sparse, nums, den, normalize)
+    )
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
@@ -111,10 +122,12 @@ def _weighted_sum(inputs, sparse, nums, den, normalize: bool) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # whole-tensor statistics of row blocks
 
+
 @dataclass
 class L1Stat:
     """Per model, the whole tensor's (sum |delta|, sum |kept delta|), and per block its keep masks (1 bit per
     element, numpy-packed), drawn in pass 1 and reused in pass 2."""
+
     sums: List[L1Sums]
     masks: List[List[Optional[np.ndarray]]]
 
@@ -133,9 +146,20 @@ class L1Share:
 
 def _l1_collect(sparsification: str):
     def collect(base, inputs, keys, row_offset, density, epsilon=None, rank_scope="row"):
-        res = [l1_sums(x - base, sparsification, density[i], keys[i], row_offset=row_offset, rank_scope=rank_scope,
-                       **({} if epsilon is None else {"epsilon": epsilon[i]})) for i, x in enumerate(inputs)]
+        res = [
+            l1_sums(
+                x - base,
+                sparsification,
+                density[i],
+                keys[i],
+                row_offset=row_offset,
+                rank_scope=rank_scope,
+                **({} if epsilon is None else {"epsilon": epsilon[i]}),
+            )
+            for i, x in enumerate(inputs)
+        ]
         return [r[0] for r in res], [None if m is None else np.packbits(m.reshape(-1).cpu().numpy()) for _, m in res]
+
     return collect
 
 
@@ -154,8 +178,10 @@ def _l1_share(stat: L1Stat, k: int) -> L1Share:
 
 
 # DARE/DELLA's L1 rescale over the whole tensor: pass 1 adds each block's sums and keeps its masks.
-L1_SUMS = {s: TwoPass((Round(_l1_collect(s), _l1_add),), share=_l1_share, keeps_state=True)
-           for s in ("random", "della_magprune")}
+L1_SUMS = {
+    s: TwoPass((Round(_l1_collect(s), _l1_add),), share=_l1_share, keeps_state=True)
+    for s in ("random", "della_magprune")
+}
 
 
 @dataclass(frozen=True)
@@ -174,8 +200,9 @@ def _magnitudes(base, inputs, density) -> Iterator[Optional[np.ndarray]]:
 
 
 def _count_high(base, inputs, density):
-    return [None if a is None else RadixSelect.high_counts(a) for a in _magnitudes(base, inputs, density)], \
-        inputs[0].numel()
+    return [None if a is None else RadixSelect.high_counts(a) for a in _magnitudes(base, inputs, density)], inputs[
+        0
+    ].numel()
 
 
 def _add_high(total, part):
@@ -196,12 +223,14 @@ def _select(sparsification: str):
             lo, hi, largest = magnitude_range(n, sparsification, d, *(() if gamma is None else (gamma[i],)))
             sels.append(None if c is None else RadixSelect(c, n, lo, hi, largest))
         return sels
+
     return finish
 
 
 def _count_low(base, inputs, density, stat):
-    return [None if s is None or a is None else s.low_counts(a)
-            for s, a in zip(stat, _magnitudes(base, inputs, density))]
+    return [
+        None if s is None or a is None else s.low_counts(a) for s, a in zip(stat, _magnitudes(base, inputs, density))
+    ]
 
 
 def _add_low(sels: List[Optional[RadixSelect]], part):
@@ -233,8 +262,10 @@ def _cut_share(stat, k: int) -> CutShare:
 # TIES/breadcrumbs trims over the whole tensor: per model, two reads of the blocks find its cut by radix
 # selection (sparsify.RadixSelect: memory of one block, not of the tensor) and how many members of the boundary
 # tie groups each block holds, so block k knows how many come before it.
-MAGNITUDE_CUTS = {s: TwoPass((Round(_count_high, _add_high, _select(s)), Round(_count_low, _add_low, _cuts)),
-                             share=_cut_share) for s in ("magnitude", "magnitude_outliers")}
+MAGNITUDE_CUTS = {
+    s: TwoPass((Round(_count_high, _add_high, _select(s)), Round(_count_low, _add_low, _cuts)), share=_cut_share)
+    for s in ("magnitude", "magnitude_outliers")
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,87 +305,328 @@ def _della_streaming(rescale, rescale_mode, rank_scope):
 def _della_check(density, epsilon):
     for i, (d, e) in enumerate(zip(density, epsilon)):
         if 0 < d < 1 and (d - e <= 0 or d + e >= 1):
-            return "density", (f"density {d:g} with epsilon {e:g} gives keep probabilities from {d - e:g} to "
-                               f"{d + e:g}; density - epsilon and density + epsilon must both lie in (0, 1)"), i
+            return (
+                "density",
+                (
+                    f"density {d:g} with epsilon {e:g} gives keep probabilities from {d - e:g} to "
+                    f"{d + e:g}; density - epsilon and density + epsilon must both lie in (0, 1)"
+                ),
+                i,
+            )
     return None
 
 
-@merge_method("task_arithmetic", pretty="Task Arithmetic", url="https://arxiv.org/abs/2212.04089", docs=DOCS,
-              ranges=DENSITY, streaming=Streaming.ELEMENTWISE)
-def task_arithmetic(base, inputs, *, weight: PerModel[float], density: PerModel[float] = 1.0,
-                    int8_mask: bool = False, normalize: bool = False, rescale: bool = False, lambda_: float = 1.0):
+@merge_method(
+    "task_arithmetic",
+    pretty="Task Arithmetic",
+    url="https://arxiv.org/abs/2212.04089",
+    docs=DOCS,
+    ranges=DENSITY,
+    streaming=Streaming.ELEMENTWISE,
+)
+def task_arithmetic(
+    base,
+    inputs,
+    *,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    int8_mask: bool = False,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+):
     """base + lambda * sum of weighted task vectors."""
-    return generalized_task_arithmetic(base, inputs, weight, density, normalize=normalize, rescale=rescale,
-                                       lambda_=lambda_)
+    return generalized_task_arithmetic(
+        base, inputs, weight, density, normalize=normalize, rescale=rescale, lambda_=lambda_
+    )
 
 
-@merge_method("ties", pretty="TIES", url="https://arxiv.org/abs/2306.01708", docs=DOCS, ranges=DENSITY,
-              streaming=_magnitude_streaming("magnitude"))
-def ties(base, inputs, *, weight: PerModel[float], density: PerModel[float] = 1.0, int8_mask: bool = False,
-         normalize: bool = True, rescale: bool = False, lambda_: float = 1.0, stat: Optional[CutShare] = None):
+@merge_method(
+    "ties",
+    pretty="TIES",
+    url="https://arxiv.org/abs/2306.01708",
+    docs=DOCS,
+    ranges=DENSITY,
+    streaming=_magnitude_streaming("magnitude"),
+)
+def ties(
+    base,
+    inputs,
+    *,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    int8_mask: bool = False,
+    normalize: bool = True,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    stat: Optional[CutShare] = None,
+):
     """Trim task vectors by magnitude, elect signs, merge the agreeing parts."""
-    return generalized_task_arithmetic(base, inputs, weight, density, sparsification="magnitude", consensus="sum",
-                                       normalize=normalize, rescale=rescale, lambda_=lambda_, stat=stat)
+    return generalized_task_arithmetic(
+        base,
+        inputs,
+        weight,
+        density,
+        sparsification="magnitude",
+        consensus="sum",
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        stat=stat,
+    )
 
 
-@merge_method("dare_ties", pretty="DARE TIES", url="https://arxiv.org/abs/2311.03099", docs=DOCS, ranges=DENSITY,
-              randomized=True, streaming=_random_streaming)
-def dare_ties(base, inputs, keys, row_offset, *, weight: PerModel[float], density: PerModel[float] = 1.0,
-              int8_mask: bool = False, normalize: bool = False, rescale: bool = True, lambda_: float = 1.0,
-              rescale_mode: RescaleMode = "l1", stat: Optional[L1Share] = None):
+@merge_method(
+    "dare_ties",
+    pretty="DARE TIES",
+    url="https://arxiv.org/abs/2311.03099",
+    docs=DOCS,
+    ranges=DENSITY,
+    randomized=True,
+    streaming=_random_streaming,
+)
+def dare_ties(
+    base,
+    inputs,
+    keys,
+    row_offset,
+    *,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    int8_mask: bool = False,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    rescale_mode: RescaleMode = "l1",
+    stat: Optional[L1Share] = None,
+):
     """Random drop-and-rescale of task vectors, then TIES sign consensus."""
-    return generalized_task_arithmetic(base, inputs, weight, density, keys, "random", "sum", normalize, rescale,
-                                       lambda_, rescale_mode=rescale_mode, row_offset=row_offset, stat=stat)
+    return generalized_task_arithmetic(
+        base,
+        inputs,
+        weight,
+        density,
+        keys,
+        "random",
+        "sum",
+        normalize,
+        rescale,
+        lambda_,
+        rescale_mode=rescale_mode,
+        row_offset=row_offset,
+        stat=stat,
+    )
 
 
-@merge_method("dare_linear", pretty="Linear DARE", url="https://arxiv.org/abs/2311.03099", docs=DOCS,
-              ranges=DENSITY, randomized=True, streaming=_random_streaming)
-def dare_linear(base, inputs, keys, row_offset, *, weight: PerModel[float], density: PerModel[float] = 1.0,
-                int8_mask: bool = False, normalize: bool = False, rescale: bool = True, lambda_: float = 1.0,
-                rescale_mode: RescaleMode = "l1", stat: Optional[L1Share] = None):
+@merge_method(
+    "dare_linear",
+    pretty="Linear DARE",
+    url="https://arxiv.org/abs/2311.03099",
+    docs=DOCS,
+    ranges=DENSITY,
+    randomized=True,
+    streaming=_random_streaming,
+)
+def dare_linear(
+    base,
+    inputs,
+    keys,
+    row_offset,
+    *,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    int8_mask: bool = False,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    rescale_mode: RescaleMode = "l1",
+    stat: Optional[L1Share] = None,
+):
     """Random drop-and-rescale of task vectors, then a weighted sum."""
-    return generalized_task_arithmetic(base, inputs, weight, density, keys, "random", None, normalize, rescale,
-                                       lambda_, rescale_mode=rescale_mode, row_offset=row_offset, stat=stat)
+    return generalized_task_arithmetic(
+        base,
+        inputs,
+        weight,
+        density,
+        keys,
+        "random",
+        None,
+        normalize,
+        rescale,
+        lambda_,
+        rescale_mode=rescale_mode,
+        row_offset=row_offset,
+        stat=stat,
+    )
 
 
-@merge_method("breadcrumbs", pretty="Model Breadcrumbs", url="https://arxiv.org/abs/2312.06795", docs=DOCS,
-              ranges={**DENSITY, "gamma": (0, 1)}, streaming=_magnitude_streaming("magnitude_outliers"))
-def breadcrumbs(base, inputs, *, weight: PerModel[float], density: PerModel[float] = 1.0, int8_mask: bool = False,
-                normalize: bool = False, rescale: bool = False, lambda_: float = 1.0,
-                gamma: PerModel[float] = 0.01, stat: Optional[CutShare] = None):
+@merge_method(
+    "breadcrumbs",
+    pretty="Model Breadcrumbs",
+    url="https://arxiv.org/abs/2312.06795",
+    docs=DOCS,
+    ranges={**DENSITY, "gamma": (0, 1)},
+    streaming=_magnitude_streaming("magnitude_outliers"),
+)
+def breadcrumbs(
+    base,
+    inputs,
+    *,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    int8_mask: bool = False,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    gamma: PerModel[float] = 0.01,
+    stat: Optional[CutShare] = None,
+):
     """Drop the largest outliers and the smallest deltas, then a weighted sum."""
-    return generalized_task_arithmetic(base, inputs, weight, density, None, "magnitude_outliers", None, normalize,
-                                       rescale, lambda_, gammas=gamma, stat=stat)
+    return generalized_task_arithmetic(
+        base,
+        inputs,
+        weight,
+        density,
+        None,
+        "magnitude_outliers",
+        None,
+        normalize,
+        rescale,
+        lambda_,
+        gammas=gamma,
+        stat=stat,
+    )
 
 
-@merge_method("breadcrumbs_ties", pretty="Model Breadcrumbs with TIES", url="https://arxiv.org/abs/2312.06795",
-              docs=DOCS, ranges={**DENSITY, "gamma": (0, 1)}, streaming=_magnitude_streaming("magnitude_outliers"))
-def breadcrumbs_ties(base, inputs, *, weight: PerModel[float], density: PerModel[float] = 1.0,
-                     int8_mask: bool = False, normalize: bool = False, rescale: bool = False, lambda_: float = 1.0,
-                     gamma: PerModel[float] = 0.01, stat: Optional[CutShare] = None):
+@merge_method(
+    "breadcrumbs_ties",
+    pretty="Model Breadcrumbs with TIES",
+    url="https://arxiv.org/abs/2312.06795",
+    docs=DOCS,
+    ranges={**DENSITY, "gamma": (0, 1)},
+    streaming=_magnitude_streaming("magnitude_outliers"),
+)
+def breadcrumbs_ties(
+    base,
+    inputs,
+    *,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    int8_mask: bool = False,
+    normalize: bool = False,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    gamma: PerModel[float] = 0.01,
+    stat: Optional[CutShare] = None,
+):
     """Breadcrumbs sparsification with TIES sign consensus."""
-    return generalized_task_arithmetic(base, inputs, weight, density, None, "magnitude_outliers", "sum", normalize,
-                                       rescale, lambda_, gammas=gamma, stat=stat)
+    return generalized_task_arithmetic(
+        base,
+        inputs,
+        weight,
+        density,
+        None,
+        "magnitude_outliers",
+        "sum",
+        normalize,
+        rescale,
+        lambda_,
+        gammas=gamma,
+        stat=stat,
+    )
 
 
-@merge_method("della", pretty="DELLA", url="https://arxiv.org/abs/2406.11617", docs=DOCS, randomized=True,
-              ranges={**DENSITY, "epsilon": (0, None)}, check=_della_check, streaming=_della_streaming)
-def della(base, inputs, keys, row_offset, *, weight: PerModel[float], density: PerModel[float] = 1.0,
-          int8_mask: bool = False, normalize: bool = True, rescale: bool = True, lambda_: float = 1.0,
-          epsilon: PerModel[float] = 0.15, rank_scope: Literal["row", "tensor"] = "row",
-          rescale_mode: RescaleMode = "l1", stat: Optional[L1Share] = None):
+@merge_method(
+    "della",
+    pretty="DELLA",
+    url="https://arxiv.org/abs/2406.11617",
+    docs=DOCS,
+    randomized=True,
+    ranges={**DENSITY, "epsilon": (0, None)},
+    check=_della_check,
+    streaming=_della_streaming,
+)
+def della(
+    base,
+    inputs,
+    keys,
+    row_offset,
+    *,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    int8_mask: bool = False,
+    normalize: bool = True,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    epsilon: PerModel[float] = 0.15,
+    rank_scope: Literal["row", "tensor"] = "row",
+    rescale_mode: RescaleMode = "l1",
+    stat: Optional[L1Share] = None,
+):
     """Magnitude-ranked random pruning (MagPrune), rescale, TIES sign consensus."""
-    return generalized_task_arithmetic(base, inputs, weight, density, keys, "della_magprune", "sum", normalize,
-                                       rescale, lambda_, epsilon, None, rescale_mode, rank_scope, row_offset, stat)
+    return generalized_task_arithmetic(
+        base,
+        inputs,
+        weight,
+        density,
+        keys,
+        "della_magprune",
+        "sum",
+        normalize,
+        rescale,
+        lambda_,
+        epsilon,
+        None,
+        rescale_mode,
+        rank_scope,
+        row_offset,
+        stat,
+    )
 
 
-@merge_method("della_linear", pretty="Linear DELLA", url="https://arxiv.org/abs/2406.11617", docs=DOCS,
-              randomized=True, ranges={**DENSITY, "epsilon": (0, None)}, check=_della_check,
-              streaming=_della_streaming)
-def della_linear(base, inputs, keys, row_offset, *, weight: PerModel[float], density: PerModel[float] = 1.0,
-                 int8_mask: bool = False, normalize: bool = False, rescale: bool = True, lambda_: float = 1.0,
-                 epsilon: PerModel[float] = 0.15, rank_scope: Literal["row", "tensor"] = "row",
-                 rescale_mode: RescaleMode = "l1", stat: Optional[L1Share] = None):
+@merge_method(
+    "della_linear",
+    pretty="Linear DELLA",
+    url="https://arxiv.org/abs/2406.11617",
+    docs=DOCS,
+    randomized=True,
+    ranges={**DENSITY, "epsilon": (0, None)},
+    check=_della_check,
+    streaming=_della_streaming,
+)
+def della_linear(
+    base,
+    inputs,
+    keys,
+    row_offset,
+    *,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    int8_mask: bool = False,
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+    epsilon: PerModel[float] = 0.15,
+    rank_scope: Literal["row", "tensor"] = "row",
+    rescale_mode: RescaleMode = "l1",
+    stat: Optional[L1Share] = None,
+):
     """Magnitude-ranked random pruning (MagPrune), rescale, weighted sum."""
-    return generalized_task_arithmetic(base, inputs, weight, density, keys, "della_magprune", None, normalize,
-                                       rescale, lambda_, epsilon, None, rescale_mode, rank_scope, row_offset, stat)
+    return generalized_task_arithmetic(
+        base,
+        inputs,
+        weight,
+        density,
+        keys,
+        "della_magprune",
+        None,
+        normalize,
+        rescale,
+        lambda_,
+        epsilon,
+        None,
+        rescale_mode,
+        rank_scope,
+        row_offset,
+        stat,
+    )
