@@ -275,6 +275,13 @@ def _check_recipe(r: MoERecipe) -> None:
             f"{r.at('experts_per_token')}: experts_per_token {c.experts_per_token} must lie in [1, "
             f"{len(c.experts)}] (the number of experts)"
         )
+    _check_tokenizer(r)
+    _check_models(r)
+
+
+def _check_models(r: MoERecipe) -> None:
+    """Model references are names, and the experts' scales are finite (noise_scale >= 0)."""
+    c = r.config
     refs = [(c.base_model, ("base_model",))] + [(e.source_model, (g, i, "source_model")) for g, i, e in _all_experts(c)]
     refs += [(c.tokenizer_source, ("tokenizer_source",))] if c.tokenizer_source else []
     for ref, path in refs:
@@ -290,6 +297,11 @@ def _check_recipe(r: MoERecipe) -> None:
                 raise MergeError(
                     f"{r.at(g, i, key)}: {key} {v} must be a finite number" + (" >= 0" if key == "noise_scale" else "")
                 )
+
+
+def _check_tokenizer(r: MoERecipe) -> None:
+    """An MoE keeps the base's vocabulary: no tokenizer the recipe would build."""
+    c = r.config
     if c.tokenizer is not None and (c.tokenizer.source != "base" or c.tokenizer.tokens):
         raise MergeError(
             f"{r.at('tokenizer')}: an MoE keeps the base's vocabulary; 'tokenizer:' may only say "

@@ -865,6 +865,14 @@ def _seed(seed: Optional[int]) -> Tuple[int, bool]:
     return (secrets.randbits(31), False) if seed is None else (seed, True)
 
 
+def _layer_totals(groups: List[Group]) -> Counter:
+    """The output's layer count per stack."""
+    totals: Counter = Counter()
+    for g in groups:
+        totals[g.stack] += g.length
+    return totals
+
+
 def make_plan(
     recipe: Recipe,
     seed: Optional[int] = None,
@@ -889,9 +897,7 @@ def make_plan(
     groups = output_groups(recipe, method, models, anats)
     vocabulary = _vocabulary(recipe, models)
     _check_inputs(recipe, groups)
-    totals: Counter = Counter()
-    for g in groups:
-        totals[g.stack] += g.length
+    totals = _layer_totals(groups)
     seed, seed_given = _seed(seed)
     planner = _TensorPlanner(
         models,

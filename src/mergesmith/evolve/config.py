@@ -161,6 +161,12 @@ def _check_genome(path: Path, g: Any) -> Dict[str, Any]:
             f"{method!r} is not a method evolve can search"
             f"{did_you_mean(str(method), searchable)}; use one with per-model weights: {', '.join(searchable)}",
         )
+    _check_genome_settings(path, g)
+    return dict(g)
+
+
+def _check_genome_settings(path: Path, g: Dict[str, Any]) -> None:
+    """The genome's settings besides its models and method: types and values."""
     for key in ("base_model", "tokenizer_source"):
         if g.get(key) is not None and not (isinstance(g[key], str) and g[key]):
             raise _fail(path, f"genome.{key}", "give a model path or Hub id")
@@ -176,7 +182,6 @@ def _check_genome(path: Path, g: Any) -> Dict[str, Any]:
         raise _fail(path, "genome.parameters", "give a mapping of global method parameters (like epsilon: 0.05)")
     if g.get("dtype", "bfloat16") not in DTYPES:
         raise _fail(path, "genome.dtype", f"{g.get('dtype')!r}: use {', '.join(DTYPES)}")
-    return dict(g)
 
 
 def _paths(path: Path, key: str, v: Any) -> List[Path]:

@@ -97,41 +97,50 @@ def recovered(
 
 
 def format_report(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]]) -> str:
+    """The end-of-search table: per split, each row's task scores, exact match and score or gap recovered."""
     names = [s["name"] for s in specs]
-    short = [n.split(":")[-1][:9] for n in names]
     lines = []
     for split in SPLITS:
-        shown = [n for n in names if any(n in r[split] for r in rows)]
-        if not shown:
-            continue
-        metric = {s["name"]: s["metric"] for s in specs}
-        em = [n for n in shown if "exact_match" in rows[0][split].get(n, {}) and metric[n] != "exact_match"]
-        lines.append(
-            f"{split} split: {', '.join(sorted({metric[n] for n in shown}))}"
-            + (" | exact match" if em else "")
-            + (" | score" if split == "search" else " | recovered")
-        )
-        head = (
-            f"{'':18s}"
-            + "".join(f"{short[names.index(n)]:>10s}" for n in shown)
-            + " |"
-            + "".join(f"{short[names.index(n)]:>10s}" for n in em)
-            + " |"
-        )
-        lines += [head, "-" * (len(head) + 10)]
-        for r in rows:
-            row = (
-                f"{r['name'][:18]:18s}"
-                + "".join(f"{r[split][n][metric[n]]:10.3f}" for n in shown)
-                + " |"
-                + "".join(f"{r[split][n]['exact_match']:10.3f}" for n in em)
-                + " |"
-            )
-            last = r["score"] if split == "search" else r.get("recovered")
-            row += f" {last:8.3f}" if split == "search" else (f" {last:8.0%}" if last is not None else "        -")
-            lines.append(row)
-        lines.append("")
+        lines += _split_table(rows, specs, names, split)
     return "\n".join(lines).rstrip()
+
+
+def _split_table(rows, specs, names: List[str], split: str) -> List[str]:
+    """One split's lines of the table (none when no row has a score on it)."""
+    short = [n.split(":")[-1][:9] for n in names]
+    shown = [n for n in names if any(n in r[split] for r in rows)]
+    if not shown:
+        return []
+    metric = {s["name"]: s["metric"] for s in specs}
+    em = [n for n in shown if "exact_match" in rows[0][split].get(n, {}) and metric[n] != "exact_match"]
+    lines = [
+        f"{split} split: {', '.join(sorted({metric[n] for n in shown}))}"
+        + (" | exact match" if em else "")
+        + (" | score" if split == "search" else " | recovered")
+    ]
+    head = (
+        f"{'':18s}"
+        + "".join(f"{short[names.index(n)]:>10s}" for n in shown)
+        + " |"
+        + "".join(f"{short[names.index(n)]:>10s}" for n in em)
+        + " |"
+    )
+    lines += [head, "-" * (len(head) + 10)]
+    for r in rows:
+        lines.append(_report_row(r, split, shown, em, metric))
+    return lines + [""]
+
+
+def _report_row(r: Dict[str, Any], split: str, shown: List[str], em: List[str], metric: Dict[str, str]) -> str:
+    row = (
+        f"{r['name'][:18]:18s}"
+        + "".join(f"{r[split][n][metric[n]]:10.3f}" for n in shown)
+        + " |"
+        + "".join(f"{r[split][n]['exact_match']:10.3f}" for n in em)
+        + " |"
+    )
+    last = r["score"] if split == "search" else r.get("recovered")
+    return row + (f" {last:8.3f}" if split == "search" else (f" {last:8.0%}" if last is not None else "        -"))
 
 
 def svg_scores(scores: Sequence[float], start: Optional[float], title: str) -> str:
