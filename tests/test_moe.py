@@ -413,3 +413,11 @@ def test_demo_moe_routes_held_out_answers_to_their_expert(tmp_path):
         assert [p["prompt"] for p in e["eval_prompts"]] == [p for p, _ in eval_set(s)]
     acc = routing_accuracy(tmp_path / "moe")
     assert all(acc[s] >= 0.9 for s in SKILLS), acc
+
+
+def test_plan_of_an_moe_recipe_describes_the_build(mixtral, capsys):
+    """`mergesmith plan` on a mergekit-moe recipe checks it and says what `moe` would build (no merge_method)."""
+    capsys.readouterr()
+    assert cli("plan", mixtral.parent / "moe.yml") == 0
+    out = capsys.readouterr().out
+    assert "Mixtral" in out or "mixtral" in out, out

@@ -186,8 +186,12 @@ def plan_cmd(recipe, verbose, quiet, **options):
     from mergesmith import stages
     from mergesmith.api import MergeOptions, describe, plan_merge
 
+    from mergesmith.moe import is_moe_recipe, plan_text
+
     o = MergeOptions(**_merge_options(options))
-    if stages.is_multi_stage(recipe):
+    if is_moe_recipe(recipe):  # a mergekit-moe recipe: what `mergesmith moe` would build
+        click.echo(plan_text(recipe, strict=o.strict))
+    elif stages.is_multi_stage(recipe):
         click.echo(stages.describe_pipeline(Path(recipe), o, plan_merge))
     else:
         click.echo(describe(plan_merge(Path(recipe), o)))  # "tensors: N in K file(s)": K shards
