@@ -164,6 +164,42 @@ def test_uniform_matches_pure_python_splitmix():
     assert uniform(stream_key(1, "a", "b"), 0, 8).tolist() != uniform(stream_key(2, "a", "b"), 0, 8).tolist()
 
 
+def _della_reference_mask(d: np.ndarray, u: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """u < p(rank) with ranks by magnitude within each row, ties by column (np.lexsort), p in float64 then float32
+    as the method's table: density - epsilon + 2 epsilon r / (n - 1)."""
+    rows, n = d.shape
+    keep = np.zeros(d.shape, dtype=bool)
+    for r in range(rows):
+        order = np.lexsort((np.arange(n), np.abs(d[r])))
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+        if n == 1:
+            p = np.float32(density)
+        else:
+            p = np.float32(rank * np.float32(2 * epsilon / (n - 1))) + np.float32(density - epsilon)
+        keep[r] = u[r] < p
+    return keep
+
+
+@pytest.mark.parametrize("shape", [(40, 257), (3, 1), (1, 5000), (9, 2)])
+@pytest.mark.parametrize("density,epsilon", [(0.4, 0.05), (0.25, 0.2), (0.5, 0.5)])
+def test_della_mask_matches_a_ranked_reference(shape, density, epsilon):
+    """The band shortcut (most elements decided without a rank) keeps exactly the elements a full ranking keeps,
+    on bf16-like deltas full of ties and zeros, for every row length."""
+    from mergesmith.methods.rng import uniform_like
+    from mergesmith.methods.sparsify import keep_mask
+
+    base = rnd(*shape, scale=0.02).to(torch.bfloat16)
+    ft = (base.float() + rnd(*shape, scale=0.0005)).to(torch.bfloat16)
+    d = ft.float() - base.float()
+    d[0, : shape[1] // 2] = 0
+    key = stream_key(3, "m", "t")
+    got, _ = keep_mask(d, "della_magprune", density, key, epsilon, row_offset=5)
+    u = uniform_like(key, d.shape, row_offset=5).numpy()
+    want = _della_reference_mask(d.numpy(), u, density, epsilon)
+    assert np.array_equal(got.numpy(), want)
+
+
 def test_della_keep_probabilities_range_per_row():
     d = rnd(3, 101)
     p = della_keep_probabilities(d, density=0.4, epsilon=0.1)
@@ -347,3 +383,19 @@ def test_a_cut_applied_block_by_block_keeps_what_a_stable_sort_keeps(n, levels, 
         got.append(apply_cut(torch.from_numpy(a[x:y]), cut, running).numpy())
         running = [r + c for r, c in zip(running, counts[k])]
     assert np.array_equal(np.concatenate(got), want)
+
+
+def test_kept_is_torch_where_bit_for_bit():
+    """The bitwise select keeps NaN, Inf and -0.0 where the mask holds and writes +0.0 elsewhere, like where."""
+    from mergesmith.methods.sparsify import kept
+
+    x = rnd(37, 41)
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.5])
+    mask = torch.rand(37, 41, generator=G) < 0.5
+    mask[0, :6] = torch.tensor([True, False, True, True, False, False])
+    want = torch.where(mask, x, torch.zeros(()))
+    for got in (kept(x, mask), kept(x.clone(), mask, out=None), kept(x.clone(), mask, out=x.clone())):
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    y = x.clone()
+    kept(y, mask, out=y)
+    assert torch.equal(y.view(torch.int32), want.view(torch.int32))

@@ -50,19 +50,29 @@ def _mix_(z: torch.Tensor, t: torch.Tensor) -> None:
             z.mul_(_i64(mult))
 
 
+_MASK64 = (1 << 64) - 1
+_STRIDES = None
+
+
+def _strides() -> "np.ndarray":
+    """i * golden (wrapping) for i < _CHUNK, computed once."""
+    global _STRIDES
+    if _STRIDES is None:
+        _STRIDES = np.arange(_CHUNK, dtype=np.uint64) * np.uint64(_GOLDEN)
+    return _STRIDES
+
+
 def _uniform_np(key: int, start: int, out: "np.ndarray") -> None:
     """The same stream with numpy's native uint64 arithmetic (wrapping multiply, logical shifts): fewer passes
     than torch's int64 emulation and it releases the GIL, so chunks run on several cores."""
     z = np.empty(min(_CHUNK, out.size), dtype=np.uint64)
     t = np.empty_like(z)
-    golden, k = np.uint64(_GOLDEN), np.uint64(key & ((1 << 64) - 1))
     c1, c2 = np.uint64(_C1), np.uint64(_C2)
     for a in range(0, out.size, _CHUNK):
         b = min(out.size, a + _CHUNK)
         zz, tt = z[: b - a], t[: b - a]
-        zz[...] = np.arange(start + a, start + b, dtype=np.uint64)
-        np.multiply(zz, golden, out=zz)
-        np.add(zz, k, out=zz)
+        # (start + a + i) * golden + key, wrapping: a per-chunk constant plus a table of i * golden
+        np.add(_strides()[: b - a], np.uint64(((start + a) * _GOLDEN + key) & _MASK64), out=zz)
         for shift, mult in ((30, c1), (27, c2), (31, None)):
             np.right_shift(zz, np.uint64(shift), out=tt)
             np.bitwise_xor(zz, tt, out=zz)

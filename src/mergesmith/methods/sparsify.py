@@ -31,15 +31,33 @@ def numpy_path(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def abs_sum(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
-    """sum |x| (over the elements where `mask`), accumulated in float64. On the CPU through numpy, whose buffered
-    pairwise float64 sum is ~5x faster than torch's here."""
-    a = x.abs()
-    if mask is not None:
-        a = torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
+def kept(x: torch.Tensor, mask: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x where `mask`, +0.0 elsewhere (torch.where(mask, x, 0)), into `out` if given (may be x). On the CPU for
+    float32 as a bitwise AND with the mask widened to all-ones words: the same bits, ~8x faster than torch.where
+    on a scattered mask."""
+    if not (numpy_path(x) and x.dtype == torch.float32 and x.is_contiguous() and mask.is_contiguous()):
+        res = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return res if out is None else out.copy_(res)
+    out = torch.empty_like(x) if out is None else out
+    words = np.negative(mask.numpy().view(np.int8))  # True -> -1: all bits set once widened to int32
+    np.bitwise_and(x.numpy().view(np.int32), words.reshape(x.shape), out=out.numpy().view(np.int32))
+    return out
+
+
+def sum64(a: torch.Tensor) -> float:
+    """sum of `a`, accumulated in float64. On the CPU through numpy, whose buffered pairwise float64 sum is ~5x
+    faster than torch's here."""
     if numpy_path(a) and a.dtype == torch.float32:
         return float(np.add.reduce(a.contiguous().numpy().reshape(-1), dtype=np.float64))
     return a.sum(dtype=torch.float64).item()
+
+
+def abs_sum(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
+    """sum |x| (over the elements where `mask`), accumulated in float64."""
+    a = x.abs()
+    if mask is not None:
+        kept(a, mask, out=a)
+    return sum64(a)
 
 
 def _l1_factor(before: float, after: float, eps: float = 1e-7) -> float:
@@ -219,7 +237,7 @@ def magnitude(
     else:
         lo, hi, largest = magnitude_range(n, "magnitude", density)
         mask = rank_range_mask(flat.abs(), lo, hi, largest_first=largest)
-    out = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape_as(delta)
+    out = kept(flat, mask).reshape_as(delta)
     return rescale_l1(delta, out) if rescale else out
 
 
@@ -245,7 +263,7 @@ def magnitude_outliers(
     else:
         lo, hi, _ = magnitude_range(n, "magnitude_outliers", density, gamma)
         mask = rank_range_mask(flat.abs(), lo, hi)
-    out = torch.where(mask, flat, torch.zeros((), dtype=flat.dtype, device=flat.device)).reshape_as(delta)
+    out = kept(flat, mask).reshape_as(delta)
     return rescale_l1(delta, out) if rescale else out
 
 
@@ -262,42 +280,65 @@ def _radix_argsort_rows(keys: "np.ndarray") -> "np.ndarray":
     return np.take_along_axis(order, order2, axis=1)
 
 
-def _packed_argsort_into(keys: "np.ndarray", out: "np.ndarray") -> None:
-    """Stable argsort of each row of non-negative float32 bit patterns, written to `out` (int64): sort the values
-    (bits << b | column), which are unique, so any sort is stable (numpy sorts int64 with SIMD quicksort); the low b
-    bits of the sorted values are then the column order."""
+def _packed_sort_into(keys: "np.ndarray", out: "np.ndarray") -> int:
+    """Each row of non-negative float32 bit patterns as the int64 values (bits << b | column), sorted, in `out`;
+    returns b. The values are unique, so any sort is stable (numpy sorts int64 with SIMD quicksort), a value's
+    position in its sorted row is its element's rank (ties by column), and the low b bits are the column order."""
     cols = keys.shape[1]
     b = max(1, (cols - 1).bit_length())
     out[...] = keys
     out <<= b
     out |= np.arange(cols, dtype=np.int64)
     out.sort(axis=1)
+    return b
+
+
+def _packed_argsort_into(keys: "np.ndarray", out: "np.ndarray") -> None:
+    """Stable argsort of each row of non-negative float32 bit patterns, written to `out` (int64)."""
+    b = _packed_sort_into(keys, out)
     out &= (1 << b) - 1
 
 
 _POOL = None
 
 
+def _by_rows(fn: Callable[["np.ndarray", "np.ndarray"], object], keys: "np.ndarray", out: "np.ndarray") -> None:
+    """fn(keys[a:b], out[a:b]) over row ranges, on the machine's cores when there are enough rows."""
+    global _POOL
+    rows = keys.shape[0]
+    workers = max(1, min(os.cpu_count() or 1, rows // 64))
+    if workers == 1:
+        fn(keys, out)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sort")
+    bounds = [rows * i // workers for i in range(workers + 1)]
+    list(_POOL.map(lambda ab: fn(keys[ab[0] : ab[1]], out[ab[0] : ab[1]]), zip(bounds, bounds[1:])))
+
+
 def stable_argsort_rows(mag: torch.Tensor) -> torch.Tensor:
     """Indices that sort each row of a non-negative float32 matrix ascending, ties by index (device-independent)."""
     if not numpy_path(mag) or mag.dtype != torch.float32:
         return torch.sort(mag, dim=1, stable=True).indices
-    global _POOL
     keys = mag.contiguous().view(torch.int32).numpy().view(np.uint32)
     rows, cols = keys.shape
     if (cols - 1).bit_length() > 32:
         return torch.from_numpy(_radix_argsort_rows(keys))
     result = torch.empty((rows, cols), dtype=torch.int64)
-    out = result.numpy()
-    workers = max(1, min(os.cpu_count() or 1, rows // 64))
-    if workers == 1:
-        _packed_argsort_into(keys, out)
-        return result
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sort")
-    bounds = [rows * i // workers for i in range(workers + 1)]
-    list(_POOL.map(lambda ab: _packed_argsort_into(keys[ab[0] : ab[1]], out[ab[0] : ab[1]]), zip(bounds, bounds[1:])))
+    _by_rows(_packed_argsort_into, keys, result.numpy())
     return result
+
+
+def _della_rows(delta: torch.Tensor, rank_scope: str) -> torch.Tensor:
+    return delta.reshape(1, -1) if (delta.dim() < 2 or rank_scope == "tensor") else delta.reshape(delta.shape[0], -1)
+
+
+def _della_steps(n: int, density: float, epsilon: float, device) -> torch.Tensor:
+    """Keep probability of rank r = 0..n-1: density - epsilon + 2 epsilon r/(n-1), non-decreasing in r."""
+    if n == 1:
+        return torch.full((1,), density, dtype=torch.float32, device=device)
+    steps = torch.arange(n, device=device, dtype=torch.float32).mul_(2 * epsilon / (n - 1))
+    return steps.add_(density - epsilon)
 
 
 def della_keep_probabilities(
@@ -310,17 +351,50 @@ def della_keep_probabilities(
     so the smallest magnitude is kept with density - epsilon and the largest with density + epsilon. A row of one
     element gets p = density. One sort per row; the ranks are scattered from it.
     """
-    rows = delta.reshape(1, -1) if (delta.dim() < 2 or rank_scope == "tensor") else delta.reshape(delta.shape[0], -1)
-    n = rows.shape[1]
+    rows = _della_rows(delta, rank_scope)
     order = stable_argsort_rows(rows.abs())
+    steps = _della_steps(rows.shape[1], density, epsilon, rows.device)
     p = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
-    if n > 1:
-        steps = torch.arange(n, device=rows.device, dtype=torch.float32).mul_(2 * epsilon / (n - 1))
-        steps.add_(density - epsilon)
-        p.scatter_(1, order, steps.expand_as(order))
-    else:
-        p.fill_(density)
+    p.scatter_(1, order, steps.expand_as(order))
     return p
+
+
+def _first_above(steps: "np.ndarray", x: "np.ndarray") -> "np.ndarray":
+    """For each x in [steps[0], steps[-1]), the first r with steps[r] > x (non-decreasing `steps`, nearly linear):
+    the linear guess corrected against the table, which numpy's searchsorted (~100 ns a value here) does for the
+    rare x it leaves unsettled."""
+    n = steps.size
+    r = ((x - steps[0]) * np.float32((n - 1) / (steps[-1] - steps[0]))).astype(np.int64)
+    r += 1
+    np.clip(r, 1, n - 1, out=r)
+    for _ in range(3):
+        up, down = steps[r] <= x, steps[r - 1] > x
+        if not (up.any() or down.any()):
+            return r
+        r += up
+        r -= down
+    return np.searchsorted(steps, x, side="right")
+
+
+def _della_band_mask(mag: "np.ndarray", u: "np.ndarray", steps: "np.ndarray") -> "np.ndarray":
+    """u < steps[rank] for rows of magnitudes `mag` (rank ascending within the row, ties by column), deciding most
+    elements without their rank: where u < steps[0] every rank keeps, where u >= steps[-1] none does. In the band
+    between (2 epsilon of the elements) keep iff rank >= t, t the first rank whose probability exceeds u; with the
+    rows sorted as unique (magnitude bits, column) values, that is: the element's value >= the row's t-th value."""
+    rows, n = mag.shape
+    keep = u < steps[0]
+    band = np.flatnonzero((u < steps[-1]) ^ keep)  # steps[0] <= u < steps[-1]
+    if band.size == 0:
+        return keep
+    keys = mag.view(np.uint32)
+    packed = np.empty((rows, n), dtype=np.int64)
+    _by_rows(_packed_sort_into, keys, packed)
+    b = max(1, (n - 1).bit_length())
+    t = _first_above(steps, u.reshape(-1)[band])
+    row = band // n
+    mine = (keys.reshape(-1)[band].astype(np.int64) << b) | (band - row * n)
+    keep.reshape(-1)[band] = mine >= packed.reshape(-1)[row * n + t]
+    return keep
 
 
 def keep_mask(
@@ -331,15 +405,24 @@ def keep_mask(
     epsilon: float = 0.15,
     rank_scope: str = "row",
     row_offset: int = 0,
+    with_probs: bool = False,
+    magnitudes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(mask, keep probability) of a random sparsifier for rows starting at `row_offset` of the whole tensor.
 
-    The probability is None for DARE (it is `density` everywhere).
+    The probability is given only `with_probs` (for DELLA; DARE's is `density` everywhere); `magnitudes` is
+    |delta| where the caller has it already.
     """
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     u = uniform_like(key, rows.shape, row_offset=row_offset, device=delta.device)
     if method == "random":
         return (u < density).reshape(delta.shape), None
+    ranked = _della_rows(delta, rank_scope)
+    if not with_probs and numpy_path(delta) and (ranked.shape[1] - 1).bit_length() <= 32:
+        mag = (magnitudes if magnitudes is not None else delta.abs()).reshape(ranked.shape)
+        steps = _della_steps(ranked.shape[1], density, epsilon, "cpu").numpy()
+        keep = _della_band_mask(mag.contiguous().numpy(), u.reshape(ranked.shape).numpy(), steps)
+        return torch.from_numpy(keep).reshape(delta.shape), None
     p = della_keep_probabilities(delta, density, epsilon, rank_scope)
     return (u.reshape(p.shape) < p).reshape(delta.shape), p.reshape(delta.shape)
 
@@ -368,10 +451,10 @@ def random_sparsify(
     if density <= 0:
         return torch.zeros_like(delta)
     p = None
-    if mask is None or (rescale and rescale_mode == "inverse_prob"):
-        mask, p = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
-    zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
-    out = torch.where(mask, delta, zero)
+    inverse = rescale and rescale_mode == "inverse_prob"
+    if mask is None or inverse:
+        mask, p = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset, with_probs=inverse)
+    out = kept(delta, mask.reshape(delta.shape))
     if not rescale:
         return out
     if rescale_mode == "inverse_prob":
@@ -395,8 +478,10 @@ def l1_sums(
     if density >= 1 or density <= 0:
         s = abs_sum(delta)
         return (s, (s if density >= 1 else 0.0)), None
-    mask, _ = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
-    return (abs_sum(delta), abs_sum(delta, mask)), mask
+    a = delta.abs()
+    mask, _ = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset, magnitudes=a)
+    before = sum64(a)
+    return (before, sum64(kept(a, mask, out=a))), mask
 
 
 def sign_consensus(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
