@@ -280,22 +280,16 @@ def _radix_argsort_rows(keys: "np.ndarray") -> "np.ndarray":
     return np.take_along_axis(order, order2, axis=1)
 
 
-def _packed_sort_into(keys: "np.ndarray", out: "np.ndarray") -> int:
-    """Each row of non-negative float32 bit patterns as the int64 values (bits << b | column), sorted, in `out`;
-    returns b. The values are unique, so any sort is stable (numpy sorts int64 with SIMD quicksort), a value's
-    position in its sorted row is its element's rank (ties by column), and the low b bits are the column order."""
+def _packed_argsort_into(keys: "np.ndarray", out: "np.ndarray") -> None:
+    """Stable argsort of each row of non-negative float32 bit patterns, written to `out` (int64): sort the values
+    (bits << b | column), which are unique, so any sort is stable (numpy sorts int64 with SIMD quicksort); the low b
+    bits of the sorted values are then the column order."""
     cols = keys.shape[1]
     b = max(1, (cols - 1).bit_length())
     out[...] = keys
     out <<= b
     out |= np.arange(cols, dtype=np.int64)
     out.sort(axis=1)
-    return b
-
-
-def _packed_argsort_into(keys: "np.ndarray", out: "np.ndarray") -> None:
-    """Stable argsort of each row of non-negative float32 bit patterns, written to `out` (int64)."""
-    b = _packed_sort_into(keys, out)
     out &= (1 << b) - 1
 
 
@@ -342,7 +336,11 @@ def _della_steps(n: int, density: float, epsilon: float, device) -> torch.Tensor
 
 
 def della_keep_probabilities(
-    delta: torch.Tensor, density: float, epsilon: float, rank_scope: str = "row"
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rank_scope: str = "row",
+    magnitudes: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """DELLA MagPrune keep probabilities, shaped like `delta` viewed as 2-D rows.
 
@@ -352,49 +350,11 @@ def della_keep_probabilities(
     element gets p = density. One sort per row; the ranks are scattered from it.
     """
     rows = _della_rows(delta, rank_scope)
-    order = stable_argsort_rows(rows.abs())
+    order = stable_argsort_rows(rows.abs() if magnitudes is None else magnitudes.reshape(rows.shape))
     steps = _della_steps(rows.shape[1], density, epsilon, rows.device)
     p = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     p.scatter_(1, order, steps.expand_as(order))
     return p
-
-
-def _first_above(steps: "np.ndarray", x: "np.ndarray") -> "np.ndarray":
-    """For each x in [steps[0], steps[-1]), the first r with steps[r] > x (non-decreasing `steps`, nearly linear):
-    the linear guess corrected against the table, which numpy's searchsorted (~100 ns a value here) does for the
-    rare x it leaves unsettled."""
-    n = steps.size
-    r = ((x - steps[0]) * np.float32((n - 1) / (steps[-1] - steps[0]))).astype(np.int64)
-    r += 1
-    np.clip(r, 1, n - 1, out=r)
-    for _ in range(3):
-        up, down = steps[r] <= x, steps[r - 1] > x
-        if not (up.any() or down.any()):
-            return r
-        r += up
-        r -= down
-    return np.searchsorted(steps, x, side="right")
-
-
-def _della_band_mask(mag: "np.ndarray", u: "np.ndarray", steps: "np.ndarray") -> "np.ndarray":
-    """u < steps[rank] for rows of magnitudes `mag` (rank ascending within the row, ties by column), deciding most
-    elements without their rank: where u < steps[0] every rank keeps, where u >= steps[-1] none does. In the band
-    between (2 epsilon of the elements) keep iff rank >= t, t the first rank whose probability exceeds u; with the
-    rows sorted as unique (magnitude bits, column) values, that is: the element's value >= the row's t-th value."""
-    rows, n = mag.shape
-    keep = u < steps[0]
-    band = np.flatnonzero((u < steps[-1]) ^ keep)  # steps[0] <= u < steps[-1]
-    if band.size == 0:
-        return keep
-    keys = mag.view(np.uint32)
-    packed = np.empty((rows, n), dtype=np.int64)
-    _by_rows(_packed_sort_into, keys, packed)
-    b = max(1, (n - 1).bit_length())
-    t = _first_above(steps, u.reshape(-1)[band])
-    row = band // n
-    mine = (keys.reshape(-1)[band].astype(np.int64) << b) | (band - row * n)
-    keep.reshape(-1)[band] = mine >= packed.reshape(-1)[row * n + t]
-    return keep
 
 
 def keep_mask(
@@ -405,25 +365,17 @@ def keep_mask(
     epsilon: float = 0.15,
     rank_scope: str = "row",
     row_offset: int = 0,
-    with_probs: bool = False,
     magnitudes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(mask, keep probability) of a random sparsifier for rows starting at `row_offset` of the whole tensor.
 
-    The probability is given only `with_probs` (for DELLA; DARE's is `density` everywhere); `magnitudes` is
-    |delta| where the caller has it already.
+    The probability is None for DARE (it is `density` everywhere); `magnitudes` is |delta| where the caller has it.
     """
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     u = uniform_like(key, rows.shape, row_offset=row_offset, device=delta.device)
     if method == "random":
         return (u < density).reshape(delta.shape), None
-    ranked = _della_rows(delta, rank_scope)
-    if not with_probs and numpy_path(delta) and (ranked.shape[1] - 1).bit_length() <= 32:
-        mag = (magnitudes if magnitudes is not None else delta.abs()).reshape(ranked.shape)
-        steps = _della_steps(ranked.shape[1], density, epsilon, "cpu").numpy()
-        keep = _della_band_mask(mag.contiguous().numpy(), u.reshape(ranked.shape).numpy(), steps)
-        return torch.from_numpy(keep).reshape(delta.shape), None
-    p = della_keep_probabilities(delta, density, epsilon, rank_scope)
+    p = della_keep_probabilities(delta, density, epsilon, rank_scope, magnitudes)
     return (u.reshape(p.shape) < p).reshape(delta.shape), p.reshape(delta.shape)
 
 
@@ -451,9 +403,8 @@ def random_sparsify(
     if density <= 0:
         return torch.zeros_like(delta)
     p = None
-    inverse = rescale and rescale_mode == "inverse_prob"
-    if mask is None or inverse:
-        mask, p = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset, with_probs=inverse)
+    if mask is None or (rescale and rescale_mode == "inverse_prob"):
+        mask, p = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
     out = kept(delta, mask.reshape(delta.shape))
     if not rescale:
         return out
