@@ -172,6 +172,8 @@ def test_candidates_merge_in_memory_to_the_merge_bytes(config, tmp_path):
         ({"tasks": [{"name": "tiny:sort", "metric": "bleu"}]}, "metric"),
         ({"tasks": ["tiny:sortt"]}, "tiny:sort"),
         ({"limit": 0}, "limit"),
+        ({"score": "mean"}, "score: 'mean': use sum or gap"),
+        ({"genome": {"models": ["x", "y"], "merge_method": "linear"}, "score": "gap"}, "genome.base_model"),
     ],
 )
 def test_bad_configs_exit_2_before_any_worker(tmp_path, capsys, body, says):
@@ -265,6 +267,102 @@ def test_other_settings_in_the_same_storage_are_refused(config, local_run, tmp_p
     shutil.copytree(local_run, storage)
     assert run_cli(["evolve", config, "--storage", storage, "--workers", "1", *ARGS[:-3], "--random-seed", "4"]) == 2
     assert "random_seed" in capsys.readouterr().err
+    gap = tmp_path / "gap.yml"  # the same search scored by gap: another search
+    gap.write_text(config_text(score="gap"))
+    assert run_cli(["evolve", gap, "--storage", storage, "--workers", "1", *ARGS]) == 2
+    assert "score" in capsys.readouterr().err.split("changed: ")[1]
+
+
+# ------------------------------------------------------------------------------------------- score: gap
+
+SKILLS = ("addition", "reverse", "sort")
+GAP_WEIGHTS = {"addition": 1.0, "reverse": 2.0, "sort": 0.5}
+
+
+def search_split_accuracy(path: Path):
+    """{skill: answer-token accuracy} of a model folder on the search split (4 training prompts per skill), by
+    mergesmith.evaluate on the folder itself."""
+    from mergesmith.evaluate import Task, load, token_accuracy
+    from mergesmith.evolve.tasks import TINY_SEARCH_SEED
+    from mergesmith.skills import training_examples
+
+    model, tok = load(path)
+    return {
+        s: token_accuracy(model, tok, [Task(s, p, a) for p, a in training_examples(s, 4, TINY_SEARCH_SEED)])[s]
+        for s in SKILLS
+    }
+
+
+def gap_by_hand(acc, base, experts) -> float:
+    """Sum over skills of weight x (v - base) / (best expert - base), or weight x v where the gap is not positive."""
+    total = 0.0
+    for s in SKILLS:
+        top = max(e[s] for e in experts)
+        total += GAP_WEIGHTS[s] * ((acc[s] - base[s]) / (top - base[s]) if top > base[s] else acc[s])
+    return total
+
+
+def test_gap_fitness_on_hand_values():
+    """Each task counts its share of the base-to-best-input gap; perplexity as -ln before the division; a task no
+    input model improves counts its raw value."""
+    import math
+
+    from mergesmith.evolve.tasks import fitness
+
+    specs = [
+        {"name": "a", "metric": "token_accuracy", "weight": 1.0},
+        {"name": "p", "metric": "perplexity", "weight": 2.0},
+        {"name": "z", "metric": "exact_match", "weight": 0.5},
+    ]
+    base = {"a": {"token_accuracy": 0.6}, "p": {"perplexity": 50.0}, "z": {"exact_match": 0.3}}
+    models = {
+        "m1": {"a": {"token_accuracy": 0.9}, "p": {"perplexity": 20.0}, "z": {"exact_match": 0.2}},
+        "m2": {"a": {"token_accuracy": 0.7}, "p": {"perplexity": 10.0}, "z": {"exact_match": 0.1}},
+    }
+    cand = {"a": {"token_accuracy": 0.75}, "p": {"perplexity": 25.0}, "z": {"exact_match": 0.25}}
+    want = 1.0 * 0.15 / 0.3 + 2.0 * math.log(2) / math.log(5) + 0.5 * 0.25
+    assert fitness(specs, cand, {"base": base, "models": models}) == pytest.approx(want, abs=1e-12)
+    assert fitness(specs, cand) == pytest.approx(0.75 - 2 * math.log(25) + 0.5 * 0.25, abs=1e-12)
+
+
+def test_gap_score_is_each_tasks_share_of_its_gap_and_survives_a_rerun(tmp_path):
+    """With `score: gap` the base and expert scores (measured before the search, on the search split) are in the
+    journal's header, each candidate's score is the weighted sum of its gap shares worked out here from mergesmith
+    eval's numbers, and the report's search column is that score. A rerun scores new candidates with the header's
+    numbers, not new ones."""
+    cfg = tmp_path / "gap.yml"
+    cfg.write_text(config_text(score="gap", tasks=[{"name": f"tiny:{s}", "weight": w} for s, w in GAP_WEIGHTS.items()]))
+    storage = tmp_path / "st"
+    args = ["evolve", cfg, "--storage", storage, "--workers", "1", "--force-population-size", "4", "--random-seed", "3"]
+    assert run_cli([*args, "--max-fevals", "4", "-q"]) == 0
+    base = search_split_accuracy(TINY / "base")
+    experts = [search_split_accuracy(TINY / s) for s in SKILLS]
+    assert all(max(e[s] for e in experts) > base[s] for s in SKILLS)  # every skill has a gap to close
+    lines = (storage / "journal.jsonl").read_text().splitlines()
+    head = json.loads(lines[0])
+    assert {t: v["token_accuracy"] for t, v in head["baseline"]["base"].items()} == pytest.approx(
+        {f"tiny:{s}": base[s] for s in SKILLS}, abs=1e-12
+    )
+    got = entries(storage)
+    assert [e["index"] for e in got] == [0, 1, 2, 3]
+    for e in got:
+        acc = {s: e["scores"][f"tiny:{s}"]["token_accuracy"] for s in SKILLS}
+        assert e["score"] == pytest.approx(gap_by_hand(acc, base, experts), abs=1e-12)
+    report = json.loads((storage / "report.json").read_text())
+    best = max(got, key=lambda e: (e["score"], -e["index"]))
+    assert report["score"] == "gap" and "| gap score" in report["table"]
+    assert report["rows"][0]["name"] == "base" and report["rows"][0]["score"] == pytest.approx(0, abs=1e-12)
+    assert report["rows"][-1]["score"] == pytest.approx(best["score"], abs=1e-12)
+    # a rerun with more candidates uses the header's baseline: edited here, it is what candidates 4 to 7 are scored by
+    for v in head["baseline"]["base"].values():
+        v["token_accuracy"] = 0.0
+    (storage / "journal.jsonl").write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    assert run_cli([*args, "--max-fevals", "8", "-q"]) == 0
+    again = entries(storage)
+    assert again[:4] == got
+    for e in again[4:]:
+        acc = {s: e["scores"][f"tiny:{s}"]["token_accuracy"] for s in SKILLS}
+        assert e["score"] == pytest.approx(gap_by_hand(acc, dict.fromkeys(SKILLS, 0.0), experts), abs=1e-12)
 
 
 # ------------------------------------------------------------------------------------------- Ray

@@ -22,6 +22,12 @@ names the file and the key.
       - name: arc_easy_train       # anything else: an lm-evaluation-harness task
         metric: acc,none
     limit: 32                      # prompts (or lm-eval documents) per task in the search split
+    score: sum                     # mergesmith: sum (mergekit-evolve's: weight x metric summed over the tasks) or gap
+
+`score: gap` (needs genome.base_model) scores the base model and every input model on the search split before the
+search, and sums weight x (v - base) / (best input - base) instead (perplexity as -ln(perplexity)): each task counts
+by the share of its base-to-best-input gap a candidate closes, not by its absolute headroom; a task with no positive
+gap counts its raw metric.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ TOP_KEYS = (
     "random_init",
     "apply_chat_template",
     "fewshot_as_multiturn",
+    "score",
 )
+SCORES = ("sum", "gap")
 TASK_KEYS = ("name", "weight", "metric", "search", "heldout")
 OWN_METRICS = ("token_accuracy", "exact_match", "perplexity")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -101,6 +109,7 @@ class EvolveConfig:
     random_init: bool = False
     apply_chat_template: bool = True
     fewshot_as_multiturn: bool = True
+    score: str = "sum"
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -239,6 +248,15 @@ def _own_metric(path: Path, key: str, t: Dict[str, Any]) -> str:
     return m
 
 
+def _score(path: Path, v: Any, genome: Dict[str, Any]) -> str:
+    """`score:`: sum or gap; gap measures each task's gap from the base model, so it needs one."""
+    if v not in SCORES:
+        raise _fail(path, "score", f"{v!r}: use {' or '.join(SCORES)}{did_you_mean(str(v), SCORES)}")
+    if v == "gap" and not genome.get("base_model"):
+        raise _fail(path, "score", "gap measures each task from the base model: give genome.base_model (or score: sum)")
+    return v
+
+
 def check_benchmarks(config: EvolveConfig, allow: bool) -> None:
     """mergekit-evolve's refusal to optimize against common benchmarks (their `_train` variants are fine)."""
     for t in config.tasks:
@@ -272,6 +290,7 @@ def load_config(path: Path) -> EvolveConfig:
         _count(path, "limit", limit, 1)
     if data.get("num_fewshot") is not None:
         _count(path, "num_fewshot", data["num_fewshot"], 0)
+    score = _score(path, data.get("score", "sum"), genome)
     flags = {
         k: _bool(path, k, data[k])
         for k in ("shuffle", "random_init", "apply_chat_template", "fewshot_as_multiturn")
@@ -283,6 +302,7 @@ def load_config(path: Path) -> EvolveConfig:
         tasks=tuple(parsed),
         limit=limit,
         num_fewshot=data.get("num_fewshot"),
+        score=score,
         raw=data,
         **flags,
     )

@@ -1,6 +1,8 @@
 """The search's journal: STORAGE/journal.jsonl, a header line, then one line per scored candidate in candidate order
 (vector, recipe, scores, seconds, worker, time). It is the search's whole state: a rerun reads it, replays the
-strategy's ask/tell sequence with the recorded scores and goes on from the first candidate it lacks."""
+strategy's ask/tell sequence with the recorded scores and goes on from the first candidate it lacks. The header also
+holds what scores depend on besides the candidate (`score: gap`'s baseline), so a resumed search scores with the
+same numbers."""
 
 from __future__ import annotations
 
@@ -21,14 +23,22 @@ def digest(data: Any) -> str:
 
 
 class Journal:
+    """An existing journal is read and checked when opened; a new one is written by `start`."""
+
     def __init__(self, storage: Path, fingerprint: Dict[str, Any]):
         self.path = Path(storage) / NAME
         self.fingerprint = fingerprint
         self.entries: List[Dict[str, Any]] = []
+        self.head: Optional[Dict[str, Any]] = None
         if self.path.exists():
             self._read()
-        else:
-            self._append({"journal": "mergesmith evolve", "version": VERSION, "fingerprint": fingerprint})
+
+    def start(self, extra: Dict[str, Any]) -> Dict[str, Any]:
+        """Writes a new journal's header, with `extra` added; returns it."""
+        assert self.head is None
+        self.head = {"journal": "mergesmith evolve", "version": VERSION, "fingerprint": self.fingerprint, **extra}
+        self._append(self.head)
+        return self.head
 
     def _read(self) -> None:
         try:
@@ -48,6 +58,7 @@ class Journal:
         if not isinstance(head, dict) or head.get("journal") != "mergesmith evolve":
             raise MergeError(f"{self.path} is not a mergesmith evolve journal; use another --storage")
         self._check(head.get("fingerprint") or {})
+        self.head = head
         if len(good) != len(raw):
             with open(self.path, "r+b") as f:
                 f.truncate(len(good))

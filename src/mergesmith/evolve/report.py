@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from mergesmith.errors import MergeError
-from mergesmith.evolve.tasks import SPLITS, fitness
+from mergesmith.evolve.tasks import SPLITS, fitness, gap_share
+
+# the search split's last column: the score the search used (`score:` in the config)
+_SCORE_NAMES = {"sum": "score", "gap": "gap score"}
 
 
 def _rows(prep, journal) -> List[Dict[str, Any]]:
@@ -24,26 +27,43 @@ def _rows(prep, journal) -> List[Dict[str, Any]]:
     return rows
 
 
-def final_report(prep, journal, pool, storage: Path) -> Dict[str, Any]:
-    rows = _rows(prep, journal)
+def score_rows(pool, rows: List[Dict[str, Any]], splits: Sequence[str], every_metric: bool) -> None:
+    """Scores each row (a "model" path or a "recipe") on the splits with the search's workers: row[split] is
+    {task: {metric: value, ...}}."""
     jobs = [
         {
             "index": f"{k}/{split}",
             "split": split,
-            "every_metric": True,
+            "every_metric": every_metric,
             "recipe": r.get("recipe"),
             "model": r.get("model"),
         }
         for k, r in enumerate(rows)
-        for split in SPLITS
+        for split in splits
     ]
     got: Dict[str, Dict[str, Any]] = {}
     pool.run(jobs, lambda res: got.__setitem__(res["index"], res))
-    specs = prep.setup["tasks"]
     for k, r in enumerate(rows):
-        for split in SPLITS:
+        for split in splits:
             r[split] = got[f"{k}/{split}"]["scores"]
-        r["score"] = fitness(specs, r["search"])
+
+
+def input_scores(prep, pool) -> Dict[str, Any]:
+    """`score: gap`'s reference points: the base model and every input model scored on the search split, as the
+    candidates are: {"base": scores, "models": {path: scores}}."""
+    g = prep.genome
+    rows = [{"model": m} for m in (g.base_model, *g.models)]
+    score_rows(pool, rows, ("search",), every_metric=False)
+    return {"base": rows[0]["search"], "models": {m: r["search"] for m, r in zip(g.models, rows[1:])}}
+
+
+def final_report(prep, journal, pool, storage: Path, baseline: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Scores the report's rows on both splits, writes report.json and scores.svg; `baseline` is `score: gap`'s."""
+    rows = _rows(prep, journal)
+    score_rows(pool, rows, SPLITS, every_metric=True)
+    specs = prep.setup["tasks"]
+    for r in rows:
+        r["score"] = fitness(specs, r["search"], baseline)
     base = rows[0] if prep.genome.base_model else None
     inputs = [r for r in rows if "model" in r and r is not base]
     for r in rows:
@@ -54,12 +74,17 @@ def final_report(prep, journal, pool, storage: Path) -> Dict[str, Any]:
         "rows": [{k: v for k, v in r.items() if k != "recipe"} for r in rows],
         "evaluations": len(journal.entries),
         "best": journal.best()["index"],
-        "table": format_report(rows, specs),
+        "score": prep.config.score,
+        "table": format_report(rows, specs, prep.config.score),
     }
     _write(storage / "report.json", json.dumps(report, indent=1))
     _write(
         storage / "scores.svg",
-        svg_scores([e["score"] for e in journal.entries], rows[-2]["score"], "mergesmith evolve: score per evaluation"),
+        svg_scores(
+            [e["score"] for e in journal.entries],
+            rows[-2]["score"],
+            f"mergesmith evolve: {_SCORE_NAMES[prep.config.score]} per evaluation",
+        ),
     )
     return report
 
@@ -79,33 +104,23 @@ def recovered(
 ) -> Optional[float]:
     """Mean over tasks of (merged - base) / (best input - base) in the task's metric (perplexity: its log, lower is
     better): the share of the gap to the best input model that the merge closed, as `mergesmith demo` measures."""
-    import math
-
     if base is None:
         return None
-    shares = []
-    for s in specs:
-        name, m = s["name"], s["metric"]
-        if name not in merged or name not in base:
-            continue
-        sign = -1.0 if m == "perplexity" else 1.0
-        val = lambda d: sign * (math.log(d[name][m]) if m == "perplexity" else d[name][m])  # noqa: E731
-        top = max((val(i) for i in inputs if name in i), default=None)
-        if top is not None and top - val(base) > 0:
-            shares.append((val(merged) - val(base)) / (top - val(base)))
+    shares = [x for x in (gap_share(s, merged, base, inputs) for s in specs) if x is not None]
     return sum(shares) / len(shares) if shares else None
 
 
-def format_report(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]]) -> str:
-    """The end-of-search table: per split, each row's task scores, exact match and score or gap recovered."""
+def format_report(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], score: str = "sum") -> str:
+    """The end-of-search table: per split, each row's task scores, exact match and the search's score (`score`: sum or
+    gap) or gap recovered."""
     names = [s["name"] for s in specs]
     lines = []
     for split in SPLITS:
-        lines += _split_table(rows, specs, names, split)
+        lines += _split_table(rows, specs, names, split, _SCORE_NAMES[score])
     return "\n".join(lines).rstrip()
 
 
-def _split_table(rows, specs, names: List[str], split: str) -> List[str]:
+def _split_table(rows, specs, names: List[str], split: str, score_name: str) -> List[str]:
     """One split's lines of the table (none when no row has a score on it)."""
     short = [n.split(":")[-1][:9] for n in names]
     shown = [n for n in names if any(n in r[split] for r in rows)]
@@ -116,7 +131,7 @@ def _split_table(rows, specs, names: List[str], split: str) -> List[str]:
     lines = [
         f"{split} split: {', '.join(sorted({metric[n] for n in shown}))}"
         + (" | exact match" if em else "")
-        + (" | score" if split == "search" else " | recovered")
+        + (f" | {score_name}" if split == "search" else " | recovered")
     ]
     head = (
         f"{'':18s}"

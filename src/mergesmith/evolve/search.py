@@ -19,6 +19,7 @@ from mergesmith.evolve.config import EvolveConfig, check_benchmarks, load_config
 from mergesmith.evolve.genome import Genome
 from mergesmith.evolve.journal import Journal, digest
 from mergesmith.evolve.strategy import STRATEGIES, make_strategy
+from mergesmith.evolve.tasks import fitness
 
 OUR_FILES = ("journal.jsonl", "best.yml", "report.json", "scores.svg")
 
@@ -166,6 +167,8 @@ def prepare(config_path: Path, o: EvolveOptions) -> Prepared:
         "threads": o.threads,
         "device": o.device,
     }
+    if config.score != "sum":  # a default config's fingerprint (and journal) stays mergekit-evolve's
+        fingerprint["score"] = config.score
     log.debug(f"start recipe: {len(plan.tasks)} tensors")
     return Prepared(config, genome, x0, setup, fingerprint)
 
@@ -223,9 +226,21 @@ class Progress:
 class _InOrder:
     """Writes results to the journal in candidate order, whatever order the workers finish in."""
 
-    def __init__(self, journal: Journal, xs: Dict[int, np.ndarray], genome: Genome, progress: Progress):
-        self.journal, self.xs, self.genome, self.progress = journal, xs, genome, progress
+    def __init__(
+        self,
+        journal: Journal,
+        xs: Dict[int, np.ndarray],
+        prep: Prepared,
+        progress: Progress,
+        baseline: Optional[Dict[str, Any]],
+    ):
+        self.journal, self.xs, self.genome, self.progress = journal, xs, prep.genome, progress
+        self.specs, self.baseline = prep.setup["tasks"], baseline
         self.waiting: Dict[int, Dict[str, Any]] = {}
+
+    def score(self, r: Dict[str, Any]) -> float:
+        """The worker's score (mergekit-evolve's sum), or with `score: gap` the sum of the tasks' gap shares."""
+        return r["score"] if self.baseline is None else fitness(self.specs, r["scores"], self.baseline)
 
     def __call__(self, r: Dict[str, Any]) -> None:
         self.waiting[r["index"]] = r
@@ -236,7 +251,7 @@ class _InOrder:
                 {
                     "index": i,
                     "x": [float(v) for v in self.xs[i]],
-                    "score": r["score"],
+                    "score": self.score(r),
                     "scores": r["scores"],
                     "recipe": self.genome.recipe(self.xs[i]),
                     "seconds": r["seconds"],
@@ -260,8 +275,8 @@ def _replayed(journal: Journal, index: int, x: np.ndarray) -> Optional[float]:
     return float(e["score"])
 
 
-def search(prep: Prepared, o: EvolveOptions, journal: Journal, pool) -> None:
-    """Ask, score what the journal lacks, tell, until max_fevals (or the timeout)."""
+def search(prep: Prepared, o: EvolveOptions, journal: Journal, pool, baseline: Optional[Dict[str, Any]]) -> None:
+    """Ask, score what the journal lacks, tell, until max_fevals (or the timeout); `baseline` is `score: gap`'s."""
     strat = make_strategy(o.strategy, prep.x0, o.sigma0, o.random_seed, o.popsize, o.grid_levels)
     progress = Progress(o.max_fevals, len(journal.entries), o.progress)
     t0, index = time.monotonic(), 0
@@ -276,11 +291,23 @@ def search(prep: Prepared, o: EvolveOptions, journal: Journal, pool) -> None:
         known = [_replayed(journal, index + k, x) for k, x in enumerate(take)]
         todo = [{"index": index + k, "recipe": prep.genome.recipe(x)} for k, x in enumerate(take) if known[k] is None]
         if todo:
-            pool.run(todo, _InOrder(journal, {index + k: x for k, x in enumerate(take)}, prep.genome, progress))
+            pool.run(todo, _InOrder(journal, {index + k: x for k, x in enumerate(take)}, prep, progress, baseline))
         if len(take) == len(xs):
             strat.tell(xs, [journal.get(index + k)["score"] for k in range(len(xs))])
         index += len(take)
     progress.update(len(journal.entries), journal.best(), end=True)
+
+
+def start_journal(prep: Prepared, journal: Journal, pool) -> Optional[Dict[str, Any]]:
+    """Writes a new journal's header; returns `score: gap`'s baseline (None for `score: sum`): the one recorded in
+    the header on a resumed search, so it scores with the same numbers, else measured now, before any candidate."""
+    from mergesmith.evolve.report import input_scores
+
+    gap = prep.config.score == "gap"
+    head = journal.head or journal.start({"baseline": input_scores(prep, pool)} if gap else {})
+    if gap and not isinstance(head.get("baseline"), dict):
+        raise MergeError(f"{journal.path}: its header lacks the baseline scores of score: gap; use --restart")
+    return head.get("baseline") if gap else None
 
 
 def write_best(storage: Path, best: Dict[str, Any], seed: int, randomized: bool) -> Path:
@@ -312,10 +339,11 @@ def run_evolve(config_path: Path, o: EvolveOptions) -> Dict[str, Any]:
     workers = o.workers or _default_workers(o)
     pool = make_pool(prep.setup, workers, o.ray_address, o.num_gpus)
     try:
-        search(prep, o, journal, pool)
+        baseline = start_journal(prep, journal, pool)
+        search(prep, o, journal, pool, baseline)
         best = journal.best()
         write_best(storage, best, o.random_seed, get_method(prep.genome.merge_method).randomized)
-        report = final_report(prep, journal, pool, storage) if o.report else {}
+        report = final_report(prep, journal, pool, storage, baseline) if o.report else {}
     finally:
         pool.close()
     report["best_yml"] = str(storage / "best.yml")

@@ -106,13 +106,37 @@ def check_lm_eval(names: Sequence[str], search_path: Sequence[str], config: Evol
             )
 
 
-def fitness(specs: Sequence[Dict[str, Any]], scores: Dict[str, Dict[str, float]]) -> float:
-    """Sum of weight x metric over the tasks (mergekit-evolve's score); perplexity counts as -ln(perplexity), so that
-    higher is better for every metric."""
+def value(spec: Dict[str, Any], scores: Dict[str, Dict[str, Any]]) -> float:
+    """A task's metric where higher is better: perplexity counts as -ln(perplexity)."""
+    v = scores[spec["name"]][spec["metric"]]
+    return -math.log(v) if spec["metric"] == "perplexity" else v
+
+
+def gap_share(
+    spec: Dict[str, Any],
+    scores: Dict[str, Dict[str, Any]],
+    base: Dict[str, Dict[str, Any]],
+    inputs: Sequence[Dict[str, Dict[str, Any]]],
+) -> Optional[float]:
+    """(v - base) / (best input - base) for one task, in `value`'s terms: the share of the gap from the base model to
+    the best input model that `scores` closes. None when a side lacks the task or the gap is not positive."""
+    name = spec["name"]
+    tops = [value(spec, i) for i in inputs if name in i]
+    if name not in scores or name not in base or not tops or not max(tops) > value(spec, base):
+        return None
+    return (value(spec, scores) - value(spec, base)) / (max(tops) - value(spec, base))
+
+
+def fitness(
+    specs: Sequence[Dict[str, Any]], scores: Dict[str, Dict[str, Any]], baseline: Optional[Dict[str, Any]] = None
+) -> float:
+    """Sum over the tasks of weight x `value` (mergekit-evolve's score; perplexity as -ln(perplexity), so that higher
+    is better for every metric). With `baseline` ({"base": scores, "models": {path: scores}} of the input models,
+    `score: gap`), each task's term is its `gap_share` instead, or its value where it has no positive gap."""
     total = 0.0
     for s in specs:
-        v = scores[s["name"]][s["metric"]]
-        total += s["weight"] * (-math.log(v) if s["metric"] == "perplexity" else v)
+        share = gap_share(s, scores, baseline["base"], list(baseline["models"].values())) if baseline else None
+        total += s["weight"] * (value(s, scores) if share is None else share)
     return total
 
 
