@@ -3,11 +3,15 @@
     python bench/bench.py            # Nemo-shaped: hidden 5120, intermediate 14336, vocab 131072, 1 layer, 3.2 GB each
     python bench/bench.py --small    # under a minute
     python bench/bench.py --layers 1 4 --no-mergekit   # memory vs depth
+    python bench/bench.py --methods all                # the 20 methods both tools have
+    python bench/bench.py --threads-compare            # also one core (taskset, --threads 1)
+    python bench/bench.py --layers 8 --cold            # inputs evicted from the page cache before every run
 
 Builds a checkpoint family (random base; fine-tunes = base + small dense noise + sparse larger changes; bf16; sharded
 like Hub checkpoints), then times on the same files: the I/O floor (read every input byte, write one output-sized
 file), `mergesmith run` and `mergekit-yaml` (0.1.5 from PyPI, installed by this script into bench/.mkvenv, skipped
-with a note when it cannot be installed) on the seed recipe (della_linear) and on linear, ties and dare_linear.
+with a note when it cannot be installed) on the seed recipe (della_linear) and on linear, ties and dare_linear, or
+on every method (`recipe` says how each uses the family).
 Reports wall time and the peak resident memory of the process tree (anonymous and total), compares the linear and
 ties outputs of both tools with a float64 reference, and writes bench/RESULTS.md.
 """
@@ -122,18 +126,46 @@ def build_family(
     return paths
 
 
-def recipe(method: str, paths: List[Path], work_dtype: str = "bfloat16") -> str:
-    base, fts = paths[0], paths[1:]
+SPARSE = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+# every method both tools have: how each recipe uses the family (base + fine-tunes ft1..ft3)
+ALL_METHODS = [
+    "della_linear", "della", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+    "breadcrumbs_ties", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "nearswap",
+    "arcee_fusion", "ram", "ramplus_tl", "passthrough",
+]  # fmt: skip
+
+
+def _models(fts: List[Path], weights: bool, densities: bool) -> List[str]:
     lines = ["models:"]
     for p, w, d in zip(fts, WEIGHTS, DENSITIES):
-        lines += [f"  - model: {p}", "    parameters:", f"      weight: {w}"]
-        if method != "linear":
-            lines.append(f"      density: {d}")
+        lines.append(f"  - model: {p}")
+        params = ([f"      weight: {w}"] if weights else []) + ([f"      density: {d}"] if densities else [])
+        lines += ["    parameters:"] + params if params else []
+    return lines
+
+
+def recipe(method: str, paths: List[Path], work_dtype: str = "bfloat16", layers: int = 1) -> str:
+    """The bench recipe of `method` on the family: the seed recipe's weights and densities where the method takes
+    them; two-model methods (slerp, nuslerp, nearswap, arcee_fusion) use ft1 (and ft2); passthrough stacks ft1's
+    layers."""
+    base, fts = paths[0], paths[1:]
+    if method == "passthrough":
+        lines = ["slices:", "  - sources:", f"      - model: {fts[0]}", f"        layer_range: [0, {layers}]"]
+    elif method == "slerp":
+        lines = ["models:", f"  - model: {base}", f"  - model: {fts[0]}", "parameters:", "  t: 0.4"]
+    elif method == "nuslerp":
+        lines = _models(fts[:2], True, False)
+    elif method in ("nearswap", "arcee_fusion"):
+        lines = ["models:", f"  - model: {fts[0]}"] + (["parameters:", "  t: 0.0001"] if method == "nearswap" else [])
+    else:
+        lines = _models(fts, method not in ("karcher", "model_stock", "ram", "ramplus_tl"), method in SPARSE)
     lines.append(f"merge_method: {method}")
-    if method != "linear":
+    if method not in ("linear", "passthrough", "nuslerp", "karcher", "multislerp"):
         lines.append(f"base_model: {base}")
     if method.startswith("della"):
         lines += ["parameters:", "  epsilon: 0.05", "  lambda: 1"]
+    if method == "sce":
+        lines += ["parameters:", "  select_topk: 0.5"]
     lines.append(f"dtype: {work_dtype}")
     if work_dtype != "bfloat16":
         lines.append("out_dtype: bfloat16")
@@ -163,7 +195,8 @@ def _tree_rss(pid: int) -> Tuple[int, int]:
     return anon, total
 
 
-def measure(cmd: List[str], env: Optional[dict] = None) -> dict:
+def measure(cmd: List[str], env: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
+    """Wall time and peak memory of the process tree; rc None when it ran past `timeout` (then killed)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     peak = [0, 0]
@@ -177,13 +210,19 @@ def measure(cmd: List[str], env: Optional[dict] = None) -> dict:
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
-    out, _ = proc.communicate()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        rc = None
     done.set()
     th.join()
     wall = time.monotonic() - t0
-    if proc.returncode:
+    if rc:
         print(out.decode(errors="replace")[-3000:], file=sys.stderr)
-    return {"wall": wall, "anon": peak[0], "rss": peak[1], "rc": proc.returncode}
+    return {"wall": wall, "anon": peak[0], "rss": peak[1], "rc": rc}
 
 
 def read_all(paths: List[Path], buf: bytearray) -> None:
@@ -350,7 +389,99 @@ def compare(method: str, paths: List[Path], ours: Path, theirs: Path) -> dict:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def main():
+def evict(paths: List[Path]) -> None:
+    """Drop the inputs' pages from the page cache (posix_fadvise DONTNEED), so the next read comes from the disk."""
+    for p in paths:
+        for f in sorted(p.glob("*.safetensors")):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def prepare_cache(paths: List[Path], a) -> None:
+    """Every timed run starts from the same page cache: the inputs evicted (--cold) or read once, untimed."""
+    if a.cold:
+        subprocess.run(["sync"], check=False)
+        evict(paths)
+    elif not a.no_warm:
+        read_all(paths, bytearray(64 << 20))
+
+
+def _commands(a, method: str, rfile: Path, root: Path, mk: Optional[str]) -> List[Tuple[str, Optional[List[str]]]]:
+    ms = [sys.executable, "-m", "mergesmith", "run", str(rfile), str(root / f"out-ms-{method}"), "--seed", "1"]
+    ms += ["--quiet", "--overwrite"]
+    runs = [(f"mergesmith {method}", ms)]
+    if a.threads_compare:  # one core: pinned, one thread
+        runs.append((f"mergesmith {method}, 1 core (--threads 1)", ["taskset", "-c", "0"] + ms + ["--threads", "1"]))
+    mkc = [mk, str(rfile), str(root / f"out-mk-{method}"), "--random-seed", "1", "--lazy-unpickle"] if mk else None
+    runs.append((f"mergekit {method}", mkc))
+    return runs
+
+
+def _timed(what: str, cmd: List[str], paths: List[Path], root: Path, method: str, a) -> dict:
+    if what.startswith("mergekit") and (root / f"out-mk-{method}").exists():
+        import shutil
+
+        shutil.rmtree(root / f"out-mk-{method}")
+    prepare_cache(paths, a)
+    r = measure(cmd, timeout=a.mergekit_timeout if what.startswith("mergekit") else None)
+    r["status"] = "ok" if r["rc"] == 0 else ("timeout" if r["rc"] is None else f"failed (exit {r['rc']})")
+    return r
+
+
+def _compare_note(tag: str, method: str, c: dict) -> str:
+    return (
+        f"{tag} {method}: mergesmith and mergekit within one bf16 step on "
+        f"{c['within_one_step']:.4%} of elements; closer to the float64 reference: mergesmith "
+        f"{c['ours_closer']:.2%}, mergekit {c['theirs_closer']:.2%} (rest: equal)"
+        + (
+            f"; {c['ambiguous']:.2%} of elements sit in a tie group that straddles a model's "
+            f"density cut (any choice there is an exact top-k): outside them the two agree on "
+            f"{c['within_clear']:.4%} and the closer to float64 there is mergesmith on "
+            f"{c['ours_closer_clear']:.3%}, mergekit on {c['theirs_closer_clear']:.3%}; "
+            f"two float64 references that break those ties from "
+            f"opposite ends agree on {c['refs_within']:.4%}"
+            if c["within_clear"] is not None
+            else ""
+        )
+        + (f"; {c['skipped'] / 1e6:.0f} M elements of tensors over 100 M elements not compared" if c["skipped"] else "")
+    )
+
+
+def bench_family(a, dims: dict, layers: int, mk: Optional[str], rows: list, notes: list) -> None:
+    tag = f"{'small' if a.small else 'nemo'}-{layers}l"
+    root = WORK / tag
+    t0 = time.monotonic()
+    paths = build_family(root, layers=layers, n_ft=a.fine_tunes, **dims)
+    print(f"[{tag}] family ready ({time.monotonic() - t0:.0f} s)", flush=True)
+    size = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
+    if a.cold:
+        subprocess.run(["sync"], check=False)
+        evict(paths)
+    floor = io_floor(paths, size, root / "io-floor.bin")
+    what = "I/O floor (read inputs" + (" from a cold cache" if a.cold else "") + " + write output)"
+    rows.append((tag, what, "-", floor, 0, 0, floor))
+    print(f"[{tag}] io floor {floor:.1f} s", flush=True)
+    for method in ALL_METHODS if a.methods == ["all"] else a.methods:
+        rfile = root / f"{method}.yml"
+        rfile.write_text(recipe(method, [p.resolve() for p in paths], a.work_dtype, layers))
+        for what, cmd in _commands(a, method, rfile, root, mk):
+            if cmd is None:
+                continue
+            r = _timed(what, cmd, paths, root, method, a)
+            rows.append((tag, what, r["status"], r["wall"], r["anon"], r["rss"], floor))
+            print(f"[{tag}] {what}: {r['wall']:.1f} s ({r['wall'] / floor:.1f}x floor), anon "
+                  f"{r['anon'] / 2**30:.2f} GiB, rss {r['rss'] / 2**30:.2f} GiB {r['status']}", flush=True)  # fmt: skip
+        if mk and not a.no_compare and method in ("linear", "ties"):
+            notes.append(
+                _compare_note(tag, method, compare(method, paths, root / f"out-ms-{method}", root / f"out-mk-{method}"))
+            )
+            print(notes[-1], flush=True)
+
+
+def _args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="hidden 1024, intermediate 2816, vocab 32768")
     ap.add_argument("--hidden", type=int, default=5120)
@@ -358,8 +489,11 @@ def main():
     ap.add_argument("--vocab", type=int, default=131072)
     ap.add_argument("--layers", type=int, nargs="+", default=[1])
     ap.add_argument("--fine-tunes", type=int, default=3)
-    ap.add_argument("--methods", nargs="+", default=["della_linear", "linear", "ties", "dare_linear"])
+    ap.add_argument(
+        "--methods", nargs="+", default=["della_linear", "linear", "ties", "dare_linear"], help="or: all (20 methods)"
+    )
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--mergekit-timeout", type=float, default=None, help="stop a mergekit run after this many seconds")
     ap.add_argument(
         "--work-dtype",
         default="bfloat16",
@@ -374,82 +508,16 @@ def main():
         help="do not read the inputs (untimed) before each timed run; runs then start with whatever "
         "page cache the previous run left (mergekit's 23 GiB della_linear evicts it)",
     )
+    ap.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before every timed run")
+    ap.add_argument(
+        "--threads-compare", action="store_true", help="also run mergesmith pinned to one core with --threads 1"
+    )
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--append", action="store_true", help="add this run's table to --out instead of replacing it")
-    a = ap.parse_args()
-    dims = (
-        dict(hidden=1024, inter=2816, vocab=32768, heads=8, kv_heads=2, head_dim=128)
-        if a.small
-        else dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab)
-    )
-    mk = None if a.no_mergekit else ensure_mergekit()
-    ms = [sys.executable, "-m", "mergesmith"]
-    rows = []
-    notes = []
-    for layers in a.layers:
-        tag = f"{'small' if a.small else 'nemo'}-{layers}l"
-        root = WORK / tag
-        t0 = time.monotonic()
-        paths = build_family(root, layers=layers, n_ft=a.fine_tunes, **dims)
-        print(f"[{tag}] family ready ({time.monotonic() - t0:.0f} s)", flush=True)
-        size = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
-        floor = io_floor(paths, size, root / "io-floor.bin")
-        rows.append((tag, "I/O floor (read inputs + write output)", "-", floor, 0, 0))
-        print(f"[{tag}] io floor {floor:.1f} s", flush=True)
-        for method in a.methods:
-            rfile = root / f"{method}.yml"
-            rfile.write_text(recipe(method, paths, a.work_dtype))
-            for tool, cmd in (
-                (
-                    "mergesmith",
-                    ms + ["run", str(rfile), str(root / f"out-ms-{method}"), "--seed", "1", "--quiet", "--overwrite"],
-                ),
-                (
-                    "mergekit",
-                    [mk, str(rfile), str(root / f"out-mk-{method}"), "--random-seed", "1", "--lazy-unpickle"]
-                    if mk
-                    else None,
-                ),
-            ):
-                if cmd is None:
-                    continue
-                if tool == "mergekit" and (root / f"out-mk-{method}").exists():
-                    import shutil
+    return ap.parse_args()
 
-                    shutil.rmtree(root / f"out-mk-{method}")
-                if not a.no_warm:  # every run starts from the same page cache: the inputs read once, untimed
-                    read_all(paths, bytearray(64 << 20))
-                r = measure(cmd)
-                status = "ok" if r["rc"] == 0 else f"failed (exit {r['rc']})"
-                rows.append((tag, f"{tool} {method}", status, r["wall"], r["anon"], r["rss"]))
-                print(
-                    f"[{tag}] {tool} {method}: {r['wall']:.1f} s, anon {r['anon'] / 2**30:.2f} GiB, "
-                    f"rss {r['rss'] / 2**30:.2f} GiB {status}",
-                    flush=True,
-                )
-            if mk and not a.no_compare and method in ("linear", "ties"):
-                c = compare(method, paths, root / f"out-ms-{method}", root / f"out-mk-{method}")
-                notes.append(
-                    f"{tag} {method}: mergesmith and mergekit within one bf16 step on "
-                    f"{c['within_one_step']:.4%} of elements; closer to the float64 reference: mergesmith "
-                    f"{c['ours_closer']:.2%}, mergekit {c['theirs_closer']:.2%} (rest: equal)"
-                    + (
-                        f"; {c['ambiguous']:.2%} of elements sit in a tie group that straddles a model's "
-                        f"density cut (any choice there is an exact top-k): outside them the two agree on "
-                        f"{c['within_clear']:.4%} and the closer to float64 there is mergesmith on "
-                        f"{c['ours_closer_clear']:.3%}, mergekit on {c['theirs_closer_clear']:.3%}; "
-                        f"two float64 references that break those ties from "
-                        f"opposite ends agree on {c['refs_within']:.4%}"
-                        if c["within_clear"] is not None
-                        else ""
-                    )
-                    + (
-                        f"; {c['skipped'] / 1e6:.0f} M elements of tensors over 100 M elements not compared"
-                        if c["skipped"]
-                        else ""
-                    )
-                )
-                print(notes[-1], flush=True)
+
+def report(a, dims: dict, rows: list, notes: list, mk: Optional[str]) -> None:
     import platform
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -460,11 +528,13 @@ def main():
         f"Model: hidden {dims['hidden']}, intermediate {dims['inter']}, vocab {dims['vocab']}, bf16, "
         f"{a.fine_tunes} fine-tunes + base. Command: `python bench/bench.py {' '.join(sys.argv[1:])}`.",
         "",
-        "| family | run | status | wall (s) | peak anon RSS (GiB) | peak RSS (GiB) |",
-        "|---|---|---|---:|---:|---:|",
+        "| family | run | status | wall (s) | x I/O floor | peak anon RSS (GiB) | peak RSS (GiB) |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
-    for tag, what, status, wall, anon, rss in rows:
-        lines.append(f"| {tag} | {what} | {status} | {wall:.1f} | {anon / 2**30:.2f} | {rss / 2**30:.2f} |")
+    for tag, what, status, wall, anon, rss, floor in rows:
+        lines.append(
+            f"| {tag} | {what} | {status} | {wall:.1f} | {wall / floor:.2f} | {anon / 2**30:.2f} | {rss / 2**30:.2f} |"
+        )
     if not mk:
         lines += ["", "mergekit: not run (--no-mergekit, or it could not be installed)."]
     lines += [""] + [f"- {n}" for n in notes]
@@ -472,6 +542,21 @@ def main():
         lines = Path(a.out).read_text().rstrip("\n").splitlines() + ["", "---", ""] + lines
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def main():
+    a = _args()
+    dims = (
+        dict(hidden=1024, inter=2816, vocab=32768, heads=8, kv_heads=2, head_dim=128)
+        if a.small
+        else dict(hidden=a.hidden, inter=a.inter, vocab=a.vocab)
+    )
+    mk = None if a.no_mergekit else ensure_mergekit()
+    rows: list = []
+    notes: list = []
+    for layers in a.layers:
+        bench_family(a, dims, layers, mk, rows, notes)
+    report(a, dims, rows, notes, mk)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def uniform(key: int, start: int, n: int, device: torch.device | str = "cpu") ->
     if numpy_path(device):
         res = torch.empty(n, dtype=torch.float32)
         out = res.numpy()
-        parts = max(1, min(os.cpu_count() or 1, n // (16 * _CHUNK)))
+        parts = max(1, min(torch.get_num_threads(), n // (16 * _CHUNK)))  # --threads bounds these helpers too
         if parts == 1:
             _uniform_np(key, start, out)
         else:

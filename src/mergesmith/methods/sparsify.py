@@ -300,7 +300,7 @@ def _by_rows(fn: Callable[["np.ndarray", "np.ndarray"], object], keys: "np.ndarr
     """fn(keys[a:b], out[a:b]) over row ranges, on the machine's cores when there are enough rows."""
     global _POOL
     rows = keys.shape[0]
-    workers = max(1, min(os.cpu_count() or 1, rows // 64))
+    workers = max(1, min(torch.get_num_threads(), rows // 64))  # --threads bounds these helpers too
     if workers == 1:
         fn(keys, out)
         return
