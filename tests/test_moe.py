@@ -302,6 +302,31 @@ def test_calibrated_routers_and_the_report_agree_with_transformers(tmp_path, mis
     assert "calibrate: true" in (tmp_path / "out" / "mergesmith_config.yml").read_text()
 
 
+def test_the_mixture_holds_one_experts_mlp_at_a_time(tmp_path, mistral, monkeypatch):
+    """--calibrate and the routing report run the mixture layer by layer; each expert's MLP weights are read when
+    applied and dropped after, so at most one MLP's gate/up/down projections are alive at once: memory does not
+    grow with the number of experts."""
+    import weakref
+
+    from mergesmith.io.index import ModelIndex
+
+    alive, most, read = [], [0], ModelIndex.read
+
+    def counting_read(self, name, *args, **kw):
+        t = read(self, name, *args, **kw)
+        if ".mlp." in name:
+            alive[:] = [r for r in alive if r() is not None] + [weakref.ref(t)]
+            most[0] = max(most[0], len(alive))
+        return t
+
+    monkeypatch.setattr(ModelIndex, "read", counting_read)
+    base, f1, f2, f3 = mistral
+    r = write_recipe(tmp_path / "m.yml", base, [expert(f, i) for i, f in enumerate((f1, f2, f3))])
+    assert cli("moe", r, tmp_path / "out", "--quiet", "--calibrate") == 0
+    assert (tmp_path / "out" / "routing_report.json").exists()
+    assert most[0] == 3
+
+
 def test_run_on_the_recipe_copy_rebuilds_the_same_bytes(tmp_path, mixtral):
     """`mergesmith run` takes an MoE recipe (here the output's own copy, with its seed) and rebuilds it."""
     copy = mixtral / "mergesmith_config.yml"

@@ -1,13 +1,14 @@
 """Router (gate) weights of a mixture of experts, and the model runs that compute them (docs/moe.md has the formulas).
 
-The base model runs one decoder layer at a time, in float32: the layer's weights are read from the base's files
-into transformers' own layer class (built on the meta device, so nothing is initialised), every prompt goes through
-it, and the weights are dropped before the next layer is read. Memory follows one layer and the prompts'
-activations, never the whole model. Each layer's MLP is taken out of the layer and applied by us: the layer then
-returns its attention output `h_mid`, we see the MLP's input `x`, and the next layer's input is
-`h_mid + mlp(x)`, where `mlp` is the base's MLP (mergekit's `hidden` gates) or the mixture of experts with the
-routers fitted so far (`--calibrate` and the routing report). This holds for the pre-norm decoder layers of the
-families an MoE is built from (Llama, Mistral, Qwen2, Qwen3): `h + attn(norm(h))`, then `+ mlp(norm(.))`.
+The base model runs one decoder layer at a time, in float32: the layer's weights are read from the base's files into
+transformers' own layer class (built on the meta device, so nothing is initialised), every prompt goes through it,
+and the weights are dropped before the next layer is read. Memory follows one layer, one MLP (each MLP is read when
+it is applied: StoredMLP) and the prompts' activations, never the whole model nor all the experts. Each layer's MLP
+is taken out of the layer and applied by us: the layer then returns its attention output `h_mid`, we see the MLP's
+input `x`, and the next layer's input is `h_mid + mlp(x)`, where `mlp` is the base's MLP (mergekit's `hidden` gates)
+or the mixture of experts with the routers fitted so far (`--calibrate` and the routing report). This holds for the
+pre-norm decoder layers of the families an MoE is built from (Llama, Mistral, Qwen2, Qwen3): `h + attn(norm(h))`,
+then `+ mlp(norm(.))`.
 
 Sequences are right-padded into batches: with a causal mask a real token never sees the padding after it, so each
 token's states are those of its sequence run alone.
@@ -206,6 +207,10 @@ class Stack:
             *(idx.read(p + n + "_proj.weight").to(self.device) for n in ("gate", "up", "down")), act=self.act
         )
 
+    def stored_mlp(self, idx, i: int) -> "StoredMLP":
+        """Layer i's MLP of the model `idx`, read when applied (StoredMLP)."""
+        return StoredMLP(self, idx, i)
+
     @torch.no_grad()
     def attention(self, layer: torch.nn.Module, i: int, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(h_mid, x): the layer's output without its MLP, and the MLP's input."""
@@ -215,6 +220,20 @@ class Stack:
         out = layer(h, attention_mask=self.mask(t, self._window(i)), position_ids=pos, position_embeddings=pe)
         out = out[0] if isinstance(out, tuple) else out
         return out, layer.mlp.seen
+
+
+@dataclass
+class StoredMLP:
+    """A model's MLP of one layer, read from its files when applied and dropped after: a mixture then holds one
+    expert's weights at a time, whatever the number of experts (walk applies each layer's MLP once, so nothing is
+    read twice)."""
+
+    stack: Stack
+    idx: object
+    layer: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.mlp(self.idx, self.layer)(x)
 
 
 Visit = Callable[[int, List[torch.Tensor], List[torch.Tensor]], Optional[Callable]]
@@ -247,9 +266,9 @@ class Mixture:
     scaled by sigmoid(shared gate . x) when there is one."""
 
     router: torch.Tensor  # (E, H) float32
-    experts: List[DenseMLP]
+    experts: List[Callable[[torch.Tensor], torch.Tensor]]  # DenseMLP or StoredMLP
     k: int
-    shared: Optional[DenseMLP] = None
+    shared: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     shared_gate: Optional[torch.Tensor] = None  # (1, H)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -366,7 +385,7 @@ def hidden_gates(stack: Stack, sets: PromptSets, average: bool) -> torch.Tensor:
                 v = v - states[neg].mean(0)
             vecs.append(_unit(v))
         per_layer.append(torch.stack(vecs))
-        return stack.mlp(stack.idx, i)
+        return stack.stored_mlp(stack.idx, i)
 
     walk(stack, batches, visit)
     return torch.stack(per_layer).float()
@@ -443,10 +462,11 @@ class MoELayers:
     shared_gates: Optional[torch.Tensor] = None  # (layers, 1, hidden)
 
     def mixture(self, stack: Stack, i: int, router: torch.Tensor) -> Mixture:
+        """Layer i's mixture; its MLPs are read as they are applied, one at a time (StoredMLP)."""
         rounded = router.to(self.out_dtype).float().to(stack.device)
-        shared = stack.mlp(self.shared, i) if self.shared is not None else None
+        shared = stack.stored_mlp(self.shared, i) if self.shared is not None else None
         g = self.shared_gates[i].to(self.out_dtype).float().to(stack.device) if self.shared_gates is not None else None
-        return Mixture(rounded, [stack.mlp(e, i) for e in self.experts], self.k, shared, g)
+        return Mixture(rounded, [stack.stored_mlp(e, i) for e in self.experts], self.k, shared, g)
 
 
 def calibrated_gates(
