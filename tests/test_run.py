@@ -407,3 +407,51 @@ def test_blocks_two_at_a_time_come_back_in_order():
     assert list(in_order(fn, list(range(9)), 2)) == list(range(9))
     assert peak[0] == 2
     assert list(in_order(fn, range(3), 1)) == [0, 1, 2]
+
+
+def test_row_blocks_are_read_ahead(tmp_path, fam, monkeypatch):
+    """Before a row block is read, the kernel is asked (posix_fadvise WILLNEED) for the blocks after it: every
+    advice is a whole number of rows inside one tensor's bytes (offsets from the file's own header), and together
+    the advice covers every byte of each row-block tensor of every input."""
+    import struct
+
+    import mergesmith.plan
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise here")
+    advised = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append((os.path.realpath(f"/proc/self/fd/{fd}"), offset, length))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    monkeypatch.setattr(mergesmith.plan, "BLOCK_ELEMENTS", 1000)
+    recipe = write_recipe(tmp_path, fam)
+    assert cli("run", recipe, tmp_path / "o", "--seed", 1, "--quiet") == 0
+    spans = {}  # file -> [(start, end, row bytes, streamed in row blocks)] of its tensors
+    for f in sorted({a[0] for a in advised}):
+        raw = Path(f).read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        for name, info in json.loads(raw[8 : 8 + n]).items():
+            if name != "__metadata__":
+                a, b = info["data_offsets"]
+                big = len(info["shape"]) == 2 and np.prod(info["shape"]) > 1000
+                rows = info["shape"][0] if info["shape"] else 1
+                spans.setdefault(f, []).append((8 + n + a, 8 + n + b, (b - a) // rows, big))
+    assert any(s[3] for ss in spans.values() for s in ss)
+    for f, off, length in advised:
+        inside = [s for s in spans[f] if s[0] <= off and off + length <= s[1]]
+        assert inside and (off - inside[0][0]) % inside[0][2] == 0 and length % inside[0][2] == 0
+    for f, ss in spans.items():
+        for start, end, _, big in ss:
+            if not big:
+                continue
+            covered = sorted((o, o + n) for g, o, n in advised if g == f and start <= o < end)
+            reach = start
+            for o, e in covered:
+                assert o <= reach, f"{f}: bytes {reach}..{o} never advised"
+                reach = max(reach, e)
+            assert reach == end

@@ -90,6 +90,14 @@ def _read(plan: Plan, task: TensorTask, device: torch.device, rows: Optional[Tup
     return base, inputs
 
 
+def _prefetch(plan: Plan, task: TensorTask, blocks: Sequence[Tuple[int, int]], k: int) -> None:
+    """Start reading block k of every input (if there is one): row blocks are read while earlier ones compute."""
+    if k < len(blocks):
+        rows = blocks[k] if len(blocks) > 1 else None
+        for ref in ([task.base] if task.base is not None else []) + list(task.inputs):
+            plan.models[ref.model].prefetch(ref.name, rows)
+
+
 def _statistic(
     plan: Plan, task: TensorTask, device: torch.device, blocks: List[Tuple[int, int]], two_pass: TwoPass, width: int
 ):
@@ -98,7 +106,9 @@ def _statistic(
     method, stat = plan.method, None
     for r, rnd in enumerate(two_pass.rounds):
 
-        def partial(ab: Tuple[int, int], rnd=rnd, prev=stat, check: bool = r == 0):
+        def partial(k: int, rnd=rnd, prev=stat, check: bool = r == 0):
+            ab = blocks[k]
+            _prefetch(plan, task, blocks, k + width)
             base, inputs = _read(plan, task, device, ab, check)
             return method.call(
                 rnd.collect,
@@ -112,7 +122,9 @@ def _statistic(
             )
 
         total = stat
-        for part in in_order(partial, blocks, width):
+        for k in range(width):
+            _prefetch(plan, task, blocks, k)
+        for part in in_order(partial, range(len(blocks)), width):
             total = rnd.reduce(total, part)
         stat = method.call(rnd.finish, task.shared, task.per_input, stat=total) if rnd.finish else total
     return stat
@@ -163,6 +175,7 @@ def compute_blocks(
 
     def merge_block(k: int) -> Tuple[int, torch.Tensor]:
         a, b = blocks[k]
+        _prefetch(plan, task, blocks, k + width)
         base, inputs = _read(plan, task, device, (a, b) if len(blocks) > 1 else None, check=two_pass is None)
         share = two_pass.share(stat, k) if two_pass is not None else None
         out = (
@@ -177,6 +190,8 @@ def compute_blocks(
             )
         return a, _narrowed(task, out, f"tensor {task.name}: the merge").cpu()
 
+    for k in range(width):
+        _prefetch(plan, task, blocks, k)
     yield from in_order(merge_block, range(len(blocks)), width)
 
 

@@ -348,6 +348,22 @@ class ModelIndex:
                 f"({str(e).splitlines()[0][:160]})"
             ) from None
 
+    def prefetch(self, name: str, rows: Optional[Tuple[int, int]] = None) -> None:
+        """Ask the kernel to start reading a tensor's bytes (or rows [a, b)) now (posix_fadvise WILLNEED), so a
+        later `read` finds them in the page cache: the disk works while the cores compute. Advice only: it never
+        fails."""
+        info = self.tensors.get(name)
+        if info is None or info.offset < 0 or not hasattr(os, "posix_fadvise"):
+            return
+        n_rows = info.shape[0] if info.shape else 1
+        a, b = rows if rows is not None else (0, n_rows)
+        row_bytes = info.nbytes // n_rows if n_rows else 0
+        try:
+            os.posix_fadvise(self._handle(info.file, True), info.offset + a * row_bytes, (b - a) * row_bytes,
+                             os.POSIX_FADV_WILLNEED)  # fmt: skip
+        except OSError:
+            pass
+
     def _adapt(self, name: str, t: torch.Tensor, rows) -> torch.Tensor:
         """The LoRA-adapted value of a tensor (float32 when adapted: no rounding before the merge)."""
         ad = self.lora
