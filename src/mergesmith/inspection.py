@@ -254,6 +254,43 @@ def _ticks(lo: float, hi: float) -> List[float]:
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
+def _svg_panel(out: List[str], box, y0: float, series: List[Tuple[str, str, List[Optional[float]]]], ylabel: str,
+               pct: bool) -> None:  # fmt: skip
+    """One panel of svg_plot at height y0: ticks, a line per series with its legend. box: (left, width, height,
+    x of each group)."""
+    from xml.sax.saxutils import escape
+
+    left, plot_w, panel, xs = box
+    vals = [v for _, _, s in series for v in s if v is not None] + [0.0]
+    ticks = _ticks(min(vals), max(vals))
+    lo, hi = ticks[0], ticks[-1]
+    y = lambda v: y0 + panel * (hi - v) / (hi - lo)  # noqa: E731
+    out.append(f'<rect x="{left}" y="{y0}" width="{plot_w}" height="{panel}" fill="none" stroke="#888"/>')
+    for v in ticks:
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eee"/>')
+        label = f"{100 * v:.4g}%" if pct else f"{v:.4g}"
+        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{label}</text>')
+    if lo < 0 < hi:
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#888"/>')
+    out.append(
+        f'<text x="18" y="{y0 + panel / 2}" transform="rotate(-90 18 {y0 + panel / 2})" '
+        f'text-anchor="middle">{escape(ylabel)}</text>'
+    )
+    for k, (label, color, s) in enumerate(series):
+        pts = " ".join(f"{x:.1f},{y(v):.1f}" for x, v in zip(xs, s) if v is not None)
+        if pts:
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>')
+            for x, v in zip(xs, s):
+                if v is not None:
+                    out.append(f'<circle cx="{x:.1f}" cy="{y(v):.1f}" r="2.5" fill="{color}"/>')
+        ly = y0 + 14 + 16 * k
+        out.append(
+            f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 32}" y1="{ly - 4}" y2="{ly - 4}" '
+            f'stroke="{color}" stroke-width="2"/>'
+        )
+        out.append(f'<text x="{left + plot_w + 38}" y="{ly}">{escape(label)}</text>')
+
+
 def svg_plot(report: Dict[str, object], names: Sequence[str], title: str) -> str:
     """Two panels over the groups: each input's effective weight, and the change from the base (SVG, no
     plotting library needed)."""
@@ -271,44 +308,14 @@ def svg_plot(report: Dict[str, object], names: Sequence[str], title: str) -> str
         f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>',
     ]
 
-    def panel_at(y0: float, series: List[Tuple[str, str, List[Optional[float]]]], ylabel: str, pct: bool) -> None:
-        vals = [v for _, _, s in series for v in s if v is not None] + [0.0]
-        ticks = _ticks(min(vals), max(vals))
-        lo, hi = ticks[0], ticks[-1]
-        y = lambda v: y0 + panel * (hi - v) / (hi - lo)  # noqa: E731
-        out.append(f'<rect x="{left}" y="{y0}" width="{plot_w}" height="{panel}" fill="none" stroke="#888"/>')
-        for v in ticks:
-            out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eee"/>')
-            label = f"{100 * v:.4g}%" if pct else f"{v:.4g}"
-            out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{label}</text>')
-        if lo < 0 < hi:
-            out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#888"/>')
-        out.append(
-            f'<text x="18" y="{y0 + panel / 2}" transform="rotate(-90 18 {y0 + panel / 2})" '
-            f'text-anchor="middle">{escape(ylabel)}</text>'
-        )
-        for k, (label, color, s) in enumerate(series):
-            pts = " ".join(f"{x:.1f},{y(v):.1f}" for x, v in zip(xs, s) if v is not None)
-            if pts:
-                out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>')
-                for x, v in zip(xs, s):
-                    if v is not None:
-                        out.append(f'<circle cx="{x:.1f}" cy="{y(v):.1f}" r="2.5" fill="{color}"/>')
-            ly = y0 + 14 + 16 * k
-            out.append(
-                f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 32}" y1="{ly - 4}" y2="{ly - 4}" '
-                f'stroke="{color}" stroke-width="2"/>'
-            )
-            out.append(f'<text x="{left + plot_w + 38}" y="{ly}">{escape(label)}</text>')
-
     weights = [
         (n, COLORS[i % len(COLORS)], [(g["weights"] or [None] * len(names))[i] for g in groups])
         for i, n in enumerate(names)
     ]
-    panel_at(top, weights, "effective weight", False)
-    panel_at(
-        top + panel + gap, [("change", "#333", [g["change"] for g in groups])], "||merged - base|| / ||base||", True
-    )
+    box = (left, plot_w, panel, xs)
+    _svg_panel(out, box, top, weights, "effective weight", False)
+    change = [("change", "#333", [g["change"] for g in groups])]
+    _svg_panel(out, box, top + panel + gap, change, "||merged - base|| / ||base||", True)
     out.append(
         f'<text x="{left + plot_w / 2}" y="{H - 8}" text-anchor="middle">'
         f"{'layer' if any(g['group'].startswith('layer ') for g in groups) else ''}</text>"

@@ -1193,6 +1193,23 @@ class Built:
     seconds: float
 
 
+def _build_into(p: "MoEPlan", partial: Path, dev, may_resume: bool, quiet: bool, strict: bool, report: bool):
+    """Routers, then every tensor into `partial` (continuing an interrupted build there), then the routing report:
+    (tensors already done, report or None)."""
+    from mergesmith.routers import SMALL_HIDDEN, Stack, one_thread
+
+    stack = Stack(p.base, dev)
+    with one_thread(p.hidden < SMALL_HIDDEN):
+        routers_, shared = compute_routers(p, stack)
+    resume = may_resume and _continues(p, partial)
+    if not resume:
+        _fresh(p, partial)
+    done = _write_tensors(p, partial, routers_, shared, resume, quiet, strict)
+    with one_thread(p.hidden < SMALL_HIDDEN):
+        rep = routing_report(p, stack, routers_, shared) if report else None
+    return done, rep
+
+
 def build_moe(
     recipe: str,
     out_dir: str,
@@ -1232,14 +1249,8 @@ def build_moe(
     head = None if restart else resume_header(outdir.partial_of(out))
     if seed is None and head is not None:
         seed = head.get("seed")
-    p = make_moe_plan(
-        r,
-        Path(recipe).resolve().parent,
-        seed=seed,
-        calibrate=calibrate,
-        allow_all_same=allow_all_same,
-        shard_size=shard,
-    )
+    folder = Path(recipe).resolve().parent
+    p = make_moe_plan(r, folder, seed=seed, calibrate=calibrate, allow_all_same=allow_all_same, shard_size=shard)
     report = _prepare(p, recipe, copy_tokenizer, report)
     for n in p.notes:
         warn(n)
@@ -1247,17 +1258,7 @@ def build_moe(
         it for ref, idx in p.models.items() for it in outdir.model_inputs(f"model {ref}", idx)
     ]
     with outdir.claim(out, inputs, overwrite, f"mergesmith moe {recipe} {out_dir}") as partial:
-        from mergesmith.routers import SMALL_HIDDEN, Stack, one_thread
-
-        stack = Stack(p.base, dev)
-        with one_thread(p.hidden < SMALL_HIDDEN):
-            routers_, shared = compute_routers(p, stack)
-        resume = not restart and _continues(p, partial)
-        if not resume:
-            _fresh(p, partial)
-        done = _write_tensors(p, partial, routers_, shared, resume, quiet, strict)
-        with one_thread(p.hidden < SMALL_HIDDEN):
-            rep = routing_report(p, stack, routers_, shared) if report else None
+        done, rep = _build_into(p, partial, dev, not restart, quiet, strict, report)
         write_folder(p, partial, copy_tokenizer, write_model_card, rep)
         verify_weights(partial, {t.name: (t.dtype, t.shape) for t in p.tensors})
         outdir.finish(partial, out)
