@@ -95,7 +95,9 @@ def _prefetch(plan: Plan, task: TensorTask, blocks: Sequence[Tuple[int, int]], k
     if k < len(blocks):
         rows = blocks[k] if len(blocks) > 1 else None
         for ref in ([task.base] if task.base is not None else []) + list(task.inputs):
-            plan.models[ref.model].prefetch(ref.name, rows)
+            ahead = getattr(plan.models[ref.model], "prefetch", None)  # readers in memory have nothing to fetch
+            if ahead is not None:
+                ahead(ref.name, rows)
 
 
 def _statistic(
