@@ -68,6 +68,9 @@ class Rows:
     def read(self, name, rows=None, take=None):
         return self.t if rows is None else self.t[rows[0] : rows[1]]
 
+    def prefetch(self, name, rows=None):
+        """In memory already: nothing to read ahead."""
+
 
 def run(m, base, xs, shared, per, keys, block_elements, monkeypatch):
     """One tensor through the executor (execute.compute_tensor), in row blocks of about `block_elements`."""
@@ -161,6 +164,9 @@ def test_row_block_methods_are_derived_from_the_declared_streaming():
         "breadcrumbs_ties",
         "ram",
         "ramplus_tl",
+        "slerp",
+        "nuslerp",
+        "multislerp",
     }
     for name in ALL:
         m = METHODS[name]

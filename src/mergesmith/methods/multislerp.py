@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from mergesmith.methods.registry import PerModel, Range, merge_method
-from mergesmith.methods.spherical import dot64, norm64
+from mergesmith.methods.registry import PerModel, Range, Round, TwoPass, merge_method
+from mergesmith.methods.spherical import add_sums, dot64, norm64, sq64, whole_statistic
 
 
 def _weights_sum_to_zero(weight, normalize_weights):
@@ -20,6 +21,140 @@ def _weights_sum_to_zero(weight, normalize_weights):
     return None
 
 
+@dataclass(frozen=True)
+class Sphere:
+    """The whole tensor's float64 scalars, filled in one at a time: the weights, the norms |x_i|, the norm of the
+    weighted unit sum, the mean's weighted projection sum_i w_i (u_i . m), and |v| + eps. `acc`: the current
+    round's sums, folded block by block."""
+
+    w: Tuple[float, ...]
+    norms: Tuple[float, ...]
+    eps: float
+    mean_norm: float = 0.0
+    along: float = 0.0
+    tn: float = 0.0
+    acc: Optional[tuple] = None
+
+    @property
+    def scales(self) -> List[float]:
+        """w_i / (|x_i| + eps): u_i's weight, as a factor of x_i."""
+        return [wi / (n + self.eps) for n, wi in zip(self.norms, self.w)]
+
+    @property
+    def lerp(self) -> bool:
+        """The weighted unit sum vanishes: two models take the lerp (a third is refused by `with_mean_norm`)."""
+        return self.mean_norm < self.eps
+
+    def with_mean_norm(self, mean_norm: float) -> "Sphere":
+        """With |sum_i w_i u_i|; refuses more than two models whose weighted unit sum vanishes (mergekit)."""
+        if mean_norm < self.eps and len(self.w) > 2:
+            raise ValueError("the weighted sum of the unit tensors is zero (antipodal inputs with balancing weights)")
+        return replace(self, mean_norm=mean_norm, acc=None)
+
+    def with_dots(self, dots: Sequence[float]) -> "Sphere":
+        """`along` from the float64 dot products x_i . m."""
+        d = [dot / (n + self.eps) for dot, n in zip(dots, self.norms)]
+        return replace(self, along=sum(wi * di for wi, di in zip(self.w, d)), acc=None)
+
+
+def _deltas(base: Optional[torch.Tensor], inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """x_i: the models, or their task vectors around the base."""
+    return [t.float() - base.float() if base is not None else t.float() for t in inputs]
+
+
+def _sphere(weight: Sequence[float], normalize_weights: bool, eps: float, norms: Sequence[float]) -> Sphere:
+    """The weights (divided by their sum with `normalize_weights`) and the norms |x_i|."""
+    w = [float(x) for x in weight]
+    if normalize_weights:
+        s = sum(w)
+        w = [x / s for x in w]
+    return Sphere(tuple(w), tuple(norms), eps)
+
+
+def _unit_sum(xs: Sequence[torch.Tensor], sph: Sphere) -> torch.Tensor:
+    """sum_i w_i u_i in float32, added in model order."""
+    out = torch.zeros_like(xs[0])
+    for x, s in zip(xs, sph.scales):
+        out.add_(x, alpha=s)
+    return out
+
+
+def _tangent(xs: Sequence[torch.Tensor], sph: Sphere, mean: torch.Tensor) -> torch.Tensor:
+    """v = sum_i w_i (u_i - d_i m) = sum_i w_i u_i - (sum_i w_i d_i) m."""
+    return _unit_sum(xs, sph).add_(mean, alpha=-sph.along)
+
+
+def _exp_map(mean: torch.Tensor, tangent: torch.Tensor, sph: Sphere) -> torch.Tensor:
+    """(m cos|v|' + v sin|v|'/|v|') * sum_i w_i |x_i|, in place in `mean`."""
+    avg_norm = sum(n * wi for n, wi in zip(sph.norms, sph.w))
+    return mean.mul_(math.cos(sph.tn) * avg_norm).add_(tangent, alpha=math.sin(sph.tn) / sph.tn * avg_norm)
+
+
+# A large tensor's scalars come from four reads of its row blocks, each needing the one before: the norms, the
+# norm of the weighted unit sum, the dots with the mean, the tangent's norm. Pass 2 then combines each block.
+def _norm_sums(base, inputs):
+    """Round 1: a block's sums of x_i^2."""
+    return tuple(float(sq64(x)) for x in _deltas(base, inputs))
+
+
+def _mean_sums(base, inputs, stat: Sphere):
+    """Round 2: a block's sum of (sum_i w_i u_i)^2."""
+    return (float(sq64(_unit_sum(_deltas(base, inputs), stat))),)
+
+
+def _dot_sums(base, inputs, stat: Sphere):
+    """Round 3: a block's sums of x_i m (none when the lerp is taken)."""
+    if stat.lerp:
+        return ()
+    xs = _deltas(base, inputs)
+    mean = _unit_sum(xs, stat).div_(stat.mean_norm)
+    return tuple(float(dot64(x, mean)) for x in xs)
+
+
+def _tangent_sums(base, inputs, stat: Sphere):
+    """Round 4: a block's sum of v^2 (none when the lerp is taken)."""
+    if stat.lerp:
+        return ()
+    xs = _deltas(base, inputs)
+    return (float(sq64(_tangent(xs, stat, _unit_sum(xs, stat).div_(stat.mean_norm)))),)
+
+
+def _fold(total, part):
+    """Add a block's sums to round 1's total, or to the Sphere's `acc` in the later rounds."""
+    return replace(total, acc=add_sums(total.acc, part)) if isinstance(total, Sphere) else add_sums(total, part)
+
+
+def _norms(stat, weight, normalize_weights, eps) -> Sphere:
+    """Round 1's result: the Sphere with the weights and norms."""
+    return _sphere(weight, normalize_weights, eps, [math.sqrt(s) for s in stat])
+
+
+def _mean_norm(stat: Sphere) -> Sphere:
+    """Round 2's result: with |sum_i w_i u_i|."""
+    return stat.with_mean_norm(math.sqrt(stat.acc[0]))
+
+
+def _dots(stat: Sphere) -> Sphere:
+    """Round 3's result: with sum_i w_i d_i."""
+    return replace(stat, acc=None) if stat.lerp else stat.with_dots(stat.acc)
+
+
+def _tangent_norm(stat: Sphere) -> Sphere:
+    """Round 4's result: with |v| + eps."""
+    return replace(stat, acc=None) if stat.lerp else replace(stat, tn=math.sqrt(stat.acc[0]) + stat.eps, acc=None)
+
+
+SPHERE = TwoPass(
+    (
+        Round(_norm_sums, _fold, _norms),
+        Round(_mean_sums, _fold, _mean_norm),
+        Round(_dot_sums, _fold, _dots),
+        Round(_tangent_sums, _fold, _tangent_norm),
+    ),
+    share=whole_statistic,
+)
+
+
 @merge_method(
     "multislerp",
     pretty="Multi-SLERP",
@@ -27,6 +162,7 @@ def _weights_sum_to_zero(weight, normalize_weights):
     base="optional",
     check=_weights_sum_to_zero,
     ranges={"weight": Range(0, None, extrapolate=True), "eps": (0, 1e-2)},
+    streaming=SPHERE,
 )
 def multislerp(
     base: Optional[torch.Tensor],
@@ -35,6 +171,7 @@ def multislerp(
     weight: PerModel[float],
     normalize_weights: bool = True,
     eps: float = 1e-8,
+    stat: Optional[Sphere] = None,
 ) -> torch.Tensor:
     """Barycentric interpolation of any number of models on the hypersphere (optionally around a base).
 
@@ -42,7 +179,7 @@ def multislerp(
     u_i = x_i / (|x_i| + eps) and weights w_i (normalized to sum 1): m = normalize(sum w_i u_i); tangent vectors
     v_i = u_i - (u_i.m) m; v = sum w_i v_i; the result is (m cos|v|' + v sin|v|'/|v|') * sum_i w_i |x_i|, with
     |v|' = |v| + eps, plus `base`. One tensor returns itself; two tensors whose weighted unit mean vanishes fall
-    back to the lerp.
+    back to the lerp. A block of rows of a larger tensor takes `stat`, the whole tensor's scalars (`SPHERE`).
 
     Args:
         weight: this model's weight
@@ -51,30 +188,21 @@ def multislerp(
     """
     if len(inputs) == 1:
         return inputs[0].float().clone()
-    xs = [t.float() - base.float() if base is not None else t.float() for t in inputs]
-    w = [float(x) for x in weight]
-    if normalize_weights:
-        s = sum(w)
-        w = [x / s for x in w]
-    norms = [float(norm64(x)) for x in xs]
-    # the mean direction and projections are whole-tensor quantities: float64 scalars, float32 tensors
-    mean = torch.zeros_like(xs[0])
-    for x, n, wi in zip(xs, norms, w):
-        mean.add_(x, alpha=wi / (n + eps))
-    mean_norm = float(norm64(mean))
-    if mean_norm < eps:
-        if len(xs) == 2:
-            res = xs[0] * w[0] + xs[1] * w[1]
-            return res + base.float() if base is not None else res
-        raise ValueError("the weighted sum of the unit tensors is zero (antipodal inputs with balancing weights)")
-    mean.div_(mean_norm)
-    dots = [float(dot64(x, mean)) / (n + eps) for x, n in zip(xs, norms)]
-    # tangent = sum_i w_i (u_i - d_i m) = sum_i (w_i/(n_i+eps)) x_i - (sum_i w_i d_i) m
-    tangent = torch.zeros_like(mean)
-    for x, n, wi in zip(xs, norms, w):
-        tangent.add_(x, alpha=wi / (n + eps))
-    tangent.add_(mean, alpha=-sum(wi * d for wi, d in zip(w, dots)))
-    tn = float(norm64(tangent)) + eps
-    avg_norm = sum(n * wi for n, wi in zip(norms, w))
-    res = mean.mul_(math.cos(tn) * avg_norm).add_(tangent, alpha=math.sin(tn) / tn * avg_norm)
+    xs = _deltas(base, inputs)
+    whole = stat is None
+    # the whole tensor's scalars are gathered between the float32 steps that need them
+    sph = _sphere(weight, normalize_weights, eps, [float(norm64(x)) for x in xs]) if whole else stat
+    mean = _unit_sum(xs, sph)
+    if whole:
+        sph = sph.with_mean_norm(float(norm64(mean)))
+    if sph.lerp:
+        res = xs[0] * sph.w[0] + xs[1] * sph.w[1]
+    else:
+        mean.div_(sph.mean_norm)
+        if whole:
+            sph = sph.with_dots([float(dot64(x, mean)) for x in xs])
+        tangent = _tangent(xs, sph, mean)
+        if whole:
+            sph = replace(sph, tn=float(norm64(tangent)) + eps)
+        res = _exp_map(mean, tangent, sph)
     return res + base.float() if base is not None else res

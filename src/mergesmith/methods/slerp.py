@@ -3,15 +3,42 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-from mergesmith.methods.registry import Range, merge_method
-from mergesmith.methods.spherical import combine, dot64, norm64
+from mergesmith.methods.registry import Range, Round, TwoPass, merge_method
+from mergesmith.methods.spherical import add_sums, combine, dot64, norm64, sq64, whole_statistic
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: nearly collinear, the plain lerp
 EPS = 1e-8  # a norm at most this counts as 1
+
+
+def coefficients(t: float, na: float, nb: float, dot: float) -> Tuple[float, float]:
+    """(ca, cb) of slerp = ca v0 + cb v1, from the norms |v0|, |v1| and the dot product v0.v1 (float64)."""
+    na = na if na > EPS else 1.0
+    nb = nb if nb > EPS else 1.0
+    d = max(-1.0, min(1.0, dot / (na * nb)))
+    if abs(d) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(d)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def _sums(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> Tuple[float, float, float]:
+    """A block's float64 sums of v0^2, v1^2 and v0 v1."""
+    return float(sq64(base)), float(sq64(inputs[0])), float(dot64(base, inputs[0]))
+
+
+def _finish(stat: Tuple[float, float, float], t: float) -> Tuple[float, float]:
+    """The whole tensor's (ca, cb) from its sums."""
+    s00, s11, s01 = stat
+    return coefficients(t, math.sqrt(s00), math.sqrt(s11), s01)
+
+
+# The coefficients depend on the whole tensor's norms and dot product: pass 1 sums them over the blocks.
+SUMS = TwoPass((Round(_sums, add_sums, _finish),), share=whole_statistic)
 
 
 @merge_method(
@@ -20,27 +47,23 @@ EPS = 1e-8  # a norm at most this counts as 1
     url="https://en.wikipedia.org/wiki/Slerp",
     inputs=(1, 1),
     ranges={"t": Range(0, 1, extrapolate=True)},
+    streaming=SUMS,
 )
-def slerp(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, t: float) -> torch.Tensor:
+def slerp(
+    base: torch.Tensor, inputs: Sequence[torch.Tensor], *, t: float, stat: Optional[Tuple[float, float]] = None
+) -> torch.Tensor:
     """Spherical interpolation between the base and one other model by t.
 
     Whole tensors (Shoemake 1985; mergekit `slerp`): with a = v0/|v0|, b = v1/|v1| (v0 the base, v1 the other
     model), d = a.b clamped to [-1, 1] and theta = acos(d): slerp = sin((1-t) theta)/sin(theta) * v0 +
     sin(t theta)/sin(theta) * v1, applied to the un-normalized tensors; when |d| > 0.9995 (nearly collinear) it is
-    the plain lerp (1-t) v0 + t v1. t = 0 gives v0, t = 1 gives v1.
+    the plain lerp (1-t) v0 + t v1. t = 0 gives v0, t = 1 gives v1. A block of rows of a larger tensor takes
+    `stat`, the whole tensor's (ca, cb).
 
     Args:
         t: position from the base (0) to the other model (1)
     """
     v0, v1 = base, inputs[0]
-    na, nb = float(norm64(v0)), float(norm64(v1))
-    na = na if na > EPS else 1.0
-    nb = nb if nb > EPS else 1.0
-    d = max(-1.0, min(1.0, float(dot64(v0, v1)) / (na * nb)))
-    if abs(d) > DOT_THRESHOLD:
-        ca, cb = 1.0 - t, t
-    else:
-        theta = math.acos(d)
-        s = math.sin(theta)
-        ca, cb = math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
-    return combine(v0, v1, ca, cb)
+    if stat is None:
+        stat = coefficients(t, float(norm64(v0)), float(norm64(v1)), float(dot64(v0, v1)))
+    return combine(v0, v1, *stat)

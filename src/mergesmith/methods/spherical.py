@@ -2,6 +2,8 @@
 
 Scalar statistics (norms, dot products, angles) are computed in float64 so that they, and hence the coefficients,
 are the same on every device and thread count; the elementwise combination is float32, rounded once by the caller.
+A tensor in row blocks gathers them as float64 sums of squares and products per block, folded in block order
+(`add_sums`), so its coefficients differ from the whole tensor's only by the order of the float64 additions.
 Each kernel follows mergekit 0.1.5's formula (cited in each docstring) so recipes give mergekit's results.
 """
 
@@ -18,6 +20,25 @@ def dot64(a: torch.Tensor, b: torch.Tensor, dim=None, keepdim: bool = False) -> 
     if dim is None:
         return torch.dot(a.reshape(-1).double(), b.reshape(-1).double())
     return (a.double() * b.double()).sum(dim=dim, keepdim=keepdim)
+
+
+def sq64(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """Sum of squares in float64, of all elements or along `dim`."""
+    d = x.double()
+    if dim is None:
+        d = d.reshape(-1)
+        return torch.dot(d, d)
+    return d.square().sum(dim=dim, keepdim=keepdim)
+
+
+def add_sums(total, part):
+    """Fold a block's partial float64 sums (a tuple of floats or float64 tensors) into the running total."""
+    return part if total is None else tuple(a + b for a, b in zip(total, part))
+
+
+def whole_statistic(stat, k: int):
+    """Every block's share of a statistic of the whole tensor: all of it (coefficients, not per-element state)."""
+    return stat
 
 
 def combine(v0: torch.Tensor, v1: torch.Tensor, ca: float, cb: float) -> torch.Tensor:
