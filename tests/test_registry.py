@@ -118,10 +118,15 @@ def test_every_method_is_described_typed_and_documented(name):
         assert p.scope != "non_base" or m.uses_base
 
 
+# Karcher iterates in float32 on a whole tensor and on float64 coefficients in blocks (tests/test_streaming_stock.py
+# checks the blocked result against a float64 reference): the two agree to float32 rounding, not bit for bit.
+FLOAT64_WHEN_BLOCKED = {"karcher"}
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_row_block_methods_give_the_whole_tensors_bytes(name, monkeypatch):
     """For every combination of its switches under which a method takes row blocks (two-pass ones included), a
-    tensor merged in blocks equals the tensor merged whole, byte for byte."""
+    tensor merged in blocks equals the tensor merged whole, byte for byte (Karcher: to float32 rounding)."""
     m = METHODS[name]
     g = torch.Generator().manual_seed(len(name))
     n = n_inputs(m)
@@ -144,7 +149,10 @@ def test_row_block_methods_give_the_whole_tensors_bytes(name, monkeypatch):
             whole, one = run(m, base, xs, shared, per, keys, 1 << 22, monkeypatch)
             parts, blocks = run(m, base, xs, shared, per, keys, 100, monkeypatch)
             assert len(one) == 1 and len(blocks) == 10
-            assert torch.equal(whole, parts), (name, flags, few_values)
+            if name in FLOAT64_WHEN_BLOCKED:
+                assert torch.allclose(whole, parts, rtol=1e-6, atol=1e-6), (name, flags, few_values)
+            else:
+                assert torch.equal(whole, parts), (name, flags, few_values)
             blocked += 1
     assert blocked > 0 or name not in row_block_methods()
 
@@ -167,6 +175,8 @@ def test_row_block_methods_are_derived_from_the_declared_streaming():
         "slerp",
         "nuslerp",
         "multislerp",
+        "karcher",
+        "model_stock",
     }
     for name in ALL:
         m = METHODS[name]

@@ -9,7 +9,12 @@ Each kernel follows mergekit 0.1.5's formula (cited in each docstring) so recipe
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
+
+GRAM_CHUNK = 1 << 12  # elements per partial sum of gram64
 
 
 def norm64(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
@@ -39,6 +44,24 @@ def add_sums(total, part):
 def whole_statistic(stat, k: int):
     """Every block's share of a statistic of the whole tensor: all of it (coefficients, not per-element state)."""
     return stat
+
+
+def gram64(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The n x n float64 Gram matrix sum(x_i * x_j) of equally shaped tensors (a block's share of a whole tensor's).
+
+    Products are float64; each chunk of GRAM_CHUNK elements is summed on its own and the chunk sums are added
+    exactly (math.fsum), so no sum depends on how torch splits the work between threads."""
+    flat = [x.reshape(-1).double() for x in xs]
+    m = flat[0].numel()
+    whole = m - m % GRAM_CHUNK
+    buf = torch.empty_like(flat[0])
+    g = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+    for i in range(len(flat)):
+        for j in range(i, len(flat)):
+            torch.mul(flat[i], flat[j], out=buf)
+            parts = buf[:whole].view(-1, GRAM_CHUNK).sum(dim=-1).tolist() + [float(buf[whole:].sum())]
+            g[i, j] = g[j, i] = math.fsum(parts)
+    return g
 
 
 def combine(v0: torch.Tensor, v1: torch.Tensor, ca: float, cb: float) -> torch.Tensor:
