@@ -177,6 +177,8 @@ def test_row_block_methods_are_derived_from_the_declared_streaming():
         "multislerp",
         "karcher",
         "model_stock",
+        "sce",
+        "arcee_fusion",
     }
     for name in ALL:
         m = METHODS[name]

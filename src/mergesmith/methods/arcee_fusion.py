@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mergesmith.methods.registry import merge_method
+from mergesmith.methods import sparsify
+from mergesmith.methods.registry import Round, TwoPass, merge_method
+from mergesmith.methods.sparsify import RadixRanks
+
+QUARTILES = (0.25, 0.5, 0.75)
 
 
 def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -19,21 +24,85 @@ def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (b - a).abs() * kl
 
 
-@merge_method("arcee_fusion", pretty="Arcee Fusion", url="https://arcee.ai", inputs=(1, 1))
-def arcee_fusion(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+def quartile_ranks(n: int) -> List[int]:
+    """Ascending ranks floor(q (n - 1)) of the first quartile, the median and the third quartile of n values."""
+    return [int(q * (n - 1)) for q in QUARTILES]
+
+
+def order_statistics(flat: torch.Tensor, ranks: Sequence[int]) -> List[float]:
+    """The values at ascending `ranks` of a flat tensor (NaN last): a selection on the CPU, a sort elsewhere."""
+    if sparsify.numpy_path(flat):
+        part = np.partition(flat.numpy(), ranks)
+        return [part[k].item() for k in ranks]
+    s = torch.sort(flat).values
+    return [s[k].item() for k in ranks]
+
+
+def fusion_threshold(q1: float, med: float, q3: float) -> torch.Tensor:
+    """median + 1.5 (q3 - q1), in float32 arithmetic on the float32 quartiles."""
+    q1_, med_, q3_ = (torch.tensor(v, dtype=torch.float32) for v in (q1, med, q3))
+    return med_ + 1.5 * (q3_ - q1_)
+
+
+def _keys(base, inputs) -> np.ndarray:
+    """This block's importances as RadixRanks keys (rows are whole, so they are the whole tensor's)."""
+    return RadixRanks.keys(fusion_importance(base, inputs[0]).reshape(-1).cpu().numpy())
+
+
+def _count_high(base, inputs) -> Tuple[np.ndarray, int]:
+    k = _keys(base, inputs)
+    return RadixRanks.high_counts(k), k.size
+
+
+def _add_high(total, part):
+    return part if total is None else (total[0] + part[0], total[1] + part[1])
+
+
+def _ranks(stat) -> RadixRanks:
+    high, n = stat
+    return RadixRanks(high, quartile_ranks(n))
+
+
+def _count_low(base, inputs, stat: RadixRanks):
+    return stat.low_counts(_keys(base, inputs))
+
+
+def _add_low(stat: RadixRanks, part) -> RadixRanks:
+    stat.add_low(part)
+    return stat
+
+
+# The threshold's quartiles are over the whole tensor: pass 1 finds them by radix selection on the blocks'
+# importances (two reads, memory of one block), pass 2 compares each block's importances with the threshold.
+QUARTILE_THRESHOLD = TwoPass(
+    (
+        Round(_count_high, _add_high, _ranks),
+        Round(_count_low, _add_low, lambda stat: fusion_threshold(*stat.values())),
+    ),
+    share=lambda stat, k: stat,
+)
+
+
+@merge_method(
+    "arcee_fusion", pretty="Arcee Fusion", url="https://arcee.ai", inputs=(1, 1), streaming=QUARTILE_THRESHOLD
+)
+def arcee_fusion(
+    base: torch.Tensor, inputs: Sequence[torch.Tensor], stat: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Keep the base except where the other model's change is important (|delta| x KL above a quartile threshold).
 
     other where importance >= median + 1.5 * (q3 - q1), else base (mergekit `arcee_fusion`).
 
     Quantiles are the sorted importances at index floor(q (n - 1)). mergekit estimates them from 1,000,000
     elements drawn with an unseeded generator when a tensor is larger; here they are always exact, so the result
-    is reproducible (and equal to mergekit's for tensors up to 1M elements).
+    is reproducible (and equal to mergekit's for tensors up to 1M elements). A block of rows of a larger tensor
+    gets the whole tensor's threshold as `stat`.
     """
     other = inputs[0]
     imp = fusion_importance(base, other)
-    s = torch.sort(imp.reshape(-1)).values
-    n = s.numel()
-    q1, med, q3 = (s[int(q * (n - 1))] for q in (0.25, 0.5, 0.75))
+    thr = (
+        stat if stat is not None else fusion_threshold(*order_statistics(imp.reshape(-1), quartile_ranks(imp.numel())))
+    )
     # where(mask, other, base) is mergekit's base + (other - base) * mask without its rounding: taken elements
     # are exactly the other model's
-    return torch.where(imp >= med + 1.5 * (q3 - q1), other.float(), base.float())
+    return torch.where(imp >= thr, other.float(), base.float())

@@ -170,6 +170,41 @@ class RadixSelect:
         return RankCut(vl, vh, tuple(groups)), counts
 
 
+class RadixRanks(RadixSelect):
+    """The values at ascending ranks `ks` of a flat float32 array of any sign given block by block, in O(block)
+    memory: RadixSelect's two reads (high_counts, then low_counts and add_low) made on `keys(a)` of each block,
+    32-bit keys that order like the values (negative below positive, NaN last, as torch.sort orders them)."""
+
+    def __init__(self, high: "np.ndarray", ks: Sequence[int]):  # the rank machinery of RadixSelect, not its cut
+        self.ks = list(ks)
+        self.high_cum = np.cumsum(high)
+        self.buckets = sorted({int(np.searchsorted(self.high_cum, k, side="right")) for k in self.ks})
+        self.low = {b: np.zeros(1 << 16, dtype=np.int64) for b in self.buckets}
+
+    @staticmethod
+    def keys(a: "np.ndarray") -> "np.ndarray":
+        """Order-preserving uint32 keys of float32 `a`: the sign bit set on non-negative floats, every bit flipped
+        on negative ones (larger magnitude, smaller key); every NaN the largest key."""
+        u = a.view(np.uint32)
+        k = np.where(u >= 0x80000000, ~u, u | np.uint32(0x80000000))
+        k[np.isnan(a)] = 0xFFFFFFFF
+        return k
+
+    def add_low(self, counts: dict) -> None:
+        for b, (vals, c) in counts.items():
+            self.low[b][vals] += c
+
+    def values(self) -> List[float]:
+        """The values at the ranks `ks` (a NaN where a rank falls among NaNs)."""
+        out = []
+        for k in self.ks:
+            b, lb = self._locate(k)[:2]
+            key = (b << 16) | lb
+            bits = key & 0x7FFFFFFF if key >= 0x80000000 else ~key & 0xFFFFFFFF
+            out.append(np.array([bits], dtype=np.uint32).view(np.float32)[0].item())
+        return out
+
+
 def rank_cut_blocks(
     read: Callable[[int], "np.ndarray"], n_blocks: int, n: int, lo: int, hi: int, largest_first: bool = False
 ) -> Tuple[RankCut, List[List[int]]]:
