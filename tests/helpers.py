@@ -159,3 +159,47 @@ def run_recipe(recipe, out, **options):
     import mergesmith
 
     return mergesmith.merge(recipe, out, mergesmith.MergeOptions(progress=False, **options))
+
+
+class MemoryModel:
+    """A model of one in-memory tensor, read by rows like a checkpoint; `reads` collects the rows of every read
+    (None: the whole tensor)."""
+
+    def __init__(self, t: torch.Tensor, reads: Optional[list] = None):
+        self.t, self.reads = t, (reads if reads is not None else [])
+
+    def read(self, name, rows=None, take=None):
+        self.reads.append(rows)
+        return self.t if rows is None else self.t[rows[0] : rows[1]]
+
+
+def through_executor(method, base, xs, block_elements, monkeypatch, shared=None, per=None, keys=None):
+    """One tensor through the executor (execute.compute_tensor), in row blocks of about `block_elements`:
+    (output, its row blocks, the rows of every read). `method`: a name or a Method; `shared` adds to its
+    defaults."""
+    import types
+
+    import mergesmith.plan as plan_module
+    from mergesmith.execute import compute_tensor
+    from mergesmith.methods import METHODS
+
+    m = METHODS[method] if isinstance(method, str) else method
+    monkeypatch.setattr(plan_module, "BLOCK_ELEMENTS", block_elements)
+    reads: list = []
+    models = {f"m{i}": MemoryModel(x, reads) for i, x in enumerate(xs)}
+    if base is not None:
+        models["base"] = MemoryModel(base, reads)
+    ref = plan_module.InputRef
+    task = plan_module.TensorTask(
+        "t",
+        tuple(xs[0].shape),
+        torch.float32,
+        "merge",
+        ref("base", "t") if base is not None else None,
+        [ref(f"m{i}", "t") for i in range(len(xs))],
+        {**m.defaults(), **(shared or {})},
+        per if per is not None else [{}] * len(xs),
+        keys if keys is not None else [0] * len(xs),
+    )
+    plan = types.SimpleNamespace(models=models, method=m, strict=False, vocabulary=None)
+    return compute_tensor(plan, task, torch.device("cpu")), plan_module.row_blocks(plan, task), reads

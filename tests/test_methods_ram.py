@@ -1,19 +1,14 @@
 """ram and ramplus_tl against float64 references written here, hand-checked values, row blocks and recipes."""
 
-import types
-
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import mergesmith.plan as plan_module
-from helpers import run_recipe
+from helpers import run_recipe, through_executor
 from mergesmith.demo import tiny_dir
 from mergesmith.errors import MergeError
-from mergesmith.execute import compute_tensor
 from mergesmith.methods import METHODS
-from mergesmith.plan import TensorTask
 
 
 def merge(name, base, xs, **shared):
@@ -125,32 +120,10 @@ def test_ramplus_matches_the_float64_reference(seed, r, alpha, eps):
     np.testing.assert_allclose(out.double().numpy(), ref, rtol=3e-7, atol=1e-7)
 
 
-class Rows:
-    def __init__(self, t):
-        self.t = t
-
-    def read(self, name, rows=None, take=None):
-        return self.t if rows is None else self.t[rows[0] : rows[1]]
-
-
-def through_executor(name, base, xs, block_elements, monkeypatch, **shared):
-    m = METHODS[name]
-    monkeypatch.setattr(plan_module, "BLOCK_ELEMENTS", block_elements)
-    models = {"base": Rows(base), **{f"m{i}": Rows(x) for i, x in enumerate(xs)}}
-    ref = plan_module.InputRef
-    task = TensorTask(
-        "t",
-        tuple(base.shape),
-        torch.float32,
-        "merge",
-        ref("base", "t"),
-        [ref(f"m{i}", "t") for i in range(len(xs))],
-        {**m.defaults(), **shared},
-        [{}] * len(xs),
-        [0] * len(xs),
-    )
-    plan = types.SimpleNamespace(models=models, method=m, strict=False, vocabulary=None)
-    return compute_tensor(plan, task, torch.device("cpu")), plan_module.row_blocks(plan, task)
+def blocks_of(name, base, xs, block_elements, monkeypatch, **shared):
+    """One tensor through the executor: (output, row blocks)."""
+    out, blocks, _ = through_executor(name, base, xs, block_elements, monkeypatch, shared)
+    return out, blocks
 
 
 @pytest.mark.parametrize("name", ["ram", "ramplus_tl"])
@@ -159,8 +132,8 @@ def test_row_blocks_give_the_whole_tensors_bytes(name, monkeypatch):
     differ a lot still give the whole tensor's bytes."""
     base, xs = sparse_family(shape=(60, 17), keep=(0.9, 0.1, 0.5))
     xs[1][:30] = base[:30]  # model 1 changes only the lower half: its lone deltas all lie in later blocks
-    whole, one = through_executor(name, base, xs, 1 << 22, monkeypatch, r=0.5, alpha=3.0)
-    parts, blocks = through_executor(name, base, xs, 100, monkeypatch, r=0.5, alpha=3.0)
+    whole, one = blocks_of(name, base, xs, 1 << 22, monkeypatch, r=0.5, alpha=3.0)
+    parts, blocks = blocks_of(name, base, xs, 100, monkeypatch, r=0.5, alpha=3.0)
     assert len(one) == 1 and len(blocks) > 5
     assert torch.equal(whole, parts)
     ref = ref_ram(base, xs) if name == "ram" else ref_ramplus(base, xs, 0.5, 3.0)[0]

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -17,14 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mergesmith.plan as plan_module
+from helpers import through_executor
 from mergesmith.demo import tiny_dir
 from mergesmith.errors import MergeError
-from mergesmith.execute import compute_tensor
 from mergesmith.methods import METHODS, PerModel, Range, Streaming, check_params, registry, row_block_methods
 from mergesmith.methods.registry import make_method
 from mergesmith.methods.rng import stream_key
-from mergesmith.plan import TensorTask, make_plan
+from mergesmith.plan import make_plan
 from mergesmith.recipe import parse_recipe
 
 FIXTURE = Path(__file__).parent / "plugin_fixture"
@@ -59,39 +57,10 @@ def variants(m):
         yield dict(zip((p.name for p in flags), values))
 
 
-class Rows:
-    """A model of in-memory tensors, read like a ModelIndex (rows [a, b) on request)."""
-
-    def __init__(self, t):
-        self.t = t
-
-    def read(self, name, rows=None, take=None):
-        return self.t if rows is None else self.t[rows[0] : rows[1]]
-
-    def prefetch(self, name, rows=None):
-        """In memory already: nothing to read ahead."""
-
-
 def run(m, base, xs, shared, per, keys, block_elements, monkeypatch):
-    """One tensor through the executor (execute.compute_tensor), in row blocks of about `block_elements`."""
-    monkeypatch.setattr(plan_module, "BLOCK_ELEMENTS", block_elements)
-    models = {f"m{i}": Rows(x) for i, x in enumerate(xs)}
-    if base is not None:
-        models["base"] = Rows(base)
-    ref = plan_module.InputRef
-    task = TensorTask(
-        "t",
-        tuple(xs[0].shape),
-        torch.float32,
-        "merge",
-        ref("base", "t") if base is not None else None,
-        [ref(f"m{i}", "t") for i in range(len(xs))],
-        shared,
-        per,
-        keys,
-    )
-    plan = types.SimpleNamespace(models=models, method=m, strict=False, vocabulary=None)
-    return compute_tensor(plan, task, torch.device("cpu")), plan_module.row_blocks(plan, task)
+    """One tensor through the executor, in row blocks of about `block_elements`: (output, row blocks)."""
+    out, blocks, _ = through_executor(m, base, xs, block_elements, monkeypatch, shared, per, keys)
+    return out, blocks
 
 
 # ---------------------------------------------------------------------------------------------------------------

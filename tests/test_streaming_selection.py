@@ -2,62 +2,26 @@
 threshold) and sce's energy weights come from pass 1, so a tensor merged in blocks equals a float64 reference of
 the whole-tensor formula written here, and the tensor merged whole; ties across blocks go to the lower index."""
 
-import types
-
 import numpy as np
 import pytest
 import torch
 
-import mergesmith.plan as plan_module
-from mergesmith.execute import compute_tensor
-from mergesmith.methods import METHODS
-from mergesmith.plan import TensorTask
+from helpers import through_executor
 
 BLOCK = 1000  # BLOCK_ELEMENTS in the tests: tensors of a few thousand elements go in several blocks
 
 
-class Rows:
-    """A model of in-memory tensors, read like a ModelIndex; remembers the rows of every read."""
-
-    def __init__(self, t, reads):
-        self.t, self.reads = t, reads
-
-    def prefetch(self, name, rows):
-        pass
-
-    def read(self, name, rows=None, take=None):
-        self.reads.append(rows)
-        return self.t if rows is None else self.t[rows[0] : rows[1]]
-
-
-def through_executor(name, base, xs, block_elements, monkeypatch, **shared):
-    """One tensor through the executor (execute.compute_tensor): (output, row blocks, rows of every read)."""
-    m = METHODS[name]
-    monkeypatch.setattr(plan_module, "BLOCK_ELEMENTS", block_elements)
-    reads = []
-    models = {"base": Rows(base, reads), **{f"m{i}": Rows(x, reads) for i, x in enumerate(xs)}}
-    ref = plan_module.InputRef
-    task = TensorTask(
-        "t",
-        tuple(base.shape),
-        torch.float32,
-        "merge",
-        ref("base", "t"),
-        [ref(f"m{i}", "t") for i in range(len(xs))],
-        {**m.defaults(), **shared},
-        [{}] * len(xs),
-        [0] * len(xs),
-    )
-    plan = types.SimpleNamespace(models=models, method=m, strict=False, vocabulary=None)
-    return compute_tensor(plan, task, torch.device("cpu")), plan_module.row_blocks(plan, task), reads
+def executed(name, base, xs, block_elements, monkeypatch, **shared):
+    """One tensor through the executor: (output, row blocks, rows of every read)."""
+    return through_executor(name, base, xs, block_elements, monkeypatch, shared)
 
 
 def blocked_and_whole(name, base, xs, monkeypatch, **shared):
     """The tensor merged in blocks of about BLOCK elements (every read a block) and merged whole."""
-    parts, blocks, reads = through_executor(name, base, xs, BLOCK, monkeypatch, **shared)
+    parts, blocks, reads = executed(name, base, xs, BLOCK, monkeypatch, **shared)
     rows = BLOCK // base[0].numel()
     assert len(blocks) > 3 and all(r is not None and r[1] - r[0] <= rows for r in reads)
-    whole, one, _ = through_executor(name, base, xs, 1 << 22, monkeypatch, **shared)
+    whole, one, _ = executed(name, base, xs, 1 << 22, monkeypatch, **shared)
     assert len(one) == 1
     return parts, whole
 

@@ -3,59 +3,22 @@ in float64 over the blocks in a first pass: against float64 references written h
 against the same tensor merged whole, and reading one block of rows at a time."""
 
 import math
-import types
 
 import numpy as np
 import pytest
 import torch
 
-import mergesmith.plan as plan_module
-from mergesmith.execute import compute_tensor
+from helpers import through_executor
 from mergesmith.methods import METHODS, Streaming
-from mergesmith.plan import TensorTask
 
 SHAPE = (64, 48)
 BLOCK = 500  # elements: blocks of 10 rows, the last of 4
 
 
-class Rows:
-    """A model of one in-memory tensor, read like a ModelIndex; remembers the most rows read at once."""
-
-    def __init__(self, t):
-        self.t = t
-        self.most = 0
-
-    def read(self, name, rows=None, take=None):
-        self.most = max(self.most, self.t.shape[0] if rows is None else rows[1] - rows[0])
-        return self.t if rows is None else self.t[rows[0] : rows[1]]
-
-    def prefetch(self, name, rows=None):
-        """In memory already: nothing to read ahead."""
-
-
 def run(name, base, xs, per, monkeypatch, block=BLOCK, **shared):
     """(merged tensor, its row blocks, the most rows read at once) through the executor."""
-    m = METHODS[name]
-    shared = {**m.defaults(), **shared}
-    monkeypatch.setattr(plan_module, "BLOCK_ELEMENTS", block)
-    models = {f"m{i}": Rows(x) for i, x in enumerate(xs)}
-    if base is not None:
-        models["base"] = Rows(base)
-    ref = plan_module.InputRef
-    task = TensorTask(
-        "t",
-        tuple(xs[0].shape),
-        torch.float32,
-        "merge",
-        ref("base", "t") if base is not None else None,
-        [ref(f"m{i}", "t") for i in range(len(xs))],
-        shared,
-        per,
-        [0] * len(xs),
-    )
-    plan = types.SimpleNamespace(models=models, method=m, strict=False, vocabulary=None)
-    out = compute_tensor(plan, task, torch.device("cpu"))
-    return out, plan_module.row_blocks(plan, task), max(r.most for r in models.values())
+    out, blocks, reads = through_executor(name, base, xs, block, monkeypatch, shared, per)
+    return out, blocks, max(xs[0].shape[0] if r is None else r[1] - r[0] for r in reads)
 
 
 def blocked(name, base, xs, per, monkeypatch, **shared):

@@ -3,63 +3,30 @@ written here: model_stock's t from the offsets' cosines over the whole tensor, k
 rule) on whole float64 vectors."""
 
 import math
-import types
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import through_executor
 import mergesmith.execute as execute_module
 import mergesmith.methods.karcher as karcher_module
-import mergesmith.plan as plan_module
-from mergesmith.execute import compute_tensor
 from mergesmith.methods import METHODS
 from mergesmith.methods.spherical import gram64
-from mergesmith.plan import TensorTask
 
 BLOCK = 1000  # elements per block in these tests: shapes below take 5 to 20 blocks
 
 
-class Rows:
-    """A model holding one tensor, read by rows like a checkpoint."""
-
-    def __init__(self, t):
-        self.t = t
-
-    def read(self, name, rows=None, take=None):
-        return self.t if rows is None else self.t[rows[0] : rows[1]]
-
-    def prefetch(self, name, rows=None):
-        pass
-
-
-def through_executor(name, base, xs, block_elements, monkeypatch, **shared):
+def blocks_of(name, base, xs, block_elements, monkeypatch, **shared):
     """The tensor as the executor computes it (row blocks when it is over block_elements), and its blocks."""
-    m = METHODS[name]
-    monkeypatch.setattr(plan_module, "BLOCK_ELEMENTS", block_elements)
-    models = {f"m{i}": Rows(x) for i, x in enumerate(xs)}
-    ref = plan_module.InputRef
-    if base is not None:
-        models["base"] = Rows(base)
-    task = TensorTask(
-        "t",
-        tuple(xs[0].shape),
-        torch.float32,
-        "merge",
-        ref("base", "t") if base is not None else None,
-        [ref(f"m{i}", "t") for i in range(len(xs))],
-        {**m.defaults(), **shared},
-        [{}] * len(xs),
-        [0] * len(xs),
-    )
-    plan = types.SimpleNamespace(models=models, method=m, strict=False, vocabulary=None)
-    return compute_tensor(plan, task, torch.device("cpu")), plan_module.row_blocks(plan, task)
+    out, blocks, _ = through_executor(name, base, xs, block_elements, monkeypatch, shared)
+    return out, blocks
 
 
 def whole_and_blocks(name, base, xs, monkeypatch, **shared):
     """The tensor merged whole, and in blocks of BLOCK elements."""
-    whole, one = through_executor(name, base, xs, 1 << 22, monkeypatch, **shared)
-    parts, blocks = through_executor(name, base, xs, BLOCK, monkeypatch, **shared)
+    whole, one = blocks_of(name, base, xs, 1 << 22, monkeypatch, **shared)
+    parts, blocks = blocks_of(name, base, xs, BLOCK, monkeypatch, **shared)
     assert len(one) == 1 and len(blocks) >= 5
     return whole, parts
 
@@ -234,10 +201,10 @@ def test_karcher_in_blocks_takes_the_float64_references_steps(seed, n, spread, m
     _, xs = family(seed, n, spread=spread)
     want, steps, how = ref_karcher(xs, max_iter, tol)
     counter = Steps(monkeypatch)
-    parts, blocks = through_executor("karcher", None, xs, BLOCK, monkeypatch, max_iter=max_iter, tol=tol)
+    parts, blocks = blocks_of("karcher", None, xs, BLOCK, monkeypatch, max_iter=max_iter, tol=tol)
     assert len(blocks) >= 5 and counter.calls == steps, how
     assert_near(parts, want, 2e-7)
-    whole, _ = through_executor("karcher", None, xs, 1 << 22, monkeypatch, max_iter=max_iter, tol=tol)
+    whole, _ = blocks_of("karcher", None, xs, 1 << 22, monkeypatch, max_iter=max_iter, tol=tol)
     assert_near(whole, want, 1e-6 if how == "converged" else 3e-7)
 
 
@@ -252,7 +219,7 @@ def test_karcher_in_blocks_reports_once_per_tensor(max_iter, tol, note, monkeypa
     warnings = []
     monkeypatch.setattr(execute_module, "warn", warnings.append)
     _, xs = family(8, 3, spread=1.0)
-    through_executor("karcher", None, xs, BLOCK, monkeypatch, max_iter=max_iter, tol=tol)
+    blocks_of("karcher", None, xs, BLOCK, monkeypatch, max_iter=max_iter, tol=tol)
     assert len(warnings) == 1 and warnings[0].startswith(f"tensor t: {note}"), warnings
 
 
@@ -264,7 +231,7 @@ def test_karcher_in_blocks_stops_when_the_tangent_norm_stops_falling(monkeypatch
     monkeypatch.setattr(execute_module, "warn", warnings.append)
     counter = Steps(monkeypatch)
     _, xs = family(11, 3, spread=3.0)
-    through_executor("karcher", None, xs, BLOCK, monkeypatch, max_iter=100000, tol=1e-20)
+    blocks_of("karcher", None, xs, BLOCK, monkeypatch, max_iter=100000, tol=1e-20)
     assert counter.calls <= 200
     assert any("stopped falling above tol 1e-20" in w for w in warnings), warnings
 
@@ -286,9 +253,9 @@ def test_karcher_in_blocks_is_the_same_on_any_thread_count(monkeypatch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one, blocks = through_executor("karcher", None, xs, 60000, monkeypatch, max_iter=50, tol=1e-6)
+        one, blocks = blocks_of("karcher", None, xs, 60000, monkeypatch, max_iter=50, tol=1e-6)
         torch.set_num_threads(2)
-        two, _ = through_executor("karcher", None, xs, 60000, monkeypatch, max_iter=50, tol=1e-6)
+        two, _ = blocks_of("karcher", None, xs, 60000, monkeypatch, max_iter=50, tol=1e-6)
     finally:
         torch.set_num_threads(before)
     assert len(blocks) == 3 and torch.equal(one, two)
