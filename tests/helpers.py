@@ -203,3 +203,21 @@ def through_executor(method, base, xs, block_elements, monkeypatch, shared=None,
     )
     plan = types.SimpleNamespace(models=models, method=m, strict=False, vocabulary=None)
     return compute_tensor(plan, task, torch.device("cpu")), plan_module.row_blocks(plan, task), reads
+
+
+def ref_multislerp(xs, ws, base=None, normalize=True, eps=1e-8):
+    """multislerp in float64 numpy (Goddard): the reference the tests hold the kernel to."""
+    import math
+
+    import numpy as np
+
+    xs = [x - base if base is not None else x for x in xs]
+    ws = np.array(ws) / (np.sum(ws) if normalize else 1.0)
+    norms = [np.linalg.norm(x) for x in xs]
+    units = [x / (n + eps) for x, n in zip(xs, norms)]
+    m = sum(w * u for w, u in zip(ws, units))
+    m = m / np.linalg.norm(m)
+    tang = sum(w * (u - np.sum(u * m) * m) for w, u in zip(ws, units))
+    tn = np.linalg.norm(tang) + eps
+    res = (m * math.cos(tn) + tang * math.sin(tn) / tn) * sum(w * n for w, n in zip(ws, norms))
+    return res + base if base is not None else res

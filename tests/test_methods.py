@@ -10,6 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.test_kernels import merge
+from helpers import ref_multislerp
 
 G = torch.Generator().manual_seed(7)
 
@@ -40,19 +41,6 @@ def ref_slerp(t, a, b, thr=0.9995, eps=1e-8):
         return (1 - t) * a + t * b
     th = math.acos(d)
     return math.sin((1 - t) * th) / math.sin(th) * a + math.sin(t * th) / math.sin(th) * b
-
-
-def ref_multislerp(xs, ws, base=None, eps=1e-8):
-    xs = [x - base if base is not None else x for x in xs]
-    ws = np.array(ws) / np.sum(ws)
-    norms = [np.linalg.norm(x) for x in xs]
-    units = [x / (n + eps) for x, n in zip(xs, norms)]
-    m = sum(w * u for w, u in zip(ws, units))
-    m = m / np.linalg.norm(m)
-    tang = sum(w * (u - np.sum(u * m) * m) for w, u in zip(ws, units))
-    tn = np.linalg.norm(tang) + eps
-    res = (m * math.cos(tn) + tang * math.sin(tn) / tn) * sum(w * n for w, n in zip(ws, norms))
-    return res + base if base is not None else res
 
 
 def sphere_mean(xs):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import through_executor
+from helpers import through_executor, ref_multislerp
 from mergesmith.methods import METHODS, Streaming
 
 SHAPE = (64, 48)
@@ -81,19 +81,6 @@ def ref_nuslerp(t, base, x0, x1, flatten, row_wise):
     else:
         out = ref_nuslerp_vectors(t, a, b)
     return out + base if base is not None else out
-
-
-def ref_multislerp(xs, ws, base=None, normalize=True, eps=1e-8):
-    xs = [x - base if base is not None else x for x in xs]
-    ws = np.array(ws) / (np.sum(ws) if normalize else 1.0)
-    norms = [np.linalg.norm(x) for x in xs]
-    units = [x / (n + eps) for x, n in zip(xs, norms)]
-    m = sum(w * u for w, u in zip(ws, units))
-    m = m / np.linalg.norm(m)
-    tang = sum(w * (u - np.sum(u * m) * m) for w, u in zip(ws, units))
-    tn = np.linalg.norm(tang) + eps
-    res = (m * math.cos(tn) + tang * math.sin(tn) / tn) * sum(w * n for w, n in zip(ws, norms))
-    return res + base if base is not None else res
 
 
 # ---------------------------------------------------------------------------- blocked vs float64
