@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -422,8 +423,6 @@ def _commands(a, method: str, rfile: Path, root: Path, mk: Optional[str]) -> Lis
 
 def _timed(what: str, cmd: List[str], paths: List[Path], root: Path, method: str, a) -> dict:
     if what.startswith("mergekit") and (root / f"out-mk-{method}").exists():
-        import shutil
-
         shutil.rmtree(root / f"out-mk-{method}")
     prepare_cache(paths, a)
     r = measure(cmd, timeout=a.mergekit_timeout if what.startswith("mergekit") else None)
@@ -479,6 +478,8 @@ def bench_family(a, dims: dict, layers: int, mk: Optional[str], rows: list, note
                 _compare_note(tag, method, compare(method, paths, root / f"out-ms-{method}", root / f"out-mk-{method}"))
             )
             print(notes[-1], flush=True)
+        for side in ("ms", "mk"):  # outputs are the size of a model: keep the disk for the next method
+            shutil.rmtree(root / f"out-{side}-{method}", ignore_errors=True)
 
 
 def _args():

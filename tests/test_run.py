@@ -455,3 +455,20 @@ def test_row_blocks_are_read_ahead(tmp_path, fam, monkeypatch):
                 assert o <= reach, f"{f}: bytes {reach}..{o} never advised"
                 reach = max(reach, e)
             assert reach == end
+
+
+def test_expected_peak_of_a_copy_is_its_bytes_not_a_merges_working_set(tmp_path, fam):
+    """`mergesmith plan`'s peak estimate: a passthrough copies tensors as they are, so it expects about two of the
+    largest tensors in flight (in their stored dtype), where a merge of the same tensors expects its float32 work."""
+    import mergesmith
+
+    b, f1, _, _ = fam
+    copy = tmp_path / "copy.yml"
+    copy.write_text(
+        f"slices:\n  - sources:\n      - model: {f1}\n        layer_range: [0, 2]\nmerge_method: passthrough\n"
+    )
+    plan = mergesmith.plan_merge(str(copy))
+    largest = max(t.numel * t.out_dtype.itemsize for t in plan.tasks)
+    assert largest <= plan.peak_bytes_estimate <= 2 * largest
+    merge = mergesmith.plan_merge(str(write_recipe(tmp_path, fam)))
+    assert merge.peak_bytes_estimate > 4 * largest

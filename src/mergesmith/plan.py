@@ -115,7 +115,8 @@ class Plan:
             blocks = row_blocks(self, t)
             elems = max(b - a for a, b in blocks) * (t.numel // max(1, t.shape[0] if t.shape else 1))
             two_pass = len(blocks) > 1 and self.method.keeps_state(t.shared)
-            work = elems * (4 * (2 * n_in + 6))
+            # a copy holds the tensor as read (written as it is); a merge its float32 working set
+            work = elems * (t.out_dtype.itemsize if t.kind != "merge" else 4 * (2 * n_in + 6))
             if two_pass:  # two blocks at a time, and the saved masks
                 two_pass_sizes.append(2 * work + t.numel * n_in // 8)
             else:
