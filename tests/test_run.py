@@ -472,3 +472,42 @@ def test_expected_peak_of_a_copy_is_its_bytes_not_a_merges_working_set(tmp_path,
     assert largest <= plan.peak_bytes_estimate <= 2 * largest
     merge = mergesmith.plan_merge(str(write_recipe(tmp_path, fam)))
     assert merge.peak_bytes_estimate > 4 * largest
+
+
+def test_large_copies_stream_in_row_blocks(tmp_path, fam, monkeypatch):
+    """A passthrough copies large tensors a block of rows at a time (memory of a block, not of the tensor), and
+    the output holds the source's bytes."""
+    from safetensors.torch import load_file
+
+    import mergesmith.plan
+    from mergesmith.io.index import ModelIndex
+
+    monkeypatch.setattr(mergesmith.plan, "BLOCK_ELEMENTS", 1000)
+    reads, real = [], ModelIndex.read
+
+    def spy(self, name, rows=None, take=None):
+        reads.append((name, rows))
+        return real(self, name, rows=rows, take=take)
+
+    monkeypatch.setattr(ModelIndex, "read", spy)
+    _, f1, _, _ = fam
+    r = tmp_path / "copy.yml"
+    r.write_text(
+        f"slices:\n  - sources:\n      - model: {f1}\n        layer_range: [0, 2]\nmerge_method: passthrough\n"
+    )
+    assert cli("run", r, tmp_path / "o", "--quiet") == 0
+    src = {}
+    for f in sorted(Path(f1).glob("*.safetensors")):
+        src.update(load_file(f))
+    out = {}
+    for f in sorted((tmp_path / "o").glob("*.safetensors")):
+        out.update(load_file(f))
+    assert out.keys() == src.keys()
+    for k, v in src.items():
+        assert torch.equal(out[k].view(torch.uint8), v.view(torch.uint8)), k
+    big = [n for n, v in src.items() if v.dim() >= 2 and v.numel() > 1000]
+    assert big
+    for n in big:
+        rows = [rw for name, rw in reads if name == n]
+        per = 1000 // (src[n].numel() // src[n].shape[0])
+        assert rows and all(rw is not None and rw[1] - rw[0] <= max(1, per) for rw in rows), n

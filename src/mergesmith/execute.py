@@ -60,15 +60,18 @@ def _narrowed(task: TensorTask, x: torch.Tensor, what: str) -> torch.Tensor:
     return out
 
 
-def _copy(plan: Plan, task: TensorTask) -> torch.Tensor:
-    """A tensor taken as it is (passthrough, non-float, only one model has it), checked like a merge's inputs."""
+def _copy(plan: Plan, task: TensorTask, rows: Optional[Tuple[int, int]], warned: bool) -> Tuple[torch.Tensor, bool]:
+    """A tensor (or rows [a, b) of it) taken as it is (passthrough, non-float, only one model has it), checked like
+    a merge's inputs; NaN or Inf warns once per tensor (`warned`: an earlier block did). Returns (values, warned)."""
     ref = task.inputs[0]
-    t = plan.models[ref.model].read(ref.name)
+    t = plan.models[ref.model].read(ref.name, rows=rows)
     if not t.dtype.is_floating_point:
-        return t
-    if not _check_input(plan, ref, t):
-        return t.to(task.out_dtype)
-    return _narrowed(task, t, f"model {ref.model}: tensor {ref.name}")
+        return t, warned
+    if all_finite(t):
+        return _narrowed(task, t, f"model {ref.model}: tensor {ref.name}"), warned
+    if not warned:
+        _check_input(plan, ref, t)  # a warning, or under --strict an error
+    return t.to(task.out_dtype), True
 
 
 def _permute(plan: Plan, task: TensorTask, base, inputs):
@@ -163,10 +166,14 @@ def compute_blocks(
 ) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield (first_row, block) of one output tensor, in its output dtype, on the CPU. The kernel's notes go to
     `notes` (without one, each is a warning naming the tensor)."""
-    if task.kind == "copy":
-        yield 0, _copy(plan, task)
-        return
     blocks = row_blocks(plan, task)
+    if task.kind == "copy":
+        warned = False
+        for k, (a, b) in enumerate(blocks):
+            _prefetch(plan, task, blocks, k + 1)
+            out, warned = _copy(plan, task, (a, b) if len(blocks) > 1 else None, warned)
+            yield a, out
+        return
     method = plan.method
     two_pass = method.two_pass(task.shared) if len(blocks) > 1 else None
     # Tensors whose statistic keeps per-element state between the passes take turns (keeps_state); their blocks
@@ -240,7 +247,7 @@ def keeps_state(plan: Plan, task: TensorTask) -> bool:
     of layers. della_linear on the Nemo-shaped 1- and 4-layer models, same files: both tensors at once 149 s,
     1.64 GiB peak RSS (4 layers: 1.43 GiB in another run); taking turns 177 s, 1.05 GiB; taking turns with two
     blocks at a time 146 s, 1.50 GiB (4 layers: 1.53 GiB)."""
-    return plan.method.keeps_state(task.shared) and len(row_blocks(plan, task)) > 1
+    return task.kind == "merge" and plan.method.keeps_state(task.shared) and len(row_blocks(plan, task)) > 1
 
 
 WORKERS = 2  # tensors in flight: one reading while another computes; torch uses the cores within each

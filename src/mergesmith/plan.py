@@ -131,14 +131,14 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 def row_blocks(plan: "Plan", task: TensorTask) -> List[Tuple[int, int]]:
-    """[(first_row, end_row)] for a task: one block unless it is large and its method is row-wise."""
+    """[(first_row, end_row)] for a task: one block unless it is large and a copy or merged by a row-wise method."""
     rows = task.shape[0] if task.shape else 1
     if (
-        task.kind != "merge"
-        or task.vocab
+        task.vocab
         or len(task.shape) < 2
         or task.numel <= BLOCK_ELEMENTS
-        or not plan.method.in_row_blocks(task.shared)
+        or (task.kind == "merge" and not plan.method.in_row_blocks(task.shared))
+        or (task.kind == "copy" and task.inputs[0].take is not None)
     ):
         return [(0, rows)]
     per = max(1, BLOCK_ELEMENTS // (task.numel // rows))
