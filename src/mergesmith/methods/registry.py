@@ -382,45 +382,12 @@ def read_params(
     return description, tuple(params)
 
 
-def merge_method(
-    name: str,
-    *,
-    pretty: str,
-    url: str,
-    base: str = "required",
-    inputs: Tuple[int, Optional[int]] = (1, None),
-    randomized: bool = False,
-    streaming: Any = Streaming.WHOLE,
-    ranges: Optional[Mapping[str, Any]] = None,
-    check: Optional[Callable[..., Any]] = None,
-    copy_when: Optional[Callable[..., bool]] = None,
-    docs: Optional[Mapping[str, str]] = None,
-) -> Callable[[Callable], Callable]:
+def merge_method(name: str, **options: Any) -> Callable[[Callable], Callable]:
     """Register the decorated kernel as merge method `name` (see the module's docstring); returns it unchanged.
-
-    base: "required", "optional", "input" or "ignored" (see Method.base_policy). inputs: (least, most) inputs
-    besides the base; None: no limit. randomized: the kernel takes `keys`. streaming: a Streaming, a TwoPass, or a
-    function of the shared parameters giving one. ranges: {parameter: (low, high) or Range} checked on every
-    resolved value before any work. check: a cross-input check (param, message[, input index]) or None.
-    copy_when: true when the output is the single input's tensor unchanged (copied, not computed)."""
+    `options` are make_method's keywords (pretty and url required)."""
 
     def wrap(fn: Callable) -> Callable:
-        register(
-            make_method(
-                fn,
-                name,
-                pretty=pretty,
-                url=url,
-                base=base,
-                inputs=inputs,
-                randomized=randomized,
-                streaming=streaming,
-                ranges=ranges,
-                check=check,
-                copy_when=copy_when,
-                docs=docs,
-            )
-        )
+        register(make_method(fn, name, **options))
         fn.merge_method = name
         return fn
 
@@ -442,7 +409,13 @@ def make_method(
     copy_when: Optional[Callable[..., bool]] = None,
     docs: Optional[Mapping[str, str]] = None,
 ) -> Method:
-    """The Method `merge_method` registers, without registering it."""
+    """The Method `merge_method` registers, without registering it.
+
+    base: "required", "optional", "input" or "ignored" (see Method.base_policy). inputs: (least, most) inputs
+    besides the base; None: no limit. randomized: the kernel takes `keys`. streaming: a Streaming, a TwoPass, or a
+    function of the shared parameters giving one. ranges: {parameter: (low, high) or Range} checked on every
+    resolved value before any work. check: a cross-input check (param, message[, input index]) or None.
+    copy_when: true when the output is the single input's tensor unchanged (copied, not computed)."""
     if base not in BASE_POLICIES:
         raise TypeError(f"merge method '{name}': base must be one of {', '.join(BASE_POLICIES)}, got {base!r}")
     names = _arg_names(fn)
