@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 CHATML = (
@@ -221,3 +222,20 @@ def ref_multislerp(xs, ws, base=None, normalize=True, eps=1e-8):
     tn = np.linalg.norm(tang) + eps
     res = (m * math.cos(tn) + tang * math.sin(tn) / tn) * sum(w * n for w, n in zip(ws, norms))
     return res + base if base is not None else res
+
+
+def ref_della_mask(d: np.ndarray, u: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """u < p(rank) with ranks by magnitude within each row, ties by column (np.lexsort), p in float64 then float32
+    as the method's table: density - epsilon + 2 epsilon r / (n - 1)."""
+    rows, n = d.shape
+    keep = np.zeros(d.shape, dtype=bool)
+    for r in range(rows):
+        order = np.lexsort((np.arange(n), np.abs(d[r])))
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+        if n == 1:
+            p = np.float32(density)
+        else:
+            p = np.float32(rank * np.float32(2 * epsilon / (n - 1))) + np.float32(density - epsilon)
+        keep[r] = u[r] < p
+    return keep

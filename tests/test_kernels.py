@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import ref_della_mask
 from mergesmith.methods import METHODS
 from mergesmith.methods.rng import stream_key, uniform
 from mergesmith.methods.sparsify import della_keep_probabilities
@@ -164,23 +165,6 @@ def test_uniform_matches_pure_python_splitmix():
     assert uniform(stream_key(1, "a", "b"), 0, 8).tolist() != uniform(stream_key(2, "a", "b"), 0, 8).tolist()
 
 
-def _della_reference_mask(d: np.ndarray, u: np.ndarray, density: float, epsilon: float) -> np.ndarray:
-    """u < p(rank) with ranks by magnitude within each row, ties by column (np.lexsort), p in float64 then float32
-    as the method's table: density - epsilon + 2 epsilon r / (n - 1)."""
-    rows, n = d.shape
-    keep = np.zeros(d.shape, dtype=bool)
-    for r in range(rows):
-        order = np.lexsort((np.arange(n), np.abs(d[r])))
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(n)
-        if n == 1:
-            p = np.float32(density)
-        else:
-            p = np.float32(rank * np.float32(2 * epsilon / (n - 1))) + np.float32(density - epsilon)
-        keep[r] = u[r] < p
-    return keep
-
-
 @pytest.mark.parametrize("shape", [(40, 257), (3, 1), (1, 5000), (9, 2)])
 @pytest.mark.parametrize("density,epsilon", [(0.4, 0.05), (0.25, 0.2), (0.5, 0.5)])
 def test_della_mask_matches_a_ranked_reference(shape, density, epsilon):
@@ -196,7 +180,7 @@ def test_della_mask_matches_a_ranked_reference(shape, density, epsilon):
     key = stream_key(3, "m", "t")
     got, _ = keep_mask(d, "della_magprune", density, key, epsilon, row_offset=5)
     u = uniform_like(key, d.shape, row_offset=5).numpy()
-    want = _della_reference_mask(d.numpy(), u, density, epsilon)
+    want = ref_della_mask(d.numpy(), u, density, epsilon)
     assert np.array_equal(got.numpy(), want)
 
 

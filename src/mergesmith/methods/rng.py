@@ -9,13 +9,13 @@ tensors are processed in or however a tensor is split into row blocks. The mixer
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 import torch
+
+from mergesmith.methods.parallel import split
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _C1 = 0xBF58476D1CE4E5B9
@@ -82,9 +82,6 @@ def _uniform_np(key: int, start: int, out: "np.ndarray") -> None:
         np.multiply(zz, 2.0**-24, out=out[a:b], casting="unsafe")
 
 
-_POOL = None
-
-
 def numpy_path(device: torch.device | str) -> bool:
     """Whether the numpy SplitMix64 serves this device (the CPU); elsewhere the same integer arithmetic runs in
     torch on the device. tests/test_device_paths.py patches this to run the device path on the CPU."""
@@ -93,18 +90,10 @@ def numpy_path(device: torch.device | str) -> bool:
 
 def uniform(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 uniforms in [0, 1) for elements start..start+n-1 of the stream `key`."""
-    global _POOL
     if numpy_path(device):
         res = torch.empty(n, dtype=torch.float32)
         out = res.numpy()
-        parts = max(1, min(torch.get_num_threads(), n // (16 * _CHUNK)))  # --threads bounds these helpers too
-        if parts == 1:
-            _uniform_np(key, start, out)
-        else:
-            if _POOL is None:
-                _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="rng")
-            bounds = [n * i // parts for i in range(parts + 1)]
-            list(_POOL.map(lambda ab: _uniform_np(key, start + ab[0], out[ab[0] : ab[1]]), zip(bounds, bounds[1:])))
+        split(lambda a, b: _uniform_np(key, start + a, out[a:b]), n, grain=16 * _CHUNK)
         return res
     out = torch.empty(n, dtype=torch.float32, device=device)
     step = _CHUNK if torch.device(device).type == "cpu" else max(n, 1)

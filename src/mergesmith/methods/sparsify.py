@@ -12,14 +12,14 @@ by the element's place in the whole tensor, and the L1 rescale can be given the 
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from mergesmith.methods import fastmask
+from mergesmith.methods.parallel import split
 from mergesmith.methods.rng import uniform_like
 
 L1Sums = Tuple[float, float]  # (sum |delta|, sum |kept delta|) over the whole tensor
@@ -60,7 +60,8 @@ def abs_sum(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
     return sum64(a)
 
 
-def _l1_factor(before: float, after: float, eps: float = 1e-7) -> float:
+def l1_factor(before: float, after: float, eps: float = 1e-7) -> float:
+    """The L1 rescale factor: before / after, or 1 when either is ~0."""
     return 1.0 if before < eps or after < eps else before / after
 
 
@@ -68,7 +69,7 @@ def rescale_l1(delta: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> 
     """Scale `masked` so its L1 norm equals `delta`'s (mergekit's `rescale: true`); unchanged if either is ~0."""
     before = abs_sum(delta)
     after = abs_sum(masked)
-    f = _l1_factor(before, after, eps)
+    f = l1_factor(before, after, eps)
     return masked if f == 1.0 else masked * f
 
 
@@ -328,23 +329,6 @@ def _packed_argsort_into(keys: "np.ndarray", out: "np.ndarray") -> None:
     out &= (1 << b) - 1
 
 
-_POOL = None
-
-
-def _by_rows(fn: Callable[["np.ndarray", "np.ndarray"], object], keys: "np.ndarray", out: "np.ndarray") -> None:
-    """fn(keys[a:b], out[a:b]) over row ranges, on the machine's cores when there are enough rows."""
-    global _POOL
-    rows = keys.shape[0]
-    workers = max(1, min(torch.get_num_threads(), rows // 64))  # --threads bounds these helpers too
-    if workers == 1:
-        fn(keys, out)
-        return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sort")
-    bounds = [rows * i // workers for i in range(workers + 1)]
-    list(_POOL.map(lambda ab: fn(keys[ab[0] : ab[1]], out[ab[0] : ab[1]]), zip(bounds, bounds[1:])))
-
-
 def stable_argsort_rows(mag: torch.Tensor) -> torch.Tensor:
     """Indices that sort each row of a non-negative float32 matrix ascending, ties by index (device-independent)."""
     if not numpy_path(mag) or mag.dtype != torch.float32:
@@ -354,7 +338,8 @@ def stable_argsort_rows(mag: torch.Tensor) -> torch.Tensor:
     if (cols - 1).bit_length() > 32:
         return torch.from_numpy(_radix_argsort_rows(keys))
     result = torch.empty((rows, cols), dtype=torch.int64)
-    _by_rows(_packed_argsort_into, keys, result.numpy())
+    out = result.numpy()
+    split(lambda a, b: _packed_argsort_into(keys[a:b], out[a:b]), rows, grain=64)
     return result
 
 
@@ -392,6 +377,19 @@ def della_keep_probabilities(
     return p
 
 
+def _fast_masks(
+    delta: torch.Tensor, method: str, density: float, key: int, epsilon: float, rank_scope: str, row_offset: int
+) -> Optional[Tuple[torch.Tensor, float, float]]:
+    """(mask, sum |delta|, sum |kept delta|) from the compiled kernel, or None where it does not serve."""
+    rows = _della_rows(delta, rank_scope) if method == "della_magprune" else delta.reshape(delta.shape[0], -1)
+    whole = method == "della_magprune" and rank_scope == "tensor"  # one row: the stream's rows are the tensor's
+    if delta.dim() < 2 or not fastmask.usable(rows) or (whole and row_offset):
+        return None
+    steps = _della_steps(rows.shape[1], density, epsilon, rows.device) if method == "della_magprune" else None
+    mask, before, after = fastmask.keep_masks(rows, key, row_offset, steps, density)
+    return mask.reshape(delta.shape), before, after
+
+
 def keep_mask(
     delta: torch.Tensor,
     method: str,
@@ -401,11 +399,16 @@ def keep_mask(
     rank_scope: str = "row",
     row_offset: int = 0,
     magnitudes: Optional[torch.Tensor] = None,
+    need_p: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(mask, keep probability) of a random sparsifier for rows starting at `row_offset` of the whole tensor.
 
-    The probability is None for DARE (it is `density` everywhere); `magnitudes` is |delta| where the caller has it.
+    The probability is None for DARE (it is `density` everywhere) and when not `need_p`; `magnitudes` is |delta|
+    where the caller has it.
     """
+    fast = _fast_masks(delta, method, density, key, epsilon, rank_scope, row_offset) if not need_p else None
+    if fast is not None:
+        return fast[0], None
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     u = uniform_like(key, rows.shape, row_offset=row_offset, device=delta.device)
     if method == "random":
@@ -438,8 +441,9 @@ def random_sparsify(
     if density <= 0:
         return torch.zeros_like(delta)
     p = None
-    if mask is None or (rescale and rescale_mode == "inverse_prob"):
-        mask, p = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset)
+    need_p = rescale and rescale_mode == "inverse_prob"
+    if mask is None or need_p:
+        mask, p = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset, need_p=need_p)
     out = kept(delta, mask.reshape(delta.shape))
     if not rescale:
         return out
@@ -447,7 +451,7 @@ def random_sparsify(
         return out / (p if p is not None else density)
     if l1 is None:
         return rescale_l1(delta, out)
-    f = _l1_factor(*l1)
+    f = l1_factor(*l1)
     return out if f == 1.0 else out * f
 
 
@@ -464,6 +468,9 @@ def l1_sums(
     if density >= 1 or density <= 0:
         s = abs_sum(delta)
         return (s, (s if density >= 1 else 0.0)), None
+    fast = _fast_masks(delta, method, density, key, epsilon, rank_scope, row_offset)
+    if fast is not None:
+        return fast[1:], fast[0]
     a = delta.abs()
     mask, _ = keep_mask(delta, method, density, key, epsilon, rank_scope, row_offset, magnitudes=a)
     before = sum64(a)

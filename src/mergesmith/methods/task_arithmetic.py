@@ -11,7 +11,8 @@ import torch
 
 from mergesmith.methods.exact import integer_weights
 from mergesmith.methods.registry import PerModel, Round, Streaming, TwoPass, merge_method
-from mergesmith.methods.sparsify import L1Sums, RadixSelect, RankCut, l1_sums, magnitude_range, sparsify
+from mergesmith.methods import fastmask
+from mergesmith.methods.sparsify import L1Sums, RadixSelect, RankCut, l1_factor, l1_sums, magnitude_range, sparsify
 
 
 def generalized_task_arithmetic(
@@ -65,11 +66,13 @@ def generalized_task_arithmetic(
 
     # w_i = nums_i / den exactly: products and small sums stay exact in float32 (see methods/exact.py)
     nums, den = integer_weights(weights)
-    mixed = (
-        _consensus(base, inputs, sparse, nums, den, consensus, normalize)
-        if consensus
-        else _weighted_sum(inputs, sparse, nums, den, normalize)
-    )
+    if consensus:
+        mixed = _consensus(base, inputs, sparse, nums, den, consensus, normalize)
+    elif _fused(base, stat, rescale, rescale_mode):
+        factors = [l1_factor(*stat.sums[i]) for i in range(len(inputs))]
+        mixed = _divided(fastmask.masked_sum(base, inputs, stat.masks, factors, nums), nums, den, normalize)
+    else:
+        mixed = _weighted_sum(inputs, sparse, nums, den, normalize)
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
@@ -114,6 +117,22 @@ def _weighted_sum(inputs, sparse, nums, den, normalize: bool) -> torch.Tensor:
         if nums[i] != 1:
             d.mul_(nums[i])
         mixed = d if mixed is None else mixed.add_(d)
+    return _divided(mixed, nums, den, normalize)
+
+
+def _fused(base: torch.Tensor, stat: Any, rescale: bool, rescale_mode: str) -> bool:
+    """Whether pass 2 of an L1-rescaled DARE/DELLA sum runs as one compiled pass (same float32 operations)."""
+    return (
+        isinstance(stat, L1Share)
+        and rescale
+        and rescale_mode == "l1"
+        and all(m is not None for m in stat.masks)
+        and fastmask.available()
+        and base.device.type == "cpu"
+    )
+
+
+def _divided(mixed: torch.Tensor, nums, den, normalize: bool) -> torch.Tensor:
     total = sum(nums) / den
     divisor = sum(nums) if normalize and abs(total) >= 1e-8 else den
     return mixed / divisor if divisor != 1 else mixed

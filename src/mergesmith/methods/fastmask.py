@@ -1,0 +1,108 @@
+"""The compiled keep-mask kernel (mergesmith/_masks.c) for DARE and DELLA MagPrune on the CPU.
+
+One pass per row draws the uniforms, decides each element and adds the L1 sums; DELLA needs no sort (only draws
+inside the keep-probability band need a rank, and a histogram of the magnitudes settles nearly all of those). The
+masks equal sparsify.keep_mask's (tests/test_fastmask.py); where the extension was not built (no C compiler at
+install), `available()` is False and sparsify's numpy path runs instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mergesmith.methods.parallel import split
+
+MAX_COLS = 1 << 24  # the kernel's scratch is ~30 bytes an element of one row: longer rows take the numpy path
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    try:
+        spec = importlib.util.find_spec("mergesmith._masks")
+        if spec is None or not spec.origin:
+            return None
+        lib = ctypes.CDLL(spec.origin)
+    except (ImportError, OSError):
+        return None
+    f = lib.keep_masks
+    f.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    f.argtypes = [ptr, i64, i64, i64, ctypes.c_uint64, ptr, ctypes.c_float, ptr, ptr]
+    g = lib.masked_add
+    g.restype = None
+    g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+_LIB = _load()
+
+
+def available() -> bool:
+    """Whether the compiled kernel is loaded (tests switch it off to compare with the numpy path)."""
+    return _LIB is not None
+
+
+def usable(rows: torch.Tensor) -> bool:
+    """Whether the kernel serves this 2-D view of a delta: float32 on the CPU, rows no longer than MAX_COLS."""
+    return available() and rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.shape[1] <= MAX_COLS
+
+
+def keep_masks(
+    rows: torch.Tensor, key: int, row_offset: int, steps: Optional[torch.Tensor], density: float
+) -> Tuple[torch.Tensor, float, float]:
+    """(mask, sum |delta|, sum |kept delta|) of a block of rows starting at `row_offset` of its tensor: DARE when
+    `steps` is None (keep when u < density), else DELLA with keep probability steps[rank]. Sums in float64."""
+    rows = rows.contiguous()
+    n, cols = rows.shape
+    mask = np.empty((n, cols), dtype=np.uint8)
+    sums = np.zeros((n, 2), dtype=np.float64)
+    st = None if steps is None else steps.contiguous().numpy()
+    d = rows.numpy()
+
+    def run(a: int, b: int) -> None:
+        if b > a:
+            rc = _LIB.keep_masks(
+                d[a:b].ctypes.data,
+                b - a,
+                cols,
+                row_offset + a,
+                key & ((1 << 64) - 1),
+                None if st is None else st.ctypes.data,
+                ctypes.c_float(density),
+                mask[a:b].ctypes.data,
+                sums[a:b].ctypes.data,
+            )
+            if rc != 0:
+                raise MemoryError("out of memory in the keep-mask kernel")
+
+    split(run, n, grain=64)
+    before, after = sums.sum(axis=0).tolist()
+    return torch.from_numpy(mask.view(np.bool_)), before, after
+
+
+def masked_sum(
+    base: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    masks: Sequence[np.ndarray],
+    factors: Sequence[float],
+    nums: Sequence[float],
+) -> torch.Tensor:
+    """sum_i (kept(x_i - base, mask_i) * factor_i) * num_i in recipe order, float32, each product and sum rounded as
+    sparsify's L1 rescale and task_arithmetic's weighted sum round them; masks are pass 1's packed bits."""
+    b = base.contiguous().reshape(-1)
+    acc = torch.empty_like(b)
+    xs = [x.contiguous().reshape(-1) for x in inputs]
+    ptrs = [t.data_ptr() for t in (acc, b)]
+
+    def run(a: int, z: int) -> None:
+        for i, x in enumerate(xs):
+            f, num = ctypes.c_float(factors[i]), ctypes.c_float(nums[i])
+            p = masks[i].ctypes.data
+            _LIB.masked_add(ptrs[0] + 4 * a, x.data_ptr() + 4 * a, ptrs[1] + 4 * a, p, a, z - a, f, num, int(i == 0))
+
+    split(run, b.numel(), grain=1 << 18)
+    return acc.reshape(base.shape)

@@ -1,0 +1,25 @@
+"""Ranges of work split over the machine's cores: the kernels' numpy and C helpers release the GIL."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+_POOL = None
+
+
+def split(fn: Callable[[int, int], object], n: int, grain: int) -> None:
+    """fn(a, b) over consecutive ranges covering [0, n), at least `grain` long, one per thread (--threads bounds
+    the count: torch.get_num_threads())."""
+    global _POOL
+    workers = max(1, min(torch.get_num_threads(), n // grain))
+    if workers == 1:
+        fn(0, n)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="split")
+    bounds = [n * i // workers for i in range(workers + 1)]
+    list(_POOL.map(lambda ab: fn(*ab), zip(bounds, bounds[1:])))

@@ -1,0 +1,153 @@
+"""The compiled DARE/DELLA keep-mask kernel against a ranked reference (np.lexsort ranks, uniforms of the stream)
+and against the numpy path it replaces, on rows full of ties, zeros and equal values, rows of every length, and
+keep-probability tables with long runs of equal steps; its L1 sums against float64 sums."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ref_della_mask
+from mergesmith.methods import fastmask
+from mergesmith.methods.rng import stream_key, uniform_like
+from mergesmith.methods.sparsify import keep_mask, l1_sums
+
+pytestmark = pytest.mark.skipif(not fastmask.available(), reason="the C extension was not built")
+
+
+def deltas(rows, cols, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    ft = (base.float() + torch.randn(rows, cols, generator=g) * 0.0005).to(torch.bfloat16)
+    d = ft.float() - base.float()  # bf16 differences: many ties and zeros
+    if kind == "zeros":
+        d[:, ::2] = 0
+    elif kind == "equal":
+        d[:] = -0.25
+    elif kind == "levels":
+        d = torch.round(d * 1e4) / 1e4  # a few hundred values: big histogram buckets
+    elif kind == "spread":
+        d = d * torch.exp2(torch.randint(-60, 60, (rows, cols), generator=g).float())  # 120 binades
+    return d
+
+
+def fast_mask(d, method, density, key, epsilon=0.15, row_offset=0):
+    mask, _ = keep_mask(d, method, density, key, epsilon, row_offset=row_offset, need_p=False)
+    return mask.numpy()
+
+
+KINDS = ["bf16", "zeros", "equal", "levels", "spread"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(7, 333), (3, 1), (2, 2), (1, 6000), (70, 129)])
+@pytest.mark.parametrize("density,epsilon", [(0.4, 0.05), (0.25, 0.2), (0.5, 0.5), (0.6, 1e-6), (0.3, 0.0)])
+def test_della_kernel_matches_a_ranked_reference(kind, shape, density, epsilon):
+    d = deltas(*shape, kind)
+    key = stream_key(7, "model", "tensor")
+    u = uniform_like(key, d.shape, row_offset=11).numpy()
+    want = ref_della_mask(d.numpy(), u, density, epsilon)
+    assert np.array_equal(fast_mask(d, "della_magprune", density, key, epsilon, row_offset=11), want)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.7, 0.95, 1 / 3])
+def test_dare_kernel_keeps_draws_below_the_density(density):
+    d = deltas(65, 300, "bf16")
+    key = stream_key(-3, "m", "t")
+    u = uniform_like(key, d.shape, row_offset=4).numpy()
+    assert np.array_equal(fast_mask(d, "random", density, key, row_offset=4), u < np.float32(density))
+
+
+@pytest.mark.parametrize("method", ["random", "della_magprune"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_equals_the_numpy_path_with_sums(monkeypatch, method, kind):
+    """Same masks as the path without the extension, and (sum |delta|, sum |kept|) within float64 rounding of
+    float64 sums of the same elements."""
+    d = deltas(130, 257, kind, seed=1)  # 130 rows: split over the row pool
+    key = stream_key(1, "m", "t")
+    (before, after), mask = l1_sums(d, method, 0.35, key, epsilon=0.1, row_offset=9)
+    monkeypatch.setattr(fastmask, "_LIB", None)
+    (b0, a0), mask0 = l1_sums(d, method, 0.35, key, epsilon=0.1, row_offset=9)
+    assert torch.equal(mask, mask0)
+    a = d.double().abs()
+    assert before == pytest.approx(float(a.sum()), rel=1e-12)
+    assert after == pytest.approx(float(a[mask].sum()), rel=1e-12)
+    assert (before, after) == pytest.approx((b0, a0), rel=1e-12)
+
+
+def test_kernel_sums_do_not_depend_on_the_thread_count():
+    d = deltas(256, 100, "spread", seed=2)
+    key = stream_key(2, "m", "t")
+    runs = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            runs.append(l1_sums(d, "della_magprune", 0.4, key, epsilon=0.1))
+        finally:
+            torch.set_num_threads(old)
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_dare_drops_a_draw_equal_to_the_density():
+    key = stream_key(5, "m", "t")
+    u = uniform_like(key, torch.Size([4, 50])).numpy()
+    density = float(u[2, 7])  # a multiple of 2**-24: the same number in float32
+    mask = fast_mask(deltas(4, 50, "bf16"), "random", density, key)
+    assert not mask[2, 7] and np.array_equal(mask, u < np.float32(density))
+
+
+@pytest.mark.parametrize("n,density,epsilon", [(257, 0.5, 0.5), (6000, 0.6, 1e-5), (5000, 0.3, 0.01)])
+def test_della_decides_at_the_threshold_rank(n, density, epsilon):
+    """An element whose draw is in the band, given exactly the smallest rank that keeps it (and one rank less),
+    in rows where equal keep probabilities run long (the threshold is found by bisection) or where the draw equals
+    a keep probability."""
+    key = stream_key(9, "m", "t")
+    steps = np.float32(np.arange(n) * np.float32(2 * epsilon / (n - 1))) + np.float32(density - epsilon)
+    u = uniform_like(key, torch.Size([4000, n])).numpy()
+    in_band = np.argwhere((u >= steps[0]) & (u < steps[-1]))
+    hits = [in_band[0], in_band[-1]] + [p for p in in_band if (steps == u[p[0], p[1]]).any()][:3]
+    g = torch.Generator().manual_seed(0)
+    for r, j in hits:
+        k = int((steps <= u[r, j]).sum())  # ranks >= k keep the element
+        for rank in (k, k - 1):
+            mags = torch.randperm(n, generator=g).float()
+            mags[mags == rank] = mags[j].item()
+            mags[j] = rank
+            d = (mags + 1).reshape(1, n) * torch.where(torch.rand(1, n, generator=g) < 0.5, -1.0, 1.0)
+            got = fast_mask(d, "della_magprune", density, key, epsilon, row_offset=int(r))
+            assert got[0, j] == (rank >= k)
+            assert np.array_equal(got, ref_della_mask(d.numpy(), u[r : r + 1], density, epsilon))
+
+
+@pytest.mark.parametrize(
+    "weights,normalize", [([0.3, 0.1, 0.4], False), ([0.3, 0.1, 0.4], True), ([1.0, 1.0, 1.0], False)]
+)
+@pytest.mark.parametrize("sums", [[(3.0, 1.7), (2.0, 0.9), (5.0, 4.1)], [(1.0, 1.0), (0.0, 0.0), (7.0, 3.0)]])
+def test_pass_two_sum_in_one_compiled_pass_is_the_same_float32(monkeypatch, weights, normalize, sums):
+    """kept(x - base) * factor * weight numerator, summed in recipe order: the compiled pass gives the bits of the
+    torch ops it replaces, on bf16 inputs (many results halfway between bf16 values) and odd block lengths."""
+    from mergesmith.methods.task_arithmetic import L1Share, generalized_task_arithmetic
+
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(37, 301, generator=g) * 0.02).to(torch.bfloat16).float()
+    xs = [(base + torch.randn(37, 301, generator=g) * 0.001).to(torch.bfloat16).float() for _ in range(3)]
+    masks = [np.packbits((torch.rand(37 * 301, generator=g) < 0.4).numpy()) for _ in range(3)]
+
+    def merged():
+        return generalized_task_arithmetic(
+            base,
+            xs,
+            weights,
+            [0.4] * 3,
+            keys=[1, 2, 3],
+            sparsification="della_magprune",
+            normalize=normalize,
+            rescale=True,
+            lambda_=1.5,
+            stat=L1Share(sums, masks),
+        )
+
+    fused = merged()
+    monkeypatch.setattr(fastmask, "_LIB", None)
+    want = merged()
+    assert torch.equal(fused.view(torch.int32), want.view(torch.int32))
