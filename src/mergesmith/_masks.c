@@ -165,8 +165,8 @@ static int64_t exact_rank(int64_t j, int64_t n, int used, Scratch *s) {
 
 /* k(u) = #{r : steps[r] <= u} for steps[0] <= u < steps[n-1]: a guess from the line steps lie on, then a walk
    (or a bisection when the guess is far). */
-static int64_t threshold(const float *steps, int64_t n, float u, double a, double slope) {
-    int64_t k = slope > 0 ? (int64_t)((u - a) / slope) : 0;
+static int64_t threshold(const float *steps, int64_t n, float u, double a, double per_step) {
+    int64_t k = (int64_t)((u - a) * per_step);
     k = k < 1 ? 1 : (k > n - 1 ? n - 1 : k);
     for (int walk = 0; walk < 8; walk++) {
         if (steps[k - 1] > u) k--;
@@ -184,7 +184,8 @@ static int64_t threshold(const float *steps, int64_t n, float u, double a, doubl
 static void della_row(const float *d, int64_t n, const float *steps, Scratch *s, uint8_t *mask) {
     int used = histogram(d, n, s);
     float p_lo = steps[0], p_hi = steps[n - 1];
-    double a = steps[0], slope = n > 1 ? ((double)steps[n - 1] - steps[0]) / (double)(n - 1) : 0.0;
+    /* 1 / the slope of the line the steps lie on (used for draws inside the band, empty unless p_hi > p_lo) */
+    double a = steps[0], per_step = p_hi > p_lo ? (double)(n - 1) / ((double)p_hi - p_lo) : 0.0;
     int64_t m = 0; /* elements whose draw falls in the band: the only ones whose rank matters */
     for (int64_t j = 0; j < n; j++) {
         float u = s->u[j];
@@ -194,7 +195,7 @@ static void della_row(const float *d, int64_t n, const float *steps, Scratch *s,
     }
     for (int64_t t = 0; t < m; t++) {
         int64_t j = s->band[t];
-        int64_t k = threshold(steps, n, s->u[j], a, slope);
+        int64_t k = threshold(steps, n, s->u[j], a, per_step);
         int b = s->bucket[j];
         if (s->start[b] >= k) mask[j] = 1;
         else if (s->start[b] + s->count[b] > k) mask[j] = exact_rank(j, n, used, s) >= k;
