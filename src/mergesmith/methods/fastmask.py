@@ -26,13 +26,12 @@ def _load() -> Optional[ctypes.CDLL]:
         if spec is None or not spec.origin:
             return None
         lib = ctypes.CDLL(spec.origin)
-    except (ImportError, OSError):
+        f, g = lib.keep_masks, lib.masked_add
+    except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
-    f = lib.keep_masks
     f.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     f.argtypes = [ptr, i64, i64, i64, ctypes.c_uint64, ptr, ctypes.c_float, ptr, ptr]
-    g = lib.masked_add
     g.restype = None
     g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
     return lib

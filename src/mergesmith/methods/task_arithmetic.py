@@ -129,6 +129,7 @@ def _fused(base: torch.Tensor, stat: Any, rescale: bool, rescale_mode: str) -> b
         and all(m is not None for m in stat.masks)
         and fastmask.available()
         and base.device.type == "cpu"
+        and base.dtype == torch.float32
     )
 
 
