@@ -151,3 +151,30 @@ def test_pass_two_sum_in_one_compiled_pass_is_the_same_float32(monkeypatch, weig
     monkeypatch.setattr(fastmask, "_LIB", None)
     want = merged()
     assert torch.equal(fused.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (5, 0), (3,)])
+@pytest.mark.parametrize("method", ["random", "della_magprune"])
+def test_scalars_and_empty_tensors_take_the_path_that_serves_them(shape, method):
+    d = torch.full(shape, 0.3)
+    (before, after), mask = l1_sums(d, method, 0.5, 1, epsilon=0.1)
+    assert before == pytest.approx(0.3 * d.numel())
+    assert mask.shape == d.shape
+
+
+def test_inputs_of_another_dtype_are_not_summed_by_the_compiled_pass():
+    from mergesmith.methods.task_arithmetic import L1Share, generalized_task_arithmetic
+
+    base = torch.ones(4, 8)
+    xs = [torch.full((4, 8), 2.0, dtype=torch.bfloat16)]
+    out = generalized_task_arithmetic(
+        base,
+        xs,
+        [1.0],
+        [0.5],
+        keys=[1],
+        sparsification="random",
+        rescale=True,
+        stat=L1Share([(32.0, 32.0)], [np.packbits(np.ones(32, dtype=bool))]),
+    )
+    assert torch.equal(out, torch.full((4, 8), 2.0))

@@ -224,7 +224,7 @@ int keep_masks(const float *delta, int64_t rows, int64_t cols, int64_t row0, uin
         uniforms(key, (uint64_t)(row0 + r) * (uint64_t)cols, cols, s->u);
         if (steps == NULL)
             for (int64_t j = 0; j < cols; j++) m[j] = s->u[j] < density;
-        else
+        else if (cols > 0)
             della_row(d, cols, steps, s, m);
         abs_sums(d, m, cols, &sums[2 * r], &sums[2 * r + 1]);
     }

@@ -380,10 +380,13 @@ def della_keep_probabilities(
 def _fast_masks(
     delta: torch.Tensor, method: str, density: float, key: int, epsilon: float, rank_scope: str, row_offset: int
 ) -> Optional[Tuple[torch.Tensor, float, float]]:
-    """(mask, sum |delta|, sum |kept delta|) from the compiled kernel, or None where it does not serve."""
+    """(mask, sum |delta|, sum |kept delta|) from the compiled kernel, or None where it does not serve (the kernel
+    assumes keep probabilities that grow with rank: epsilon >= 0, which recipes enforce)."""
+    if delta.dim() < 2 or delta.numel() == 0 or (method == "della_magprune" and epsilon < 0):
+        return None
     rows = _della_rows(delta, rank_scope) if method == "della_magprune" else delta.reshape(delta.shape[0], -1)
     whole = method == "della_magprune" and rank_scope == "tensor"  # one row: the stream's rows are the tensor's
-    if delta.dim() < 2 or not fastmask.usable(rows) or (whole and row_offset):
+    if not fastmask.usable(rows) or (whole and row_offset):
         return None
     steps = _della_steps(rows.shape[1], density, epsilon, rows.device) if method == "della_magprune" else None
     mask, before, after = fastmask.keep_masks(rows, key, row_offset, steps, density)

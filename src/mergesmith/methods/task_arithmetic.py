@@ -68,7 +68,7 @@ def generalized_task_arithmetic(
     nums, den = integer_weights(weights)
     if consensus:
         mixed = _consensus(base, inputs, sparse, nums, den, consensus, normalize)
-    elif _fused(base, stat, rescale, rescale_mode):
+    elif _fused(base, inputs, stat, rescale, rescale_mode):
         factors = [l1_factor(*stat.sums[i]) for i in range(len(inputs))]
         mixed = _divided(fastmask.masked_sum(base, inputs, stat.masks, factors, nums), nums, den, normalize)
     else:
@@ -120,16 +120,17 @@ def _weighted_sum(inputs, sparse, nums, den, normalize: bool) -> torch.Tensor:
     return _divided(mixed, nums, den, normalize)
 
 
-def _fused(base: torch.Tensor, stat: Any, rescale: bool, rescale_mode: str) -> bool:
+def _fused(base: torch.Tensor, inputs, stat: Any, rescale: bool, rescale_mode: str) -> bool:
     """Whether pass 2 of an L1-rescaled DARE/DELLA sum runs as one compiled pass (same float32 operations)."""
+    like = (base.device.type, base.dtype, base.shape)
     return (
         isinstance(stat, L1Share)
         and rescale
         and rescale_mode == "l1"
         and all(m is not None for m in stat.masks)
         and fastmask.available()
-        and base.device.type == "cpu"
-        and base.dtype == torch.float32
+        and like[:2] == ("cpu", torch.float32)
+        and all((x.device.type, x.dtype, x.shape) == like for x in inputs)
     )
 
 
