@@ -228,7 +228,9 @@ def apply_cut(a: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = 
         return mask
     mask |= (a > cut.low) & (a < cut.high)
     for g, (v, first, last) in enumerate(cut.groups):
-        members = torch.nonzero(a == v).flatten()
+        # the tied members' places, ascending (numpy's flatnonzero is ~3x torch.nonzero's speed on the CPU)
+        eq = a == v
+        members = torch.from_numpy(np.flatnonzero(eq.numpy())) if numpy_path(a) else torch.nonzero(eq).flatten()
         off = offsets[g] if offsets is not None else 0
         mask[members[max(0, first - off) : max(0, last - off)]] = True
     return mask
