@@ -256,3 +256,27 @@ void masked_add(float *acc, const float *x, const float *base, const uint8_t *pa
         acc[j] = first ? d : acc[j] + d;
     }
 }
+
+/* sce's selection key: the population variance over n models of `len` elements (model i's at x + i * stride),
+   Welford's update in float64 in model order as ATen's CPU torch.var(dim=0, unbiased=False) runs it (first step
+   0 + x / 1, which turns -0.0 into +0.0), rounded once to float32. Chunks keep the float64 state in cache. */
+void variances(const float *x, int64_t n, int64_t stride, int64_t len, float *out) {
+    double mean[1024], m2[1024];
+    for (int64_t a = 0; a < len; a += 1024) {
+        int64_t c = len - a < 1024 ? len - a : 1024;
+        for (int64_t j = 0; j < c; j++) {
+            mean[j] = (double)x[a + j] + 0.0;
+            m2[j] = 0.0;
+        }
+        for (int64_t i = 1; i < n; i++) {
+            const float *xi = x + i * stride + a;
+            double count = (double)(i + 1);
+            for (int64_t j = 0; j < c; j++) {
+                double v = xi[j], delta = v - mean[j];
+                mean[j] += delta / count;
+                m2[j] += delta * (v - mean[j]);
+            }
+        }
+        for (int64_t j = 0; j < c; j++) out[a + j] = (float)(m2[j] / (double)n);
+    }
+}

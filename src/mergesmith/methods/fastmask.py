@@ -26,7 +26,7 @@ def _load() -> Optional[ctypes.CDLL]:
         if spec is None or not spec.origin:
             return None
         lib = ctypes.CDLL(spec.origin)
-        f, g = lib.keep_masks, lib.masked_add
+        f, g, v = lib.keep_masks, lib.masked_add, lib.variances
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -34,6 +34,8 @@ def _load() -> Optional[ctypes.CDLL]:
     f.argtypes = [ptr, i64, i64, i64, ctypes.c_uint64, ptr, ctypes.c_float, ptr, ptr]
     g.restype = None
     g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    v.restype = None
+    v.argtypes = [ptr, i64, i64, i64, ptr]
     return lib
 
 
@@ -105,3 +107,14 @@ def masked_sum(
 
     split(run, b.numel(), grain=1 << 18)
     return acc.reshape(base.shape)
+
+
+def variances(flat: torch.Tensor) -> torch.Tensor:
+    """Population variance over the rows of a [models, elements] float32 CPU matrix, float32: the values of
+    torch.var(dim=0, unbiased=False) (Welford in float64, in model order)."""
+    flat = flat.contiguous()
+    n, m = flat.shape
+    out = torch.empty(m, dtype=torch.float32)
+    x, o = flat.data_ptr(), out.data_ptr()
+    split(lambda a, b: _LIB.variances(x + 4 * a, n, m, b - a, o + 4 * a), m, grain=1 << 16)
+    return out
