@@ -8,7 +8,9 @@
    DELLA without a sort: steps[] is non-decreasing, so u < steps[0] keeps whatever the rank, u >= steps[n-1] drops,
    and otherwise the element is kept iff rank >= k(u) = #{r : steps[r] <= u}. Ranks come from a histogram of the
    magnitudes' bit patterns (which order like the values): an element's bucket bounds its rank, and only when k(u)
-   falls inside its bucket's range is the rank resolved exactly among the bucket's members. */
+   falls inside its bucket's range is the rank resolved exactly among the bucket's members.
+
+   Also here: the second pass of an L1-rescaled DARE/DELLA sum (masked_add) and sce's variances (variances). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

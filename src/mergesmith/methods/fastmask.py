@@ -3,7 +3,9 @@
 One pass per row draws the uniforms, decides each element and adds the L1 sums; DELLA needs no sort (only draws
 inside the keep-probability band need a rank, and a histogram of the magnitudes settles nearly all of those). The
 masks equal sparsify.keep_mask's (tests/test_fastmask.py); where the extension was not built (no C compiler at
-install), `available()` is False and sparsify's numpy path runs instead.
+install), `available()` is False and sparsify's numpy path runs instead. The same extension computes the second pass
+of an L1-rescaled DARE/DELLA sum (`masked_sum`) and sce's variances (`variances`), each with the float operations of
+the torch path it replaces.
 """
 
 from __future__ import annotations
