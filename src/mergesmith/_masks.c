@@ -22,6 +22,14 @@
 #define LARGE_BUCKET 512  /* beyond this many members of several values, sort a bucket once instead of scanning it */
 enum { UNKNOWN, ONE_VALUE, MIXED, SORTED };
 
+/* The streaming loops also get an AVX-512 build, picked at load time where the CPU has it (the 64-bit multiplies
+   of the draws need it to vectorize). Same results: integer ops, and float ops in the same order (no contraction). */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+#define WIDE __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define WIDE
+#endif
+
 typedef struct {
     uint32_t *keys;    /* |delta| bit patterns */
     uint16_t *bucket;  /* each element's bucket */
@@ -34,7 +42,7 @@ typedef struct {
     int built;
 } Scratch;
 
-static void uniforms(uint64_t key, uint64_t first, int64_t n, float *u) {
+WIDE static void uniforms(uint64_t key, uint64_t first, int64_t n, float *u) {
     for (int64_t j = 0; j < n; j++) {
         uint64_t z = (first + (uint64_t)j) * GOLDEN + key;
         z ^= z >> 30;
@@ -48,7 +56,7 @@ static void uniforms(uint64_t key, uint64_t first, int64_t n, float *u) {
 
 /* float64 sums of |d| and of |d| where mask, in eight fixed lanes each: the same values whatever the threads. The
    masked value is |d|'s bit pattern ANDed with the widened mask (+0.0 where dropped), as sparsify.kept does. */
-static void abs_sums(const float *d, const uint8_t *mask, int64_t n, double *before, double *after) {
+WIDE static void abs_sums(const float *d, const uint8_t *mask, int64_t n, double *before, double *after) {
     double lb[8] = {0}, la[8] = {0};
     int64_t j = 0;
     for (; j + 8 <= n; j += 8)
@@ -84,7 +92,7 @@ static int cmp_u64(const void *a, const void *b) {
 }
 
 /* Fill keys and buckets of a row; returns the number of buckets used. */
-static int histogram(const float *d, int64_t n, Scratch *s) {
+WIDE static int histogram(const float *d, int64_t n, Scratch *s) {
     uint32_t hi = 0, lo = UINT32_MAX;
     for (int64_t j = 0; j < n; j++) {
         uint32_t k;
@@ -244,7 +252,7 @@ int keep_masks(const float *delta, int64_t rows, int64_t cols, int64_t row0, uin
    order: element j is bit 7 - j % 8 of byte j / 8): acc = (first ? 0 : acc) + (kept(x - base) * f) * num, each
    operation rounded in float32 in the order sparsify and task_arithmetic apply them (f == 1 or num == 1: skipped,
    as there). Built with -ffp-contract=off: a fused multiply-add would round once instead of twice. */
-void masked_add(float *acc, const float *x, const float *base, const uint8_t *packed, int64_t offset, int64_t n,
+WIDE void masked_add(float *acc, const float *x, const float *base, const uint8_t *packed, int64_t offset, int64_t n,
                 float f, float num, int first) {
     for (int64_t j = 0; j < n; j++) {
         int64_t e = offset + j;
@@ -262,7 +270,7 @@ void masked_add(float *acc, const float *x, const float *base, const uint8_t *pa
 /* sce's selection key: the population variance over n models of `len` elements (model i's at x + i * stride),
    Welford's update in float64 in model order as ATen's CPU torch.var(dim=0, unbiased=False) runs it (first step
    0 + x / 1, which turns -0.0 into +0.0), rounded once to float32. Chunks keep the float64 state in cache. */
-void variances(const float *x, int64_t n, int64_t stride, int64_t len, float *out) {
+WIDE void variances(const float *x, int64_t n, int64_t stride, int64_t len, float *out) {
     double mean[1024], m2[1024];
     for (int64_t a = 0; a < len; a += 1024) {
         int64_t c = len - a < 1024 ? len - a : 1024;
