@@ -10,9 +10,10 @@
 Builds a checkpoint family (random base; fine-tunes = base + small dense noise + sparse larger changes; bf16; sharded
 like Hub checkpoints), then times on the same files: the I/O floor (read every input byte, write one output-sized
 file and fsync it; twice, each from the page cache state the timed runs start from, the lower counts: on this
-project's virtual machine the same 3 GiB write took 10.5 s of system time once and 1.3 s right after), `mergesmith run` and `mergekit-yaml` (0.1.5 from PyPI, installed by this script into bench/.mkvenv, skipped
-with a note when it cannot be installed) on the seed recipe (della_linear) and on linear, ties and dare_linear, or
-on every method (`recipe` says how each uses the family).
+project's virtual machine the same 3 GiB write took 10.5 s of system time once and 1.3 s right after),
+`mergesmith run` and `mergekit-yaml` (0.1.5 from PyPI, installed by this script into bench/.mkvenv, skipped with a
+note when it cannot be installed) on the seed recipe (della_linear) and on linear, ties and dare_linear, or on every
+method (`recipe` says how each uses the family).
 Reports wall time and the peak resident memory of the process tree (anonymous and total), compares the linear and
 ties outputs of both tools with a float64 reference, and writes bench/RESULTS.md.
 """
