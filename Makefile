@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv demo test bench clean
 
-$(STAMP): pyproject.toml setup.py Makefile src/mergesmith/_masks.c
+$(STAMP): pyproject.toml setup.py Makefile src/mergesmith/_kernels.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"

@@ -1,10 +1,10 @@
 """The project's metadata is in pyproject.toml; this adds the one C extension: DARE/DELLA keep masks, loaded with
-ctypes (mergesmith/methods/fastmask.py). It is optional: without a C compiler the numpy path runs instead."""
+ctypes (mergesmith/methods/compiled.py). It is optional: without a C compiler the numpy path runs instead."""
 
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("mergesmith._masks", ["src/mergesmith/_masks.c"], extra_compile_args=["-O3", "-ffp-contract=off"], optional=True)
+        Extension("mergesmith._kernels", ["src/mergesmith/_kernels.c"], extra_compile_args=["-O3", "-ffp-contract=off"], optional=True)
     ]
 )

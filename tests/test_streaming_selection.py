@@ -139,17 +139,17 @@ def test_sce_weights_are_the_whole_tensors(monkeypatch):
     assert torch.equal(parts, whole)
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_variances_equal_torch_var_bit_for_bit(monkeypatch, compiled):
+@pytest.mark.parametrize("use_compiled", [True, False])
+def test_variances_equal_torch_var_bit_for_bit(monkeypatch, use_compiled):
     """sce's variances: the values of torch.var(dim=0, unbiased=False) (what mergekit's mask ranks), chunked, by
     the compiled kernel and by the torch ops that run where it is not built."""
-    from mergesmith.methods import fastmask
+    from mergesmith.methods import compiled
     from mergesmith.methods.sce import VAR_CHUNK, variances
 
-    if compiled and not fastmask.available():
+    if use_compiled and not compiled.available():
         pytest.skip("the C extension was not built")
-    if not compiled:
-        monkeypatch.setattr(fastmask, "_LIB", None)
+    if not use_compiled:
+        monkeypatch.setattr(compiled, "_LIB", None)
 
     g = torch.Generator().manual_seed(3)
     for n in (1, 2, 3, 5, 8):

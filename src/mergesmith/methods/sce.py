@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mergesmith.methods import fastmask, sparsify
+from mergesmith.methods import compiled, sparsify
 from mergesmith.methods.registry import Round, TwoPass, merge_method
 from mergesmith.methods.sparsify import RadixSelect, RankCut, apply_cut, rank_range_mask, sign_consensus
 
@@ -22,8 +22,8 @@ def variances(deltas: torch.Tensor) -> torch.Tensor:
     time; here the same update runs on chunks of elements (~10x faster, and the same values on any device)."""
     flat = deltas.reshape(deltas.shape[0], -1)
     n, m = flat.shape
-    if fastmask.available() and flat.device.type == "cpu" and flat.dtype == torch.float32 and n * m:
-        return fastmask.variances(flat).reshape(deltas.shape[1:])  # the same update, compiled
+    if compiled.available() and flat.device.type == "cpu" and flat.dtype == torch.float32 and n * m:
+        return compiled.variances(flat).reshape(deltas.shape[1:])  # the same update, compiled
     out = torch.empty(m, dtype=torch.float32, device=flat.device)
     bufs = torch.empty((4, min(m, VAR_CHUNK)), dtype=torch.float64, device=flat.device)
     for a in range(0, m, VAR_CHUNK):

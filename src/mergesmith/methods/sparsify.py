@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mergesmith.methods import fastmask
+from mergesmith.methods import compiled
 from mergesmith.methods.parallel import split
 from mergesmith.methods.rng import uniform_like
 
@@ -133,10 +133,14 @@ class RadixSelect:
 
     @staticmethod
     def high_counts(a: "np.ndarray") -> "np.ndarray":
+        if compiled.available():
+            return compiled.high_counts(a)
         return np.bincount(a.view(np.uint32) >> 16, minlength=1 << 16)
 
     def low_counts(self, a: "np.ndarray") -> dict:
         """{bucket: (low bits, counts)} of one block."""
+        if compiled.available():
+            return compiled.low_counts(a, self.buckets)
         u = a.view(np.uint32)
         top = u >> 16
         return {b: np.unique(u[top == b] & 0xFFFF, return_counts=True) for b in self.buckets}
@@ -388,10 +392,10 @@ def _fast_masks(
         return None
     rows = _della_rows(delta, rank_scope) if method == "della_magprune" else delta.reshape(delta.shape[0], -1)
     whole = method == "della_magprune" and rank_scope == "tensor"  # one row: the stream's rows are the tensor's
-    if not fastmask.usable(rows) or (whole and row_offset):
+    if not compiled.usable(rows) or (whole and row_offset):
         return None
     steps = _della_steps(rows.shape[1], density, epsilon, rows.device) if method == "della_magprune" else None
-    mask, before, after = fastmask.keep_masks(rows, key, row_offset, steps, density)
+    mask, before, after = compiled.keep_masks(rows, key, row_offset, steps, density)
     return mask.reshape(delta.shape), before, after
 
 

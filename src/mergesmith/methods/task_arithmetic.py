@@ -11,7 +11,7 @@ import torch
 
 from mergesmith.methods.exact import integer_weights
 from mergesmith.methods.registry import PerModel, Round, Streaming, TwoPass, merge_method
-from mergesmith.methods import fastmask
+from mergesmith.methods import compiled
 from mergesmith.methods.sparsify import (
     L1Sums,
     RadixSelect,
@@ -79,7 +79,7 @@ def generalized_task_arithmetic(
         mixed = _consensus(base, inputs, sparse, nums, den, consensus, normalize)
     elif _fused(base, inputs, stat, rescale, rescale_mode):
         factors = [l1_factor(*stat.sums[i]) for i in range(len(inputs))]
-        mixed = _divided(fastmask.masked_sum(base, inputs, stat.masks, factors, nums), nums, den, normalize)
+        mixed = _divided(compiled.masked_sum(base, inputs, stat.masks, factors, nums), nums, den, normalize)
     else:
         mixed = _weighted_sum(inputs, sparse, nums, den, normalize)
     if lambda_ != 1:
@@ -139,7 +139,7 @@ def _fused(base: torch.Tensor, inputs, stat: Any, rescale: bool, rescale_mode: s
         and rescale
         and rescale_mode == "l1"
         and all(m is not None for m in stat.masks)
-        and fastmask.available()
+        and compiled.available()
         and like[:2] == ("cpu", torch.float32)
         and all((x.device.type, x.dtype, x.shape) == like for x in inputs)
     )

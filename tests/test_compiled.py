@@ -1,17 +1,18 @@
-"""The compiled DARE/DELLA keep-mask kernel against a ranked reference (np.lexsort ranks, uniforms of the stream)
-and against the numpy path it replaces, on rows full of ties, zeros and equal values, rows of every length, and
-keep-probability tables with long runs of equal steps; its L1 sums against float64 sums."""
+"""The compiled kernels against independent references: the DARE/DELLA keep masks against a ranked reference
+(np.lexsort ranks, uniforms of the stream) and the numpy path they replace, on rows full of ties, zeros and equal
+values, rows of every length, and keep-probability tables with long runs of equal steps; their L1 sums against
+float64 sums; the radix counts against np.bincount and np.unique."""
 
 import numpy as np
 import pytest
 import torch
 
 from helpers import ref_della_mask
-from mergesmith.methods import fastmask
+from mergesmith.methods import compiled
 from mergesmith.methods.rng import stream_key, uniform_like
 from mergesmith.methods.sparsify import keep_mask, l1_sums
 
-pytestmark = pytest.mark.skipif(not fastmask.available(), reason="the C extension was not built")
+pytestmark = pytest.mark.skipif(not compiled.available(), reason="the C extension was not built")
 
 
 def deltas(rows, cols, kind, seed=0):
@@ -27,6 +28,9 @@ def deltas(rows, cols, kind, seed=0):
         d = torch.round(d * 1e4) / 1e4  # a few hundred values: big histogram buckets
     elif kind == "spread":
         d = d * torch.exp2(torch.randint(-60, 60, (rows, cols), generator=g).float())  # 120 binades
+    elif kind == "cluster":  # one bucket of a thousand values between a huge and a tiny one: ranked after a sort
+        d = 1 + torch.randint(0, 1000, (rows, cols), generator=g).float() * 2**-20
+        d[:, 0], d[:, -1] = 1e30, 1e-30
     return d
 
 
@@ -35,7 +39,7 @@ def fast_mask(d, method, density, key, epsilon=0.15, row_offset=0):
     return mask.numpy()
 
 
-KINDS = ["bf16", "zeros", "equal", "levels", "spread"]
+KINDS = ["bf16", "zeros", "equal", "levels", "spread", "cluster"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -65,7 +69,7 @@ def test_kernel_equals_the_numpy_path_with_sums(monkeypatch, method, kind):
     d = deltas(130, 257, kind, seed=1)  # 130 rows: split over the row pool
     key = stream_key(1, "m", "t")
     (before, after), mask = l1_sums(d, method, 0.35, key, epsilon=0.1, row_offset=9)
-    monkeypatch.setattr(fastmask, "_LIB", None)
+    monkeypatch.setattr(compiled, "_LIB", None)
     (b0, a0), mask0 = l1_sums(d, method, 0.35, key, epsilon=0.1, row_offset=9)
     assert torch.equal(mask, mask0)
     a = d.double().abs()
@@ -148,7 +152,7 @@ def test_pass_two_sum_in_one_compiled_pass_is_the_same_float32(monkeypatch, weig
         )
 
     fused = merged()
-    monkeypatch.setattr(fastmask, "_LIB", None)
+    monkeypatch.setattr(compiled, "_LIB", None)
     want = merged()
     assert torch.equal(fused.view(torch.int32), want.view(torch.int32))
 
@@ -178,3 +182,25 @@ def test_inputs_of_another_dtype_are_not_summed_by_the_compiled_pass():
         stat=L1Share([(32.0, 32.0)], [np.packbits(np.ones(32, dtype=bool))]),
     )
     assert torch.equal(out, torch.full((4, 8), 2.0))
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 100_003])
+def test_radix_counts_are_the_counts_of_the_high_and_low_halves(n):
+    g = np.random.default_rng(n)
+    x = np.concatenate([g.integers(0, 1 << 32, n, dtype=np.uint32), np.uint32([0x12340005] * (n // 3))])
+    x[: n // 4] = (np.uint32(0x12340000) | x[: n // 4] & np.uint32(0xFF)) if n else x[:0]
+    want_high = np.bincount(x >> 16, minlength=1 << 16)
+    assert np.array_equal(compiled.high_counts(x), want_high)
+    assert np.array_equal(compiled.high_counts(x.view(np.float32)), want_high)
+    buckets = [0x1234, 0x0000, 0xFFFF] + (
+        [int(x[-1] >> 16)] if n and int(x[-1] >> 16) not in (0x1234, 0, 0xFFFF) else []
+    )
+    got = compiled.low_counts(x[::-1], buckets)  # a strided view: copied
+    assert sorted(got) == sorted(buckets)
+    for b in buckets:
+        vals, counts = np.unique(x[(x >> 16) == b] & 0xFFFF, return_counts=True)
+        assert np.array_equal(got[b][0], vals) and np.array_equal(got[b][1], counts)
+    with pytest.raises(ValueError):
+        compiled.low_counts(x, [1 << 16])
+    with pytest.raises(TypeError):
+        compiled.high_counts(x.astype(np.int64))

@@ -1,11 +1,10 @@
-"""The compiled keep-mask kernel (mergesmith/_masks.c) for DARE and DELLA MagPrune on the CPU.
+"""The compiled kernels (mergesmith/_kernels.c) of the CPU paths, through ctypes.
 
-One pass per row draws the uniforms, decides each element and adds the L1 sums; DELLA needs no sort (only draws
-inside the keep-probability band need a rank, and a histogram of the magnitudes settles nearly all of those). The
-masks equal sparsify.keep_mask's (tests/test_fastmask.py); where the extension was not built (no C compiler at
-install), `available()` is False and sparsify's numpy path runs instead. The same extension computes the second pass
-of an L1-rescaled DARE/DELLA sum (`masked_sum`) and sce's variances (`variances`), each with the float operations of
-the torch path it replaces.
+`keep_masks`: DARE and DELLA MagPrune masks in one pass per row (DELLA needs no sort: a histogram of the magnitudes
+settles nearly every element's keep probability, and only the few draws it leaves open need an exact rank);
+`high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
+L1-rescaled DARE/DELLA sum; `variances`: sce's selection key. Each gives the bits of the numpy or torch path it
+replaces (tests/test_compiled.py), which runs instead where the extension was not built (`available()` is False).
 """
 
 from __future__ import annotations
@@ -24,11 +23,11 @@ MAX_COLS = 1 << 24  # the kernel's scratch is ~30 bytes an element of one row: l
 
 def _load() -> Optional[ctypes.CDLL]:
     try:
-        spec = importlib.util.find_spec("mergesmith._masks")
+        spec = importlib.util.find_spec("mergesmith._kernels")
         if spec is None or not spec.origin:
             return None
         lib = ctypes.CDLL(spec.origin)
-        f, g, v = lib.keep_masks, lib.masked_add, lib.variances
+        f, g, v, hc, lc = lib.keep_masks, lib.masked_add, lib.variances, lib.high_counts, lib.low_counts
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -38,6 +37,9 @@ def _load() -> Optional[ctypes.CDLL]:
     g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
     v.restype = None
     v.argtypes = [ptr, i64, i64, i64, ptr]
+    hc.restype = lc.restype = None
+    hc.argtypes = [ptr, i64, ptr]
+    lc.argtypes = [ptr, i64, ctypes.c_uint32, ctypes.c_uint32, ptr, ptr]
     return lib
 
 
@@ -119,4 +121,37 @@ def variances(flat: torch.Tensor) -> torch.Tensor:
     out = torch.empty(m, dtype=torch.float32)
     x, o = flat.data_ptr(), out.data_ptr()
     split(lambda a, b: _LIB.variances(x + 4 * a, n, m, b - a, o + 4 * a), m, grain=1 << 16)
+    return out
+
+
+def _words(a: np.ndarray) -> np.ndarray:
+    """`a` (float32 values or uint32 keys) as one contiguous run of 32-bit words."""
+    if a.dtype not in (np.float32, np.uint32):
+        raise TypeError(f"radix counts take float32 or uint32 arrays, not {a.dtype}")
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint32)
+
+
+def high_counts(a: np.ndarray) -> np.ndarray:
+    """How many words of `a` have each high 16 bits: np.bincount(a.view(np.uint32) >> 16, minlength=65536)."""
+    x = _words(a)
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    _LIB.high_counts(x.ctypes.data, x.size, counts.ctypes.data)
+    return counts
+
+
+def low_counts(a: np.ndarray, buckets: Sequence[int]) -> dict:
+    """{bucket: (low 16 bits present, their counts)} of the words of `a` whose high 16 bits are each bucket, as
+    np.unique(..., return_counts=True) gives them. Two buckets a pass."""
+    x, out = _words(a), {}
+    bs = [int(b) for b in buckets]
+    if any(not 0 <= b <= 0xFFFF for b in bs) or len(set(bs)) != len(bs):
+        raise ValueError(f"buckets must be distinct 16-bit values: {bs}")
+    for i in range(0, len(bs), 2):
+        pair = bs[i : i + 2]
+        counts = [np.zeros(1 << 16, dtype=np.int64) for _ in pair]
+        b1 = pair[1] if len(pair) == 2 else 1 << 16  # no word's high half: the second count stays unused
+        _LIB.low_counts(x.ctypes.data, x.size, pair[0], b1, counts[0].ctypes.data, counts[-1].ctypes.data)
+        for b, c in zip(pair, counts):
+            present = np.flatnonzero(c)
+            out[b] = (present, c[present])
     return out

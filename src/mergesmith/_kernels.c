@@ -1,0 +1,327 @@
+/* The compiled kernels of mergesmith's CPU paths, called through ctypes (which releases the GIL) by
+   mergesmith/methods/compiled.py. Each computes the bits of a numpy/torch path in methods/, which is its reference
+   and runs instead where this extension was not built.
+
+   keep_masks: masks of the random sparsifiers (DARE, DELLA MagPrune) for rows of float32 deltas, one fused pass per
+   row. Element j of a row is kept when u_j < p_j, u_j being the SplitMix64 uniform of its stream index (rng.py) and
+   p_j = density (DARE) or steps[rank_j] (DELLA: rank of |delta_j| in its row, ascending, ties by index).
+
+   DELLA without a sort: ranks come from a histogram of the magnitudes' bit patterns (which order like the values).
+   A bucket holding ranks [first, last] bounds its members' keep probabilities by steps[first] and steps[last]
+   (steps never decrease), so a draw below the one keeps and a draw at or above the other drops whatever the rank.
+   Only the draws in between, a small share, need the exact rank among the bucket's members.
+
+   Also: the radix counts of the streaming selections (high_counts, low_counts), the second pass of an L1-rescaled
+   DARE/DELLA sum (masked_add) and sce's variances (variances). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GOLDEN 0x9E3779B97F4A7C15ULL
+#define MIX1 0xBF58476D1CE4E5B9ULL
+#define MIX2 0x94D049BB133111EBULL
+#define NB 1024           /* histogram buckets per row */
+#define MANY_QUERIES 256  /* a bucket asked for more exact ranks than this is sorted once instead of scanned */
+#define FEW_QUERIES 32    /* up to this many exact ranks in a row are counted on the row instead of in listed buckets */
+enum { UNKNOWN, ONE_VALUE, MIXED, SORTED };
+
+/* The streaming loops also get an AVX-512 build, picked at load time where the CPU has it (the 64-bit multiplies
+   of the draws need it to vectorize). Same results: integer ops, and float ops in the same order (no contraction). */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
+#define WIDE __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define WIDE
+#endif
+
+typedef uint8_t v8b __attribute__((vector_size(8)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+
+typedef struct {
+    uint32_t *keys;    /* |delta| bit patterns */
+    uint16_t *bucket;  /* each element's bucket */
+    float *u;          /* uniforms of the row */
+    int32_t *band;     /* elements whose draw needs their exact rank */
+    int32_t *order;    /* elements by bucket, by index within a bucket */
+    uint32_t *okeys;   /* their keys, in that order: a bucket's keys lie together */
+    uint64_t *packed;  /* (key << 32 | index) of the sorted buckets */
+    int64_t count[NB], start[NB], pos[NB], queries[NB];
+    float p_first[NB], p_last[NB];
+    uint8_t kind[NB];
+} Scratch;
+
+WIDE static void uniforms(uint64_t key, uint64_t first, int64_t n, float *u) {
+    for (int64_t j = 0; j < n; j++) {
+        uint64_t z = (first + (uint64_t)j) * GOLDEN + key;
+        z ^= z >> 30;
+        z *= MIX1;
+        z ^= z >> 27;
+        z *= MIX2;
+        z ^= z >> 31;
+        u[j] = (float)(int32_t)(z >> 40) * (1.0f / 16777216.0f); /* 24 bits: exact */
+    }
+}
+
+/* float64 sums of |d| and of |d| where mask, in eight fixed lanes each (lane l: elements j with j % 8 == l, the
+   tail in lane 0): the same values whatever the threads or the vector width. The masked value is |d|'s bit pattern
+   ANDed with the widened mask (+0.0 where dropped), as sparsify.kept does. */
+WIDE static void abs_sums(const float *d, const uint8_t *mask, int64_t n, double *before, double *after) {
+    v8d lb = {0}, la = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        v8u k;
+        v8b mb;
+        memcpy(&k, d + j, sizeof k);
+        memcpy(&mb, mask + j, sizeof mb);
+        k &= 0x7FFFFFFFu;
+        v8u kk = k & -__builtin_convertvector(mb, v8u);
+        lb += __builtin_convertvector((v8f)k, v8d);
+        la += __builtin_convertvector((v8f)kk, v8d);
+    }
+    for (; j < n; j++) {
+        uint32_t k, kk;
+        memcpy(&k, &d[j], 4);
+        k &= 0x7FFFFFFFu;
+        kk = k & (0u - (uint32_t)mask[j]);
+        float a, ak;
+        memcpy(&a, &k, 4);
+        memcpy(&ak, &kk, 4);
+        lb[0] += (double)a;
+        la[0] += (double)ak;
+    }
+    *before = ((lb[0] + lb[1]) + (lb[2] + lb[3])) + ((lb[4] + lb[5]) + (lb[6] + lb[7]));
+    *after = ((la[0] + la[1]) + (la[2] + la[3])) + ((la[4] + la[5]) + (la[6] + la[7]));
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Keys and buckets of a row (bucket 0 holds the zeros, the others ranges of 2^shift nonzero keys); returns the
+   number of buckets used. */
+WIDE static int bucketize(const float *d, int64_t n, Scratch *s) {
+    uint32_t hi = 0, lo = UINT32_MAX;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t k;
+        memcpy(&k, &d[j], 4);
+        k &= 0x7FFFFFFFu;
+        s->keys[j] = k;
+        hi = k > hi ? k : hi;
+        lo = k - 1 < lo ? k - 1 : lo; /* 0 wraps to the largest: the smallest nonzero key, less one */
+    }
+    uint32_t lo_nz = lo + 1;
+    int shift = 0;
+    if (hi != 0)
+        while ((hi >> shift) - (lo_nz >> shift) >= NB - 1) shift++;
+    uint32_t base = hi != 0 ? lo_nz >> shift : 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t k = s->keys[j];
+        s->bucket[j] = k ? (uint16_t)(1 + (k >> shift) - base) : 0;
+    }
+    return hi != 0 ? (int)((hi >> shift) - base) + 2 : 1;
+}
+
+/* Bucket sizes, the first rank of each bucket, and the keep probabilities of its first and last ranks. */
+static void count_buckets(int64_t n, int used, const float *steps, Scratch *s) {
+    memset(s->count, 0, sizeof(int64_t) * used);
+    memset(s->queries, 0, sizeof(int64_t) * used);
+    for (int64_t j = 0; j < n; j++) s->count[s->bucket[j]]++;
+    int64_t acc = 0;
+    for (int b = 0; b < used; b++) {
+        s->start[b] = acc;
+        s->p_first[b] = s->count[b] ? steps[acc] : 0.0f;
+        acc += s->count[b];
+        s->p_last[b] = s->count[b] ? steps[acc - 1] : 0.0f;
+    }
+}
+
+/* List the elements by bucket (index order within one), with their keys beside them. */
+static void list_buckets(int64_t n, int used, Scratch *s) {
+    memcpy(s->pos, s->start, sizeof(int64_t) * used);
+    memset(s->kind, UNKNOWN, used);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t p = s->pos[s->bucket[i]]++;
+        s->order[p] = (int32_t)i;
+        s->okeys[p] = s->keys[i];
+    }
+}
+
+/* Members of a bucket before element j (key, index) in (key, index) order. */
+WIDE static int64_t count_before(const uint32_t *k, const int32_t *m, int64_t c, uint32_t kj, int32_t j) {
+    uint32_t r = 0;
+    for (int64_t t = 0; t < c; t++) r += (k[t] < kj) | ((k[t] == kj) & (m[t] < j));
+    return r;
+}
+
+/* How bucket b answers rank queries: one value (ranks are index order), scanned, or sorted once when asked often. */
+static uint8_t classify(int b, Scratch *s) {
+    int64_t first = s->start[b], c = s->count[b], t = 1;
+    const uint32_t *k = s->okeys + first;
+    while (t < c && k[t] == k[0]) t++;
+    if (t == c) return ONE_VALUE;
+    if (s->queries[b] <= MANY_QUERIES) return MIXED;
+    uint64_t *p = s->packed + first;
+    for (t = 0; t < c; t++) p[t] = (uint64_t)k[t] << 32 | (uint32_t)s->order[first + t];
+    qsort(p, (size_t)c, sizeof(uint64_t), cmp_u64);
+    return SORTED;
+}
+
+/* Exact rank of element j within its bucket. */
+static int64_t rank_in_bucket(int64_t j, Scratch *s) {
+    int b = s->bucket[j];
+    int64_t first = s->start[b], c = s->count[b];
+    if (s->kind[b] == UNKNOWN) s->kind[b] = classify(b, s);
+    if (s->kind[b] == MIXED) return count_before(s->okeys + first, s->order + first, c, s->keys[j], (int32_t)j);
+    int64_t a = 0, z = c; /* the first place holding j (or its packed key): j's own */
+    if (s->kind[b] == ONE_VALUE) {
+        const int32_t *m = s->order + first;
+        while (a < z) {
+            int64_t mid = (a + z) / 2;
+            if (m[mid] < j) a = mid + 1; else z = mid;
+        }
+        return a;
+    }
+    const uint64_t *p = s->packed + first;
+    uint64_t want = (uint64_t)s->keys[j] << 32 | (uint32_t)j;
+    while (a < z) {
+        int64_t mid = (a + z) / 2;
+        if (p[mid] < want) a = mid + 1; else z = mid;
+    }
+    return a;
+}
+
+/* Row rank of element j: the keys below its own, and its equals before it. */
+WIDE static int64_t rank_in_row(const uint32_t *keys, int64_t n, int64_t j) {
+    uint32_t kj = keys[j], r = 0;
+    for (int64_t i = 0; i < j; i++) r += keys[i] <= kj;
+    for (int64_t i = j; i < n; i++) r += keys[i] < kj;
+    return r;
+}
+
+static void della_row(const float *d, int64_t n, const float *steps, Scratch *s, uint8_t *mask) {
+    int used = bucketize(d, n, s);
+    count_buckets(n, used, steps, s);
+    int64_t m = 0; /* elements whose draw falls between their bucket's first and last keep probabilities */
+    for (int64_t j = 0; j < n; j++) {
+        int b = s->bucket[j];
+        float u = s->u[j];
+        mask[j] = u < s->p_first[b];
+        s->band[m] = (int32_t)j;
+        m += (u >= s->p_first[b]) & (u < s->p_last[b]);
+    }
+    if (m == 0) return;
+    if (m <= FEW_QUERIES) { /* a pass over the row each costs less than listing the buckets */
+        for (int64_t t = 0; t < m; t++) {
+            int64_t j = s->band[t];
+            mask[j] = s->u[j] < steps[rank_in_row(s->keys, n, j)];
+        }
+        return;
+    }
+    for (int64_t t = 0; t < m; t++) s->queries[s->bucket[s->band[t]]]++;
+    list_buckets(n, used, s);
+    for (int64_t t = 0; t < m; t++) {
+        int64_t j = s->band[t];
+        mask[j] = s->u[j] < steps[s->start[s->bucket[j]] + rank_in_bucket(j, s)];
+    }
+}
+
+static void free_scratch(Scratch *s) {
+    free(s->u);
+    free(s->keys);
+    free(s->bucket);
+    free(s->order);
+    free(s->okeys);
+    free(s->band);
+    free(s->packed);
+    free(s);
+}
+
+/* Masks (0/1 bytes) of rows [0, rows) of a block whose first row is row `row0` of its tensor (`cols` elements a
+   row). steps == NULL: DARE, keep when u < density; else DELLA with steps[0..cols-1]. sums[2r], sums[2r+1]: row
+   r's float64 sum of |delta| and of the kept |delta|. Returns 0, or -1 when memory runs out. */
+int keep_masks(const float *delta, int64_t rows, int64_t cols, int64_t row0, uint64_t key, const float *steps,
+               float density, uint8_t *mask, double *sums) {
+    Scratch *s = calloc(1, sizeof(Scratch));
+    if (s == NULL) return -1;
+    s->u = malloc(sizeof(float) * cols);
+    if (steps != NULL) {
+        s->keys = malloc(sizeof(uint32_t) * cols);
+        s->bucket = malloc(sizeof(uint16_t) * cols);
+        s->order = malloc(sizeof(int32_t) * cols);
+        s->okeys = malloc(sizeof(uint32_t) * cols);
+        s->band = malloc(sizeof(int32_t) * cols);
+        s->packed = malloc(sizeof(uint64_t) * cols);
+    }
+    int ok = s->u != NULL && (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->packed));
+    for (int64_t r = 0; ok && r < rows; r++) {
+        const float *d = delta + r * cols;
+        uint8_t *m = mask + r * cols;
+        uniforms(key, (uint64_t)(row0 + r) * (uint64_t)cols, cols, s->u);
+        if (steps == NULL)
+            for (int64_t j = 0; j < cols; j++) m[j] = s->u[j] < density;
+        else if (cols > 0)
+            della_row(d, cols, steps, s, m);
+        abs_sums(d, m, cols, &sums[2 * r], &sums[2 * r + 1]);
+    }
+    free_scratch(s);
+    return ok ? 0 : -1;
+}
+
+/* Read 1 of a radix selection (sparsify.RadixSelect): counts[x >> 16] += 1 for each of n 32-bit keys. */
+void high_counts(const uint32_t *x, int64_t n, int64_t *counts) {
+    for (int64_t j = 0; j < n; j++) counts[x[j] >> 16]++;
+}
+
+/* Read 2: low[x & 0xFFFF] += 1 for the keys whose high half is b0 (into low0) or b1 (into low1). */
+void low_counts(const uint32_t *x, int64_t n, uint32_t b0, uint32_t b1, int64_t *low0, int64_t *low1) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t t = x[j] >> 16;
+        if (t == b0) low0[x[j] & 0xFFFFu]++;
+        else if (t == b1) low1[x[j] & 0xFFFFu]++;
+    }
+}
+
+/* One model's share of the weighted sum over elements [0, n) of a block, from pass 1's packed mask (numpy's bit
+   order: element j is bit 7 - j % 8 of byte j / 8): acc = (first ? 0 : acc) + (kept(x - base) * f) * num, each
+   operation rounded in float32 in the order sparsify and task_arithmetic apply them (f == 1 or num == 1: skipped,
+   as there). Built with -ffp-contract=off: a fused multiply-add would round once instead of twice. */
+WIDE void masked_add(float *acc, const float *x, const float *base, const uint8_t *packed, int64_t offset, int64_t n,
+                     float f, float num, int first) {
+    for (int64_t j = 0; j < n; j++) {
+        int64_t e = offset + j;
+        uint32_t k, keep = 0u - (uint32_t)((packed[e >> 3] >> (7 - (e & 7))) & 1u);
+        float d = x[j] - base[j];
+        memcpy(&k, &d, 4);
+        k &= keep;
+        memcpy(&d, &k, 4);
+        if (f != 1.0f) d = d * f;
+        if (num != 1.0f) d = d * num;
+        acc[j] = first ? d : acc[j] + d;
+    }
+}
+
+/* sce's selection key: the population variance over n models of `len` elements (model i's at x + i * stride),
+   Welford's update in float64 in model order as ATen's CPU torch.var(dim=0, unbiased=False) runs it (first step
+   0 + x / 1, which turns -0.0 into +0.0), rounded once to float32. Chunks keep the float64 state in cache. */
+WIDE void variances(const float *x, int64_t n, int64_t stride, int64_t len, float *out) {
+    double mean[1024], m2[1024];
+    for (int64_t a = 0; a < len; a += 1024) {
+        int64_t c = len - a < 1024 ? len - a : 1024;
+        for (int64_t j = 0; j < c; j++) {
+            mean[j] = (double)x[a + j] + 0.0;
+            m2[j] = 0.0;
+        }
+        for (int64_t i = 1; i < n; i++) {
+            const float *xi = x + i * stride + a;
+            double count = (double)(i + 1);
+            for (int64_t j = 0; j < c; j++) {
+                double v = xi[j], delta = v - mean[j];
+                mean[j] += delta / count;
+                m2[j] += delta * (v - mean[j]);
+            }
+        }
+        for (int64_t j = 0; j < c; j++) out[a + j] = (float)(m2[j] / (double)n);
+    }
+}
