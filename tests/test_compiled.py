@@ -204,3 +204,83 @@ def test_radix_counts_are_the_counts_of_the_high_and_low_halves(n):
         compiled.low_counts(x, [1 << 16])
     with pytest.raises(TypeError):
         compiled.high_counts(x.astype(np.int64))
+
+
+def ref_consensus(deltas, nums, count, normalize):
+    """The TIES disjoint merge element by element in numpy float32, models in order."""
+    w = [d * np.float32(n) if n != 1 else d for d, n in zip(deltas, nums)]
+    np.seterr(invalid="ignore")  # inf - inf: NaN, as in the merge
+    votes = None
+    for x in w:
+        v = np.sign(np.nan_to_num(x, nan=0.0)).astype(np.float32) if count else x
+        votes = v.copy() if votes is None else votes + v
+    positive = votes >= 0
+    total = divisor = None
+    for x, n in zip(w, nums):
+        agree = np.where(positive, x > 0, x < 0)
+        term = np.where(agree, x, np.float32(0))
+        total = term if total is None else total + term
+        c = agree.astype(np.float32) * np.float32(n)
+        divisor = c if divisor is None else divisor + c
+    return total / np.where(divisor == 0, np.float32(1), divisor) if normalize else total
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("weights", [[1.0, 2.0, 1.0], [3.0, -1.0, 1.0, 2.0], [1.0]])
+@pytest.mark.parametrize("n", [1, 7, 513, 5000])
+def test_ties_merge_in_one_compiled_pass_is_the_float32_reference(consensus, normalize, weights, n):
+    """Signs elected by sum or count, agreeing parts summed and divided by the agreeing weights: the bits of a
+    numpy float32 reference, with NaN, infinities, signed zeros and exact vote ties among the values."""
+    from mergesmith.methods.task_arithmetic import generalized_task_arithmetic
+
+    g = np.random.default_rng(n + len(weights))
+    base = np.zeros(n, dtype=np.float32)
+    xs = []
+    for _ in weights:
+        x = (g.standard_normal(n) * 10.0 ** g.integers(-3, 3, n)).astype(np.float32)
+        special = g.random(n)
+        x[special < 0.03] = np.nan
+        x[(special > 0.03) & (special < 0.06)] = np.inf
+        x[(special > 0.06) & (special < 0.15)] = -0.0
+        x[(special > 0.15) & (special < 0.25)] = 0.5  # equal and opposite values: votes of exactly zero
+        xs.append(x)
+    if len(xs) > 1:
+        xs[1][(g.random(n) < 0.2)] = -0.5
+    want = ref_consensus([x - base for x in xs], weights, consensus == "count", normalize)
+    got = generalized_task_arithmetic(
+        torch.from_numpy(base),
+        [torch.from_numpy(x) for x in xs],
+        weights,
+        [1.0] * len(xs),
+        consensus=consensus,
+        normalize=normalize,
+    )
+    assert np.array_equal(got.numpy().view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ties_merge_with_fractional_weights_is_the_torch_path(monkeypatch, normalize):
+    """Weights that are not whole numbers (integer numerators over a denominator): the compiled pass gives the
+    bits of the torch ops it replaces, trimmed deltas of bf16 inputs included."""
+    from mergesmith.methods.task_arithmetic import generalized_task_arithmetic
+
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(29, 301, generator=g) * 0.02).to(torch.bfloat16).float()
+    xs = [(base + torch.randn(29, 301, generator=g) * 0.001).to(torch.bfloat16).float() for _ in range(3)]
+
+    def merged():
+        return generalized_task_arithmetic(
+            base,
+            xs,
+            [0.3, 0.1, 0.45],
+            [0.4, 0.6, 0.5],
+            sparsification="magnitude",
+            consensus="sum",
+            normalize=normalize,
+            lambda_=1.5,
+        )
+
+    fused = merged()
+    monkeypatch.setattr(compiled, "_LIB", None)
+    assert torch.equal(fused.view(torch.int32), merged().view(torch.int32))

@@ -12,7 +12,7 @@
    Only the draws in between, a small share, need the exact rank among the bucket's members.
 
    Also: the radix counts of the streaming selections (high_counts, low_counts), the second pass of an L1-rescaled
-   DARE/DELLA sum (masked_add) and sce's variances (variances). */
+   DARE/DELLA sum (masked_add), the TIES disjoint merge (consensus) and sce's variances (variances). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,11 +42,13 @@ typedef struct {
     uint32_t *keys;    /* |delta| bit patterns */
     uint16_t *bucket;  /* each element's bucket */
     float *u;          /* uniforms of the row */
-    int32_t *band;     /* elements whose draw needs their exact rank */
+    uint8_t *flag;     /* 1 where the draw needs the exact rank */
+    int32_t *band;     /* those elements */
     int32_t *order;    /* elements by bucket, by index within a bucket */
     uint32_t *okeys;   /* their keys, in that order: a bucket's keys lie together */
     uint64_t *packed;  /* (key << 32 | index) of the sorted buckets */
     int64_t count[NB], start[NB], pos[NB], queries[NB];
+    uint32_t sub[4][NB];
     float p_first[NB], p_last[NB];
     uint8_t kind[NB];
 } Scratch;
@@ -125,11 +127,20 @@ WIDE static int bucketize(const float *d, int64_t n, Scratch *s) {
 
 /* Bucket sizes, the first rank of each bucket, and the keep probabilities of its first and last ranks. */
 static void count_buckets(int64_t n, int used, const float *steps, Scratch *s) {
-    memset(s->count, 0, sizeof(int64_t) * used);
+    /* four tables: runs of equal buckets would otherwise wait on each other's increments */
+    for (int t = 0; t < 4; t++) memset(s->sub[t], 0, sizeof(uint32_t) * used);
     memset(s->queries, 0, sizeof(int64_t) * used);
-    for (int64_t j = 0; j < n; j++) s->count[s->bucket[j]]++;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        s->sub[0][s->bucket[j]]++;
+        s->sub[1][s->bucket[j + 1]]++;
+        s->sub[2][s->bucket[j + 2]]++;
+        s->sub[3][s->bucket[j + 3]]++;
+    }
+    for (; j < n; j++) s->sub[0][s->bucket[j]]++;
     int64_t acc = 0;
     for (int b = 0; b < used; b++) {
+        s->count[b] = (int64_t)s->sub[0][b] + s->sub[1][b] + s->sub[2][b] + s->sub[3][b];
         s->start[b] = acc;
         s->p_first[b] = s->count[b] ? steps[acc] : 0.0f;
         acc += s->count[b];
@@ -200,17 +211,37 @@ WIDE static int64_t rank_in_row(const uint32_t *keys, int64_t n, int64_t j) {
     return r;
 }
 
+/* mask[j] = 1: the draw is below its bucket's first keep probability (kept whatever the rank); flag[j] = 1: at or
+   above that but below the last one (the exact rank decides). Vectorizes with gathers. */
+WIDE static void compare_draws(int64_t n, const uint16_t *restrict bucket, const float *restrict u,
+                               const float *restrict p_first, const float *restrict p_last, uint8_t *restrict mask,
+                               uint8_t *restrict flag) {
+    for (int64_t j = 0; j < n; j++) {
+        float x = u[j], a = p_first[bucket[j]], b = p_last[bucket[j]];
+        mask[j] = x < a;
+        flag[j] = (x >= a) & (x < b);
+    }
+}
+
+/* Decide the draws outside their bucket's band; list in s->band the elements inside it (a small share, read off the
+   flags eight at a time) and return how many. */
+static int64_t decide(int64_t n, Scratch *s, uint8_t *mask) {
+    compare_draws(n, s->bucket, s->u, s->p_first, s->p_last, mask, s->flag);
+    int64_t m = 0, j = 0;
+    for (; j + 8 <= n; j += 8) {
+        uint64_t w;
+        memcpy(&w, s->flag + j, 8);
+        for (; w; w &= w - 1) s->band[m++] = (int32_t)(j + (__builtin_ctzll(w) >> 3)); /* flags are 0 or 1 */
+    }
+    for (; j < n; j++)
+        if (s->flag[j]) s->band[m++] = (int32_t)j;
+    return m;
+}
+
 static void della_row(const float *d, int64_t n, const float *steps, Scratch *s, uint8_t *mask) {
     int used = bucketize(d, n, s);
     count_buckets(n, used, steps, s);
-    int64_t m = 0; /* elements whose draw falls between their bucket's first and last keep probabilities */
-    for (int64_t j = 0; j < n; j++) {
-        int b = s->bucket[j];
-        float u = s->u[j];
-        mask[j] = u < s->p_first[b];
-        s->band[m] = (int32_t)j;
-        m += (u >= s->p_first[b]) & (u < s->p_last[b]);
-    }
+    int64_t m = decide(n, s, mask);
     if (m == 0) return;
     if (m <= FEW_QUERIES) { /* a pass over the row each costs less than listing the buckets */
         for (int64_t t = 0; t < m; t++) {
@@ -234,6 +265,7 @@ static void free_scratch(Scratch *s) {
     free(s->order);
     free(s->okeys);
     free(s->band);
+    free(s->flag);
     free(s->packed);
     free(s);
 }
@@ -252,9 +284,10 @@ int keep_masks(const float *delta, int64_t rows, int64_t cols, int64_t row0, uin
         s->order = malloc(sizeof(int32_t) * cols);
         s->okeys = malloc(sizeof(uint32_t) * cols);
         s->band = malloc(sizeof(int32_t) * cols);
+        s->flag = malloc(cols);
         s->packed = malloc(sizeof(uint64_t) * cols);
     }
-    int ok = s->u != NULL && (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->packed));
+    int ok = s->u != NULL && (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->flag && s->packed));
     for (int64_t r = 0; ok && r < rows; r++) {
         const float *d = delta + r * cols;
         uint8_t *m = mask + r * cols;
@@ -283,22 +316,86 @@ void low_counts(const uint32_t *x, int64_t n, uint32_t b0, uint32_t b1, int64_t 
     }
 }
 
+/* Element j of masked_add, one float32 rounding an operation. */
+static inline void masked_add_one(float *acc, const float *x, const float *base, const uint8_t *packed, int64_t offset,
+                                  int64_t j, float f, float num, int first) {
+    int64_t e = offset + j;
+    uint32_t k, keep = 0u - (uint32_t)((packed[e >> 3] >> (7 - (e & 7))) & 1u);
+    float d = x[j] - base[j];
+    memcpy(&k, &d, 4);
+    k &= keep;
+    memcpy(&d, &k, 4);
+    if (f != 1.0f) d = d * f;
+    if (num != 1.0f) d = d * num;
+    acc[j] = first ? d : acc[j] + d;
+}
+
 /* One model's share of the weighted sum over elements [0, n) of a block, from pass 1's packed mask (numpy's bit
    order: element j is bit 7 - j % 8 of byte j / 8): acc = (first ? 0 : acc) + (kept(x - base) * f) * num, each
    operation rounded in float32 in the order sparsify and task_arithmetic apply them (f == 1 or num == 1: skipped,
-   as there). Built with -ffp-contract=off: a fused multiply-add would round once instead of twice. */
+   as there), eight lanes a mask byte. Built with -ffp-contract=off: a fused multiply-add would round once instead
+   of twice. */
 WIDE void masked_add(float *acc, const float *x, const float *base, const uint8_t *packed, int64_t offset, int64_t n,
                      float f, float num, int first) {
-    for (int64_t j = 0; j < n; j++) {
-        int64_t e = offset + j;
-        uint32_t k, keep = 0u - (uint32_t)((packed[e >> 3] >> (7 - (e & 7))) & 1u);
-        float d = x[j] - base[j];
-        memcpy(&k, &d, 4);
-        k &= keep;
-        memcpy(&d, &k, 4);
+    static const v8u shifts = {7, 6, 5, 4, 3, 2, 1, 0};
+    int64_t j = 0;
+    for (; j < n && ((offset + j) & 7); j++) masked_add_one(acc, x, base, packed, offset, j, f, num, first);
+    for (; j + 8 <= n; j += 8) {
+        v8f xv, bv, av;
+        memcpy(&xv, x + j, sizeof xv);
+        memcpy(&bv, base + j, sizeof bv);
+        v8u keep = -((packed[(offset + j) >> 3] >> shifts) & 1u);
+        v8f d = (v8f)((v8u)(xv - bv) & keep);
         if (f != 1.0f) d = d * f;
         if (num != 1.0f) d = d * num;
-        acc[j] = first ? d : acc[j] + d;
+        if (!first) {
+            memcpy(&av, acc + j, sizeof av);
+            d = av + d;
+        }
+        memcpy(acc + j, &d, sizeof d);
+    }
+    for (; j < n; j++) masked_add_one(acc, x, base, packed, offset, j, f, num, first);
+}
+
+/* Model i's share of the TIES merge of a chunk: its vote (w or sign(w), w = x * num unless num == 1) into votes. */
+WIDE static void add_votes(int64_t c, const float *restrict x, float num, int count, int first, float *restrict votes) {
+    for (int64_t j = 0; j < c; j++) {
+        float v = num != 1.0f ? x[j] * num : x[j];
+        if (count) v = (float)((v > 0.0f) - (v < 0.0f));
+        votes[j] = first ? v : votes[j] + v;
+    }
+}
+
+/* Its part where it agrees with the elected sign (+0.0 elsewhere) into sum, its weight where it agrees into div. */
+WIDE static void add_agreeing(int64_t c, const float *restrict x, float num, int first, const float *restrict votes,
+                              float *restrict sum, float *restrict div) {
+    for (int64_t j = 0; j < c; j++) {
+        float w = num != 1.0f ? x[j] * num : x[j], term;
+        int32_t pos = votes[j] >= 0.0f; /* NaN votes: negative */
+        int32_t agree = (pos & (w > 0.0f)) | (!pos & (w < 0.0f));
+        float cnt = (float)agree * num;
+        uint32_t bits;
+        memcpy(&bits, &w, 4);
+        bits &= (uint32_t)-agree;
+        memcpy(&term, &bits, 4);
+        sum[j] = first ? term : sum[j] + term;
+        div[j] = first ? cnt : div[j] + cnt;
+    }
+}
+
+/* The TIES disjoint merge of k sparsified deltas d[i] over elements [0, n), as task_arithmetic._consensus runs it in
+   float32: w_i = d_i * nums[i] (skipped where nums[i] == 1); votes = sum_i w_i (count: sum_i sign(w_i), NaN's sign
+   0); an element agrees where w_i > 0 and votes >= 0, or w_i < 0 and votes are not; out = sum_i of the agreeing
+   w_i (+0.0 elsewhere), divided when `normalize` by sum_i agree_i * nums[i] (1 where that is 0). Sums in model
+   order; chunks keep the running sums in cache. */
+#define CHUNK 512
+void consensus(const float *const *d, int64_t k, int64_t n, const float *nums, int count, int normalize, float *out) {
+    float votes[CHUNK], sum[CHUNK], div[CHUNK];
+    for (int64_t a = 0; a < n; a += CHUNK) {
+        int64_t c = n - a < CHUNK ? n - a : CHUNK;
+        for (int64_t i = 0; i < k; i++) add_votes(c, d[i] + a, nums[i], count, i == 0, votes);
+        for (int64_t i = 0; i < k; i++) add_agreeing(c, d[i] + a, nums[i], i == 0, votes, sum, div);
+        for (int64_t j = 0; j < c; j++) out[a + j] = normalize ? sum[j] / (div[j] == 0.0f ? 1.0f : div[j]) : sum[j];
     }
 }
 

@@ -3,8 +3,9 @@
 `keep_masks`: DARE and DELLA MagPrune masks in one pass per row (DELLA needs no sort: a histogram of the magnitudes
 settles nearly every element's keep probability, and only the few draws it leaves open need an exact rank);
 `high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
-L1-rescaled DARE/DELLA sum; `variances`: sce's selection key. Each gives the bits of the numpy or torch path it
-replaces (tests/test_compiled.py), which runs instead where the extension was not built (`available()` is False).
+L1-rescaled DARE/DELLA sum; `consensus`: the TIES disjoint merge; `variances`: sce's selection key. Each gives the
+bits of the numpy or torch path it replaces (tests/test_compiled.py), which runs instead where the extension was
+not built (`available()` is False).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _load() -> Optional[ctypes.CDLL]:
             return None
         lib = ctypes.CDLL(spec.origin)
         f, g, v, hc, lc = lib.keep_masks, lib.masked_add, lib.variances, lib.high_counts, lib.low_counts
+        c = lib.consensus
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -40,6 +42,8 @@ def _load() -> Optional[ctypes.CDLL]:
     hc.restype = lc.restype = None
     hc.argtypes = [ptr, i64, ptr]
     lc.argtypes = [ptr, i64, ctypes.c_uint32, ctypes.c_uint32, ptr, ptr]
+    c.restype = None
+    c.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int, ptr]
     return lib
 
 
@@ -111,6 +115,22 @@ def masked_sum(
 
     split(run, b.numel(), grain=1 << 18)
     return acc.reshape(base.shape)
+
+
+def consensus(deltas: Sequence[torch.Tensor], nums: Sequence[float], count: bool, normalize: bool) -> torch.Tensor:
+    """TIES disjoint merge of sparsified float32 CPU deltas of one shape, weighted by integer `nums`: the bits of
+    task_arithmetic._consensus before its division by the weights' denominator (normalize: by the agreeing nums)."""
+    ds = [d.contiguous().reshape(-1) for d in deltas]
+    out = torch.empty_like(ds[0])
+    k, o = len(ds), out.data_ptr()
+    w = np.asarray(nums, dtype=np.float32)
+
+    def run(a: int, b: int) -> None:
+        ptrs = (ctypes.c_void_p * k)(*(d.data_ptr() + 4 * a for d in ds))
+        _LIB.consensus(ptrs, k, b - a, w.ctypes.data, int(count), int(normalize), o + 4 * a)
+
+    split(run, out.numel(), grain=1 << 16)
+    return out.reshape(deltas[0].shape)
 
 
 def variances(flat: torch.Tensor) -> torch.Tensor:

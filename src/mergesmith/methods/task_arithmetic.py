@@ -90,6 +90,11 @@ def generalized_task_arithmetic(
 def _consensus(base, inputs, sparse, nums, den, consensus: str, normalize: bool) -> torch.Tensor:
     """TIES disjoint merge, one model at a time (no stack of N deltas, no float sign tensors): elect the sign from
     the sum (or count) of the weighted deltas, then add the deltas that agree with it, in recipe order."""
+    if consensus not in ("sum", "count"):
+        raise ValueError(consensus)
+    if _compiled_consensus(base):
+        mixed = compiled.consensus([sparse(i, x) for i, x in enumerate(inputs)], nums, consensus == "count", normalize)
+        return mixed / den if den != 1 and not normalize else mixed
     wd = []
     votes = None
     for i, x in enumerate(inputs):
@@ -99,8 +104,6 @@ def _consensus(base, inputs, sparse, nums, den, consensus: str, normalize: bool)
         wd.append(d)
         v = d if consensus == "sum" else d.sign()
         votes = v.clone() if votes is None else votes.add_(v)
-    if consensus not in ("sum", "count"):
-        raise ValueError(consensus)
     positive = votes >= 0
     negative = ~positive
     del votes
@@ -143,6 +146,11 @@ def _fused(base: torch.Tensor, inputs, stat: Any, rescale: bool, rescale_mode: s
         and like[:2] == ("cpu", torch.float32)
         and all((x.device.type, x.dtype, x.shape) == like for x in inputs)
     )
+
+
+def _compiled_consensus(base: torch.Tensor) -> bool:
+    """Whether the TIES merge of a block runs as one compiled pass (the same float32 operations)."""
+    return compiled.available() and base.device.type == "cpu" and base.dtype == torch.float32
 
 
 def _divided(mixed: torch.Tensor, nums, den, normalize: bool) -> torch.Tensor:
