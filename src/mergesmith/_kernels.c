@@ -12,7 +12,8 @@
    Only the draws in between, a small share, need the exact rank among the bucket's members.
 
    Also: the radix counts of the streaming selections (high_counts, low_counts), the second pass of an L1-rescaled
-   DARE/DELLA sum (masked_add), the TIES disjoint merge (consensus) and sce's variances (variances). */
+   DARE/DELLA sum (masked_add), a block's magnitude trim by its tensor's rank cut (cut_keep), the TIES disjoint merge
+   (consensus) and sce's variances (variances). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -355,6 +356,37 @@ WIDE void masked_add(float *acc, const float *x, const float *base, const uint8_
         memcpy(acc + j, &d, sizeof d);
     }
     for (; j < n; j++) masked_add_one(acc, x, base, packed, offset, j, f, num, first);
+}
+
+static inline float magnitude(float x) {
+    uint32_t k;
+    memcpy(&k, &x, 4);
+    k &= 0x7FFFFFFFu;
+    memcpy(&x, &k, 4);
+    return x;
+}
+
+/* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept): out = d where low < |d| < high, or where
+   |d| is group g's value and the element is one of the group's members [skip[g], take[g]) of this block in index
+   order; +0.0 elsewhere. */
+WIDE void cut_keep(const float *restrict d, int64_t n, float low, float high, const float *values, const int64_t *skip,
+                   const int64_t *take, int64_t groups, float *restrict out) {
+    for (int64_t j = 0; j < n; j++) {
+        float a = magnitude(d[j]);
+        uint32_t k;
+        memcpy(&k, &d[j], 4);
+        k &= 0u - (uint32_t)((a > low) & (a < high));
+        memcpy(&out[j], &k, 4);
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < n && c < take[g]; j++) {
+            if (magnitude(d[j]) == values[g]) {
+                if (c >= skip[g]) out[j] = d[j];
+                c++;
+            }
+        }
+    }
 }
 
 /* Model i's share of the TIES merge of a chunk: its vote (w or sign(w), w = x * num unless num == 1) into votes. */

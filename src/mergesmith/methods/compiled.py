@@ -3,7 +3,8 @@
 `keep_masks`: DARE and DELLA MagPrune masks in one pass per row (DELLA needs no sort: a histogram of the magnitudes
 settles nearly every element's keep probability, and only the few draws it leaves open need an exact rank);
 `high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
-L1-rescaled DARE/DELLA sum; `consensus`: the TIES disjoint merge; `variances`: sce's selection key. Each gives the
+L1-rescaled DARE/DELLA sum; `cut_keep`: a block's magnitude trim by its tensor's rank cut; `consensus`: the TIES
+disjoint merge; `variances`: sce's selection key. Each gives the
 bits of the numpy or torch path it replaces (tests/test_compiled.py), which runs instead where the extension was
 not built (`available()` is False).
 """
@@ -29,7 +30,7 @@ def _load() -> Optional[ctypes.CDLL]:
             return None
         lib = ctypes.CDLL(spec.origin)
         f, g, v, hc, lc = lib.keep_masks, lib.masked_add, lib.variances, lib.high_counts, lib.low_counts
-        c = lib.consensus
+        c, ck = lib.consensus, lib.cut_keep
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -44,6 +45,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lc.argtypes = [ptr, i64, ctypes.c_uint32, ctypes.c_uint32, ptr, ptr]
     c.restype = None
     c.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int, ptr]
+    ck.restype = None
+    ck.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     return lib
 
 
@@ -115,6 +118,27 @@ def masked_sum(
 
     split(run, b.numel(), grain=1 << 18)
     return acc.reshape(base.shape)
+
+
+def cut_keep(flat: torch.Tensor, low: float, high: float, groups: Sequence[Tuple[float, int, int]]) -> torch.Tensor:
+    """Flat float32 CPU `flat` where low < |x| < high or where |x| is a group's value and the element is among the
+    group's members [skip, take) in index order, +0.0 elsewhere (groups: (value, skip, take))."""
+    flat = flat.contiguous()
+    out = torch.empty_like(flat)
+    values = np.array([g[0] for g in groups], dtype=np.float32)
+    skip, take = (np.array([g[i] for g in groups], dtype=np.int64) for i in (1, 2))
+    _LIB.cut_keep(
+        flat.data_ptr(),
+        flat.numel(),
+        low,
+        high,
+        values.ctypes.data,
+        skip.ctypes.data,
+        take.ctypes.data,
+        len(groups),
+        out.data_ptr(),
+    )
+    return out
 
 
 def consensus(deltas: Sequence[torch.Tensor], nums: Sequence[float], count: bool, normalize: bool) -> torch.Tensor:

@@ -240,6 +240,15 @@ def apply_cut(a: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = 
     return mask
 
 
+def cut_kept(flat: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """kept(flat, apply_cut(|flat|, cut, offsets)): one compiled pass for float32 on the CPU."""
+    if cut.empty or not (compiled.available() and numpy_path(flat) and flat.dtype == torch.float32):
+        return kept(flat, apply_cut(flat.abs(), cut, offsets))
+    offs = [offsets[g] if offsets is not None else 0 for g in range(len(cut.groups))]
+    groups = [(v, max(0, first - off), max(0, last - off)) for (v, first, last), off in zip(cut.groups, offs)]
+    return compiled.cut_keep(flat, cut.low, cut.high, groups)
+
+
 def rank_range_mask(a: torch.Tensor, lo: int, hi: int, largest_first: bool = False) -> torch.Tensor:
     """Mask of the elements of flat non-negative `a` whose rank lies in [lo, hi), ranks ascending by value (or
     descending with `largest_first`), ties by lower index in both cases. Found by selecting the boundary values
@@ -275,11 +284,10 @@ def magnitude(
     flat = delta.reshape(-1)
     n = flat.numel()
     if cut is not None:
-        mask = apply_cut(flat.abs(), cut, offsets)
+        out = cut_kept(flat, cut, offsets).reshape_as(delta)
     else:
         lo, hi, largest = magnitude_range(n, "magnitude", density)
-        mask = rank_range_mask(flat.abs(), lo, hi, largest_first=largest)
-    out = kept(flat, mask).reshape_as(delta)
+        out = kept(flat, rank_range_mask(flat.abs(), lo, hi, largest_first=largest)).reshape_as(delta)
     return rescale_l1(delta, out) if rescale else out
 
 
@@ -301,11 +309,10 @@ def magnitude_outliers(
     flat = delta.reshape(-1)
     n = flat.numel()
     if cut is not None:
-        mask = apply_cut(flat.abs(), cut, offsets)
+        out = cut_kept(flat, cut, offsets).reshape_as(delta)
     else:
         lo, hi, _ = magnitude_range(n, "magnitude_outliers", density, gamma)
-        mask = rank_range_mask(flat.abs(), lo, hi)
-    out = kept(flat, mask).reshape_as(delta)
+        out = kept(flat, rank_range_mask(flat.abs(), lo, hi)).reshape_as(delta)
     return rescale_l1(delta, out) if rescale else out
 
 
