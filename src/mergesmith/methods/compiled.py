@@ -4,9 +4,8 @@
 settles nearly every element's keep probability, and only the few draws it leaves open need an exact rank);
 `high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
 L1-rescaled DARE/DELLA sum; `cut_keep`: a block's magnitude trim by its tensor's rank cut; `consensus`: the TIES
-disjoint merge; `variances`: sce's selection key. Each gives the
-bits of the numpy or torch path it replaces (tests/test_compiled.py), which runs instead where the extension was
-not built (`available()` is False).
+disjoint merge; `variances`: sce's selection key. Each gives the bits of the numpy or torch path it replaces
+(tests/test_compiled.py), which runs instead where the extension was not built (`available()` is False).
 """
 
 from __future__ import annotations
@@ -145,6 +144,8 @@ def consensus(deltas: Sequence[torch.Tensor], nums: Sequence[float], count: bool
     """TIES disjoint merge of sparsified float32 CPU deltas of one shape, weighted by integer `nums`: the bits of
     task_arithmetic._consensus before its division by the weights' denominator (normalize: by the agreeing nums)."""
     ds = [d.contiguous().reshape(-1) for d in deltas]
+    if any(d.shape != ds[0].shape for d in ds):
+        raise ValueError("consensus takes deltas of one shape")
     out = torch.empty_like(ds[0])
     k, o = len(ds), out.data_ptr()
     w = np.asarray(nums, dtype=np.float32)

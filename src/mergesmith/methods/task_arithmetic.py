@@ -12,6 +12,7 @@ import torch
 from mergesmith.methods.exact import integer_weights
 from mergesmith.methods.registry import PerModel, Round, Streaming, TwoPass, merge_method
 from mergesmith.methods import compiled
+from mergesmith.methods import sparsify as sparsifiers  # its numpy_path switch, patched by the device-path tests
 from mergesmith.methods.sparsify import (
     L1Sums,
     RadixSelect,
@@ -88,20 +89,19 @@ def generalized_task_arithmetic(
 
 
 def _consensus(base, inputs, sparse, nums, den, consensus: str, normalize: bool) -> torch.Tensor:
-    """TIES disjoint merge, one model at a time (no stack of N deltas, no float sign tensors): elect the sign from
-    the sum (or count) of the weighted deltas, then add the deltas that agree with it, in recipe order."""
+    """TIES disjoint merge (no stack of N deltas, no float sign tensors): elect the sign from the sum (or count) of
+    the weighted deltas, then add the deltas that agree with it, in recipe order. One compiled pass for float32 on
+    the CPU (the same float32 operations)."""
     if consensus not in ("sum", "count"):
         raise ValueError(consensus)
-    if _compiled_consensus(base):
-        mixed = compiled.consensus([sparse(i, x) for i, x in enumerate(inputs)], nums, consensus == "count", normalize)
+    wd = [sparse(i, x) for i, x in enumerate(inputs)]
+    if compiled.available() and all(sparsifiers.numpy_path(d) and d.dtype == torch.float32 for d in wd):
+        mixed = compiled.consensus(wd, nums, consensus == "count", normalize)
         return mixed / den if den != 1 and not normalize else mixed
-    wd = []
     votes = None
-    for i, x in enumerate(inputs):
-        d = sparse(i, x)
+    for i, d in enumerate(wd):
         if nums[i] != 1:
             d.mul_(nums[i])
-        wd.append(d)
         v = d if consensus == "sum" else d.sign()
         votes = v.clone() if votes is None else votes.add_(v)
     positive = votes >= 0
@@ -146,11 +146,6 @@ def _fused(base: torch.Tensor, inputs, stat: Any, rescale: bool, rescale_mode: s
         and like[:2] == ("cpu", torch.float32)
         and all((x.device.type, x.dtype, x.shape) == like for x in inputs)
     )
-
-
-def _compiled_consensus(base: torch.Tensor) -> bool:
-    """Whether the TIES merge of a block runs as one compiled pass (the same float32 operations)."""
-    return compiled.available() and base.device.type == "cpu" and base.dtype == torch.float32
 
 
 def _divided(mixed: torch.Tensor, nums, den, normalize: bool) -> torch.Tensor:
