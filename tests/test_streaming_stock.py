@@ -12,6 +12,7 @@ from helpers import through_executor
 import mergesmith.execute as execute_module
 import mergesmith.methods.karcher as karcher_module
 from mergesmith.methods import METHODS
+from mergesmith.methods import compiled
 from mergesmith.methods.spherical import gram64
 
 BLOCK = 1000  # elements per block in these tests: shapes below take 5 to 20 blocks
@@ -101,9 +102,16 @@ def ref_karcher(xs, max_iter, tol, floor=1e-6, stall=20):
 # ---------------------------------------------------------------------------- gram64
 
 
-def test_gram64_is_the_float64_gram_matrix_on_any_thread_count():
+@pytest.mark.parametrize("use_compiled", [True, False])
+def test_gram64_is_the_float64_gram_matrix_on_any_thread_count(monkeypatch, use_compiled):
+    """Compiled (chunk sums in fixed lanes) or torch's: float64 products, the same on one or two threads."""
+    if not use_compiled:
+        monkeypatch.setattr(compiled, "_LIB", None)
+    elif not compiled.available():
+        pytest.skip("the C extension was not built")
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(517, 389, generator=g) for _ in range(3)]  # 201113 elements: chunks and a tail
+    xs[1][0, :7] = torch.tensor([1e30, -1e30, 3.0, 1e-30, 0.0, -0.0, 7.0])  # float64 products beyond float32's range
     want = np.stack([x.double().numpy().ravel() for x in xs])
     want = want @ want.T
     before = torch.get_num_threads()

@@ -13,7 +13,8 @@
 
    Also: the radix counts of the streaming selections (high_counts, low_counts), the second pass of an L1-rescaled
    DARE/DELLA sum (masked_add), a block's magnitude trim by its tensor's rank cut (cut_keep), the TIES disjoint merge
-   (consensus) and sce's variances (variances). */
+   (consensus), the float64 Gram matrices of the spherical methods and model_stock (gram_chunks) and sce's variances
+   (variances). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -428,6 +429,32 @@ void consensus(const float *const *d, int64_t k, int64_t n, const float *nums, i
         for (int64_t i = 0; i < k; i++) add_votes(c, d[i] + a, nums[i], count, i == 0, votes);
         for (int64_t i = 0; i < k; i++) add_agreeing(c, d[i] + a, nums[i], i == 0, votes, sum, div);
         for (int64_t j = 0; j < c; j++) out[a + j] = normalize ? sum[j] / (div[j] == 0.0f ? 1.0f : div[j]) : sum[j];
+    }
+}
+
+/* Chunk sums of the float64 products x_i * x_j of k float32 arrays over elements [0, n), for every pair i <= j in
+   row order ((0,0), (0,1), ..., (1,1), ...): out[c * pairs + p] for chunk c of `chunk` elements (a multiple of 8;
+   the last may be shorter), each summed in eight fixed lanes (lane l: elements j % 8 == l, the tail in lane 0)
+   added in a fixed tree: the same values whatever the threads or the vector width. */
+WIDE void gram_chunks(const float *const *x, int64_t k, int64_t n, int64_t chunk, double *out) {
+    for (int64_t a = 0, c = 0; a < n; a += chunk, c++) {
+        int64_t len = n - a < chunk ? n - a : chunk;
+        double *o = out + c * (k * (k + 1) / 2);
+        for (int64_t i = 0; i < k; i++) {
+            for (int64_t j = i; j < k; j++) {
+                const float *u = x[i] + a, *v = x[j] + a;
+                v8d lanes = {0};
+                int64_t t = 0;
+                for (; t + 8 <= len; t += 8) {
+                    v8f fu, fv;
+                    memcpy(&fu, u + t, sizeof fu);
+                    memcpy(&fv, v + t, sizeof fv);
+                    lanes += __builtin_convertvector(fu, v8d) * __builtin_convertvector(fv, v8d);
+                }
+                for (; t < len; t++) lanes[0] += (double)u[t] * (double)v[t];
+                *o++ = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+            }
+        }
     }
 }
 

@@ -4,8 +4,10 @@
 settles nearly every element's keep probability, and only the few draws it leaves open need an exact rank);
 `high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
 L1-rescaled DARE/DELLA sum; `cut_keep`: a block's magnitude trim by its tensor's rank cut; `consensus`: the TIES
-disjoint merge; `variances`: sce's selection key. Each gives the bits of the numpy or torch path it replaces
-(tests/test_compiled.py), which runs instead where the extension was not built (`available()` is False).
+disjoint merge; `gram_chunks`: float64 Gram matrices in chunks; `variances`: sce's selection key. Each gives the
+bits of the numpy or torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed
+in another fixed order; the numpy/torch paths run instead where the extension was not built (`available()` is
+False).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _load() -> Optional[ctypes.CDLL]:
             return None
         lib = ctypes.CDLL(spec.origin)
         f, g, v, hc, lc = lib.keep_masks, lib.masked_add, lib.variances, lib.high_counts, lib.low_counts
-        c, ck = lib.consensus, lib.cut_keep
+        c, ck, gc = lib.consensus, lib.cut_keep, lib.gram_chunks
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -46,6 +48,8 @@ def _load() -> Optional[ctypes.CDLL]:
     c.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int, ptr]
     ck.restype = None
     ck.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
+    gc.restype = None
+    gc.argtypes = [ptr, i64, i64, i64, ptr]
     return lib
 
 
@@ -156,6 +160,24 @@ def consensus(deltas: Sequence[torch.Tensor], nums: Sequence[float], count: bool
 
     split(run, out.numel(), grain=1 << 16)
     return out.reshape(deltas[0].shape)
+
+
+def gram_chunks(xs: Sequence[torch.Tensor], chunk: int) -> np.ndarray:
+    """[chunks, pairs] float64 sums of x_i * x_j over each chunk of `chunk` elements (a multiple of 8) of equally
+    shaped float32 CPU tensors, pairs i <= j in row order; each chunk's sum in a fixed order."""
+    flat = [x.contiguous().reshape(-1) for x in xs]
+    k, n = len(flat), flat[0].numel()
+    if chunk % 8 or any(f.numel() != n for f in flat):
+        raise ValueError("gram_chunks takes tensors of one size and chunks of a multiple of 8 elements")
+    chunks = -(-n // chunk)
+    out = np.zeros((chunks, k * (k + 1) // 2), dtype=np.float64)
+
+    def run(a: int, b: int) -> None:
+        ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + 4 * a * chunk for f in flat))
+        _LIB.gram_chunks(ptrs, k, min(n, b * chunk) - a * chunk, chunk, out[a:b].ctypes.data)
+
+    split(run, chunks, grain=16)
+    return out
 
 
 def variances(flat: torch.Tensor) -> torch.Tensor:
