@@ -209,11 +209,11 @@ def test_radix_counts_are_the_counts_of_the_high_and_low_halves(n):
 def ref_consensus(deltas, nums, count, normalize):
     """The TIES disjoint merge element by element in numpy float32, models in order."""
     w = [d * np.float32(n) if n != 1 else d for d, n in zip(deltas, nums)]
-    np.seterr(invalid="ignore")  # inf - inf: NaN, as in the merge
     votes = None
     for x in w:
         v = np.sign(np.nan_to_num(x, nan=0.0)).astype(np.float32) if count else x
-        votes = v.copy() if votes is None else votes + v
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, as in the merge
+            votes = v.copy() if votes is None else votes + v
     positive = votes >= 0
     total = divisor = None
     for x, n in zip(w, nums):

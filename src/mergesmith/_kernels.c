@@ -13,8 +13,7 @@
 
    Also: the radix counts of the streaming selections (high_counts, low_counts), the second pass of an L1-rescaled
    DARE/DELLA sum (masked_add), a block's magnitude trim by its tensor's rank cut (cut_keep), the TIES disjoint merge
-   (consensus), the float64 Gram matrices of the spherical methods and model_stock (gram_chunks) and sce's variances
-   (variances). */
+   (consensus), the float64 Gram matrices of model_stock and karcher (gram_chunks) and sce's variances (variances). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -289,7 +288,8 @@ int keep_masks(const float *delta, int64_t rows, int64_t cols, int64_t row0, uin
         s->flag = malloc(cols);
         s->packed = malloc(sizeof(uint64_t) * cols);
     }
-    int ok = s->u != NULL && (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->flag && s->packed));
+    int ok = s->u != NULL &&
+             (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->flag && s->packed));
     for (int64_t r = 0; ok && r < rows; r++) {
         const float *d = delta + r * cols;
         uint8_t *m = mask + r * cols;
@@ -452,7 +452,8 @@ WIDE void gram_chunks(const float *const *x, int64_t k, int64_t n, int64_t chunk
                     lanes += __builtin_convertvector(fu, v8d) * __builtin_convertvector(fv, v8d);
                 }
                 for (; t < len; t++) lanes[0] += (double)u[t] * (double)v[t];
-                *o++ = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+                double low = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+                *o++ = low + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
             }
         }
     }
