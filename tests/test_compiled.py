@@ -307,3 +307,118 @@ def test_trim_by_a_rank_cut_in_blocks_keeps_the_stably_ranked_range(largest_firs
         got.append(cut_kept(torch.from_numpy(block), cut, list(seen)).numpy())
         seen = [s + int(np.count_nonzero(np.abs(block) == v)) for s, (v, _, _) in zip(seen, cut.groups)]
     assert np.array_equal(np.concatenate(got).view(np.int32), want.view(np.int32))
+
+
+def sce_inputs(n, models, seed):
+    """bf16-rounded base and fine-tunes (many equal deltas and zero variances), signed zeros among the deltas."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).float()
+    xs = [(base + torch.randn(n, generator=g) * 0.0005).to(torch.bfloat16).float() for _ in range(models)]
+    for i, x in enumerate(xs):
+        x[i::7] = base[i::7]  # zero deltas
+        x[3::11] = -0.0
+    base[3::22] = 0.0  # -0.0 - 0.0: a negative zero delta
+    return base, xs
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n", [1, 1023, 70_001])
+def test_sce_variances_of_the_deltas_are_torch_var(models, n):
+    """Variances of x_i - base without stacking the deltas: the bits of torch.var over the stacked deltas."""
+    base, xs = sce_inputs(n, models, seed=n + models)
+    want = torch.var(torch.stack(xs) - base, dim=0, unbiased=False)
+    assert torch.equal(compiled.variances(xs, base).view(torch.int32), want.view(torch.int32))
+    assert torch.equal(
+        compiled.variances(xs).view(torch.int32), torch.stack(xs).var(dim=0, unbiased=False).view(torch.int32)
+    )
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 1), (0, 700), (150, 900), (0, 1000)])
+def test_sce_selection_in_blocks_keeps_the_stably_ranked_range(lo, hi):
+    """The variance cut taken on the whole array and applied block by block: the elements whose rank in a stable
+    descending sort lies in [lo, hi)."""
+    from mergesmith.methods.sparsify import block_groups, rank_cut
+
+    g = np.random.default_rng(lo + hi)
+    v = (g.integers(0, 9, 1000) * 0.125).astype(np.float32)  # 9 values: tie groups of ~110 at each boundary
+    want = np.zeros(1000, dtype=bool)
+    want[np.argsort(-v, kind="stable")[lo:hi]] = True
+    cut = rank_cut(v, lo, hi, largest_first=True)
+    got, seen = [], [0] * len(cut.groups)
+    for block in np.array_split(v, [37, 500, 501, 800]):
+        got.append(compiled.cut_mask(torch.from_numpy(block), cut.low, cut.high, block_groups(cut, seen)).numpy())
+        seen = [s + int(np.count_nonzero(block == val)) for s, (val, _, _) in zip(seen, cut.groups)]
+    assert np.array_equal(np.concatenate(got), want)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 127, 128, 129, 136, 1000, 8193, 100_003, (1 << 20) + 5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sce_energies_are_numpys_pairwise_sums(n, masked):
+    """Float64 sums of the squared selected deltas: the value np.add.reduce gives over their float64 squares, on
+    one thread or two."""
+    base, (x,) = sce_inputs(n, 1, seed=n)
+    x = x * torch.exp2(torch.randint(-20, 20, (n,), generator=torch.Generator().manual_seed(n)).float())
+    mask = torch.from_numpy(np.random.default_rng(n).random(n) < 0.6) if masked else None
+    d = (x - base) * (mask if masked else 1)
+    want = float(np.add.reduce(np.square(d.numpy().astype(np.float64))))
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert compiled.selected_squares(x, base, mask) == want
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ref_sce_merge(base, xs, mask, weights):
+    """sce's merge element by element in numpy float32: selected deltas, signs elected by their sum, agreeing
+    deltas weighted and divided by the agreeing weights (at least 1e-6); every sum from +0.0 in model order."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        ds = [(x - base) * mask.astype(np.float32) if mask is not None else x - base for x in xs]
+        votes = np.float32(0) + ds[0]
+        for d in ds[1:]:
+            votes = votes + d
+        num = den = np.zeros_like(base)
+        for d, w in zip(ds, weights):
+            agree = np.where(votes >= 0, d > 0, d < 0)
+            e = np.float32(w) * agree.astype(np.float32)
+            num, den = num + d * e, den + e
+        least = np.float32(1e-6)
+        return base + num / np.where(den < least, least, den)
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.25, 0.25], [0.2, 0.0, 0.8, 0.0], [1e-8, 2e-8], [1.0]])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("n", [1, 513, 5000])
+def test_sce_merge_in_one_compiled_pass_is_the_float32_reference(weights, masked, n):
+    """The merge given the mask and energy weights: the bits of a numpy float32 reference, with signed zeros, exact
+    vote ties, weights summing to less than the 1e-6 floor, and NaN and infinities (NaN where the reference has)."""
+    base, xs = sce_inputs(n, len(weights), seed=n + len(weights))
+    if len(xs) > 1:
+        xs[1][::5] = base[::5] - (xs[0][::5] - base[::5])  # equal and opposite deltas: votes of exactly zero
+    xs[0][::97] = float("nan")
+    xs[-1][1::89] = float("inf")
+    base[5::13] = -0.0
+    for x in xs:
+        x[5::13] = -1.0  # all deltas negative on a -0.0 base: masked out, every product is -0.0 and the sum +0.0
+    mask = torch.from_numpy(np.random.default_rng(n).random(n) < 0.5) if masked else None
+    got = compiled.sce_merge(base, xs, mask, torch.tensor(weights)).numpy()
+    want = ref_sce_merge(base.numpy(), [x.numpy() for x in xs], None if mask is None else mask.numpy(), weights)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    assert np.array_equal(got[ok].view(np.int32), want[ok].view(np.int32))
+
+
+@pytest.mark.parametrize("topk", [0.5, 1.0, 0.0])
+def test_sce_in_blocks_on_the_compiled_path_is_the_torch_path(monkeypatch, topk):
+    """Every round of sce in row blocks (variance cut, energies, merge) on the compiled kernels: the bits of the torch
+    ops they replace."""
+    from helpers import through_executor
+
+    base, xs = sce_inputs(96 * 64, 3, seed=11)
+    base, xs = base.reshape(96, 64), [x.reshape(96, 64) for x in xs]
+    fused, blocks, _ = through_executor("sce", base, xs, 1000, monkeypatch, {"select_topk": topk})
+    assert len(blocks) > 3
+    monkeypatch.setattr(compiled, "_LIB", None)
+    plain, _, _ = through_executor("sce", base, xs, 1000, monkeypatch, {"select_topk": topk})
+    assert torch.equal(fused.view(torch.int16), plain.view(torch.int16))

@@ -13,7 +13,8 @@
 
    Also: the radix counts of the streaming selections (high_counts, low_counts), the second pass of an L1-rescaled
    DARE/DELLA sum (masked_add), a block's magnitude trim by its tensor's rank cut (cut_keep), the TIES disjoint merge
-   (consensus), the float64 Gram matrices of model_stock and karcher (gram_chunks) and sce's variances (variances). */
+   (consensus), the float64 Gram matrices of model_stock and karcher (gram_chunks), and sce's variances, selection
+   mask, energies and merge (variances, cut_mask, selected_squares, sce_merge). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -367,6 +368,50 @@ static inline float magnitude(float x) {
     return x;
 }
 
+/* The first j in [from, n) where a[j] (|a[j]| when `absolute`) equals v, or n; eight at a time. */
+WIDE static int64_t next_equal(const float *a, int64_t from, int64_t n, float v, int absolute) {
+    const uint32_t keep = absolute ? 0x7FFFFFFFu : 0xFFFFFFFFu;
+    int64_t j = from;
+    for (; j + 8 <= n; j += 8) {
+        v8u k;
+        memcpy(&k, a + j, sizeof k);
+        v8u eq = (v8u)((v8f)(k & keep) == v);
+        if (eq[0] | eq[1] | eq[2] | eq[3] | eq[4] | eq[5] | eq[6] | eq[7]) break;
+    }
+    for (; j < n; j++) {
+        uint32_t k;
+        float x;
+        memcpy(&k, &a[j], 4);
+        k &= keep;
+        memcpy(&x, &k, 4);
+        if (x == v) return j;
+    }
+    return n;
+}
+
+/* Calls keep(j, arg) for the members [skip, take) in index order of the elements whose value (magnitude when
+   `absolute`) is v. */
+static void group_members(const float *a, int64_t n, float v, int absolute, int64_t skip, int64_t take,
+                          void (*keep)(int64_t, void *), void *arg) {
+    int64_t c = 0;
+    for (int64_t j = next_equal(a, 0, n, v, absolute); j < n && c < take; j = next_equal(a, j + 1, n, v, absolute)) {
+        if (c >= skip) keep(j, arg);
+        c++;
+    }
+}
+
+typedef struct {
+    const float *d;
+    float *out;
+} KeepArgs;
+
+static void keep_value(int64_t j, void *arg) {
+    KeepArgs *k = arg;
+    k->out[j] = k->d[j];
+}
+
+static void keep_mask(int64_t j, void *arg) { ((uint8_t *)arg)[j] = 1; }
+
 /* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept): out = d where low < |d| < high, or where
    |d| is group g's value and the element is one of the group's members [skip[g], take[g]) of this block in index
    order; +0.0 elsewhere. */
@@ -379,15 +424,8 @@ WIDE void cut_keep(const float *restrict d, int64_t n, float low, float high, co
         k &= 0u - (uint32_t)((a > low) & (a < high));
         memcpy(&out[j], &k, 4);
     }
-    for (int64_t g = 0; g < groups; g++) {
-        int64_t c = 0;
-        for (int64_t j = 0; j < n && c < take[g]; j++) {
-            if (magnitude(d[j]) == values[g]) {
-                if (c >= skip[g]) out[j] = d[j];
-                c++;
-            }
-        }
-    }
+    KeepArgs arg = {d, out};
+    for (int64_t g = 0; g < groups; g++) group_members(d, n, values[g], 1, skip[g], take[g], keep_value, &arg);
 }
 
 /* Model i's share of the TIES merge of a chunk: its vote (w or sign(w), w = x * num unless num == 1) into votes. */
@@ -459,26 +497,128 @@ WIDE void gram_chunks(const float *const *x, int64_t k, int64_t n, int64_t chunk
     }
 }
 
-/* sce's selection key: the population variance over n models of `len` elements (model i's at x + i * stride),
-   Welford's update in float64 in model order as ATen's CPU torch.var(dim=0, unbiased=False) runs it (first step
-   0 + x / 1, which turns -0.0 into +0.0), rounded once to float32. Chunks keep the float64 state in cache. */
-WIDE void variances(const float *x, int64_t n, int64_t stride, int64_t len, float *out) {
+/* One model's step of Welford's update over a chunk. A division by a power of two is the multiplication by its
+   inverse (the same bits, several times faster). */
+WIDE static void welford(int64_t c, const float *restrict x, const float *restrict b, double count,
+                         double *restrict mean, double *restrict m2) {
+    if (((int64_t)count & ((int64_t)count - 1)) == 0) {
+        double inv = 1.0 / count;
+        for (int64_t j = 0; j < c; j++) {
+            double v = b ? x[j] - b[j] : x[j], delta = v - mean[j];
+            mean[j] += delta * inv;
+            m2[j] += delta * (v - mean[j]);
+        }
+        return;
+    }
+    for (int64_t j = 0; j < c; j++) {
+        double v = b ? x[j] - b[j] : x[j], delta = v - mean[j];
+        mean[j] += delta / count;
+        m2[j] += delta * (v - mean[j]);
+    }
+}
+
+/* sce's selection key: the population variance over n models of `len` elements, model i's at x[i] less base (in
+   float32, as the stacked deltas are taken; base NULL: x[i] as it is), Welford's update in float64 in model order as
+   ATen's CPU torch.var(dim=0, unbiased=False) runs it (first step 0 + x / 1, which turns -0.0 into +0.0), rounded
+   once to float32. Chunks keep the float64 state in cache. */
+WIDE void variances(const float *const *x, int64_t n, const float *base, int64_t len, float *out) {
     double mean[1024], m2[1024];
     for (int64_t a = 0; a < len; a += 1024) {
         int64_t c = len - a < 1024 ? len - a : 1024;
         for (int64_t j = 0; j < c; j++) {
-            mean[j] = (double)x[a + j] + 0.0;
+            mean[j] = (double)(base ? x[0][a + j] - base[a + j] : x[0][a + j]) + 0.0;
             m2[j] = 0.0;
         }
         for (int64_t i = 1; i < n; i++) {
-            const float *xi = x + i * stride + a;
-            double count = (double)(i + 1);
-            for (int64_t j = 0; j < c; j++) {
-                double v = xi[j], delta = v - mean[j];
-                mean[j] += delta / count;
-                m2[j] += delta * (v - mean[j]);
-            }
+            const float *xi = x[i] + a, *b = base ? base + a : NULL;
+            welford(c, xi, b, (double)(i + 1), mean, m2);
         }
         for (int64_t j = 0; j < c; j++) out[a + j] = (float)(m2[j] / (double)n);
+    }
+}
+
+/* sparsify.apply_cut of a block: mask[j] = 1 where low < a[j] < high, or where a[j] is group g's value and the
+   element is one of the group's members [skip[g], take[g]) of this block in index order. */
+WIDE void cut_mask(const float *restrict a, int64_t n, float low, float high, const float *values,
+                   const int64_t *skip, const int64_t *take, int64_t groups, uint8_t *restrict mask) {
+    for (int64_t j = 0; j < n; j++) mask[j] = (a[j] > low) & (a[j] < high);
+    for (int64_t g = 0; g < groups; g++) group_members(a, n, values[g], 0, skip[g], take[g], keep_mask, mask);
+}
+
+/* sce's selected delta of one element: (x - base) times the mask as a float (no mask: all kept). */
+static inline float selected(const float *x, const float *base, const uint8_t *mask, int64_t j) {
+    float d = x[j] - base[j];
+    return mask ? d * (float)mask[j] : d;
+}
+
+/* numpy's pairwise float64 sum (np.add.reduce of a contiguous array, less its first 0.0 +) of the squared selected
+   deltas of elements [0, n): eight accumulators up to 128 elements, halves at multiples of 8 above. */
+WIDE double selected_squares(const float *x, const float *base, const uint8_t *mask, int64_t n) {
+    if (n < 8) {
+        double r = 0.0;
+        for (int64_t j = 0; j < n; j++) {
+            double s = selected(x, base, mask, j);
+            r += s * s;
+        }
+        return r;
+    }
+    if (n <= 128) {
+        double r[8];
+        int64_t j = 0;
+        for (int t = 0; t < 8; t++) {
+            double s = selected(x, base, mask, t);
+            r[t] = s * s;
+        }
+        for (j = 8; j < n - n % 8; j += 8) {
+            for (int t = 0; t < 8; t++) {
+                double s = selected(x, base, mask, j + t);
+                r[t] += s * s;
+            }
+        }
+        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; j < n; j++) {
+            double s = selected(x, base, mask, j);
+            res += s * s;
+        }
+        return res;
+    }
+    int64_t half = n / 2 - (n / 2) % 8;
+    return selected_squares(x, base, mask, half) + selected_squares(x + half, base + half, mask ? mask + half : NULL,
+                                                                    n - half);
+}
+
+/* Model i's share of sce's sign election over a chunk: votes = (first ? +0.0 : votes) + its selected delta. */
+WIDE static void sce_votes(int64_t c, const float *restrict x, const float *restrict base, const uint8_t *mask,
+                           int first, float *restrict votes) {
+    for (int64_t j = 0; j < c; j++) votes[j] = (first ? 0.0f : votes[j]) + selected(x, base, mask, j);
+}
+
+/* Its weight where its selected delta takes the elected sign (e = w * agree), into den, and delta * e into num. */
+WIDE static void sce_agreeing(int64_t c, const float *restrict x, const float *restrict base, const uint8_t *mask,
+                              float w, int first, const float *restrict votes, float *restrict num,
+                              float *restrict den) {
+    for (int64_t j = 0; j < c; j++) {
+        float s = selected(x, base, mask, j);
+        int32_t pos = votes[j] >= 0.0f; /* NaN votes: negative */
+        float e = w * (float)((pos & (s > 0.0f)) | (!pos & (s < 0.0f)));
+        num[j] = (first ? 0.0f : num[j]) + s * e;
+        den[j] = (first ? 0.0f : den[j]) + e;
+    }
+}
+
+/* sce's merge of elements [0, n) of k models, as methods/sce.py runs it in float32 on the stacked deltas d_i (x_i
+   - base, times the selection mask): votes = sum_i d_i; e_i = w_i where d_i takes the sign of the votes (>= 0:
+   positive), else w_i * 0; out = base + (sum_i d_i * e_i) / max(sum_i e_i, 1e-6), every sum from +0.0 in model
+   order. */
+void sce_merge(const float *const *x, int64_t k, const float *base, const uint8_t *mask, const float *w, int64_t n,
+               float *out) {
+    float votes[CHUNK], num[CHUNK], den[CHUNK];
+    const float least = (float)1e-6;
+    for (int64_t a = 0; a < n; a += CHUNK) {
+        int64_t c = n - a < CHUNK ? n - a : CHUNK;
+        const uint8_t *m = mask ? mask + a : NULL;
+        for (int64_t i = 0; i < k; i++) sce_votes(c, x[i] + a, base + a, m, i == 0, votes);
+        for (int64_t i = 0; i < k; i++) sce_agreeing(c, x[i] + a, base + a, m, w[i], i == 0, votes, num, den);
+        for (int64_t j = 0; j < c; j++) out[a + j] = base[a + j] + num[j] / (den[j] < least ? least : den[j]);
     }
 }

@@ -4,9 +4,10 @@
 settles nearly every element's keep probability, and only the few draws it leaves open need an exact rank);
 `high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
 L1-rescaled DARE/DELLA sum; `cut_keep`: a block's magnitude trim by its tensor's rank cut; `consensus`: the TIES
-disjoint merge; `gram_chunks`: float64 Gram matrices in chunks; `variances`: sce's selection key. Each gives the
-bits of the numpy or torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed
-in another fixed order; the numpy/torch paths run instead where the extension was not built (`available()` is
+disjoint merge; `gram_chunks`: float64 Gram matrices in chunks; `variances`, `cut_mask`, `selected_squares` and
+`sce_merge`: sce's selection key, selection, energies and merge, without stacking the deltas. Each gives the bits
+of the numpy or torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in
+another fixed order; the numpy/torch paths run instead where the extension was not built (`available()` is
 False).
 """
 
@@ -19,7 +20,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mergesmith.methods.parallel import split
+from mergesmith.methods.parallel import both, split
 
 MAX_COLS = 1 << 24  # the kernel's scratch is ~30 bytes an element of one row: longer rows take the numpy path
 
@@ -32,6 +33,7 @@ def _load() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(spec.origin)
         f, g, v, hc, lc = lib.keep_masks, lib.masked_add, lib.variances, lib.high_counts, lib.low_counts
         c, ck, gc = lib.consensus, lib.cut_keep, lib.gram_chunks
+        cm, sq, sm = lib.cut_mask, lib.selected_squares, lib.sce_merge
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -40,7 +42,7 @@ def _load() -> Optional[ctypes.CDLL]:
     g.restype = None
     g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
     v.restype = None
-    v.argtypes = [ptr, i64, i64, i64, ptr]
+    v.argtypes = [ptr, i64, ptr, i64, ptr]
     hc.restype = lc.restype = None
     hc.argtypes = [ptr, i64, ptr]
     lc.argtypes = [ptr, i64, ctypes.c_uint32, ctypes.c_uint32, ptr, ptr]
@@ -50,6 +52,11 @@ def _load() -> Optional[ctypes.CDLL]:
     ck.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     gc.restype = None
     gc.argtypes = [ptr, i64, i64, i64, ptr]
+    cm.restype = sm.restype = None
+    cm.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
+    sq.restype = ctypes.c_double
+    sq.argtypes = [ptr, ptr, ptr, i64]
+    sm.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr]
     return lib
 
 
@@ -180,14 +187,76 @@ def gram_chunks(xs: Sequence[torch.Tensor], chunk: int) -> np.ndarray:
     return out
 
 
-def variances(flat: torch.Tensor) -> torch.Tensor:
-    """Population variance over the rows of a [models, elements] float32 CPU matrix, float32: the values of
-    torch.var(dim=0, unbiased=False) (Welford in float64, in model order)."""
-    flat = flat.contiguous()
-    n, m = flat.shape
-    out = torch.empty(m, dtype=torch.float32)
-    x, o = flat.data_ptr(), out.data_ptr()
-    split(lambda a, b: _LIB.variances(x + 4 * a, n, m, b - a, o + 4 * a), m, grain=1 << 16)
+def _flat(xs: Sequence[torch.Tensor]) -> list:
+    """Contiguous flat views of equally sized float32 CPU tensors."""
+    flat = [x.contiguous().reshape(-1) for x in xs]
+    if any(f.numel() != flat[0].numel() or f.dtype != torch.float32 for f in flat):
+        raise ValueError("the sce kernels take float32 tensors of one size")
+    return flat
+
+
+def _addr(t: Optional[torch.Tensor], offset: int) -> Optional[int]:
+    return None if t is None else t.data_ptr() + t.element_size() * offset
+
+
+def variances(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Population variance over the models of xs_i - base (float32 differences; no base: xs_i), float32: the values
+    of torch.var(torch.stack(xs) - base, dim=0, unbiased=False) (Welford in float64, in model order), flat."""
+    flat = _flat(list(xs) + ([base] if base is not None else []))
+    xs, b = flat[: len(xs)], (flat[-1] if base is not None else None)
+    out = torch.empty(xs[0].numel(), dtype=torch.float32)
+
+    def run(a: int, z: int) -> None:
+        ptrs = (ctypes.c_void_p * len(xs))(*(_addr(x, a) for x in xs))
+        _LIB.variances(ptrs, len(xs), _addr(b, a), z - a, _addr(out, a))
+
+    split(run, out.numel(), grain=1 << 16)
+    return out
+
+
+def cut_mask(a: torch.Tensor, low: float, high: float, groups: Sequence[Tuple[float, int, int]]) -> torch.Tensor:
+    """sparsify.apply_cut of flat float32 CPU `a` with its groups' members as (value, skip, take) of this block."""
+    a = a.contiguous()
+    mask = torch.empty(a.numel(), dtype=torch.uint8)
+    values = np.array([g[0] for g in groups], dtype=np.float32)
+    skip, take = (np.array([g[i] for g in groups], dtype=np.int64) for i in (1, 2))
+    args = (values.ctypes.data, skip.ctypes.data, take.ctypes.data, len(groups), mask.data_ptr())
+    _LIB.cut_mask(a.data_ptr(), a.numel(), low, high, *args)
+    return mask.view(torch.bool)
+
+
+def selected_squares(x: torch.Tensor, base: torch.Tensor, mask: Optional[torch.Tensor]) -> float:
+    """Float64 sum of ((x - base) * mask)^2, squared exactly and added in numpy's pairwise order (the value of
+    np.add.reduce over the float64 squares): the two halves of its first split on two threads."""
+    x, base = _flat([x, base])
+    m = None if mask is None else mask.contiguous().reshape(-1)
+    n = x.numel()
+    if n <= 128:
+        return 0.0 + _LIB.selected_squares(_addr(x, 0), _addr(base, 0), _addr(m, 0), n)
+    half = n // 2 - (n // 2) % 8
+    lo, hi = both(
+        lambda: _LIB.selected_squares(_addr(x, 0), _addr(base, 0), _addr(m, 0), half),
+        lambda: _LIB.selected_squares(_addr(x, half), _addr(base, half), _addr(m, half), n - half),
+    )
+    return 0.0 + (lo + hi)
+
+
+def sce_merge(
+    base: torch.Tensor, xs: Sequence[torch.Tensor], mask: Optional[torch.Tensor], weights: torch.Tensor
+) -> torch.Tensor:
+    """sce's merge of float32 CPU inputs given the selection mask (None: all kept) and the energy weights: the
+    float32 values of methods/sce.py's torch path, flat."""
+    flat = _flat([base] + list(xs))
+    b, xs = flat[0], flat[1:]
+    m = None if mask is None else mask.contiguous().reshape(-1)
+    w = np.ascontiguousarray(weights.cpu().numpy(), dtype=np.float32)
+    out = torch.empty_like(b)
+
+    def run(a: int, z: int) -> None:
+        ptrs = (ctypes.c_void_p * len(xs))(*(_addr(x, a) for x in xs))
+        _LIB.sce_merge(ptrs, len(xs), _addr(b, a), _addr(m, a), w.ctypes.data, z - a, _addr(out, a))
+
+    split(run, out.numel(), grain=1 << 16)
     return out
 
 

@@ -23,7 +23,7 @@ def variances(deltas: torch.Tensor) -> torch.Tensor:
     flat = deltas.reshape(deltas.shape[0], -1)
     n, m = flat.shape
     if compiled.available() and flat.device.type == "cpu" and flat.dtype == torch.float32 and n * m:
-        return compiled.variances(flat).reshape(deltas.shape[1:])  # the same update, compiled
+        return compiled.variances(list(flat)).reshape(deltas.shape[1:])  # the same update, compiled
     out = torch.empty(m, dtype=torch.float32, device=flat.device)
     bufs = torch.empty((4, min(m, VAR_CHUNK)), dtype=torch.float64, device=flat.device)
     for a in range(0, m, VAR_CHUNK):
@@ -73,6 +73,29 @@ def selected_deltas(
     return deltas
 
 
+def compiled_path(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled kernels serve a block: float32 CPU tensors of one shape (the deltas are never stacked)."""
+    return (
+        compiled.available()
+        and sparsify.numpy_path(base)
+        and all(t.dtype == torch.float32 and t.shape == base.shape for t in [base, *inputs])
+        and base.numel() > 0
+    )
+
+
+def block_mask(
+    base: torch.Tensor, inputs: Sequence[torch.Tensor], select_topk: float, cut: Optional[RankCut], before
+) -> Optional[torch.Tensor]:
+    """sce_mask of a block on the compiled path, flat (None: all kept); with 0 < select_topk < 1 it takes the
+    whole tensor's `cut`."""
+    if select_topk >= 1:
+        return None
+    if select_topk <= 0 or cut.empty:
+        return torch.zeros(base.numel(), dtype=torch.bool)
+    var = compiled.variances(inputs, base)
+    return compiled.cut_mask(var, cut.low, cut.high, sparsify.block_groups(cut, before))
+
+
 def energy_weights(energy: torch.Tensor) -> torch.Tensor:
     """w_i = energy_i / sum_j energy_j from float64 energies, in float32 (1/N each when the sum is < 1e-6)."""
     total = float(energy.sum())
@@ -117,6 +140,8 @@ class SceShare:
 
 
 def _variances(base, inputs) -> np.ndarray:
+    if compiled_path(base, inputs):
+        return compiled.variances(inputs, base).numpy()
     return variances(torch.stack([x.float() for x in inputs]).sub_(base)).reshape(-1).cpu().numpy()
 
 
@@ -163,6 +188,9 @@ def _cut(stat: Pass1) -> Pass1:
 
 def _sum_squares(base, inputs, row_offset, select_topk, stat: Optional[Pass1]) -> Tuple[int, List[float]]:
     cut = () if stat is None or stat.cut is None else (stat.cut, stat.before[stat.rows.index(row_offset)])
+    if compiled_path(base, inputs) and (cut or not 0 < select_topk < 1):
+        mask = block_mask(base, inputs, select_topk, *(cut or (None, None)))
+        return base.numel(), [compiled.selected_squares(x, base, mask) for x in inputs]
     deltas = selected_deltas(base, inputs, select_topk, *cut)
     return deltas[0].numel(), [sum_squares64(d) for d in deltas]
 
@@ -226,6 +254,9 @@ def sce(
         return base.float().clone()
     b = base.float()
     cut = () if stat is None or stat.cut is None else (stat.cut, stat.before)
+    if stat is not None and compiled_path(b, inputs) and (cut or not 0 < select_topk < 1):
+        mask = block_mask(b, inputs, select_topk, *(cut or (None, None)))
+        return compiled.sce_merge(b, inputs, mask, stat.weights).reshape(b.shape)
     deltas = selected_deltas(b, inputs, select_topk, *cut)
     if stat is not None:
         w = stat.weights

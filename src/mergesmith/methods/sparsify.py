@@ -244,9 +244,14 @@ def cut_kept(flat: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] 
     """kept(flat, apply_cut(|flat|, cut, offsets)): one compiled pass for float32 on the CPU."""
     if cut.empty or not (compiled.available() and numpy_path(flat) and flat.dtype == torch.float32):
         return kept(flat, apply_cut(flat.abs(), cut, offsets))
+    return compiled.cut_keep(flat, cut.low, cut.high, block_groups(cut, offsets))
+
+
+def block_groups(cut: RankCut, offsets: Optional[Sequence[int]]) -> List[Tuple[float, int, int]]:
+    """The cut's boundary groups as (value, skip, take) of one block: its members [skip, take) of the group in
+    index order are kept; `offsets[g]`: the members of group g in earlier blocks."""
     offs = [offsets[g] if offsets is not None else 0 for g in range(len(cut.groups))]
-    groups = [(v, max(0, first - off), max(0, last - off)) for (v, first, last), off in zip(cut.groups, offs)]
-    return compiled.cut_keep(flat, cut.low, cut.high, groups)
+    return [(v, max(0, first - off), max(0, last - off)) for (v, first, last), off in zip(cut.groups, offs)]
 
 
 def rank_range_mask(a: torch.Tensor, lo: int, hi: int, largest_first: bool = False) -> torch.Tensor:
