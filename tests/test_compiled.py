@@ -422,3 +422,57 @@ def test_sce_in_blocks_on_the_compiled_path_is_the_torch_path(monkeypatch, topk)
     monkeypatch.setattr(compiled, "_LIB", None)
     plain, _, _ = through_executor("sce", base, xs, 1000, monkeypatch, {"select_topk": topk})
     assert torch.equal(fused.view(torch.int16), plain.view(torch.int16))
+
+
+def ram_inputs(n, models, epsilon, seed):
+    """Deltas spread around epsilon (some exactly at it, in float32), zeros, NaN and infinities."""
+    g = np.random.default_rng(seed)
+    base = (g.standard_normal(n) * 0.02).astype(np.float32)
+    xs = []
+    for _ in range(models):
+        d = (g.standard_normal(n) * epsilon * 2).astype(np.float32)
+        d[g.random(n) < 0.3] = 0.0
+        x = base + d
+        at = g.random(n) < 0.05
+        x[at] = base[at] + np.float32(epsilon)  # a delta at epsilon, rounded as float32 sums round it
+        x[g.random(n) < 0.01] = np.nan
+        x[g.random(n) < 0.01] = -np.inf
+        xs.append(x)
+    return torch.from_numpy(base), [torch.from_numpy(x) for x in xs]
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 0.1, 0.0])
+@pytest.mark.parametrize("models", [1, 2, 3, 5])
+def test_ram_overlap_counts_in_one_compiled_pass_are_the_counted_elements(epsilon, models):
+    """Per model, its changed elements (|x - base| > epsilon, compared in float32) that others changed too and
+    those it alone changed: counted here in numpy."""
+    from mergesmith.methods.ramplus_tl import overlap_counts
+
+    base, xs = ram_inputs(70_001, models, epsilon, seed=models)
+    with np.errstate(invalid="ignore"):
+        on = np.stack([np.abs(x.numpy() - base.numpy()) > np.float32(epsilon) for x in xs])
+    c = on.sum(axis=0)
+    want = [(int(np.sum(o & (c > 1))), int(np.sum(o & (c == 1)))) for o in on]
+    assert overlap_counts(base, xs, epsilon) == want
+
+
+@pytest.mark.parametrize(
+    "method,shared",
+    [("ram", {"epsilon": 1e-5}), ("ramplus_tl", {"r": 0.3, "alpha": 0.7, "epsilon": 1e-5}), ("ram", {"epsilon": 0.1})],
+)
+@pytest.mark.parametrize("models", [1, 2, 3, 4])
+def test_ram_merge_in_one_compiled_pass_is_the_torch_path(monkeypatch, method, shared, models):
+    """RAM and RAM+ in one compiled pass: the bits of the torch ops they replace (boosted deltas as one fused
+    multiply-add, as torch's add with alpha rounds them), NaN where those give NaN."""
+    from mergesmith.methods import get_method
+
+    base, xs = ram_inputs(5003, models, shared["epsilon"], seed=10 + models)
+    for x in xs:
+        x[:100] = base[:100] + 3e-3 * (1 + torch.arange(100) % 3)  # changed by every model: exact means and not
+    m = get_method(method)
+    fused = m.merge(base, xs, shared, [{}] * models, None)
+    monkeypatch.setattr(compiled, "_LIB", None)
+    plain = m.merge(base, xs, shared, [{}] * models, None)
+    assert torch.equal(torch.isnan(fused), torch.isnan(plain))
+    ok = ~torch.isnan(plain)
+    assert torch.equal(fused[ok].view(torch.int32), plain[ok].view(torch.int32))

@@ -14,7 +14,8 @@
    Also: the radix counts of the streaming selections (high_counts, low_counts), the second pass of an L1-rescaled
    DARE/DELLA sum (masked_add), a block's magnitude trim by its tensor's rank cut (cut_keep), the TIES disjoint merge
    (consensus), the float64 Gram matrices of model_stock and karcher (gram_chunks), and sce's variances, selection
-   mask, energies and merge (variances, cut_mask, selected_squares, sce_merge). */
+   mask, energies and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap
+   counts (ram_merge, ram_counts). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -620,5 +621,62 @@ void sce_merge(const float *const *x, int64_t k, const float *base, const uint8_
         for (int64_t i = 0; i < k; i++) sce_votes(c, x[i] + a, base + a, m, i == 0, votes);
         for (int64_t i = 0; i < k; i++) sce_agreeing(c, x[i] + a, base + a, m, w[i], i == 0, votes, num, den);
         for (int64_t j = 0; j < c; j++) out[a + j] = base[a + j] + num[j] / (den[j] < least ? least : den[j]);
+    }
+}
+
+/* Model i's share of RAM over a chunk: whether |x - base| > eps into count, the kept delta (+0.0 where not) into
+   total, and the kept delta times its boost into unique (used where one model alone changed the element: one
+   nonzero term, so a fused multiply-add, as torch's add_ with alpha runs it, rounds it the same). */
+WIDE static void ram_add(int64_t c, const float *restrict x, const float *restrict base, float eps, float boost,
+                         int first, int32_t *restrict count, float *restrict total, float *restrict unique) {
+    for (int64_t j = 0; j < c; j++) {
+        float d = x[j] - base[j];
+        int32_t on = magnitude(d) > eps;
+        float kept = on ? d : 0.0f;
+        count[j] = (first ? 0 : count[j]) + on;
+        total[j] = (first ? 0.0f : total[j]) + kept;
+        if (unique) unique[j] = (first ? 0.0f : unique[j]) + kept * boost;
+    }
+}
+
+/* RAM (boosts NULL) and RAM+ tensor-local over elements [0, n) of k models, as methods/ram.py runs them in
+   float32: c = how many models changed the element by more than eps; mean = (sum of the kept deltas, from +0.0 in
+   model order) / max(c, 1); out = base + mean, or with boosts base + kept_i * boost_i where model i alone changed
+   it (c == 1). */
+void ram_merge(const float *const *x, int64_t k, const float *base, float eps, const float *boosts, int64_t n,
+               float *out) {
+    int32_t count[CHUNK];
+    float total[CHUNK], unique[CHUNK];
+    for (int64_t a = 0; a < n; a += CHUNK) {
+        int64_t c = n - a < CHUNK ? n - a : CHUNK;
+        for (int64_t i = 0; i < k; i++) {
+            float boost = boosts ? boosts[i] : 1.0f;
+            ram_add(c, x[i] + a, base + a, eps, boost, i == 0, count, total, boosts ? unique : NULL);
+        }
+        for (int64_t j = 0; j < c; j++) {
+            float mean = total[j] / (float)(count[j] > 1 ? count[j] : 1);
+            out[a + j] = base[a + j] + (boosts && count[j] == 1 ? unique[j] : mean);
+        }
+    }
+}
+
+/* RAM+'s overlap counts over elements [0, n): per model i, counts[2i] += its changed elements (|x_i - base| > eps)
+   that other models changed too, counts[2i + 1] += those it alone changed. */
+void ram_counts(const float *const *x, int64_t k, const float *base, float eps, int64_t n, int64_t *counts) {
+    int32_t count[CHUNK];
+    float total[CHUNK];
+    for (int64_t a = 0; a < n; a += CHUNK) {
+        int64_t c = n - a < CHUNK ? n - a : CHUNK;
+        for (int64_t i = 0; i < k; i++) ram_add(c, x[i] + a, base + a, eps, 1.0f, i == 0, count, total, NULL);
+        for (int64_t i = 0; i < k; i++) {
+            int64_t shared = 0, alone = 0;
+            for (int64_t j = 0; j < c; j++) {
+                int32_t on = magnitude(x[i][a + j] - base[a + j]) > eps;
+                shared += on & (count[j] > 1);
+                alone += on & (count[j] == 1);
+            }
+            counts[2 * i] += shared;
+            counts[2 * i + 1] += alone;
+        }
     }
 }

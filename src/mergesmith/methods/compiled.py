@@ -5,7 +5,8 @@ settles nearly every element's keep probability, and only the few draws it leave
 `high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
 L1-rescaled DARE/DELLA sum; `cut_keep`: a block's magnitude trim by its tensor's rank cut; `consensus`: the TIES
 disjoint merge; `gram_chunks`: float64 Gram matrices in chunks; `variances`, `cut_mask`, `selected_squares` and
-`sce_merge`: sce's selection key, selection, energies and merge, without stacking the deltas. Each gives the bits
+`sce_merge`: sce's selection key, selection, energies and merge, without stacking the deltas; `ram_merge` and
+`ram_counts`: RAM and RAM+ in one pass. Each gives the bits
 of the numpy or torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in
 another fixed order; the numpy/torch paths run instead where the extension was not built (`available()` is
 False).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ def _load() -> Optional[ctypes.CDLL]:
         f, g, v, hc, lc = lib.keep_masks, lib.masked_add, lib.variances, lib.high_counts, lib.low_counts
         c, ck, gc = lib.consensus, lib.cut_keep, lib.gram_chunks
         cm, sq, sm = lib.cut_mask, lib.selected_squares, lib.sce_merge
+        rm, rc = lib.ram_merge, lib.ram_counts
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -57,6 +59,9 @@ def _load() -> Optional[ctypes.CDLL]:
     sq.restype = ctypes.c_double
     sq.argtypes = [ptr, ptr, ptr, i64]
     sm.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr]
+    rm.restype = rc.restype = None
+    rm.argtypes = [ptr, i64, ptr, ctypes.c_float, ptr, i64, ptr]
+    rc.argtypes = [ptr, i64, ptr, ctypes.c_float, i64, ptr]
     return lib
 
 
@@ -258,6 +263,43 @@ def sce_merge(
 
     split(run, out.numel(), grain=1 << 16)
     return out
+
+
+def ram_merge(
+    base: torch.Tensor, xs: Sequence[torch.Tensor], epsilon: float, boosts: Optional[Sequence[float]]
+) -> torch.Tensor:
+    """RAM (boosts None) or RAM+ tensor-local of float32 CPU inputs: the float32 values of methods/ram.py's torch
+    ops, flat."""
+    flat = _flat([base] + list(xs))
+    b, xs = flat[0], flat[1:]
+    w = None if boosts is None else np.asarray(boosts, dtype=np.float32)
+    out = torch.empty_like(b)
+
+    def run(a: int, z: int) -> None:
+        ptrs = (ctypes.c_void_p * len(xs))(*(_addr(x, a) for x in xs))
+        boost = None if w is None else w.ctypes.data
+        _LIB.ram_merge(ptrs, len(xs), _addr(b, a), epsilon, boost, z - a, _addr(out, a))
+
+    split(run, out.numel(), grain=1 << 16)
+    return out
+
+
+def ram_counts(base: torch.Tensor, xs: Sequence[torch.Tensor], epsilon: float) -> List[Tuple[int, int]]:
+    """Per model (its changed elements other models changed too, those it alone changed), as
+    ramplus_tl.overlap_counts counts them."""
+    flat = _flat([base] + list(xs))
+    b, xs = flat[0], flat[1:]
+    parts = []
+
+    def run(a: int, z: int) -> None:
+        counts = np.zeros(2 * len(xs), dtype=np.int64)
+        ptrs = (ctypes.c_void_p * len(xs))(*(_addr(x, a) for x in xs))
+        _LIB.ram_counts(ptrs, len(xs), _addr(b, a), epsilon, z - a, counts.ctypes.data)
+        parts.append(counts)
+
+    split(run, b.numel(), grain=1 << 16)
+    total = np.sum(parts, axis=0)
+    return [(int(total[2 * i]), int(total[2 * i + 1])) for i in range(len(xs))]
 
 
 def _words(a: np.ndarray) -> np.ndarray:

@@ -7,7 +7,18 @@ from typing import Optional, Sequence
 
 import torch
 
+from mergesmith.methods import compiled, sparsify
 from mergesmith.methods.registry import Streaming, merge_method
+
+
+def compiled_path(b: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled kernels serve these tensors: float32 on the CPU, of one shape."""
+    return (
+        compiled.available()
+        and sparsify.numpy_path(b)
+        and all(t.dtype == torch.float32 and t.shape == b.shape for t in [b, *inputs])
+        and b.numel() > 0
+    )
 
 
 def contributions(b: torch.Tensor, inputs: Sequence[torch.Tensor], epsilon: float) -> torch.Tensor:
@@ -60,4 +71,6 @@ def ram(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, epsilon: float = 
     if not inputs:
         return base.float().clone()
     b, xs = base.float(), [x.float() for x in inputs]
+    if compiled_path(b, xs):
+        return compiled.ram_merge(b, xs, epsilon, None).reshape(b.shape)
     return combine(b, xs, epsilon, contributions(b, xs, epsilon))
