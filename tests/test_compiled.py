@@ -476,3 +476,16 @@ def test_ram_merge_in_one_compiled_pass_is_the_torch_path(monkeypatch, method, s
     assert torch.equal(torch.isnan(fused), torch.isnan(plain))
     ok = ~torch.isnan(plain)
     assert torch.equal(fused[ok].view(torch.int32), plain[ok].view(torch.int32))
+
+
+@pytest.mark.parametrize("method", ["random", "della_magprune"])
+@pytest.mark.parametrize("shape", [(37, 301), (4, 4096)])
+def test_keep_masks_take_the_deltas_themselves_from_a_model_and_its_base(method, shape):
+    """A model and its base given to the kernel: the masks and float64 sums of their deltas x - base (rounded as
+    float32 subtraction rounds them) given as deltas."""
+    base, xs = sce_inputs(shape[0] * shape[1], 1, seed=shape[0])
+    base, x = base.reshape(shape), xs[0].reshape(shape)
+    (sums, mask) = l1_sums(x, method, 0.4, 17, epsilon=0.1, row_offset=5, base=base)
+    (want_sums, want_mask) = l1_sums(x - base, method, 0.4, 17, epsilon=0.1, row_offset=5)
+    assert sums == want_sums and torch.equal(mask, want_mask)
+    assert want_sums[0] == pytest.approx(float((x - base).double().abs().sum()), rel=1e-12)

@@ -12,10 +12,11 @@
    Only the draws in between, a small share, need the exact rank among the bucket's members.
 
    Also: the radix counts of the streaming selections (high_counts, low_counts), the second pass of an L1-rescaled
-   DARE/DELLA sum (masked_add), a block's magnitude trim by its tensor's rank cut (cut_keep), the TIES disjoint merge
+   DARE/DELLA sum (masked_add, finish_sum), a block's magnitude trim by its tensor's rank cut (cut_keep), the TIES disjoint merge
    (consensus), the float64 Gram matrices of model_stock and karcher (gram_chunks), and sce's variances, selection
    mask, energies and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap
-   counts (ram_merge, ram_counts). */
+   counts (ram_merge, ram_counts), and the inputs' bfloat16 to float32 conversion with its finiteness check
+   (widen_bf16). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,25 +69,35 @@ WIDE static void uniforms(uint64_t key, uint64_t first, int64_t n, float *u) {
     }
 }
 
-/* float64 sums of |d| and of |d| where mask, in eight fixed lanes each (lane l: elements j with j % 8 == l, the
-   tail in lane 0): the same values whatever the threads or the vector width. The masked value is |d|'s bit pattern
-   ANDed with the widened mask (+0.0 where dropped), as sparsify.kept does. */
-WIDE static void abs_sums(const float *d, const uint8_t *mask, int64_t n, double *before, double *after) {
+/* The delta x - base (base NULL: x is the delta). */
+static inline float delta_at(const float *x, const float *base, int64_t j) { return base ? x[j] - base[j] : x[j]; }
+
+/* float64 sums of |d| and of |d| where mask (d = x - base), in eight fixed lanes each (lane l: elements j with
+   j % 8 == l, the tail in lane 0): the same values whatever the threads or the vector width. The masked value is
+   |d|'s bit pattern ANDed with the widened mask (+0.0 where dropped), as sparsify.kept does. */
+WIDE static void abs_sums(const float *x, const float *base, const uint8_t *mask, int64_t n, double *before,
+                          double *after) {
     v8d lb = {0}, la = {0};
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
-        v8u k;
+        v8f d;
         v8b mb;
-        memcpy(&k, d + j, sizeof k);
+        memcpy(&d, x + j, sizeof d);
+        if (base) {
+            v8f b;
+            memcpy(&b, base + j, sizeof b);
+            d -= b;
+        }
         memcpy(&mb, mask + j, sizeof mb);
-        k &= 0x7FFFFFFFu;
+        v8u k = (v8u)d & 0x7FFFFFFFu;
         v8u kk = k & -__builtin_convertvector(mb, v8u);
         lb += __builtin_convertvector((v8f)k, v8d);
         la += __builtin_convertvector((v8f)kk, v8d);
     }
     for (; j < n; j++) {
         uint32_t k, kk;
-        memcpy(&k, &d[j], 4);
+        float d = delta_at(x, base, j);
+        memcpy(&k, &d, 4);
         k &= 0x7FFFFFFFu;
         kk = k & (0u - (uint32_t)mask[j]);
         float a, ak;
@@ -106,11 +117,12 @@ static int cmp_u64(const void *a, const void *b) {
 
 /* Keys and buckets of a row (bucket 0 holds the zeros, the others ranges of 2^shift nonzero keys); returns the
    number of buckets used. */
-WIDE static int bucketize(const float *d, int64_t n, Scratch *s) {
+WIDE static int bucketize(const float *x, const float *base, int64_t n, Scratch *s) {
     uint32_t hi = 0, lo = UINT32_MAX;
     for (int64_t j = 0; j < n; j++) {
         uint32_t k;
-        memcpy(&k, &d[j], 4);
+        float d = delta_at(x, base, j);
+        memcpy(&k, &d, 4);
         k &= 0x7FFFFFFFu;
         s->keys[j] = k;
         hi = k > hi ? k : hi;
@@ -120,12 +132,12 @@ WIDE static int bucketize(const float *d, int64_t n, Scratch *s) {
     int shift = 0;
     if (hi != 0)
         while ((hi >> shift) - (lo_nz >> shift) >= NB - 1) shift++;
-    uint32_t base = hi != 0 ? lo_nz >> shift : 0;
+    uint32_t low = hi != 0 ? lo_nz >> shift : 0;
     for (int64_t j = 0; j < n; j++) {
         uint32_t k = s->keys[j];
-        s->bucket[j] = k ? (uint16_t)(1 + (k >> shift) - base) : 0;
+        s->bucket[j] = k ? (uint16_t)(1 + (k >> shift) - low) : 0;
     }
-    return hi != 0 ? (int)((hi >> shift) - base) + 2 : 1;
+    return hi != 0 ? (int)((hi >> shift) - low) + 2 : 1;
 }
 
 /* Bucket sizes, the first rank of each bucket, and the keep probabilities of its first and last ranks. */
@@ -241,8 +253,8 @@ static int64_t decide(int64_t n, Scratch *s, uint8_t *mask) {
     return m;
 }
 
-static void della_row(const float *d, int64_t n, const float *steps, Scratch *s, uint8_t *mask) {
-    int used = bucketize(d, n, s);
+static void della_row(const float *x, const float *base, int64_t n, const float *steps, Scratch *s, uint8_t *mask) {
+    int used = bucketize(x, base, n, s);
     count_buckets(n, used, steps, s);
     int64_t m = decide(n, s, mask);
     if (m == 0) return;
@@ -273,10 +285,11 @@ static void free_scratch(Scratch *s) {
     free(s);
 }
 
-/* Masks (0/1 bytes) of rows [0, rows) of a block whose first row is row `row0` of its tensor (`cols` elements a
-   row). steps == NULL: DARE, keep when u < density; else DELLA with steps[0..cols-1]. sums[2r], sums[2r+1]: row
-   r's float64 sum of |delta| and of the kept |delta|. Returns 0, or -1 when memory runs out. */
-int keep_masks(const float *delta, int64_t rows, int64_t cols, int64_t row0, uint64_t key, const float *steps,
+/* Masks (0/1 bytes) of the deltas x - base (base NULL: x is the delta) of rows [0, rows) of a block whose first row
+   is row `row0` of its tensor (`cols` elements a row). steps == NULL: DARE, keep when u < density; else DELLA with
+   steps[0..cols-1]. sums[2r], sums[2r+1]: row r's float64 sum of |delta| and of the kept |delta|. Returns 0, or
+   -1 when memory runs out. */
+int keep_masks(const float *x, const float *base, int64_t rows, int64_t cols, int64_t row0, uint64_t key, const float *steps,
                float density, uint8_t *mask, double *sums) {
     Scratch *s = calloc(1, sizeof(Scratch));
     if (s == NULL) return -1;
@@ -293,14 +306,14 @@ int keep_masks(const float *delta, int64_t rows, int64_t cols, int64_t row0, uin
     int ok = s->u != NULL &&
              (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->flag && s->packed));
     for (int64_t r = 0; ok && r < rows; r++) {
-        const float *d = delta + r * cols;
+        const float *xr = x + r * cols, *br = base ? base + r * cols : NULL;
         uint8_t *m = mask + r * cols;
         uniforms(key, (uint64_t)(row0 + r) * (uint64_t)cols, cols, s->u);
         if (steps == NULL)
             for (int64_t j = 0; j < cols; j++) m[j] = s->u[j] < density;
         else if (cols > 0)
-            della_row(d, cols, steps, s, m);
-        abs_sums(d, m, cols, &sums[2 * r], &sums[2 * r + 1]);
+            della_row(xr, br, cols, steps, s, m);
+        abs_sums(xr, br, m, cols, &sums[2 * r], &sums[2 * r + 1]);
     }
     free_scratch(s);
     return ok ? 0 : -1;
@@ -359,6 +372,17 @@ WIDE void masked_add(float *acc, const float *x, const float *base, const uint8_
         memcpy(acc + j, &d, sizeof d);
     }
     for (; j < n; j++) masked_add_one(acc, x, base, packed, offset, j, f, num, first);
+}
+
+/* The end of the weighted sum over elements [0, n): acc = base + (acc / div) * lam, in place, each operation rounded
+   in float32 as task_arithmetic applies them (div == 1 or lam == 1: skipped, as there). */
+WIDE void finish_sum(float *restrict acc, const float *restrict base, int64_t n, float div, float lam) {
+    for (int64_t j = 0; j < n; j++) {
+        float v = acc[j];
+        if (div != 1.0f) v = v / div;
+        if (lam != 1.0f) v = v * lam;
+        acc[j] = base[j] + v;
+    }
 }
 
 static inline float magnitude(float x) {
@@ -679,4 +703,16 @@ void ram_counts(const float *const *x, int64_t k, const float *base, float eps, 
             counts[2 * i + 1] += alone;
         }
     }
+}
+
+/* bfloat16 to float32 of n values (the bits shifted up: exact, as torch converts them); returns whether any is NaN
+   or infinite (all exponent bits set), found in the same pass. */
+WIDE int widen_bf16(const uint16_t *restrict src, int64_t n, uint32_t *restrict dst) {
+    uint32_t bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t h = src[j];
+        dst[j] = h << 16;
+        bad |= (h & 0x7F80u) == 0x7F80u;
+    }
+    return (int)bad;
 }

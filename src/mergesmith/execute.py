@@ -22,7 +22,7 @@ import torch
 from mergesmith.device import pick_device
 from mergesmith.errors import MergeError, log, warn
 from mergesmith.io.writer import ShardWriter, write_index
-from mergesmith.methods import TwoPass
+from mergesmith.methods import TwoPass, compiled
 from mergesmith.plan import Plan, TensorTask, row_blocks
 
 
@@ -46,8 +46,10 @@ def _check_input(plan: Plan, ref, x: torch.Tensor) -> bool:
 
 
 def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]], check: bool = True) -> torch.Tensor:
-    x = plan.models[ref.model].read(ref.name, rows=rows, take=ref.take).to(device=device, dtype=torch.float32)
-    if check:
+    raw = plan.models[ref.model].read(ref.name, rows=rows, take=ref.take)
+    widened = compiled.widen(raw) if device.type == "cpu" else None  # bfloat16: converted and checked in one pass
+    x, finite = widened if widened is not None else (raw.to(device=device, dtype=torch.float32), False)
+    if check and not finite:
         _check_input(plan, ref, x)
     return x
 

@@ -6,7 +6,8 @@ settles nearly every element's keep probability, and only the few draws it leave
 L1-rescaled DARE/DELLA sum; `cut_keep`: a block's magnitude trim by its tensor's rank cut; `consensus`: the TIES
 disjoint merge; `gram_chunks`: float64 Gram matrices in chunks; `variances`, `cut_mask`, `selected_squares` and
 `sce_merge`: sce's selection key, selection, energies and merge, without stacking the deltas; `ram_merge` and
-`ram_counts`: RAM and RAM+ in one pass. Each gives the bits
+`ram_counts`: RAM and RAM+ in one pass; `widen`: the inputs' bfloat16 to float32 conversion, checked for NaN and
+Inf in the same pass. Each gives the bits
 of the numpy or torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in
 another fixed order; the numpy/torch paths run instead where the extension was not built (`available()` is
 False).
@@ -23,6 +24,7 @@ import torch
 
 from mergesmith.methods.parallel import both, split
 
+SUM_RANGE = 1 << 15  # elements of masked_sum's running sum kept in cache while every model adds to it
 MAX_COLS = 1 << 24  # the kernel's scratch is ~30 bytes an element of one row: longer rows take the numpy path
 
 
@@ -35,12 +37,13 @@ def _load() -> Optional[ctypes.CDLL]:
         f, g, v, hc, lc = lib.keep_masks, lib.masked_add, lib.variances, lib.high_counts, lib.low_counts
         c, ck, gc = lib.consensus, lib.cut_keep, lib.gram_chunks
         cm, sq, sm = lib.cut_mask, lib.selected_squares, lib.sce_merge
-        rm, rc = lib.ram_merge, lib.ram_counts
+        rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
+        fs = lib.finish_sum
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    f.argtypes = [ptr, i64, i64, i64, ctypes.c_uint64, ptr, ctypes.c_float, ptr, ptr]
+    f.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_uint64, ptr, ctypes.c_float, ptr, ptr]
     g.restype = None
     g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
     v.restype = None
@@ -62,6 +65,10 @@ def _load() -> Optional[ctypes.CDLL]:
     rm.restype = rc.restype = None
     rm.argtypes = [ptr, i64, ptr, ctypes.c_float, ptr, i64, ptr]
     rc.argtypes = [ptr, i64, ptr, ctypes.c_float, i64, ptr]
+    wb.restype = ctypes.c_int
+    fs.restype = None
+    fs.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float]
+    wb.argtypes = [ptr, i64, ptr]
     return lib
 
 
@@ -79,29 +86,37 @@ def usable(rows: torch.Tensor) -> bool:
 
 
 def keep_masks(
-    rows: torch.Tensor, key: int, row_offset: int, steps: Optional[torch.Tensor], density: float
+    rows: torch.Tensor,
+    key: int,
+    row_offset: int,
+    steps: Optional[torch.Tensor],
+    density: float,
+    base: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, float, float]:
-    """(mask, sum |delta|, sum |kept delta|) of a block of rows starting at `row_offset` of its tensor: DARE when
-    `steps` is None (keep when u < density), else DELLA with keep probability steps[rank]. Sums in float64."""
+    """(mask, sum |delta|, sum |kept delta|) of a block of rows of deltas (rows - base, taken here, when `base` is
+    given) starting at `row_offset` of its tensor: DARE when `steps` is None (keep when u < density), else DELLA
+    with keep probability steps[rank]. Sums in float64."""
     rows = rows.contiguous()
+    b = None if base is None else base.contiguous().numpy()
     n, cols = rows.shape
     mask = np.empty((n, cols), dtype=np.uint8)
     sums = np.zeros((n, 2), dtype=np.float64)
     st = None if steps is None else steps.contiguous().numpy()
     d = rows.numpy()
 
-    def run(a: int, b: int) -> None:
-        if b > a:
+    def run(a: int, z: int) -> None:
+        if z > a:
             rc = _LIB.keep_masks(
-                d[a:b].ctypes.data,
-                b - a,
+                d[a:z].ctypes.data,
+                None if b is None else b[a:z].ctypes.data,
+                z - a,
                 cols,
                 row_offset + a,
                 key & ((1 << 64) - 1),
                 None if st is None else st.ctypes.data,
                 ctypes.c_float(density),
-                mask[a:b].ctypes.data,
-                sums[a:b].ctypes.data,
+                mask[a:z].ctypes.data,
+                sums[a:z].ctypes.data,
             )
             if rc != 0:
                 raise MemoryError("out of memory in the keep-mask kernel")
@@ -117,19 +132,24 @@ def masked_sum(
     masks: Sequence[np.ndarray],
     factors: Sequence[float],
     nums: Sequence[float],
+    divisor: float = 1.0,
+    lambda_: float = 1.0,
 ) -> torch.Tensor:
-    """sum_i (kept(x_i - base, mask_i) * factor_i) * num_i in recipe order, float32, each product and sum rounded as
-    sparsify's L1 rescale and task_arithmetic's weighted sum round them; masks are pass 1's packed bits."""
+    """base + ((sum_i (kept(x_i - base, mask_i) * factor_i) * num_i) / divisor) * lambda_, the sum in recipe order,
+    float32, each operation rounded as sparsify's L1 rescale and task_arithmetic round them; masks are pass 1's
+    packed bits. Ranges of SUM_RANGE elements at a time: the running sum stays in cache between the models."""
     b = base.contiguous().reshape(-1)
     acc = torch.empty_like(b)
     xs = [x.contiguous().reshape(-1) for x in inputs]
     ptrs = [t.data_ptr() for t in (acc, b)]
 
-    def run(a: int, z: int) -> None:
-        for i, x in enumerate(xs):
-            f, num = ctypes.c_float(factors[i]), ctypes.c_float(nums[i])
-            p = masks[i].ctypes.data
-            _LIB.masked_add(ptrs[0] + 4 * a, x.data_ptr() + 4 * a, ptrs[1] + 4 * a, p, a, z - a, f, num, int(i == 0))
+    def run(a0: int, z0: int) -> None:
+        for a in range(a0, z0, SUM_RANGE):
+            z = min(z0, a + SUM_RANGE)
+            for i, x in enumerate(xs):
+                f, num, p = ctypes.c_float(factors[i]), ctypes.c_float(nums[i]), masks[i].ctypes.data
+                _LIB.masked_add(ptrs[0] + 4 * a, x.data_ptr() + 4 * a, ptrs[1] + 4 * a, p, a, z - a, f, num, i == 0)
+            _LIB.finish_sum(ptrs[0] + 4 * a, ptrs[1] + 4 * a, z - a, divisor, lambda_)
 
     split(run, b.numel(), grain=1 << 18)
     return acc.reshape(base.shape)
@@ -300,6 +320,18 @@ def ram_counts(base: torch.Tensor, xs: Sequence[torch.Tensor], epsilon: float) -
     split(run, b.numel(), grain=1 << 16)
     total = np.sum(parts, axis=0)
     return [(int(total[2 * i]), int(total[2 * i + 1])) for i in range(len(xs))]
+
+
+def widen(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, bool]]:
+    """(x in float32, whether every value is finite) for a bfloat16 CPU tensor, else None (torch converts it)."""
+    if not (available() and x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+        return None
+    src = x.contiguous()
+    out = torch.empty(src.shape, dtype=torch.float32)
+    bad = []
+    s, o = src.data_ptr(), out.data_ptr()
+    split(lambda a, b: bad.append(_LIB.widen_bf16(s + 2 * a, b - a, o + 4 * a)), src.numel(), grain=1 << 18)
+    return out, not any(bad)
 
 
 def _words(a: np.ndarray) -> np.ndarray:

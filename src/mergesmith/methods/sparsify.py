@@ -396,18 +396,34 @@ def della_keep_probabilities(
 
 
 def _fast_masks(
-    delta: torch.Tensor, method: str, density: float, key: int, epsilon: float, rank_scope: str, row_offset: int
+    delta: torch.Tensor,
+    method: str,
+    density: float,
+    key: int,
+    epsilon: float,
+    rank_scope: str,
+    row_offset: int,
+    base: Optional[torch.Tensor] = None,
 ) -> Optional[Tuple[torch.Tensor, float, float]]:
     """(mask, sum |delta|, sum |kept delta|) from the compiled kernel, or None where it does not serve (the kernel
-    assumes keep probabilities that grow with rank: epsilon >= 0, which recipes enforce)."""
+    assumes keep probabilities that grow with rank: epsilon >= 0, which recipes enforce). With `base`, `delta` is a
+    model's tensor and the kernel takes its deltas delta - base itself."""
     if delta.dim() < 2 or delta.numel() == 0 or (method == "della_magprune" and epsilon < 0):
         return None
-    rows = _della_rows(delta, rank_scope) if method == "della_magprune" else delta.reshape(delta.shape[0], -1)
+
+    def as_rows(t: torch.Tensor) -> torch.Tensor:
+        return _della_rows(t, rank_scope) if method == "della_magprune" else t.reshape(t.shape[0], -1)
+
+    rows = as_rows(delta)
     whole = method == "della_magprune" and rank_scope == "tensor"  # one row: the stream's rows are the tensor's
     if not compiled.usable(rows) or (whole and row_offset):
         return None
+    if base is not None and not (base.shape == delta.shape and compiled.usable(as_rows(base))):
+        return None
     steps = _della_steps(rows.shape[1], density, epsilon, rows.device) if method == "della_magprune" else None
-    mask, before, after = compiled.keep_masks(rows, key, row_offset, steps, density)
+    mask, before, after = compiled.keep_masks(
+        rows, key, row_offset, steps, density, as_rows(base) if base is not None else None
+    )
     return mask.reshape(delta.shape), before, after
 
 
@@ -484,8 +500,18 @@ def l1_sums(
     epsilon: float = 0.15,
     rank_scope: str = "row",
     row_offset: int = 0,
+    base: Optional[torch.Tensor] = None,
 ) -> Tuple[L1Sums, Optional[torch.Tensor]]:
-    """This block's (sum |delta|, sum |kept delta|), in float64, for a whole-tensor L1 rescale, and its mask."""
+    """This block's (sum |delta|, sum |kept delta|), in float64, for a whole-tensor L1 rescale, and its mask. With
+    `base`, `delta` is a model's tensor and the deltas are delta - base (taken in the compiled pass where it
+    serves)."""
+    if base is not None:
+        fast = (
+            _fast_masks(delta, method, density, key, epsilon, rank_scope, row_offset, base) if 0 < density < 1 else None
+        )
+        if fast is not None:
+            return fast[1:], fast[0]
+        delta = delta - base
     if density >= 1 or density <= 0:
         s = abs_sum(delta)
         return (s, (s if density >= 1 else 0.0)), None

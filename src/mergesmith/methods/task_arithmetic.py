@@ -80,7 +80,7 @@ def generalized_task_arithmetic(
         mixed = _consensus(base, inputs, sparse, nums, den, consensus, normalize)
     elif _fused(base, inputs, stat, rescale, rescale_mode):
         factors = [l1_factor(*stat.sums[i]) for i in range(len(inputs))]
-        mixed = _divided(compiled.masked_sum(base, inputs, stat.masks, factors, nums), nums, den, normalize)
+        return compiled.masked_sum(base, inputs, stat.masks, factors, nums, _divisor(nums, den, normalize), lambda_)
     else:
         mixed = _weighted_sum(inputs, sparse, nums, den, normalize)
     if lambda_ != 1:
@@ -148,9 +148,13 @@ def _fused(base: torch.Tensor, inputs, stat: Any, rescale: bool, rescale_mode: s
     )
 
 
+def _divisor(nums, den, normalize: bool):
+    """What the weighted sum of numerators is divided by: their sum under `normalize` (unless ~0), else den."""
+    return sum(nums) if normalize and abs(sum(nums) / den) >= 1e-8 else den
+
+
 def _divided(mixed: torch.Tensor, nums, den, normalize: bool) -> torch.Tensor:
-    total = sum(nums) / den
-    divisor = sum(nums) if normalize and abs(total) >= 1e-8 else den
+    divisor = _divisor(nums, den, normalize)
     return mixed / divisor if divisor != 1 else mixed
 
 
@@ -183,12 +187,13 @@ def _l1_collect(sparsification: str):
     def collect(base, inputs, keys, row_offset, density, epsilon=None, rank_scope="row"):
         res = [
             l1_sums(
-                x - base,
+                x,
                 sparsification,
                 density[i],
                 keys[i],
                 row_offset=row_offset,
                 rank_scope=rank_scope,
+                base=base,
                 **({} if epsilon is None else {"epsilon": epsilon[i]}),
             )
             for i, x in enumerate(inputs)
