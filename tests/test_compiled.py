@@ -489,3 +489,20 @@ def test_keep_masks_take_the_deltas_themselves_from_a_model_and_its_base(method,
     (want_sums, want_mask) = l1_sums(x - base, method, 0.4, 17, epsilon=0.1, row_offset=5)
     assert sums == want_sums and torch.equal(mask, want_mask)
     assert want_sums[0] == pytest.approx(float((x - base).double().abs().sum()), rel=1e-12)
+
+
+def test_radix_counts_of_magnitudes_take_a_model_and_its_base():
+    """With a base, the counts are those of the float32 magnitudes |x - base| (signed zeros and equal values
+    among them)."""
+    base, (x,) = sce_inputs(100_003, 1, seed=4)
+    a, b = x.numpy(), base.numpy()
+    mags = np.abs(a - b)
+    want = np.bincount(mags.view(np.uint32) >> 16, minlength=1 << 16)
+    assert np.array_equal(compiled.high_counts(a, b), want)
+    buckets = [int(v) for v in np.argsort(want)[-3:]]
+    got = compiled.low_counts(a, buckets, b)
+    for k in buckets:
+        vals, counts = np.unique(mags.view(np.uint32)[(mags.view(np.uint32) >> 16) == k] & 0xFFFF, return_counts=True)
+        assert np.array_equal(got[k][0], vals) and np.array_equal(got[k][1], counts)
+    with pytest.raises(TypeError):
+        compiled.high_counts(a, b[:-1])

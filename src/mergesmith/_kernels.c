@@ -11,12 +11,12 @@
    (steps never decrease), so a draw below the one keeps and a draw at or above the other drops whatever the rank.
    Only the draws in between, a small share, need the exact rank among the bucket's members.
 
-   Also: the radix counts of the streaming selections (high_counts, low_counts), the second pass of an L1-rescaled
-   DARE/DELLA sum (masked_add, finish_sum), a block's magnitude trim by its tensor's rank cut (cut_keep), the TIES disjoint merge
-   (consensus), the float64 Gram matrices of model_stock and karcher (gram_chunks), and sce's variances, selection
-   mask, energies and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap
-   counts (ram_merge, ram_counts), and the inputs' bfloat16 to float32 conversion with its finiteness check
-   (widen_bf16). */
+   Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given
+   a base), the second pass of an L1-rescaled DARE/DELLA sum (masked_add, finish_sum), a block's magnitude trim by
+   its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of model_stock
+   and karcher (gram_chunks), sce's variances, selection mask, energies and merge (variances, cut_mask,
+   selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge, ram_counts), and the inputs'
+   bfloat16 to float32 conversion with its finiteness check (widen_bf16). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -289,8 +289,8 @@ static void free_scratch(Scratch *s) {
    is row `row0` of its tensor (`cols` elements a row). steps == NULL: DARE, keep when u < density; else DELLA with
    steps[0..cols-1]. sums[2r], sums[2r+1]: row r's float64 sum of |delta| and of the kept |delta|. Returns 0, or
    -1 when memory runs out. */
-int keep_masks(const float *x, const float *base, int64_t rows, int64_t cols, int64_t row0, uint64_t key, const float *steps,
-               float density, uint8_t *mask, double *sums) {
+int keep_masks(const float *x, const float *base, int64_t rows, int64_t cols, int64_t row0, uint64_t key,
+               const float *steps, float density, uint8_t *mask, double *sums) {
     Scratch *s = calloc(1, sizeof(Scratch));
     if (s == NULL) return -1;
     s->u = malloc(sizeof(float) * cols);
@@ -319,18 +319,102 @@ int keep_masks(const float *x, const float *base, int64_t rows, int64_t cols, in
     return ok ? 0 : -1;
 }
 
-/* Read 1 of a radix selection (sparsify.RadixSelect): counts[x >> 16] += 1 for each of n 32-bit keys. */
-void high_counts(const uint32_t *x, int64_t n, int64_t *counts) {
-    for (int64_t j = 0; j < n; j++) counts[x[j] >> 16]++;
+/* Read 1 of a radix selection (sparsify.RadixSelect): counts[k >> 16] += 1 for each of n 32-bit keys. */
+/* Lanes of a[0..8) (their magnitudes when `absolute`) equal to v: all ones there, zero elsewhere. */
+static inline void equal_lanes(const float *a, float v, int absolute, v8u *on) {
+    v8u k;
+    memcpy(&k, a, sizeof k);
+    *on = (v8u)((v8f)(k & (absolute ? 0x7FFFFFFFu : 0xFFFFFFFFu)) == v);
 }
 
-/* Read 2: low[x & 0xFFFF] += 1 for the keys whose high half is b0 (into low0) or b1 (into low1). */
-void low_counts(const uint32_t *x, int64_t n, uint32_t b0, uint32_t b1, int64_t *low0, int64_t *low1) {
-    for (int64_t j = 0; j < n; j++) {
-        uint32_t t = x[j] >> 16;
-        if (t == b0) low0[x[j] & 0xFFFFu]++;
-        else if (t == b1) low1[x[j] & 0xFFFFu]++;
+/* The lanes set in a v8u of all-ones/zero lanes, as bits 0..7. */
+static inline uint32_t lane_bits(const v8u *on) {
+    static const v8u lanes = {1, 2, 4, 8, 16, 32, 64, 128};
+    v8u b = *on & lanes;
+    return b[0] | b[1] | b[2] | b[3] | b[4] | b[5] | b[6] | b[7];
+}
+
+/* Key j of the radix counts: word j of x, or with a base the bits of |x_j - base_j| (x then holds floats). */
+static inline uint32_t radix_key(const uint32_t *x, const float *base, int64_t j) {
+    if (!base) return x[j];
+    float v;
+    uint32_t k;
+    memcpy(&v, &x[j], 4);
+    v -= base[j];
+    memcpy(&k, &v, 4);
+    return k & 0x7FFFFFFFu;
+}
+
+/* Keys j..j+8 of the radix counts. */
+static inline void radix_keys(const uint32_t *x, const float *base, int64_t j, v8u *k) {
+    memcpy(k, x + j, sizeof *k);
+    if (base) {
+        v8f b;
+        memcpy(&b, base + j, sizeof b);
+        *k = (v8u)((v8f)*k - b) & 0x7FFFFFFFu;
     }
+}
+
+#define SMALL_COUNT (1 << 16) /* fewer keys are counted straight into the caller's table: no tables to clear */
+
+/* Four count tables: runs of keys in one bucket (ties are common) would otherwise wait on each other's increments. */
+WIDE void high_counts(const uint32_t *x, const float *base, int64_t n, int64_t *counts) {
+    uint32_t *sub = n >= SMALL_COUNT ? calloc((size_t)4 << 16, sizeof(uint32_t)) : NULL;
+    if (!sub) {
+        for (int64_t j = 0; j < n; j++) counts[radix_key(x, base, j) >> 16]++;
+        return;
+    }
+    for (int64_t a = 0; a < n; a += (int64_t)1 << 30) { /* a table's count stays below 2^32 */
+        int64_t z = n - a < ((int64_t)1 << 30) ? n : a + ((int64_t)1 << 30), j = a;
+        for (; j + 8 <= z; j += 8) {
+            v8u t;
+            radix_keys(x, base, j, &t);
+            t >>= 16;
+            for (int l = 0; l < 8; l++) sub[(l & 3) << 16 | t[l]]++;
+        }
+        for (; j < z; j++) sub[radix_key(x, base, j) >> 16]++;
+        for (int64_t b = 0; b < (1 << 16); b++) {
+            counts[b] += (int64_t)sub[b] + sub[1 << 16 | b] + sub[2 << 16 | b] + sub[3 << 16 | b];
+            sub[b] = sub[1 << 16 | b] = sub[2 << 16 | b] = sub[3 << 16 | b] = 0;
+        }
+    }
+    free(sub);
+}
+
+/* Read 2: low[k & 0xFFFF] += 1 for the keys whose high half is b0 (into low0) or b1 (into low1). Without branches
+   (which half of the keys takes is data, so a branch would often be mispredicted): every key adds to a slot, its
+   bucket's or a spare, in four tables as in high_counts. */
+#define LOW_SLOTS (2 * 65536 + 1)
+WIDE void low_counts(const uint32_t *x, const float *base, int64_t n, uint32_t b0, uint32_t b1, int64_t *low0,
+                     int64_t *low1) {
+    uint32_t *sub = n >= SMALL_COUNT ? calloc((size_t)4 * LOW_SLOTS, sizeof(uint32_t)) : NULL;
+    for (int64_t a = 0; a < n; a += (int64_t)1 << 30) { /* a table's count stays below 2^32 */
+        int64_t z = n - a < ((int64_t)1 << 30) ? n : a + ((int64_t)1 << 30), j = a;
+        if (sub) {
+            for (; j + 8 <= z; j += 8) {
+                v8u k;
+                radix_keys(x, base, j, &k);
+                v8u t = k >> 16, low = k & 0xFFFFu;
+                v8u slot = (v8u)(t == b0) & low;
+                slot |= (v8u)(t == b1) & (low + 65536u);
+                slot |= (v8u)((t != b0) & (t != b1)) & (2u * 65536u);
+                for (int l = 0; l < 8; l++) sub[(int64_t)(l & 3) * LOW_SLOTS + slot[l]]++;
+            }
+        }
+        for (; j < z; j++) {
+            uint32_t k = radix_key(x, base, j), t = k >> 16;
+            if (t == b0) low0[k & 0xFFFFu]++;
+            else if (t == b1) low1[k & 0xFFFFu]++;
+        }
+        for (int64_t b = 0; sub && b < 2 * 65536; b++) {
+            uint32_t *c = sub + b;
+            int64_t total = (int64_t)c[0] + c[LOW_SLOTS] + c[2 * LOW_SLOTS] + c[3 * LOW_SLOTS];
+            c[0] = c[LOW_SLOTS] = c[2 * LOW_SLOTS] = c[3 * LOW_SLOTS] = 0;
+            if (b < 65536) low0[b] += total;
+            else low1[b - 65536] += total;
+        }
+    }
+    free(sub);
 }
 
 /* Element j of masked_add, one float32 rounding an operation. */
@@ -393,49 +477,56 @@ static inline float magnitude(float x) {
     return x;
 }
 
-/* The first j in [from, n) where a[j] (|a[j]| when `absolute`) equals v, or n; eight at a time. */
-WIDE static int64_t next_equal(const float *a, int64_t from, int64_t n, float v, int absolute) {
-    const uint32_t keep = absolute ? 0x7FFFFFFFu : 0xFFFFFFFFu;
-    int64_t j = from;
-    for (; j + 8 <= n; j += 8) {
-        v8u k;
-        memcpy(&k, a + j, sizeof k);
-        v8u eq = (v8u)((v8f)(k & keep) == v);
-        if (eq[0] | eq[1] | eq[2] | eq[3] | eq[4] | eq[5] | eq[6] | eq[7]) break;
+/* Marks the members [skip, take) in index order of the elements whose value (magnitude when `absolute`) is v: out[j]
+   = a[j] where out is given, else mask[j] = 1. Eight elements a step: steps before `skip` only count, steps wholly
+   inside the range mark their members at once (a boundary group can hold most of a block). */
+WIDE static void group_members(const float *a, int64_t n, float v, int absolute, int64_t skip, int64_t take,
+                               float *out, uint8_t *mask) {
+    int64_t c = 0, j = 0;
+    for (; j + 8 <= n && c < take; j += 8) {
+        v8u on;
+        equal_lanes(a + j, v, absolute, &on);
+        uint32_t bits = lane_bits(&on);
+        int64_t hits = __builtin_popcount(bits);
+        if (c + hits <= skip) {
+            c += hits;
+        } else if (c >= skip && c + hits <= take) {
+            if (out) {
+                v8u x, o;
+                memcpy(&x, a + j, sizeof x);
+                memcpy(&o, out + j, sizeof o);
+                o = (o & ~on) | (x & on);
+                memcpy(out + j, &o, sizeof o);
+            } else {
+                v8b m;
+                memcpy(&m, mask + j, sizeof m);
+                m |= __builtin_convertvector(on & 1u, v8b);
+                memcpy(mask + j, &m, sizeof m);
+            }
+            c += hits;
+        } else {
+            for (; bits && c < take; bits &= bits - 1, c++) {
+                int64_t at = j + __builtin_ctz(bits);
+                if (c < skip) continue;
+                if (out) out[at] = a[at];
+                else mask[at] = 1;
+            }
+        }
     }
-    for (; j < n; j++) {
+    for (; j < n && c < take; j++) {
         uint32_t k;
         float x;
         memcpy(&k, &a[j], 4);
-        k &= keep;
+        k &= absolute ? 0x7FFFFFFFu : 0xFFFFFFFFu;
         memcpy(&x, &k, 4);
-        if (x == v) return j;
-    }
-    return n;
-}
-
-/* Calls keep(j, arg) for the members [skip, take) in index order of the elements whose value (magnitude when
-   `absolute`) is v. */
-static void group_members(const float *a, int64_t n, float v, int absolute, int64_t skip, int64_t take,
-                          void (*keep)(int64_t, void *), void *arg) {
-    int64_t c = 0;
-    for (int64_t j = next_equal(a, 0, n, v, absolute); j < n && c < take; j = next_equal(a, j + 1, n, v, absolute)) {
-        if (c >= skip) keep(j, arg);
+        if (x != v) continue;
+        if (c >= skip) {
+            if (out) out[j] = a[j];
+            else mask[j] = 1;
+        }
         c++;
     }
 }
-
-typedef struct {
-    const float *d;
-    float *out;
-} KeepArgs;
-
-static void keep_value(int64_t j, void *arg) {
-    KeepArgs *k = arg;
-    k->out[j] = k->d[j];
-}
-
-static void keep_mask(int64_t j, void *arg) { ((uint8_t *)arg)[j] = 1; }
 
 /* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept): out = d where low < |d| < high, or where
    |d| is group g's value and the element is one of the group's members [skip[g], take[g]) of this block in index
@@ -449,8 +540,7 @@ WIDE void cut_keep(const float *restrict d, int64_t n, float low, float high, co
         k &= 0u - (uint32_t)((a > low) & (a < high));
         memcpy(&out[j], &k, 4);
     }
-    KeepArgs arg = {d, out};
-    for (int64_t g = 0; g < groups; g++) group_members(d, n, values[g], 1, skip[g], take[g], keep_value, &arg);
+    for (int64_t g = 0; g < groups; g++) group_members(d, n, values[g], 1, skip[g], take[g], out, NULL);
 }
 
 /* Model i's share of the TIES merge of a chunk: its vote (w or sign(w), w = x * num unless num == 1) into votes. */
@@ -567,7 +657,7 @@ WIDE void variances(const float *const *x, int64_t n, const float *base, int64_t
 WIDE void cut_mask(const float *restrict a, int64_t n, float low, float high, const float *values,
                    const int64_t *skip, const int64_t *take, int64_t groups, uint8_t *restrict mask) {
     for (int64_t j = 0; j < n; j++) mask[j] = (a[j] > low) & (a[j] < high);
-    for (int64_t g = 0; g < groups; g++) group_members(a, n, values[g], 0, skip[g], take[g], keep_mask, mask);
+    for (int64_t g = 0; g < groups; g++) group_members(a, n, values[g], 0, skip[g], take[g], NULL, mask);
 }
 
 /* sce's selected delta of one element: (x - base) times the mask as a float (no mask: all kept). */

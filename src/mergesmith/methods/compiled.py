@@ -49,8 +49,8 @@ def _load() -> Optional[ctypes.CDLL]:
     v.restype = None
     v.argtypes = [ptr, i64, ptr, i64, ptr]
     hc.restype = lc.restype = None
-    hc.argtypes = [ptr, i64, ptr]
-    lc.argtypes = [ptr, i64, ctypes.c_uint32, ctypes.c_uint32, ptr, ptr]
+    hc.argtypes = [ptr, ptr, i64, ptr]
+    lc.argtypes = [ptr, ptr, i64, ctypes.c_uint32, ctypes.c_uint32, ptr, ptr]
     c.restype = None
     c.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int, ptr]
     ck.restype = None
@@ -341,18 +341,28 @@ def _words(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(-1).view(np.uint32)
 
 
-def high_counts(a: np.ndarray) -> np.ndarray:
-    """How many words of `a` have each high 16 bits: np.bincount(a.view(np.uint32) >> 16, minlength=65536)."""
-    x = _words(a)
+def _base(base: Optional[np.ndarray], a: np.ndarray) -> Optional[int]:
+    """The address of `base` (float32 values beside float32 `a`), or None."""
+    if base is None:
+        return None
+    if a.dtype != np.float32 or base.dtype != np.float32 or base.size != a.size or not base.flags.c_contiguous:
+        raise TypeError("radix counts of |a - base| take contiguous float32 arrays of one size")
+    return base.ctypes.data
+
+
+def high_counts(a: np.ndarray, base: Optional[np.ndarray] = None) -> np.ndarray:
+    """How many words of `a` have each high 16 bits: np.bincount(a.view(np.uint32) >> 16, minlength=65536); with
+    `base`, of the float32 magnitudes |a - base|."""
+    x, b = _words(a), _base(base, a)
     counts = np.zeros(1 << 16, dtype=np.int64)
-    _LIB.high_counts(x.ctypes.data, x.size, counts.ctypes.data)
+    _LIB.high_counts(x.ctypes.data, b, x.size, counts.ctypes.data)
     return counts
 
 
-def low_counts(a: np.ndarray, buckets: Sequence[int]) -> dict:
-    """{bucket: (low 16 bits present, their counts)} of the words of `a` whose high 16 bits are each bucket, as
-    np.unique(..., return_counts=True) gives them. Two buckets a pass."""
-    x, out = _words(a), {}
+def low_counts(a: np.ndarray, buckets: Sequence[int], base: Optional[np.ndarray] = None) -> dict:
+    """{bucket: (low 16 bits present, their counts)} of the words of `a` (with `base`: of |a - base|) whose high 16
+    bits are each bucket, as np.unique(..., return_counts=True) gives them. Two buckets a pass."""
+    x, bp, out = _words(a), _base(base, a), {}
     bs = [int(b) for b in buckets]
     if any(not 0 <= b <= 0xFFFF for b in bs) or len(set(bs)) != len(bs):
         raise ValueError(f"buckets must be distinct 16-bit values: {bs}")
@@ -360,7 +370,7 @@ def low_counts(a: np.ndarray, buckets: Sequence[int]) -> dict:
         pair = bs[i : i + 2]
         counts = [np.zeros(1 << 16, dtype=np.int64) for _ in pair]
         b1 = pair[1] if len(pair) == 2 else 1 << 16  # no word's high half: the second count stays unused
-        _LIB.low_counts(x.ctypes.data, x.size, pair[0], b1, counts[0].ctypes.data, counts[-1].ctypes.data)
+        _LIB.low_counts(x.ctypes.data, bp, x.size, pair[0], b1, counts[0].ctypes.data, counts[-1].ctypes.data)
         for b, c in zip(pair, counts):
             present = np.flatnonzero(c)
             out[b] = (present, c[present])

@@ -132,15 +132,18 @@ class RadixSelect:
         self.per_block: List[dict] = []
 
     @staticmethod
-    def high_counts(a: "np.ndarray") -> "np.ndarray":
+    def high_counts(a: "np.ndarray", base: "Optional[np.ndarray]" = None) -> "np.ndarray":
+        """Read 1 of one block `a` (with `base`: of the magnitudes |a - base|)."""
         if compiled.available():
-            return compiled.high_counts(a)
+            return compiled.high_counts(a, base)
+        a = a if base is None else np.abs(a - base)
         return np.bincount(a.view(np.uint32) >> 16, minlength=1 << 16)
 
-    def low_counts(self, a: "np.ndarray") -> dict:
-        """{bucket: (low bits, counts)} of one block."""
+    def low_counts(self, a: "np.ndarray", base: "Optional[np.ndarray]" = None) -> dict:
+        """{bucket: (low bits, counts)} of one block (with `base`: of |a - base|)."""
         if compiled.available():
-            return compiled.low_counts(a, self.buckets)
+            return compiled.low_counts(a, self.buckets, base)
+        a = a if base is None else np.abs(a - base)
         u = a.view(np.uint32)
         top = u >> 16
         return {b: np.unique(u[top == b] & 0xFFFF, return_counts=True) for b in self.buckets}

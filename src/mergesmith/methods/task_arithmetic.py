@@ -233,14 +233,21 @@ class CutShare:
         return {"cut": self.cuts[i], "offsets": self.offsets[i]}
 
 
-def _magnitudes(base, inputs, density) -> Iterator[Optional[np.ndarray]]:
-    """Per model, one at a time, this block's |x_i - base| (flat float32), or None where the model keeps all or
-    nothing."""
-    return ((x - base).abs_().reshape(-1).cpu().numpy() if 0 < d < 1 else None for x, d in zip(inputs, density))
+def _magnitudes(base, inputs, density) -> Iterator[Optional[Tuple[np.ndarray, Optional[np.ndarray]]]]:
+    """Per model, one at a time, this block's (x_i, base) (flat float32) whose magnitudes |x_i - base| the radix
+    counts take, or (|x_i - base|, None) on another device; None where the model keeps all or nothing."""
+    b = base.reshape(-1).numpy() if sparsifiers.numpy_path(base) and base.dtype == torch.float32 else None
+    for x, d in zip(inputs, density):
+        if not 0 < d < 1:
+            yield None
+        elif b is not None and x.dtype == torch.float32:
+            yield x.reshape(-1).numpy(), b
+        else:
+            yield (x - base).abs_().reshape(-1).cpu().numpy(), None
 
 
 def _count_high(base, inputs, density):
-    return [None if a is None else RadixSelect.high_counts(a) for a in _magnitudes(base, inputs, density)], inputs[
+    return [None if a is None else RadixSelect.high_counts(*a) for a in _magnitudes(base, inputs, density)], inputs[
         0
     ].numel()
 
@@ -269,7 +276,7 @@ def _select(sparsification: str):
 
 def _count_low(base, inputs, density, stat):
     return [
-        None if s is None or a is None else s.low_counts(a) for s, a in zip(stat, _magnitudes(base, inputs, density))
+        None if s is None or a is None else s.low_counts(*a) for s, a in zip(stat, _magnitudes(base, inputs, density))
     ]
 
 
