@@ -467,9 +467,14 @@ def bench_family(a, dims: dict, layers: int, mk: Optional[str], rows: list, note
     what = "I/O floor (read inputs" + (" from a cold cache" if a.cold else "") + " + write output)"
     rows.append((tag, what, "-", floor, 0, 0, floor))
     print(f"[{tag}] io floor {floor:.1f} s", flush=True)
+    each = []
     for method in ALL_METHODS if a.methods == ["all"] else a.methods:
         rfile = root / f"{method}.yml"
         rfile.write_text(recipe(method, [p.resolve() for p in paths], a.work_dtype, layers))
+        if a.floor_each:  # the machine's speed drifts over a long run: each method against a floor taken beside it
+            prepare_cache(paths, a)
+            floor = io_floor(paths, size, root / "io-floor.bin")
+            each.append(floor)
         for what, cmd in _commands(a, method, rfile, root, mk):
             if cmd is None:
                 continue
@@ -484,6 +489,8 @@ def bench_family(a, dims: dict, layers: int, mk: Optional[str], rows: list, note
             print(notes[-1], flush=True)
         for side in ("ms", "mk"):  # outputs are the size of a model: keep the disk for the next method
             shutil.rmtree(root / f"out-{side}-{method}", ignore_errors=True)
+    if each:
+        notes.append(f"{tag} I/O floor before each method (its ratio's floor): {min(each):.1f} to {max(each):.1f} s")
 
 
 def _args():
@@ -514,6 +521,7 @@ def _args():
         "page cache the previous run left (mergekit's 23 GiB della_linear evicts it)",
     )
     ap.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before every timed run")
+    ap.add_argument("--floor-each", action="store_true", help="measure the I/O floor again before each method")
     ap.add_argument(
         "--threads-compare", action="store_true", help="also run mergesmith pinned to one core with --threads 1"
     )
