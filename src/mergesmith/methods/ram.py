@@ -11,16 +11,6 @@ from mergesmith.methods import compiled, sparsify
 from mergesmith.methods.registry import Streaming, merge_method
 
 
-def compiled_path(b: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
-    """Whether the compiled kernels serve these tensors: float32 on the CPU, of one shape."""
-    return (
-        compiled.available()
-        and sparsify.numpy_path(b)
-        and all(t.dtype == torch.float32 and t.shape == b.shape for t in [b, *inputs])
-        and b.numel() > 0
-    )
-
-
 def contributions(b: torch.Tensor, inputs: Sequence[torch.Tensor], epsilon: float) -> torch.Tensor:
     """Per element, how many models changed it by more than epsilon (|x_i - b| > epsilon)."""
     count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
@@ -71,6 +61,6 @@ def ram(base: torch.Tensor, inputs: Sequence[torch.Tensor], *, epsilon: float = 
     if not inputs:
         return base.float().clone()
     b, xs = base.float(), [x.float() for x in inputs]
-    if compiled_path(b, xs):
+    if sparsify.compiled_serves(b, xs):
         return compiled.ram_merge(b, xs, epsilon, None).reshape(b.shape)
     return combine(b, xs, epsilon, contributions(b, xs, epsilon))

@@ -8,7 +8,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from mergesmith.methods import compiled
-from mergesmith.methods.ram import combine, compiled_path, contributions
+from mergesmith.methods.ram import combine, contributions
+from mergesmith.methods.sparsify import compiled_serves
 from mergesmith.methods.registry import Round, TwoPass, merge_method
 
 Counts = List[Tuple[int, int]]  # per model: (elements it shares with other models, elements it alone changed)
@@ -19,7 +20,7 @@ def overlap_counts(base: torch.Tensor, inputs: Sequence[torch.Tensor], epsilon: 
     it alone counts. Whole numbers: the sums over blocks of rows are the whole tensor's, exactly."""
     b = base.float()
     xs = [x.float() for x in inputs]
-    if compiled_path(b, xs):
+    if compiled_serves(b, xs):
         return compiled.ram_counts(b, xs, epsilon)
     count = contributions(b, xs, epsilon)
     shared_el, unique_el = count > 1, count == 1
@@ -81,6 +82,6 @@ def ramplus_tl(
         return base.float().clone()
     b, xs = base.float(), [x.float() for x in inputs]
     lam = stat if stat is not None else boosts(overlap_counts(b, xs, epsilon), r, alpha, epsilon)
-    if compiled_path(b, xs):
+    if compiled_serves(b, xs):
         return compiled.ram_merge(b, xs, epsilon, lam).reshape(b.shape)
     return combine(b, xs, epsilon, contributions(b, xs, epsilon), lam)

@@ -73,16 +73,6 @@ def selected_deltas(
     return deltas
 
 
-def compiled_path(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
-    """Whether the compiled kernels serve a block: float32 CPU tensors of one shape (the deltas are never stacked)."""
-    return (
-        compiled.available()
-        and sparsify.numpy_path(base)
-        and all(t.dtype == torch.float32 and t.shape == base.shape for t in [base, *inputs])
-        and base.numel() > 0
-    )
-
-
 def block_mask(
     base: torch.Tensor, inputs: Sequence[torch.Tensor], select_topk: float, cut: Optional[RankCut], before
 ) -> Optional[torch.Tensor]:
@@ -140,7 +130,7 @@ class SceShare:
 
 
 def _variances(base, inputs) -> np.ndarray:
-    if compiled_path(base, inputs):
+    if sparsify.compiled_serves(base, inputs):
         return compiled.variances(inputs, base).numpy()
     return variances(torch.stack([x.float() for x in inputs]).sub_(base)).reshape(-1).cpu().numpy()
 
@@ -188,7 +178,7 @@ def _cut(stat: Pass1) -> Pass1:
 
 def _sum_squares(base, inputs, row_offset, select_topk, stat: Optional[Pass1]) -> Tuple[int, List[float]]:
     cut = () if stat is None or stat.cut is None else (stat.cut, stat.before[stat.rows.index(row_offset)])
-    if compiled_path(base, inputs) and (cut or not 0 < select_topk < 1):
+    if sparsify.compiled_serves(base, inputs) and (cut or not 0 < select_topk < 1):
         mask = block_mask(base, inputs, select_topk, *(cut or (None, None)))
         return base.numel(), [compiled.selected_squares(x, base, mask) for x in inputs]
     deltas = selected_deltas(base, inputs, select_topk, *cut)
@@ -254,7 +244,7 @@ def sce(
         return base.float().clone()
     b = base.float()
     cut = () if stat is None or stat.cut is None else (stat.cut, stat.before)
-    if stat is not None and compiled_path(b, inputs) and (cut or not 0 < select_topk < 1):
+    if stat is not None and sparsify.compiled_serves(b, inputs) and (cut or not 0 < select_topk < 1):
         mask = block_mask(b, inputs, select_topk, *(cut or (None, None)))
         return compiled.sce_merge(b, inputs, mask, stat.weights).reshape(b.shape)
     deltas = selected_deltas(b, inputs, select_topk, *cut)

@@ -31,6 +31,17 @@ def numpy_path(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def compiled_serves(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled elementwise kernels serve a base and its inputs: float32 on the CPU (`numpy_path`), of
+    one shape, not empty."""
+    return (
+        compiled.available()
+        and numpy_path(base)
+        and all(t.dtype == torch.float32 and t.shape == base.shape for t in [base, *inputs])
+        and base.numel() > 0
+    )
+
+
 def kept(x: torch.Tensor, mask: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x where `mask`, +0.0 elsewhere (torch.where(mask, x, 0)), into `out` if given (may be x). On the CPU for
     float32 as a bitwise AND with the mask widened to all-ones words: the same bits, ~8x faster than torch.where
