@@ -409,13 +409,13 @@ def test_sce_merge_in_one_compiled_pass_is_the_float32_reference(weights, masked
     assert np.array_equal(got[ok].view(np.int32), want[ok].view(np.int32))
 
 
-@pytest.mark.parametrize("topk", [0.5, 1.0, 0.0])
-def test_sce_in_blocks_on_the_compiled_path_is_the_torch_path(monkeypatch, topk):
+@pytest.mark.parametrize("topk,models", [(0.5, 3), (1.0, 3), (0.0, 3), (0.5, 16), (0.5, 20)])
+def test_sce_in_blocks_on_the_compiled_path_is_the_torch_path(monkeypatch, topk, models):
     """Every round of sce in row blocks (variance cut, energies, merge) on the compiled kernels: the bits of the torch
     ops they replace."""
     from helpers import through_executor
 
-    base, xs = sce_inputs(96 * 64, 3, seed=11)
+    base, xs = sce_inputs(96 * 64, models, seed=11)
     base, xs = base.reshape(96, 64), [x.reshape(96, 64) for x in xs]
     fused, blocks, _ = through_executor("sce", base, xs, 1000, monkeypatch, {"select_topk": topk})
     assert len(blocks) > 3
@@ -480,12 +480,13 @@ def test_ram_merge_in_one_compiled_pass_is_the_torch_path(monkeypatch, method, s
 
 @pytest.mark.parametrize("method", ["random", "della_magprune"])
 @pytest.mark.parametrize("shape", [(37, 301), (4, 4096)])
-def test_keep_masks_take_the_deltas_themselves_from_a_model_and_its_base(method, shape):
+def test_keep_masks_take_the_deltas_themselves_from_a_model_and_its_base(monkeypatch, method, shape):
     """A model and its base given to the kernel: the masks and float64 sums of their deltas x - base (rounded as
     float32 subtraction rounds them) given as deltas."""
     base, xs = sce_inputs(shape[0] * shape[1], 1, seed=shape[0])
     base, x = base.reshape(shape), xs[0].reshape(shape)
     (sums, mask) = l1_sums(x, method, 0.4, 17, epsilon=0.1, row_offset=5, base=base)
+    monkeypatch.setattr(compiled, "_LIB", None)  # the numpy path, on the deltas
     (want_sums, want_mask) = l1_sums(x - base, method, 0.4, 17, epsilon=0.1, row_offset=5)
     assert sums == want_sums and torch.equal(mask, want_mask)
     assert want_sums[0] == pytest.approx(float((x - base).double().abs().sum()), rel=1e-12)

@@ -244,7 +244,9 @@ def sce(
         return base.float().clone()
     b = base.float()
     cut = () if stat is None or stat.cut is None else (stat.cut, stat.before)
-    if stat is not None and sparsify.compiled_serves(b, inputs) and (cut or not 0 < select_topk < 1):
+    # torch's sum over more than 16 models adds in a cascade, not in model order: the torch ops serve those
+    fits = len(inputs) <= 16
+    if stat is not None and fits and sparsify.compiled_serves(b, inputs) and (cut or not 0 < select_topk < 1):
         mask = block_mask(b, inputs, select_topk, *(cut or (None, None)))
         return compiled.sce_merge(b, inputs, mask, stat.weights).reshape(b.shape)
     deltas = selected_deltas(b, inputs, select_topk, *cut)

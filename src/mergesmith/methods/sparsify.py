@@ -37,7 +37,7 @@ def compiled_serves(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
     return (
         compiled.available()
         and numpy_path(base)
-        and all(t.dtype == torch.float32 and t.shape == base.shape for t in [base, *inputs])
+        and all(t.dtype == torch.float32 and t.shape == base.shape and t.device == base.device for t in [base, *inputs])
         and base.numel() > 0
     )
 
