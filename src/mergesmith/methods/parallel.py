@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Tuple
 
 import torch
 
 _POOL = None
+_LOCK = threading.Lock()  # blocks of several tensors ask for the pool at once: one is made
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="split")
-    return _POOL
+    with _LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="split")
+        return _POOL
 
 
 def split(fn: Callable[[int, int], object], n: int, grain: int) -> None:
