@@ -9,7 +9,9 @@
    DELLA without a sort: ranks come from a histogram of the magnitudes' bit patterns (which order like the values).
    A bucket holding ranks [first, last] bounds its members' keep probabilities by steps[first] and steps[last]
    (steps never decrease), so a draw below the one keeps and a draw at or above the other drops whatever the rank.
-   Only the draws in between, a small share, need the exact rank among the bucket's members.
+   Only the draws in between, a small share, need the exact rank: by a scan of the row per distinct magnitude among
+   them (ties are common), or among their buckets' members when they have many magnitudes. Before any of this, a
+   draw below the least keep probability or at or above the greatest settles without its bucket.
 
    Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given
    a base), the second pass of an L1-rescaled DARE/DELLA sum (masked_add, finish_sum), a block's magnitude trim by
@@ -26,7 +28,7 @@
 #define MIX2 0x94D049BB133111EBULL
 #define NB 1024           /* histogram buckets per row */
 #define MANY_QUERIES 256  /* a bucket asked for more exact ranks than this is sorted once instead of scanned */
-#define FEW_QUERIES 32    /* up to this many exact ranks in a row are counted on the row instead of in listed buckets */
+#define FEW_KEYS 32       /* band draws of up to this many distinct magnitudes are ranked by scans of the row */
 enum { UNKNOWN, ONE_VALUE, MIXED, SORTED };
 
 /* The streaming loops also get an AVX-512 build, picked at load time where the CPU has it (the 64-bit multiplies
@@ -41,31 +43,42 @@ typedef uint8_t v8b __attribute__((vector_size(8)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
+typedef uint64_t v8q __attribute__((vector_size(64)));
 
 typedef struct {
     uint32_t *keys;    /* |delta| bit patterns */
     uint16_t *bucket;  /* each element's bucket */
     float *u;          /* uniforms of the row */
-    uint8_t *flag;     /* 1 where the draw needs the exact rank */
-    int32_t *band;     /* those elements */
+    uint8_t *cand;     /* 1 where the draw is within the range of keep probabilities: its rank's decides */
+    int32_t *cands;    /* the elements with cand set (room for 8 more) */
+    int32_t *band;     /* those whose exact rank decides */
+    uint64_t *asked;   /* their (key << 32 | index), ascending */
+    int64_t *tallied;  /* for a magnitude's band draws: its equals before each */
     int32_t *order;    /* elements by bucket, by index within a bucket */
     uint32_t *okeys;   /* their keys, in that order: a bucket's keys lie together */
     uint64_t *packed;  /* (key << 32 | index) of the sorted buckets */
     int64_t count[NB], start[NB], pos[NB], queries[NB];
     uint32_t sub[4][NB];
-    float p_first[NB], p_last[NB];
     uint8_t kind[NB];
 } Scratch;
 
-WIDE static void uniforms(uint64_t key, uint64_t first, int64_t n, float *u) {
+/* The uniforms of a row, and the decisions they settle alone: kept below `lo` (the least keep probability), dropped
+   at or above `hi` (the greatest); cand[j] = 1 in between, where the probability of j's rank decides. */
+WIDE static void draws(uint64_t key, uint64_t first, int64_t n, float lo, float hi, float *restrict u,
+                       uint8_t *restrict mask, uint8_t *restrict cand) {
+    uint64_t next = first * GOLDEN + key; /* (first + j) * GOLDEN + key, by additions */
     for (int64_t j = 0; j < n; j++) {
-        uint64_t z = (first + (uint64_t)j) * GOLDEN + key;
+        uint64_t z = next;
+        next += GOLDEN;
         z ^= z >> 30;
         z *= MIX1;
         z ^= z >> 27;
         z *= MIX2;
         z ^= z >> 31;
-        u[j] = (float)(int32_t)(z >> 40) * (1.0f / 16777216.0f); /* 24 bits: exact */
+        float v = (float)(int32_t)(z >> 40) * (1.0f / 16777216.0f); /* 24 bits: exact */
+        u[j] = v;
+        mask[j] = v < lo;
+        cand[j] = (v >= lo) & (v < hi);
     }
 }
 
@@ -74,23 +87,31 @@ static inline float delta_at(const float *x, const float *base, int64_t j) { ret
 
 /* float64 sums of |d| and of |d| where mask (d = x - base), in eight fixed lanes each (lane l: elements j with
    j % 8 == l, the tail in lane 0): the same values whatever the threads or the vector width. The masked value is
-   |d|'s bit pattern ANDed with the widened mask (+0.0 where dropped), as sparsify.kept does. */
-WIDE static void abs_sums(const float *x, const float *base, const uint8_t *mask, int64_t n, double *before,
-                          double *after) {
+   |d|'s bit pattern ANDed with the widened mask (+0.0 where dropped), as sparsify.kept does. `keys`, where given,
+   holds the bit patterns of |d| already (DELLA's): read instead of x and base. */
+WIDE static void abs_sums(const float *x, const float *base, const uint32_t *keys, const uint8_t *mask, int64_t n,
+                          double *before, double *after) {
+    /* mask bytes to lanes by shifting one 64-bit word: a byte-vector conversion compiles to scalar inserts */
+    static const v8q byte_shifts = {0, 8, 16, 24, 32, 40, 48, 56};
     v8d lb = {0}, la = {0};
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
-        v8f d;
-        v8b mb;
-        memcpy(&d, x + j, sizeof d);
-        if (base) {
-            v8f b;
-            memcpy(&b, base + j, sizeof b);
-            d -= b;
+        v8u k;
+        uint64_t mw;
+        if (keys) {
+            memcpy(&k, keys + j, sizeof k);
+        } else {
+            v8f d;
+            memcpy(&d, x + j, sizeof d);
+            if (base) {
+                v8f b;
+                memcpy(&b, base + j, sizeof b);
+                d -= b;
+            }
+            k = (v8u)d & 0x7FFFFFFFu;
         }
-        memcpy(&mb, mask + j, sizeof mb);
-        v8u k = (v8u)d & 0x7FFFFFFFu;
-        v8u kk = k & -__builtin_convertvector(mb, v8u);
+        memcpy(&mw, mask + j, sizeof mw);
+        v8u kk = k & -__builtin_convertvector((mw >> byte_shifts) & 1u, v8u);
         lb += __builtin_convertvector((v8f)k, v8d);
         la += __builtin_convertvector((v8f)kk, v8d);
     }
@@ -98,7 +119,7 @@ WIDE static void abs_sums(const float *x, const float *base, const uint8_t *mask
         uint32_t k, kk;
         float d = delta_at(x, base, j);
         memcpy(&k, &d, 4);
-        k &= 0x7FFFFFFFu;
+        k = keys ? keys[j] : k & 0x7FFFFFFFu;
         kk = k & (0u - (uint32_t)mask[j]);
         float a, ak;
         memcpy(&a, &k, 4);
@@ -140,8 +161,8 @@ WIDE static int bucketize(const float *x, const float *base, int64_t n, Scratch 
     return hi != 0 ? (int)((hi >> shift) - low) + 2 : 1;
 }
 
-/* Bucket sizes, the first rank of each bucket, and the keep probabilities of its first and last ranks. */
-static void count_buckets(int64_t n, int used, const float *steps, Scratch *s) {
+/* Bucket sizes and the first rank of each bucket. */
+static void count_buckets(int64_t n, int used, Scratch *s) {
     /* four tables: runs of equal buckets would otherwise wait on each other's increments */
     for (int t = 0; t < 4; t++) memset(s->sub[t], 0, sizeof(uint32_t) * used);
     memset(s->queries, 0, sizeof(int64_t) * used);
@@ -153,13 +174,11 @@ static void count_buckets(int64_t n, int used, const float *steps, Scratch *s) {
         s->sub[3][s->bucket[j + 3]]++;
     }
     for (; j < n; j++) s->sub[0][s->bucket[j]]++;
+    for (int b = 0; b < used; b++) s->count[b] = (int64_t)s->sub[0][b] + s->sub[1][b] + s->sub[2][b] + s->sub[3][b];
     int64_t acc = 0;
     for (int b = 0; b < used; b++) {
-        s->count[b] = (int64_t)s->sub[0][b] + s->sub[1][b] + s->sub[2][b] + s->sub[3][b];
         s->start[b] = acc;
-        s->p_first[b] = s->count[b] ? steps[acc] : 0.0f;
         acc += s->count[b];
-        s->p_last[b] = s->count[b] ? steps[acc - 1] : 0.0f;
     }
 }
 
@@ -218,51 +237,106 @@ static int64_t rank_in_bucket(int64_t j, Scratch *s) {
     return a;
 }
 
-/* Row rank of element j: the keys below its own, and its equals before it. */
-WIDE static int64_t rank_in_row(const uint32_t *keys, int64_t n, int64_t j) {
-    uint32_t kj = keys[j], r = 0;
-    for (int64_t i = 0; i < j; i++) r += keys[i] <= kj;
-    for (int64_t i = j; i < n; i++) r += keys[i] < kj;
-    return r;
+/* Keys of [a, z) below v and equal to v, added to *below and *equal. */
+WIDE static void tally(const uint32_t *restrict k, int64_t a, int64_t z, uint32_t v, int64_t *below, int64_t *equal) {
+    uint32_t lt = 0, eq = 0;
+    for (int64_t i = a; i < z; i++) {
+        lt += k[i] < v;
+        eq += k[i] == v;
+    }
+    *below += lt;
+    *equal += eq;
 }
 
-/* mask[j] = 1: the draw is below its bucket's first keep probability (kept whatever the rank); flag[j] = 1: at or
-   above that but below the last one (the exact rank decides). Vectorizes with gathers. */
-WIDE static void compare_draws(int64_t n, const uint16_t *restrict bucket, const float *restrict u,
-                               const float *restrict p_first, const float *restrict p_last, uint8_t *restrict mask,
-                               uint8_t *restrict flag) {
-    for (int64_t j = 0; j < n; j++) {
-        float x = u[j], a = p_first[bucket[j]], b = p_last[bucket[j]];
-        mask[j] = x < a;
-        flag[j] = (x >= a) & (x < b);
+/* The band draws as (key << 32 | index) in s->asked, ascending; returns how many distinct keys they have. */
+static int64_t sort_band(int64_t m, Scratch *s) {
+    uint64_t *q = s->asked;
+    for (int64_t t = 0; t < m; t++) q[t] = (uint64_t)s->keys[s->band[t]] << 32 | (uint32_t)s->band[t];
+    if (m > 64) qsort(q, (size_t)m, sizeof(uint64_t), cmp_u64);
+    else
+        for (int64_t t = 1; t < m; t++) { /* few: an insertion sort */
+            uint64_t v = q[t];
+            int64_t i = t;
+            for (; i > 0 && q[i - 1] > v; i--) q[i] = q[i - 1];
+            q[i] = v;
+        }
+    int64_t distinct = m > 0;
+    for (int64_t t = 1; t < m; t++) distinct += (q[t] >> 32) != (q[t - 1] >> 32);
+    return distinct;
+}
+
+/* Decide the sorted band draws by their exact row ranks (keys below their own, and their equals before them), one
+   scan of the row for the draws of each magnitude: ties are common (deltas of bfloat16 weights), so a few scans
+   serve many draws. */
+static void rank_by_scans(int64_t n, int64_t m, const float *steps, Scratch *s, uint8_t *mask) {
+    const uint64_t *q = s->asked;
+    for (int64_t t = 0, next; t < m; t = next) {
+        uint32_t v = (uint32_t)(q[t] >> 32);
+        int64_t below = 0, equal = 0, from = 0;
+        for (next = t; next < m && (uint32_t)(q[next] >> 32) == v; next++) { /* its draws, by index */
+            int64_t j = (uint32_t)q[next];
+            tally(s->keys, from, j, v, &below, &equal);
+            s->tallied[next - t] = equal;
+            from = j;
+        }
+        tally(s->keys, from, n, v, &below, &equal);
+        for (int64_t i = t; i < next; i++) {
+            int64_t j = (uint32_t)q[i];
+            mask[j] = s->u[j] < steps[below + s->tallied[i - t]];
+        }
     }
 }
 
-/* Decide the draws outside their bucket's band; list in s->band the elements inside it (a small share, read off the
-   flags eight at a time) and return how many. */
-static int64_t decide(int64_t n, Scratch *s, uint8_t *mask) {
-    compare_draws(n, s->bucket, s->u, s->p_first, s->p_last, mask, s->flag);
-    int64_t m = 0, j = 0;
+/* Candidate j's draw against the keep probabilities of its bucket's first and last ranks: kept below the one,
+   dropped at or above the other whatever the rank; in between it joins the band (returns the band's new size). */
+static inline int64_t settle(int64_t j, const float *steps, Scratch *s, uint8_t *mask, int64_t m) {
+    int b = s->bucket[j];
+    float u = s->u[j], first = steps[s->start[b]], last = steps[s->start[b] + s->count[b] - 1];
+    mask[j] = u < first;
+    s->band[m] = (int32_t)j;
+    return m + ((u >= first) & (u < last));
+}
+
+static uint8_t set_bits[256][8]; /* positions of each byte value's set bits, lowest first */
+
+__attribute__((constructor)) static void fill_set_bits(void) {
+    for (int v = 0; v < 256; v++)
+        for (int b = 0, c = 0; b < 8; b++)
+            if (v >> b & 1) set_bits[v][c++] = (uint8_t)b;
+}
+
+/* Indices of the set flags (0/1 bytes) of [0, n), in order, into list (room for n + 8); returns how many. Without
+   branches: a sparse share of flags set at random would make every branch on them a guess. */
+static int64_t flagged(const uint8_t *flag, int64_t n, int32_t *list) {
+    int64_t c = 0, j = 0;
     for (; j + 8 <= n; j += 8) {
         uint64_t w;
-        memcpy(&w, s->flag + j, 8);
-        for (; w; w &= w - 1) s->band[m++] = (int32_t)(j + (__builtin_ctzll(w) >> 3)); /* flags are 0 or 1 */
+        memcpy(&w, flag + j, 8);
+        unsigned bits = (unsigned)((w * 0x0102040810204080ULL) >> 56); /* bit l: byte l's flag */
+        for (int t = 0; t < 8; t++) list[c + t] = (int32_t)j + set_bits[bits][t];
+        c += (int64_t)((w * 0x0101010101010101ULL) >> 56); /* the flags' sum */
     }
-    for (; j < n; j++)
-        if (s->flag[j]) s->band[m++] = (int32_t)j;
+    for (; j < n; j++) {
+        list[c] = (int32_t)j;
+        c += flag[j];
+    }
+    return c;
+}
+
+/* Settle the candidates; list in s->band those whose exact rank decides (a small share) and return how many. */
+static int64_t decide(int64_t n, const float *steps, Scratch *s, uint8_t *mask) {
+    int64_t c = flagged(s->cand, n, s->cands), m = 0;
+    for (int64_t t = 0; t < c; t++) m = settle(s->cands[t], steps, s, mask, m);
     return m;
 }
 
 static void della_row(const float *x, const float *base, int64_t n, const float *steps, Scratch *s, uint8_t *mask) {
     int used = bucketize(x, base, n, s);
-    count_buckets(n, used, steps, s);
-    int64_t m = decide(n, s, mask);
+    count_buckets(n, used, s);
+    int64_t m = decide(n, steps, s, mask);
     if (m == 0) return;
-    if (m <= FEW_QUERIES) { /* a pass over the row each costs less than listing the buckets */
-        for (int64_t t = 0; t < m; t++) {
-            int64_t j = s->band[t];
-            mask[j] = s->u[j] < steps[rank_in_row(s->keys, n, j)];
-        }
+    if (sort_band(m, s) <= FEW_KEYS) { /* a scan of the row each costs less than listing the buckets */
+        rank_by_scans(n, m, steps, s, mask);
         return;
     }
     for (int64_t t = 0; t < m; t++) s->queries[s->bucket[s->band[t]]]++;
@@ -280,7 +354,10 @@ static void free_scratch(Scratch *s) {
     free(s->order);
     free(s->okeys);
     free(s->band);
-    free(s->flag);
+    free(s->cands);
+    free(s->asked);
+    free(s->tallied);
+    free(s->cand);
     free(s->packed);
     free(s);
 }
@@ -294,26 +371,29 @@ int keep_masks(const float *x, const float *base, int64_t rows, int64_t cols, in
     Scratch *s = calloc(1, sizeof(Scratch));
     if (s == NULL) return -1;
     s->u = malloc(sizeof(float) * cols);
+    s->cand = malloc(cols);
     if (steps != NULL) {
         s->keys = malloc(sizeof(uint32_t) * cols);
         s->bucket = malloc(sizeof(uint16_t) * cols);
         s->order = malloc(sizeof(int32_t) * cols);
         s->okeys = malloc(sizeof(uint32_t) * cols);
         s->band = malloc(sizeof(int32_t) * cols);
-        s->flag = malloc(cols);
+        s->cands = malloc(sizeof(int32_t) * (cols + 8));
+        s->asked = malloc(sizeof(uint64_t) * cols);
+        s->tallied = malloc(sizeof(int64_t) * cols);
         s->packed = malloc(sizeof(uint64_t) * cols);
     }
-    int ok = s->u != NULL &&
-             (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->flag && s->packed));
+    int ok = s->u && s->cand && (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->cands && s->asked && s->tallied &&
+                                          s->packed));
     for (int64_t r = 0; ok && r < rows; r++) {
         const float *xr = x + r * cols, *br = base ? base + r * cols : NULL;
         uint8_t *m = mask + r * cols;
-        uniforms(key, (uint64_t)(row0 + r) * (uint64_t)cols, cols, s->u);
-        if (steps == NULL)
-            for (int64_t j = 0; j < cols; j++) m[j] = s->u[j] < density;
-        else if (cols > 0)
-            della_row(xr, br, cols, steps, s, m);
-        abs_sums(xr, br, m, cols, &sums[2 * r], &sums[2 * r + 1]);
+        if (cols == 0) continue;
+        /* DARE: every draw settles against the density */
+        float lo = steps ? steps[0] : density, hi = steps ? steps[cols - 1] : density;
+        draws(key, (uint64_t)(row0 + r) * (uint64_t)cols, cols, lo, hi, s->u, m, s->cand);
+        if (steps != NULL) della_row(xr, br, cols, steps, s, m);
+        abs_sums(xr, br, steps ? s->keys : NULL, m, cols, &sums[2 * r], &sums[2 * r + 1]);
     }
     free_scratch(s);
     return ok ? 0 : -1;
