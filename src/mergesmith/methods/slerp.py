@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from mergesmith.methods.registry import Range, Round, TwoPass, merge_method
-from mergesmith.methods.spherical import add_sums, combine, dot64, norm64, sq64, whole_statistic
+from mergesmith.methods.spherical import add_sums, combine, gram64, whole_statistic
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: nearly collinear, the plain lerp
 EPS = 1e-8  # a norm at most this counts as 1
@@ -27,8 +27,9 @@ def coefficients(t: float, na: float, nb: float, dot: float) -> Tuple[float, flo
 
 
 def _sums(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> Tuple[float, float, float]:
-    """A block's float64 sums of v0^2, v1^2 and v0 v1."""
-    return float(sq64(base)), float(sq64(inputs[0])), float(dot64(base, inputs[0]))
+    """A block's float64 sums of v0^2, v1^2 and v0 v1 (one pass over both)."""
+    g = gram64([base, inputs[0]])
+    return float(g[0, 0]), float(g[1, 1]), float(g[0, 1])
 
 
 def _finish(stat: Tuple[float, float, float], t: float) -> Tuple[float, float]:
@@ -65,5 +66,5 @@ def slerp(
     """
     v0, v1 = base, inputs[0]
     if stat is None:
-        stat = coefficients(t, float(norm64(v0)), float(norm64(v1)), float(dot64(v0, v1)))
+        stat = _finish(_sums(v0, [v1]), t)
     return combine(v0, v1, *stat)

@@ -20,22 +20,24 @@ GRAM_CHUNK = 1 << 12  # elements per partial sum of gram64
 
 
 def norm64(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """Euclidean norm in float64, of all elements (the square root of sq64) or along `dim`."""
+    if dim is None:
+        return sq64(x).sqrt()
     return torch.linalg.vector_norm(x.double(), dim=dim, keepdim=keepdim)
 
 
 def dot64(a: torch.Tensor, b: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """Dot product in float64, of all elements (as gram64) or along `dim`."""
     if dim is None:
-        return torch.dot(a.reshape(-1).double(), b.reshape(-1).double())
+        return gram64([a, b])[0, 1]
     return (a.double() * b.double()).sum(dim=dim, keepdim=keepdim)
 
 
 def sq64(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
-    """Sum of squares in float64, of all elements or along `dim`."""
-    d = x.double()
+    """Sum of squares in float64, of all elements (as gram64) or along `dim`."""
     if dim is None:
-        d = d.reshape(-1)
-        return torch.dot(d, d)
-    return d.square().sum(dim=dim, keepdim=keepdim)
+        return gram64([x])[0, 0]
+    return x.double().square().sum(dim=dim, keepdim=keepdim)
 
 
 def add_sums(total, part):
