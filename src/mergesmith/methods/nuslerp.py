@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from mergesmith.methods.registry import PerModel, Range, Round, Streaming, TwoPass, merge_method
-from mergesmith.methods.spherical import add_sums, dot64, norm64, sq64, whole_statistic
+from mergesmith.methods.spherical import add_sums, dot64, gram64, sq64, whole_statistic
 
 Coefficients = Tuple[torch.Tensor, torch.Tensor]  # (ca, cb): float64, one per vector, shape (..., 1)
 
@@ -56,8 +56,8 @@ def slerp_vectors(
     shape = v0.shape
     a, b = _vectors(v0.float(), row_wise, flatten), _vectors(v1.float(), row_wise, flatten)
     if coef is None:
-        na, nb = norm64(a, dim=-1, keepdim=True), norm64(b, dim=-1, keepdim=True)
-        coef = vector_coefficients(t, na, nb, dot64(a, b, dim=-1, keepdim=True), eps)
+        s00, s11, s01 = _vector_sums(a, b)
+        coef = vector_coefficients(t, s00.sqrt(), s11.sqrt(), s01, eps)
     ca, cb = coef
     out = a * ca.float() + b * cb.float()
     if not flatten and row_wise and v0.dim() > 1:
@@ -79,11 +79,21 @@ def _endpoints(base: Optional[torch.Tensor], inputs: Sequence[torch.Tensor]) -> 
     return inputs[0].float() - b, inputs[1].float() - b
 
 
+def _vector_sums(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 sums of a^2, b^2 and a b along the last dimension (shape (..., 1)); one vector (a whole tensor) in
+    one pass of gram64."""
+    if a.dim() == 2 and a.shape[0] == 1:
+        g = gram64([a, b]).to(a.device)
+        return g[0, 0].reshape(1, 1), g[1, 1].reshape(1, 1), g[0, 1].reshape(1, 1)
+    return sq64(a, dim=-1, keepdim=True), sq64(b, dim=-1, keepdim=True), dot64(a, b, dim=-1, keepdim=True)
+
+
 def _sums(base, inputs, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False):
     """A block's float64 sums of v0^2, v1^2 and v0 v1 per slerped vector (shape (..., 1))."""
     v0, v1 = _endpoints(base, inputs)
-    a, b = _vectors(v0, nuslerp_row_wise, nuslerp_flatten), _vectors(v1, nuslerp_row_wise, nuslerp_flatten)
-    return sq64(a, dim=-1, keepdim=True), sq64(b, dim=-1, keepdim=True), dot64(a, b, dim=-1, keepdim=True)
+    return _vector_sums(
+        _vectors(v0, nuslerp_row_wise, nuslerp_flatten), _vectors(v1, nuslerp_row_wise, nuslerp_flatten)
+    )
 
 
 def _finish(stat, weight: Sequence[float]) -> Coefficients:
