@@ -286,26 +286,34 @@ def test_ties_merge_with_fractional_weights_is_the_torch_path(monkeypatch, norma
     assert torch.equal(fused.view(torch.int32), merged().view(torch.int32))
 
 
+@pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("largest_first", [True, False])
 @pytest.mark.parametrize("lo,hi", [(0, 1), (0, 700), (150, 900), (999, 1000), (0, 1000)])
-def test_trim_by_a_rank_cut_in_blocks_keeps_the_stably_ranked_range(largest_first, lo, hi):
+def test_trim_by_a_rank_cut_in_blocks_keeps_the_stably_ranked_range(largest_first, lo, hi, with_base):
     """A cut taken on the whole array and applied block by block (members of each boundary tie group in earlier
-    blocks as offsets) keeps the elements whose rank in a stable sort of |x| lies in [lo, hi), the values themselves
-    (signed zeros included), +0.0 elsewhere."""
+    blocks as offsets) keeps the elements whose rank in a stable sort of |d| lies in [lo, hi), the values themselves
+    (signed zeros included), +0.0 elsewhere; d = x, or x - base computed by the trim itself."""
     from mergesmith.methods.sparsify import cut_kept, rank_cut
 
     g = np.random.default_rng(lo + hi)
-    x = (g.integers(-6, 7, 1000) * 0.25).astype(np.float32)  # 13 values: tie groups of ~80 at each boundary
-    x[g.random(1000) < 0.05] = -0.0
-    a = np.abs(x)
+    d = (g.integers(-6, 7, 1000) * 0.25).astype(np.float32)  # 13 values: tie groups of ~80 at each boundary
+    d[g.random(1000) < 0.05] = -0.0
+    base = (g.integers(-4, 5, 1000) * 0.5).astype(np.float32) if with_base else None
+    x = d + base if with_base else d
+    if with_base:
+        base[g.random(1000) < 0.05] = 0.0
+        x[base == 0.0] = d[base == 0.0]  # -0.0 - 0.0 stays -0.0
+        d = x - base
+    a = np.abs(d)
     order = np.argsort(-a if largest_first else a, kind="stable")
     want = np.zeros(1000, dtype=np.float32)
-    want[order[lo:hi]] = x[order[lo:hi]]
+    want[order[lo:hi]] = d[order[lo:hi]]
     cut = rank_cut(a, lo, hi, largest_first)
     got, seen = [], [0] * len(cut.groups)
-    for block in np.array_split(x, [37, 500, 501, 800]):
-        got.append(cut_kept(torch.from_numpy(block), cut, list(seen)).numpy())
-        seen = [s + int(np.count_nonzero(np.abs(block) == v)) for s, (v, _, _) in zip(seen, cut.groups)]
+    for block in np.split(np.arange(1000), [37, 500, 501, 800]):
+        b = torch.from_numpy(base[block]) if with_base else None
+        got.append(cut_kept(torch.from_numpy(x[block]), cut, list(seen), base=b).numpy())
+        seen = [s + int(np.count_nonzero(a[block] == v)) for s, (v, _, _) in zip(seen, cut.groups)]
     assert np.array_equal(np.concatenate(got).view(np.int32), want.view(np.int32))
 
 

@@ -400,13 +400,6 @@ int keep_masks(const float *x, const float *base, int64_t rows, int64_t cols, in
 }
 
 /* Read 1 of a radix selection (sparsify.RadixSelect): counts[k >> 16] += 1 for each of n 32-bit keys. */
-/* Lanes of a[0..8) (their magnitudes when `absolute`) equal to v: all ones there, zero elsewhere. */
-static inline void equal_lanes(const float *a, float v, int absolute, v8u *on) {
-    v8u k;
-    memcpy(&k, a, sizeof k);
-    *on = (v8u)((v8f)(k & (absolute ? 0x7FFFFFFFu : 0xFFFFFFFFu)) == v);
-}
-
 /* The lanes set in a v8u of all-ones/zero lanes, as bits 0..7. */
 static inline uint32_t lane_bits(const v8u *on) {
     static const v8u lanes = {1, 2, 4, 8, 16, 32, 64, 128};
@@ -557,25 +550,63 @@ static inline float magnitude(float x) {
     return x;
 }
 
-/* Marks the members [skip, take) in index order of the elements whose value (magnitude when `absolute`) is v: out[j]
-   = a[j] where out is given, else mask[j] = 1. Eight elements a step: steps before `skip` only count, steps wholly
-   inside the range mark their members at once (a boundary group can hold most of a block). */
-WIDE static void group_members(const float *a, int64_t n, float v, int absolute, int64_t skip, int64_t take,
-                               float *out, uint8_t *mask) {
+/* Elements j..j+8 of a (of a - base, where a base is given). */
+static inline void values8(const float *a, const float *base, int64_t j, v8f *d) {
+    memcpy(d, a + j, sizeof *d);
+    if (base) {
+        v8f b;
+        memcpy(&b, base + j, sizeof b);
+        *d -= b;
+    }
+}
+
+/* Lanes of d (their magnitudes when `absolute`) equal to v: all ones there, zero elsewhere. */
+static inline void equal_lanes(const v8f *d, float v, int absolute, v8u *on) {
+    *on = (v8u)((v8f)((v8u)*d & (absolute ? 0x7FFFFFFFu : 0xFFFFFFFFu)) == v);
+}
+
+/* Element j of group_members' loops: whether it is a member (value v), and its value into *d. */
+static inline int member(const float *a, const float *base, int64_t j, float v, int absolute, float *d) {
+    *d = delta_at(a, base, j);
+    return (absolute ? magnitude(*d) : *d) == v;
+}
+
+/* Every member of [0, n) (a block wholly inside the kept part of its group): one branch-free pass. */
+WIDE static void all_members(const float *restrict a, const float *restrict base, int64_t n, float v, int absolute,
+                             float *restrict out, uint8_t *restrict mask) {
+    for (int64_t j = 0; j < n; j++) {
+        float d;
+        int on = member(a, base, j, v, absolute, &d);
+        if (out) out[j] = on ? d : out[j];
+        else mask[j] |= (uint8_t)on;
+    }
+}
+
+/* Marks the members [skip, take) in index order of the elements whose value (magnitude when `absolute`) is v, the
+   values being a - base where a base is given: out[j] = that value where out is given, else mask[j] = 1. Eight
+   elements a step: steps before `skip` only count, steps wholly inside the range mark their members at once (a
+   boundary group can hold most of a block). */
+WIDE static void group_members(const float *a, const float *base, int64_t n, float v, int absolute, int64_t skip,
+                               int64_t take, float *out, uint8_t *mask) {
+    if (skip <= 0 && take >= n) {
+        all_members(a, base, n, v, absolute, out, mask);
+        return;
+    }
     int64_t c = 0, j = 0;
     for (; j + 8 <= n && c < take; j += 8) {
+        v8f d;
         v8u on;
-        equal_lanes(a + j, v, absolute, &on);
+        values8(a, base, j, &d);
+        equal_lanes(&d, v, absolute, &on);
         uint32_t bits = lane_bits(&on);
         int64_t hits = __builtin_popcount(bits);
         if (c + hits <= skip) {
             c += hits;
         } else if (c >= skip && c + hits <= take) {
             if (out) {
-                v8u x, o;
-                memcpy(&x, a + j, sizeof x);
+                v8u o;
                 memcpy(&o, out + j, sizeof o);
-                o = (o & ~on) | (x & on);
+                o = (o & ~on) | ((v8u)d & on);
                 memcpy(out + j, &o, sizeof o);
             } else {
                 v8b m;
@@ -588,39 +619,35 @@ WIDE static void group_members(const float *a, int64_t n, float v, int absolute,
             for (; bits && c < take; bits &= bits - 1, c++) {
                 int64_t at = j + __builtin_ctz(bits);
                 if (c < skip) continue;
-                if (out) out[at] = a[at];
+                if (out) out[at] = d[at - j];
                 else mask[at] = 1;
             }
         }
     }
     for (; j < n && c < take; j++) {
-        uint32_t k;
-        float x;
-        memcpy(&k, &a[j], 4);
-        k &= absolute ? 0x7FFFFFFFu : 0xFFFFFFFFu;
-        memcpy(&x, &k, 4);
-        if (x != v) continue;
+        float d;
+        if (!member(a, base, j, v, absolute, &d)) continue;
         if (c >= skip) {
-            if (out) out[j] = a[j];
+            if (out) out[j] = d;
             else mask[j] = 1;
         }
         c++;
     }
 }
 
-/* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept): out = d where low < |d| < high, or where
-   |d| is group g's value and the element is one of the group's members [skip[g], take[g]) of this block in index
-   order; +0.0 elsewhere. */
-WIDE void cut_keep(const float *restrict d, int64_t n, float low, float high, const float *values, const int64_t *skip,
-                   const int64_t *take, int64_t groups, float *restrict out) {
+/* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept) of d = x - base (base NULL: x is d): out
+   = d where low < |d| < high, or where |d| is group g's value and the element is one of the group's members
+   [skip[g], take[g]) of this block in index order; +0.0 elsewhere. */
+WIDE void cut_keep(const float *restrict x, const float *restrict base, int64_t n, float low, float high,
+                   const float *values, const int64_t *skip, const int64_t *take, int64_t groups, float *restrict out) {
     for (int64_t j = 0; j < n; j++) {
-        float a = magnitude(d[j]);
+        float d = delta_at(x, base, j), a = magnitude(d);
         uint32_t k;
-        memcpy(&k, &d[j], 4);
+        memcpy(&k, &d, 4);
         k &= 0u - (uint32_t)((a > low) & (a < high));
         memcpy(&out[j], &k, 4);
     }
-    for (int64_t g = 0; g < groups; g++) group_members(d, n, values[g], 1, skip[g], take[g], out, NULL);
+    for (int64_t g = 0; g < groups; g++) group_members(x, base, n, values[g], 1, skip[g], take[g], out, NULL);
 }
 
 /* Model i's share of the TIES merge of a chunk: its vote (w or sign(w), w = x * num unless num == 1) into votes. */
@@ -737,7 +764,7 @@ WIDE void variances(const float *const *x, int64_t n, const float *base, int64_t
 WIDE void cut_mask(const float *restrict a, int64_t n, float low, float high, const float *values,
                    const int64_t *skip, const int64_t *take, int64_t groups, uint8_t *restrict mask) {
     for (int64_t j = 0; j < n; j++) mask[j] = (a[j] > low) & (a[j] < high);
-    for (int64_t g = 0; g < groups; g++) group_members(a, n, values[g], 0, skip[g], take[g], NULL, mask);
+    for (int64_t g = 0; g < groups; g++) group_members(a, NULL, n, values[g], 0, skip[g], take[g], NULL, mask);
 }
 
 /* sce's selected delta of one element: (x - base) times the mask as a float (no mask: all kept). */

@@ -54,7 +54,7 @@ def _load() -> Optional[ctypes.CDLL]:
     c.restype = None
     c.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int, ptr]
     ck.restype = None
-    ck.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
+    ck.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     gc.restype = None
     gc.argtypes = [ptr, i64, i64, i64, ptr]
     cm.restype = sm.restype = None
@@ -155,15 +155,26 @@ def masked_sum(
     return acc.reshape(base.shape)
 
 
-def cut_keep(flat: torch.Tensor, low: float, high: float, groups: Sequence[Tuple[float, int, int]]) -> torch.Tensor:
-    """Flat float32 CPU `flat` where low < |x| < high or where |x| is a group's value and the element is among the
-    group's members [skip, take) in index order, +0.0 elsewhere (groups: (value, skip, take))."""
+def cut_keep(
+    flat: torch.Tensor,
+    low: float,
+    high: float,
+    groups: Sequence[Tuple[float, int, int]],
+    base: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Flat float32 CPU d = `flat` (minus `base`, flat and of its size, where given) where low < |d| < high or where
+    |d| is a group's value and the element is among the group's members [skip, take) in index order, +0.0
+    elsewhere (groups: (value, skip, take))."""
     flat = flat.contiguous()
+    b = None if base is None else base.contiguous()
+    if b is not None and (b.shape != flat.shape or b.dtype != torch.float32):
+        raise ValueError("cut_keep takes a base of the block's size, float32")
     out = torch.empty_like(flat)
     values = np.array([g[0] for g in groups], dtype=np.float32)
     skip, take = (np.array([g[i] for g in groups], dtype=np.int64) for i in (1, 2))
     _LIB.cut_keep(
         flat.data_ptr(),
+        None if b is None else b.data_ptr(),
         flat.numel(),
         low,
         high,

@@ -254,11 +254,15 @@ def apply_cut(a: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = 
     return mask
 
 
-def cut_kept(flat: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """kept(flat, apply_cut(|flat|, cut, offsets)): one compiled pass for float32 on the CPU."""
-    if cut.empty or not (compiled.available() and numpy_path(flat) and flat.dtype == torch.float32):
-        return kept(flat, apply_cut(flat.abs(), cut, offsets))
-    return compiled.cut_keep(flat, cut.low, cut.high, block_groups(cut, offsets))
+def cut_kept(
+    flat: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = None, base: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """kept(d, apply_cut(|d|, cut, offsets)) of d = flat (minus `base`, flat, where given): one compiled pass for
+    float32 on the CPU, which takes the difference itself."""
+    if cut.empty or not compiled_serves(flat, [flat] if base is None else [base]):
+        d = flat if base is None else flat - base
+        return kept(d, apply_cut(d.abs(), cut, offsets))
+    return compiled.cut_keep(flat, cut.low, cut.high, block_groups(cut, offsets), base=base)
 
 
 def block_groups(cut: RankCut, offsets: Optional[Sequence[int]]) -> List[Tuple[float, int, int]]:

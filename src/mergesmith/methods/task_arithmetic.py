@@ -17,6 +17,7 @@ from mergesmith.methods.sparsify import (
     L1Sums,
     RadixSelect,
     RankCut,
+    cut_kept,
     kept,
     l1_factor,
     l1_sums,
@@ -56,8 +57,10 @@ def generalized_task_arithmetic(
         return base
 
     def sparse(i: int, x: torch.Tensor) -> torch.Tensor:
+        extra: Dict[str, Any] = stat.model(i, x) if stat is not None else {}
+        if _trim_of(extra, sparsification, densities[i], rescale):  # the trim takes x - base itself
+            return cut_kept(x.reshape(-1), extra["cut"], extra["offsets"], base=base.reshape(-1)).reshape_as(x)
         delta = x - base
-        extra: Dict[str, Any] = stat.model(i, delta) if stat is not None else {}
         if epsilons is not None:
             extra["epsilon"] = epsilons[i]
         if gammas is not None:
@@ -132,6 +135,16 @@ def _weighted_sum(inputs, sparse, nums, den, normalize: bool) -> torch.Tensor:
             d.mul_(nums[i])
         mixed = d if mixed is None else mixed.add_(d)
     return _divided(mixed, nums, den, normalize)
+
+
+def _trim_of(extra: Dict[str, Any], sparsification: Optional[str], density: float, rescale: bool) -> bool:
+    """Whether a block's sparsification is the plain trim by its tensor's rank cut (TIES, breadcrumbs)."""
+    return (
+        sparsification in ("magnitude", "magnitude_outliers")
+        and extra.get("cut") is not None
+        and 0 < density < 1
+        and not rescale
+    )
 
 
 def _fused(base: torch.Tensor, inputs, stat: Any, rescale: bool, rescale_mode: str) -> bool:
