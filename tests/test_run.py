@@ -248,7 +248,8 @@ def test_verbatim_seed_recipe_fails_cleanly_naming_first_model(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method", ["della_linear", "dare_ties", "linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
+    "method",
+    ["della_linear", "della", "dare_ties", "linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"],
 )
 def test_row_blocks_give_the_same_bytes(tmp_path, fam, monkeypatch, method):
     """Large tensors are merged in row blocks (two passes for whole-tensor L1 sums): same bytes as whole."""

@@ -17,6 +17,7 @@ from mergesmith.methods.sparsify import (
     L1Sums,
     RadixSelect,
     RankCut,
+    compiled_serves,
     cut_kept,
     kept,
     l1_factor,
@@ -57,6 +58,8 @@ def generalized_task_arithmetic(
         return base
 
     def sparse(i: int, x: torch.Tensor) -> torch.Tensor:
+        if _masked_of(stat, i, densities[i], rescale, rescale_mode) and compiled_serves(base, [x]):
+            return compiled.masked_delta(x, base, stat.masks[i], l1_factor(*stat.sums[i]))  # pass 1's mask, in C
         extra: Dict[str, Any] = stat.model(i, x) if stat is not None else {}
         if _trim_of(extra, sparsification, densities[i], rescale):  # the trim takes x - base itself
             return cut_kept(x.reshape(-1), extra["cut"], extra["offsets"], base=base.reshape(-1)).reshape_as(x)
@@ -144,6 +147,13 @@ def _trim_of(extra: Dict[str, Any], sparsification: Optional[str], density: floa
         and extra.get("cut") is not None
         and 0 < density < 1
         and not rescale
+    )
+
+
+def _masked_of(stat: Any, i: int, density: float, rescale: bool, rescale_mode: str) -> bool:
+    """Whether model i's sparsification in a block is pass 1's DARE/DELLA mask with the tensor's L1 rescale."""
+    return (
+        isinstance(stat, L1Share) and stat.masks[i] is not None and 0 < density < 1 and rescale and rescale_mode == "l1"
     )
 
 
