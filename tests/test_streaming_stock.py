@@ -126,6 +126,23 @@ def test_gram64_is_the_float64_gram_matrix_on_any_thread_count(monkeypatch, use_
     np.testing.assert_allclose(one.numpy(), want, rtol=1e-13)
 
 
+@pytest.mark.parametrize("use_compiled", [True, False])
+def test_gram64_of_differences_takes_them_in_float32(monkeypatch, use_compiled):
+    """With a base: the Gram matrix of the float32 differences x_i - base (rounded to float32 before the float64
+    products, as a subtraction in torch would), chunks and tail alike."""
+    if not use_compiled:
+        monkeypatch.setattr(compiled, "_LIB", None)
+    elif not compiled.available():
+        pytest.skip("the C extension was not built")
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(301, 97, generator=g) * 3
+    xs = [torch.randn(301, 97, generator=g) * 0.5 for _ in range(3)]  # differences that round in float32
+    d = np.stack([(x.numpy() - base.numpy()).astype(np.float64).ravel() for x in xs])
+    want = np.array([[math.fsum(d[i] * d[j]) for j in range(3)] for i in range(3)])
+    np.testing.assert_allclose(gram64(xs, base=base).numpy(), want, rtol=1e-14)
+    assert not np.allclose(gram64(xs).numpy(), want, rtol=1e-3)
+
+
 # ---------------------------------------------------------------------------- model_stock
 
 

@@ -16,7 +16,7 @@
    Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given
    a base), the second pass of an L1-rescaled DARE/DELLA sum (masked_add, finish_sum), a block's magnitude trim by
    its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of model_stock
-   and karcher (gram_chunks), sce's variances, selection mask, energies and merge (variances, cut_mask,
+   and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies and merge (variances, cut_mask,
    selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge, ram_counts), and the inputs'
    bfloat16 to float32 conversion with its finiteness check (widen_bf16). */
 #include <stdint.h>
@@ -692,14 +692,16 @@ void consensus(const float *const *d, int64_t k, int64_t n, const float *nums, i
     }
 }
 
-/* Chunk sums of the float64 products x_i * x_j of k float32 arrays over elements [0, n), for every pair i <= j in
+/* Chunk sums of the float64 products x_i * x_j of k float32 arrays (of x_i - base, each difference rounded to float32,
+   where a base is given) over elements [0, n), for every pair i <= j in
    row order ((0,0), (0,1), ..., (1,1), ...): out[c * pairs + p] for chunk c of `chunk` elements (a multiple of 8;
    the last may be shorter), each summed in eight fixed lanes (lane l: elements j % 8 == l, the tail in lane 0)
    added in a fixed tree: the same values whatever the threads or the vector width. */
-WIDE void gram_chunks(const float *const *x, int64_t k, int64_t n, int64_t chunk, double *out) {
+WIDE void gram_chunks(const float *const *x, const float *base, int64_t k, int64_t n, int64_t chunk, double *out) {
     for (int64_t a = 0, c = 0; a < n; a += chunk, c++) {
         int64_t len = n - a < chunk ? n - a : chunk;
         double *o = out + c * (k * (k + 1) / 2);
+        const float *b = base ? base + a : NULL;
         for (int64_t i = 0; i < k; i++) {
             for (int64_t j = i; j < k; j++) {
                 const float *u = x[i] + a, *v = x[j] + a;
@@ -707,11 +709,11 @@ WIDE void gram_chunks(const float *const *x, int64_t k, int64_t n, int64_t chunk
                 int64_t t = 0;
                 for (; t + 8 <= len; t += 8) {
                     v8f fu, fv;
-                    memcpy(&fu, u + t, sizeof fu);
-                    memcpy(&fv, v + t, sizeof fv);
+                    values8(u, b, t, &fu);
+                    values8(v, b, t, &fv);
                     lanes += __builtin_convertvector(fu, v8d) * __builtin_convertvector(fv, v8d);
                 }
-                for (; t < len; t++) lanes[0] += (double)u[t] * (double)v[t];
+                for (; t < len; t++) lanes[0] += (double)delta_at(u, b, t) * (double)delta_at(v, b, t);
                 double low = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
                 *o++ = low + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
             }

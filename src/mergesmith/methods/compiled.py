@@ -56,7 +56,7 @@ def _load() -> Optional[ctypes.CDLL]:
     ck.restype = None
     ck.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     gc.restype = None
-    gc.argtypes = [ptr, i64, i64, i64, ptr]
+    gc.argtypes = [ptr, ptr, i64, i64, i64, ptr]
     cm.restype = sm.restype = None
     cm.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     sq.restype = ctypes.c_double
@@ -216,19 +216,22 @@ def consensus(deltas: Sequence[torch.Tensor], nums: Sequence[float], count: bool
     return out.reshape(deltas[0].shape)
 
 
-def gram_chunks(xs: Sequence[torch.Tensor], chunk: int) -> np.ndarray:
-    """[chunks, pairs] float64 sums of x_i * x_j over each chunk of `chunk` elements (a multiple of 8) of equally
-    shaped float32 CPU tensors, pairs i <= j in row order; each chunk's sum in a fixed order."""
+def gram_chunks(xs: Sequence[torch.Tensor], chunk: int, base: Optional[torch.Tensor] = None) -> np.ndarray:
+    """[chunks, pairs] float64 sums of x_i * x_j (of the float32 differences x_i - base, where a base is given) over
+    each chunk of `chunk` elements (a multiple of 8) of equally shaped float32 CPU tensors, pairs i <= j in row
+    order; each chunk's sum in a fixed order."""
     flat = [x.contiguous().reshape(-1) for x in xs]
+    b = None if base is None else base.contiguous().reshape(-1)
     k, n = len(flat), flat[0].numel()
-    if chunk % 8 or any(f.numel() != n for f in flat):
+    if chunk % 8 or any(f.numel() != n for f in flat + ([b] if b is not None else [])):
         raise ValueError("gram_chunks takes tensors of one size and chunks of a multiple of 8 elements")
     chunks = -(-n // chunk)
     out = np.zeros((chunks, k * (k + 1) // 2), dtype=np.float64)
 
-    def run(a: int, b: int) -> None:
+    def run(a: int, z: int) -> None:
         ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + 4 * a * chunk for f in flat))
-        _LIB.gram_chunks(ptrs, k, min(n, b * chunk) - a * chunk, chunk, out[a:b].ctypes.data)
+        bp = None if b is None else b.data_ptr() + 4 * a * chunk
+        _LIB.gram_chunks(ptrs, bp, k, min(n, z * chunk) - a * chunk, chunk, out[a:z].ctypes.data)
 
     split(run, chunks, grain=16)
     return out

@@ -25,8 +25,7 @@ def _ratio(dot: Callable[[int, int], torch.Tensor], norms: Sequence[torch.Tensor
 
 def _offsets_gram(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """This block's share of the offsets' Gram matrix sum((w_i - w_0)(w_j - w_0)), float64."""
-    w0 = base.float()
-    return gram64([x.float() - w0 for x in inputs])
+    return gram64([x.float() for x in inputs], base=base.float())
 
 
 def _gram_ratio(stat: torch.Tensor) -> torch.Tensor:

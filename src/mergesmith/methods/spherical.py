@@ -10,7 +10,7 @@ Each kernel follows mergekit 0.1.5's formula (cited in each docstring) so recipe
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -50,20 +50,22 @@ def whole_statistic(stat, k: int):
     return stat
 
 
-def gram64(xs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The n x n float64 Gram matrix sum(x_i * x_j) of equally shaped tensors (a block's share of a whole tensor's).
+def gram64(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The n x n float64 Gram matrix sum(x_i * x_j) of equally shaped tensors (a block's share of a whole tensor's),
+    or of the float32 differences x_i - base where a base is given.
 
     Products are float64; each chunk of GRAM_CHUNK elements is summed on its own and the chunk sums are added
     exactly (math.fsum), so no sum depends on how the work is split between threads. Float32 CPU tensors: in one
-    compiled pass (its chunk sums in eight fixed lanes)."""
-    if compiled.available() and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs):
-        parts = compiled.gram_chunks(xs, GRAM_CHUNK)
+    compiled pass (its chunk sums in eight fixed lanes) that takes the differences itself."""
+    with_base = [] if base is None else [base]
+    if compiled.available() and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in [*xs, *with_base]):
+        parts = compiled.gram_chunks(xs, GRAM_CHUNK, base)
         g = torch.zeros(len(xs), len(xs), dtype=torch.float64)
         pairs = [(i, j) for i in range(len(xs)) for j in range(i, len(xs))]
         for p, (i, j) in enumerate(pairs):
             g[i, j] = g[j, i] = math.fsum(parts[:, p].tolist())
         return g
-    flat = [x.reshape(-1).double() for x in xs]
+    flat = [(x.float() - base.float() if base is not None else x).reshape(-1).double() for x in xs]
     m = flat[0].numel()
     whole = m - m % GRAM_CHUNK
     buf = torch.empty_like(flat[0])
