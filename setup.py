@@ -5,6 +5,12 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("mergesmith._kernels", ["src/mergesmith/_kernels.c"], extra_compile_args=["-O3", "-ffp-contract=off"], optional=True)
+        Extension(
+            "mergesmith._kernels",
+            ["src/mergesmith/_kernels.c"],
+            extra_compile_args=["-O3", "-ffp-contract=off"],
+            libraries=["m"],
+            optional=True,
+        )
     ]
 )

@@ -515,3 +515,22 @@ def test_radix_counts_of_magnitudes_take_a_model_and_its_base():
         assert np.array_equal(got[k][0], vals) and np.array_equal(got[k][1], counts)
     with pytest.raises(TypeError):
         compiled.high_counts(a, b[:-1])
+
+
+@pytest.mark.skipif(not compiled.fused_multiply_add(), reason="torch adds with alpha unfused on this CPU")
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 1023, 1024, 1025, 70_001])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_weighted_sum_in_float64_is_torchs(n, k):
+    """karcher's combination: float64 sums of w_i x_i in model order (zero weights skipped), rounded once; the bits
+    of torch's float64 add_ with alpha, on tails and ranges alike."""
+    g = torch.Generator().manual_seed(n * 10 + k)
+    xs = [torch.randn(n, generator=g) * 10.0 ** (i - 1) for i in range(k)]
+    xs[0][::5] = -0.0
+    ws = [float(v) for v in torch.randn(k, generator=g).double() / 3]
+    ws[-1] = 0.0 if k == 3 else ws[-1]
+    want = torch.zeros(n, dtype=torch.float64)
+    for w, x in zip(ws, xs):
+        if w:
+            want.add_(x, alpha=w)
+    got = compiled.weighted_sum64(xs, ws)
+    assert torch.equal(got.view(torch.int32), want.float().view(torch.int32))

@@ -19,6 +19,7 @@
    and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies and merge (variances, cut_mask,
    selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge, ram_counts), and the inputs'
    bfloat16 to float32 conversion with its finiteness check (widen_bf16). */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -914,4 +915,21 @@ WIDE int widen_bf16(const uint16_t *restrict src, int64_t n, uint32_t *restrict 
         bad |= (h & 0x7F80u) == 0x7F80u;
     }
     return (int)bad;
+}
+
+/* out = sum_i w[i] * x_i over elements [0, n) of k float32 arrays, summed in float64 in model order from +0.0, each
+   step one fused multiply-add (torch's add_ with alpha on float64 is one), models with w[i] == 0 skipped, rounded
+   once to float32: karcher's combination of a block. */
+WIDE void weighted_sum64(const float *const *x, const double *w, int64_t k, int64_t n, float *restrict out) {
+    for (int64_t a = 0; a < n; a += 1024) { /* a range at a time: the running sums stay in cache */
+        int64_t len = n - a < 1024 ? n - a : 1024;
+        double acc[1024];
+        for (int64_t j = 0; j < len; j++) acc[j] = 0.0;
+        for (int64_t i = 0; i < k; i++) {
+            if (w[i] == 0.0) continue;
+            const float *xi = x[i] + a;
+            for (int64_t j = 0; j < len; j++) acc[j] = fma((double)xi[j], w[i], acc[j]);
+        }
+        for (int64_t j = 0; j < len; j++) out[a + j] = (float)acc[j];
+    }
 }

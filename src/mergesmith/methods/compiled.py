@@ -38,7 +38,7 @@ def _load() -> Optional[ctypes.CDLL]:
         c, ck, gc = lib.consensus, lib.cut_keep, lib.gram_chunks
         cm, sq, sm = lib.cut_mask, lib.selected_squares, lib.sce_merge
         rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
-        fs = lib.finish_sum
+        fs, ws = lib.finish_sum, lib.weighted_sum64
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -69,6 +69,8 @@ def _load() -> Optional[ctypes.CDLL]:
     fs.restype = None
     fs.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float]
     wb.argtypes = [ptr, i64, ptr]
+    ws.restype = None
+    ws.argtypes = [ptr, ptr, i64, i64, ptr]
     return lib
 
 
@@ -164,6 +166,28 @@ def masked_delta(x: torch.Tensor, base: torch.Tensor, mask: np.ndarray, factor: 
     split(lambda a, z: _LIB.masked_add(o + 4 * a, xp + 4 * a, bp + 4 * a, mask.ctypes.data, a, z - a, f, one, 1),
           b.numel(), grain=1 << 18)  # fmt: skip
     return out.reshape(x.shape)
+
+
+def fused_multiply_add() -> bool:
+    """Whether torch's CPU kernels here add with alpha as one fused multiply-add (its AVX2 and AVX-512 builds do),
+    so that kernels doing the same give its bits."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def weighted_sum64(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i weights[i] * xs[i] of equally shaped float32 CPU tensors, summed in float64 in model order (each step
+    a fused multiply-add, as torch's add_ with alpha; zero weights skipped) and rounded once to float32."""
+    flat = [x.contiguous().reshape(-1) for x in xs]
+    out = torch.empty_like(flat[0])
+    w = np.asarray(weights, dtype=np.float64)
+    k = len(flat)
+
+    def run(a: int, z: int) -> None:
+        ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + 4 * a for f in flat))
+        _LIB.weighted_sum64(ptrs, w.ctypes.data, k, z - a, out.data_ptr() + 4 * a)
+
+    split(run, out.numel(), grain=1 << 18)
+    return out.reshape(xs[0].shape)
 
 
 def cut_keep(

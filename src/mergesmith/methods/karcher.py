@@ -20,7 +20,9 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from mergesmith.methods import compiled
 from mergesmith.methods.registry import Round, TwoPass, merge_method
+from mergesmith.methods.sparsify import compiled_serves
 from mergesmith.methods.spherical import dot64, gram64, norm64
 
 # The mean is a float32 unit vector: rounding each element moves it by about 2^-24 / sqrt(3) = 3.4e-8 in norm,
@@ -162,6 +164,8 @@ def _combine(inputs: Sequence[torch.Tensor], stat: Coefficients, report: Callabl
     """sum_i weights[i] x_i, summed in float64 and rounded once to float32."""
     for note in stat.notes:
         report(note)
+    if compiled.fused_multiply_add() and compiled_serves(inputs[0], inputs):
+        return compiled.weighted_sum64(inputs, stat.weights)
     out = torch.zeros_like(inputs[0], dtype=torch.float64)
     for w, x in zip(stat.weights, inputs):
         if w:
