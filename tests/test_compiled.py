@@ -538,3 +538,29 @@ def test_weighted_sum_in_float64_is_torchs(n, k):
             want.add_(x, alpha=w)
     got = compiled.weighted_sum64(xs, ws)
     assert torch.equal(got.view(torch.int32), want.float().view(torch.int32))
+
+
+@pytest.mark.skipif(not compiled.fused_multiply_add(), reason="torch adds with alpha unfused on this CPU")
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 1023, 1024, 1025, 70_001])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_weighted_sum_in_float32_is_torchs(n, k):
+    """multislerp's weighted unit sum: zeros, then add_ with alpha per model in float32; the bits of torch's (zero
+    weights included: they still add their NaN or Inf)."""
+    g = torch.Generator().manual_seed(n * 10 + k)
+    xs = [torch.randn(n, generator=g) * 10.0 ** (i - 1) for i in range(k)]
+    xs[0][::5] = -0.0
+    ws = [float(v) for v in torch.randn(k, generator=g).double() / 3]
+    if k == 2:  # near cancellation: the product's rounding shows unless it is fused with the sum
+        xs[1], ws = xs[0].clone(), [1 / 3, -(1 / 3) * (1 - 2**-12)]
+    if k == 3:
+        ws[-1] = 0.0
+        xs[-1][::3] = float("inf")
+    if k == 4:  # all terms -0.0: the sum starts from +0.0, so it stays +0.0
+        ws = [abs(w) for w in ws]
+        for x in xs:
+            x[0] = -0.0
+    want = torch.zeros(n)
+    for w, x in zip(ws, xs):
+        want.add_(x, alpha=w)
+    got = compiled.weighted_sum32(xs, ws)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

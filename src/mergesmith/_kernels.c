@@ -933,3 +933,17 @@ WIDE void weighted_sum64(const float *const *x, const double *w, int64_t k, int6
         for (int64_t j = 0; j < len; j++) out[a + j] = (float)acc[j];
     }
 }
+
+/* out = sum_i w[i] * x_i over elements [0, n) of k float32 arrays in float32, in model order from +0.0, each step
+   one fused multiply-add (torch's add_ with alpha on float32 is one): multislerp's weighted sum of unit vectors. */
+WIDE void weighted_sum32(const float *const *x, const float *w, int64_t k, int64_t n, float *restrict out) {
+    for (int64_t a = 0; a < n; a += 1024) { /* a range at a time: the running sums stay in cache */
+        int64_t len = n - a < 1024 ? n - a : 1024;
+        float *o = out + a;
+        for (int64_t j = 0; j < len; j++) o[j] = 0.0f;
+        for (int64_t i = 0; i < k; i++) {
+            const float *xi = x[i] + a;
+            for (int64_t j = 0; j < len; j++) o[j] = fmaf(xi[j], w[i], o[j]);
+        }
+    }
+}

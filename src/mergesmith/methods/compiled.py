@@ -38,7 +38,7 @@ def _load() -> Optional[ctypes.CDLL]:
         c, ck, gc = lib.consensus, lib.cut_keep, lib.gram_chunks
         cm, sq, sm = lib.cut_mask, lib.selected_squares, lib.sce_merge
         rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
-        fs, ws = lib.finish_sum, lib.weighted_sum64
+        fs, ws, w32 = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -69,8 +69,8 @@ def _load() -> Optional[ctypes.CDLL]:
     fs.restype = None
     fs.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float]
     wb.argtypes = [ptr, i64, ptr]
-    ws.restype = None
-    ws.argtypes = [ptr, ptr, i64, i64, ptr]
+    ws.restype = w32.restype = None
+    ws.argtypes = w32.argtypes = [ptr, ptr, i64, i64, ptr]
     return lib
 
 
@@ -177,14 +177,23 @@ def fused_multiply_add() -> bool:
 def weighted_sum64(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """sum_i weights[i] * xs[i] of equally shaped float32 CPU tensors, summed in float64 in model order (each step
     a fused multiply-add, as torch's add_ with alpha; zero weights skipped) and rounded once to float32."""
+    return _weighted(_LIB.weighted_sum64, xs, np.asarray(weights, dtype=np.float64))
+
+
+def weighted_sum32(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i weights[i] * xs[i] of equally shaped float32 CPU tensors in float32, in model order from zeros, each
+    step a fused multiply-add with the weight in float32: torch's zeros then add_ with alpha, in one pass."""
+    return _weighted(_LIB.weighted_sum32, xs, np.asarray(weights, dtype=np.float32))
+
+
+def _weighted(kernel, xs: Sequence[torch.Tensor], w: np.ndarray) -> torch.Tensor:
     flat = [x.contiguous().reshape(-1) for x in xs]
     out = torch.empty_like(flat[0])
-    w = np.asarray(weights, dtype=np.float64)
     k = len(flat)
 
     def run(a: int, z: int) -> None:
         ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + 4 * a for f in flat))
-        _LIB.weighted_sum64(ptrs, w.ctypes.data, k, z - a, out.data_ptr() + 4 * a)
+        kernel(ptrs, w.ctypes.data, k, z - a, out.data_ptr() + 4 * a)
 
     split(run, out.numel(), grain=1 << 18)
     return out.reshape(xs[0].shape)

@@ -8,7 +8,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from mergesmith.methods import compiled
 from mergesmith.methods.registry import PerModel, Range, Round, TwoPass, merge_method
+from mergesmith.methods.sparsify import compiled_serves
 from mergesmith.methods.spherical import add_sums, dot64, norm64, sq64, whole_statistic
 
 
@@ -72,7 +74,9 @@ def _sphere(weight: Sequence[float], normalize_weights: bool, eps: float, norms:
 
 
 def _unit_sum(xs: Sequence[torch.Tensor], sph: Sphere) -> torch.Tensor:
-    """sum_i w_i u_i in float32, added in model order."""
+    """sum_i w_i u_i in float32, added in model order (in one compiled pass where it gives torch's bits)."""
+    if compiled.fused_multiply_add() and compiled_serves(xs[0], xs):
+        return compiled.weighted_sum32(xs, sph.scales)
     out = torch.zeros_like(xs[0])
     for x, s in zip(xs, sph.scales):
         out.add_(x, alpha=s)
