@@ -564,3 +564,20 @@ def test_weighted_sum_in_float32_is_torchs(n, k):
         want.add_(x, alpha=w)
     got = compiled.weighted_sum32(xs, ws)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_narrowing_to_bfloat16_is_torchs_and_flags_nan_and_inf():
+    """The output's conversion: torch's round-to-nearest-even bits for finite values (ties, subnormals, values that
+    round up to infinity), and a flag where any value is NaN or Inf."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_003, generator=g) * torch.exp2(torch.randint(-140, 128, (100_003,), generator=g).float())
+    bits = x.view(torch.int32)
+    bits[:2000] = (bits[:2000] & ~0xFFFF) | 0x8000  # exact ties: to even
+    x[2000:2004] = torch.tensor([3.4028235e38, -3.4028235e38, 1e-45, -0.0])
+    x = x.nan_to_num(posinf=1.0, neginf=-1.0)
+    out, finite = compiled.narrow(x)
+    assert finite and torch.equal(out.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[77_777] = bad
+        assert compiled.narrow(y)[1] is False

@@ -18,7 +18,8 @@
    its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of model_stock
    and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies and merge (variances, cut_mask,
    selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge, ram_counts), and the inputs'
-   bfloat16 to float32 conversion with its finiteness check (widen_bf16). */
+   bfloat16 to float32 conversion with its finiteness check (widen_bf16) and the output's conversion back, checked
+   the same way (narrow_bf16). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -915,6 +916,18 @@ WIDE int widen_bf16(const uint16_t *restrict src, int64_t n, uint32_t *restrict 
         bad |= (h & 0x7F80u) == 0x7F80u;
     }
     return (int)bad;
+}
+
+/* The output's float32 to bfloat16 conversion: dst = src rounded to nearest, ties to even (torch's conversion of
+   finite values); returns 1 where some value is NaN or Inf (dst is then not to be used: the caller refuses it). */
+WIDE int narrow_bf16(const uint32_t *restrict src, int64_t n, uint16_t *restrict dst) {
+    uint32_t bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t b = src[j];
+        bad |= (b & 0x7F800000u) == 0x7F800000u;
+        dst[j] = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    }
+    return bad != 0;
 }
 
 /* out = sum_i w[i] * x_i over elements [0, n) of k float32 arrays, summed in float64 in model order from +0.0, each

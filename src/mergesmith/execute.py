@@ -62,6 +62,17 @@ def _narrowed(task: TensorTask, x: torch.Tensor, what: str) -> torch.Tensor:
     return out
 
 
+def _output(task: TensorTask, out: torch.Tensor) -> torch.Tensor:
+    """A merged block in the task's output dtype, on the CPU; NaN or Inf refused. Float32 to bfloat16 on the CPU:
+    converted and checked in one compiled pass."""
+    narrowed = compiled.narrow(out) if task.out_dtype == torch.bfloat16 else None
+    if narrowed is not None and narrowed[1]:
+        return narrowed[0]
+    if narrowed is None and all_finite(out):
+        return _narrowed(task, out, f"tensor {task.name}: the merge").cpu()
+    raise MergeError(f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of this tensor)")
+
+
 def _copy(plan: Plan, task: TensorTask, rows: Optional[Tuple[int, int]], warned: bool) -> Tuple[torch.Tensor, bool]:
     """A tensor (or rows [a, b) of it) taken as it is (passthrough, non-float, only one model has it), checked like
     a merge's inputs; NaN or Inf warns once per tensor (`warned`: an earlier block did). Returns (values, warned)."""
@@ -195,11 +206,7 @@ def compute_blocks(
             else base
         )
         del inputs, base
-        if not all_finite(out):
-            raise MergeError(
-                f"tensor {task.name}: the merge produced NaN or Inf (check the weights and inputs of this tensor)"
-            )
-        return a, _narrowed(task, out, f"tensor {task.name}: the merge").cpu()
+        return a, _output(task, out)
 
     for k in range(width):
         _prefetch(plan, task, blocks, k)

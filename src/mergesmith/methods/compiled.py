@@ -38,7 +38,7 @@ def _load() -> Optional[ctypes.CDLL]:
         c, ck, gc = lib.consensus, lib.cut_keep, lib.gram_chunks
         cm, sq, sm = lib.cut_mask, lib.selected_squares, lib.sce_merge
         rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
-        fs, ws, w32 = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32
+        fs, ws, w32, nb = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32, lib.narrow_bf16
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -68,7 +68,8 @@ def _load() -> Optional[ctypes.CDLL]:
     wb.restype = ctypes.c_int
     fs.restype = None
     fs.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float]
-    wb.argtypes = [ptr, i64, ptr]
+    wb.argtypes = nb.argtypes = [ptr, i64, ptr]
+    nb.restype = ctypes.c_int
     ws.restype = w32.restype = None
     ws.argtypes = w32.argtypes = [ptr, ptr, i64, i64, ptr]
     return lib
@@ -389,6 +390,19 @@ def widen(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, bool]]:
     bad = []
     s, o = src.data_ptr(), out.data_ptr()
     split(lambda a, b: bad.append(_LIB.widen_bf16(s + 2 * a, b - a, o + 4 * a)), src.numel(), grain=1 << 18)
+    return out, not any(bad)
+
+
+def narrow(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, bool]]:
+    """(x in bfloat16, whether every value is finite) for a float32 CPU tensor, else None (torch converts it). The
+    bfloat16 values are torch's where all are finite."""
+    if not (available() and x.dtype == torch.float32 and x.device.type == "cpu"):
+        return None
+    src = x.contiguous()
+    out = torch.empty(src.shape, dtype=torch.bfloat16)
+    bad = []
+    s, o = src.data_ptr(), out.data_ptr()
+    split(lambda a, b: bad.append(_LIB.narrow_bf16(s + 4 * a, b - a, o + 2 * a)), src.numel(), grain=1 << 18)
     return out, not any(bad)
 
 
