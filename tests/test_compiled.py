@@ -581,3 +581,30 @@ def test_narrowing_to_bfloat16_is_torchs_and_flags_nan_and_inf():
         y = x.clone()
         y[77_777] = bad
         assert compiled.narrow(y)[1] is False
+
+
+@pytest.mark.skipif(not compiled.fused_multiply_add(), reason="torch adds with alpha unfused on this CPU")
+@pytest.mark.parametrize("method", ["karcher", "multislerp"])
+def test_compiled_weighted_sums_give_the_methods_torch_bits(monkeypatch, method):
+    """karcher and multislerp through their compiled weighted sums and through torch's adds: the same bits."""
+    from mergesmith.methods.karcher import _coefficients, karcher
+    from mergesmith.methods.multislerp import multislerp
+    from mergesmith.methods.spherical import gram64
+
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(300, 70, generator=g)
+    xs = [base + torch.randn(300, 70, generator=g) * 0.1 for _ in range(3)]
+    stat = _coefficients(gram64(xs), 10, 1e-5)  # karcher's block path: the combination of its inputs
+
+    def merged():
+        if method == "karcher":
+            return karcher(xs, lambda note: None, stat=stat)
+        return multislerp(base, xs, weight=[0.3, 0.1, 0.4])
+
+    calls = []
+    kernel = "weighted_sum64" if method == "karcher" else "weighted_sum32"
+    real = getattr(compiled, kernel)
+    monkeypatch.setattr(compiled, kernel, lambda *a: calls.append(1) or real(*a))
+    fast = merged()
+    monkeypatch.setattr(compiled, "fused_multiply_add", lambda: False)
+    assert calls and torch.equal(fast.view(torch.int32), merged().view(torch.int32))

@@ -179,3 +179,19 @@ def test_nuslerp_row_vectors_take_row_blocks_with_the_same_bytes(monkeypatch):
     for b in (None, base):
         whole, _, _ = run("nuslerp", b, xs, per, monkeypatch, block=1 << 22, nuslerp_flatten=False)
         assert torch.equal(blocked("nuslerp", b, xs, per, monkeypatch, nuslerp_flatten=False), whole)
+
+
+def test_nuslerp_row_sums_do_not_depend_on_the_rows_beside_them():
+    """A row's float64 norms and dot product are the same alone (a block of one row) as among the others."""
+    from mergesmith.methods.nuslerp import slerp_vectors
+
+    _, (x0, x1) = models(2, 21, scale=0.5)
+    x0, x1 = x0.repeat(1, 100), x1.repeat(1, 100)  # rows of 4800: float64 sums that depend on their order
+    rows = torch.cat([slerp_vectors(0.3, x0[r : r + 1], x1[r : r + 1], flatten=False) for r in range(x0.shape[0])])
+    assert torch.equal(rows, slerp_vectors(0.3, x0, x1, flatten=False))
+    from mergesmith.methods import nuslerp as nu
+
+    alone = [nu._sums(None, [x0[r : r + 1], x1[r : r + 1]], nuslerp_flatten=False) for r in range(x0.shape[0])]
+    together = nu._sums(None, [x0, x1], nuslerp_flatten=False)
+    for k in range(3):
+        assert torch.equal(torch.cat([a[k] for a in alone]), together[k])

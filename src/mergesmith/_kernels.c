@@ -19,7 +19,8 @@
    and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies and merge (variances, cut_mask,
    selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge, ram_counts), and the inputs'
    bfloat16 to float32 conversion with its finiteness check (widen_bf16) and the output's conversion back, checked
-   the same way (narrow_bf16). */
+   the same way (narrow_bf16), and the weighted sums of karcher (float64) and multislerp (float32) with torch's fused
+   multiply-adds (weighted_sum64, weighted_sum32). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -337,7 +338,9 @@ static void della_row(const float *x, const float *base, int64_t n, const float 
     count_buckets(n, used, s);
     int64_t m = decide(n, steps, s, mask);
     if (m == 0) return;
-    if (sort_band(m, s) <= FEW_KEYS) { /* a scan of the row each costs less than listing the buckets */
+    /* a scan of the row a magnitude costs less than listing the buckets (a band of a quarter of the row or more
+       is listed without sorting it first) */
+    if (4 * m <= n && sort_band(m, s) <= FEW_KEYS) {
         rank_by_scans(n, m, steps, s, mask);
         return;
     }

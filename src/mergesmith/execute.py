@@ -63,8 +63,9 @@ def _narrowed(task: TensorTask, x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _output(task: TensorTask, out: torch.Tensor) -> torch.Tensor:
-    """A merged block in the task's output dtype, on the CPU; NaN or Inf refused. Float32 to bfloat16 on the CPU:
-    converted and checked in one compiled pass."""
+    """A merged block in the task's output dtype, on the CPU; NaN or Inf in the float32 result refused (a finite
+    value beyond bfloat16's range rounds to Inf, as torch converts it). Float32 to bfloat16 on the CPU: converted
+    and checked in one compiled pass."""
     narrowed = compiled.narrow(out) if task.out_dtype == torch.bfloat16 else None
     if narrowed is not None and narrowed[1]:
         return narrowed[0]

@@ -7,10 +7,11 @@ L1-rescaled DARE/DELLA sum; `cut_keep`: a block's magnitude trim by its tensor's
 disjoint merge; `gram_chunks`: float64 Gram matrices in chunks; `variances`, `cut_mask`, `selected_squares` and
 `sce_merge`: sce's selection key, selection, energies and merge, without stacking the deltas; `ram_merge` and
 `ram_counts`: RAM and RAM+ in one pass; `widen`: the inputs' bfloat16 to float32 conversion, checked for NaN and
-Inf in the same pass. Each gives the bits
-of the numpy or torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in
-another fixed order; the numpy/torch paths run instead where the extension was not built (`available()` is
-False).
+Inf in the same pass, and `narrow` the output's conversion back; `masked_delta`: a block's L1-rescaled DARE/DELLA
+delta from pass 1's mask; `weighted_sum64` and `weighted_sum32`: karcher's and multislerp's weighted sums, with
+torch's fused multiply-adds (used where torch's kernels fuse: `fused_multiply_add()`). Each gives the bits of the
+numpy or torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in another
+fixed order; the numpy/torch paths run instead where the extension was not built (`available()` is False).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from mergesmith.methods.parallel import both, split
 
 SUM_RANGE = 1 << 15  # elements of masked_sum's running sum kept in cache while every model adds to it
-MAX_COLS = 1 << 24  # the kernel's scratch is ~30 bytes an element of one row: longer rows take the numpy path
+MAX_COLS = 1 << 24  # the kernel's scratch is ~50 bytes an element of one row: longer rows take the numpy path
 
 
 def _load() -> Optional[ctypes.CDLL]:

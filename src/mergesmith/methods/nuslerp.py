@@ -56,7 +56,7 @@ def slerp_vectors(
     shape = v0.shape
     a, b = _vectors(v0.float(), row_wise, flatten), _vectors(v1.float(), row_wise, flatten)
     if coef is None:
-        s00, s11, s01 = _vector_sums(a, b)
+        s00, s11, s01 = _vector_sums(a, b, whole=flatten or v0.dim() == 1)
         coef = vector_coefficients(t, s00.sqrt(), s11.sqrt(), s01, eps)
     ca, cb = coef
     out = a * ca.float() + b * cb.float()
@@ -79,10 +79,10 @@ def _endpoints(base: Optional[torch.Tensor], inputs: Sequence[torch.Tensor]) -> 
     return inputs[0].float() - b, inputs[1].float() - b
 
 
-def _vector_sums(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float64 sums of a^2, b^2 and a b along the last dimension (shape (..., 1)); one vector (a whole tensor) in
-    one pass of gram64."""
-    if a.dim() == 2 and a.shape[0] == 1:
+def _vector_sums(a: torch.Tensor, b: torch.Tensor, whole: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 sums of a^2, b^2 and a b along the last dimension (shape (..., 1)); a `whole` tensor (one vector) in
+    one pass of gram64. Rows and columns are summed each on its own, whatever the block they are in."""
+    if whole:
         g = gram64([a, b]).to(a.device)
         return g[0, 0].reshape(1, 1), g[1, 1].reshape(1, 1), g[0, 1].reshape(1, 1)
     return sq64(a, dim=-1, keepdim=True), sq64(b, dim=-1, keepdim=True), dot64(a, b, dim=-1, keepdim=True)
@@ -91,9 +91,8 @@ def _vector_sums(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.
 def _sums(base, inputs, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False):
     """A block's float64 sums of v0^2, v1^2 and v0 v1 per slerped vector (shape (..., 1))."""
     v0, v1 = _endpoints(base, inputs)
-    return _vector_sums(
-        _vectors(v0, nuslerp_row_wise, nuslerp_flatten), _vectors(v1, nuslerp_row_wise, nuslerp_flatten)
-    )
+    a, b = _vectors(v0, nuslerp_row_wise, nuslerp_flatten), _vectors(v1, nuslerp_row_wise, nuslerp_flatten)
+    return _vector_sums(a, b, whole=nuslerp_flatten or v0.dim() == 1)
 
 
 def _finish(stat, weight: Sequence[float]) -> Coefficients:

@@ -1,7 +1,9 @@
 """Geometry shared by the spherical methods (slerp, nuslerp, multislerp, karcher).
 
-Scalar statistics (norms, dot products, angles) are computed in float64 so that they, and hence the coefficients,
-are the same on every device and thread count; the elementwise combination is float32, rounded once by the caller.
+Scalar statistics (norms, dot products, angles) are computed in float64, whole tensors' sums of squares and
+products by gram64 (chunk sums added exactly: the same on any thread count; the compiled pass and torch's sum differ
+in the order within a chunk, i.e. in the last bits of the float64 sums, which the float32 coefficients rarely
+show); the elementwise combination is float32, rounded once by the caller.
 A tensor in row blocks gathers them as float64 sums of squares and products per block, folded in block order
 (`add_sums`), so its coefficients differ from the whole tensor's only by the order of the float64 additions.
 Each kernel follows mergekit 0.1.5's formula (cited in each docstring) so recipes give mergekit's results.
