@@ -384,26 +384,25 @@ def ram_counts(base: torch.Tensor, xs: Sequence[torch.Tensor], epsilon: float) -
 
 def widen(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, bool]]:
     """(x in float32, whether every value is finite) for a bfloat16 CPU tensor, else None (torch converts it)."""
-    if not (available() and x.dtype == torch.bfloat16 and x.device.type == "cpu"):
-        return None
-    src = x.contiguous()
-    out = torch.empty(src.shape, dtype=torch.float32)
-    bad = []
-    s, o = src.data_ptr(), out.data_ptr()
-    split(lambda a, b: bad.append(_LIB.widen_bf16(s + 2 * a, b - a, o + 4 * a)), src.numel(), grain=1 << 18)
-    return out, not any(bad)
+    return _converted(x, torch.bfloat16, torch.float32, "widen_bf16")
 
 
 def narrow(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, bool]]:
     """(x in bfloat16, whether every value is finite) for a float32 CPU tensor, else None (torch converts it). The
     bfloat16 values are torch's where all are finite."""
-    if not (available() and x.dtype == torch.float32 and x.device.type == "cpu"):
+    return _converted(x, torch.float32, torch.bfloat16, "narrow_bf16")
+
+
+def _converted(x: torch.Tensor, source: torch.dtype, target: torch.dtype, kernel: str):
+    """x converted by a kernel(src, n, dst) that returns nonzero where it met NaN or Inf, and whether all were
+    finite; None unless x is a `source` CPU tensor."""
+    if not (available() and x.dtype == source and x.device.type == "cpu"):
         return None
     src = x.contiguous()
-    out = torch.empty(src.shape, dtype=torch.bfloat16)
-    bad = []
-    s, o = src.data_ptr(), out.data_ptr()
-    split(lambda a, b: bad.append(_LIB.narrow_bf16(s + 4 * a, b - a, o + 2 * a)), src.numel(), grain=1 << 18)
+    out = torch.empty(src.shape, dtype=target)
+    fn, bad = getattr(_LIB, kernel), []
+    s, o, si, oi = src.data_ptr(), out.data_ptr(), src.element_size(), out.element_size()
+    split(lambda a, b: bad.append(fn(s + si * a, b - a, o + oi * a)), src.numel(), grain=1 << 18)
     return out, not any(bad)
 
 
