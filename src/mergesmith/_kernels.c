@@ -404,7 +404,6 @@ int keep_masks(const float *x, const float *base, int64_t rows, int64_t cols, in
     return ok ? 0 : -1;
 }
 
-/* Read 1 of a radix selection (sparsify.RadixSelect): counts[k >> 16] += 1 for each of n 32-bit keys. */
 /* The lanes set in a v8u of all-ones/zero lanes, as bits 0..7. */
 static inline uint32_t lane_bits(const v8u *on) {
     static const v8u lanes = {1, 2, 4, 8, 16, 32, 64, 128};
@@ -435,7 +434,8 @@ static inline void radix_keys(const uint32_t *x, const float *base, int64_t j, v
 
 #define SMALL_COUNT (1 << 16) /* fewer keys are counted straight into the caller's table: no tables to clear */
 
-/* Four count tables: runs of keys in one bucket (ties are common) would otherwise wait on each other's increments. */
+/* Read 1 of a radix selection (sparsify.RadixSelect): counts[k >> 16] += 1 for each of n 32-bit keys. Four count
+   tables: runs of keys in one bucket (ties are common) would otherwise wait on each other's increments. */
 WIDE void high_counts(const uint32_t *x, const float *base, int64_t n, int64_t *counts) {
     uint32_t *sub = n >= SMALL_COUNT ? calloc((size_t)4 << 16, sizeof(uint32_t)) : NULL;
     if (!sub) {

@@ -176,9 +176,15 @@ def _cut(stat: Pass1) -> Pass1:
     return stat
 
 
+def _compiled_block(base, inputs, select_topk: float, cut: tuple) -> bool:
+    """Whether the compiled kernels take a block: float32 CPU tensors, and its selection known (the tensor's cut,
+    or no selection at all)."""
+    return sparsify.compiled_serves(base, inputs) and bool(cut or not 0 < select_topk < 1)
+
+
 def _sum_squares(base, inputs, row_offset, select_topk, stat: Optional[Pass1]) -> Tuple[int, List[float]]:
     cut = () if stat is None or stat.cut is None else (stat.cut, stat.before[stat.rows.index(row_offset)])
-    if sparsify.compiled_serves(base, inputs) and (cut or not 0 < select_topk < 1):
+    if _compiled_block(base, inputs, select_topk, cut):
         mask = block_mask(base, inputs, select_topk, *(cut or (None, None)))
         return base.numel(), [compiled.selected_squares(x, base, mask) for x in inputs]
     deltas = selected_deltas(base, inputs, select_topk, *cut)
@@ -246,7 +252,7 @@ def sce(
     cut = () if stat is None or stat.cut is None else (stat.cut, stat.before)
     # torch's sum over more than 16 models adds in a cascade, not in model order: the torch ops serve those
     fits = len(inputs) <= 16
-    if stat is not None and fits and sparsify.compiled_serves(b, inputs) and (cut or not 0 < select_topk < 1):
+    if stat is not None and fits and _compiled_block(b, inputs, select_topk, cut):
         mask = block_mask(b, inputs, select_topk, *(cut or (None, None)))
         return compiled.sce_merge(b, inputs, mask, stat.weights).reshape(b.shape)
     deltas = selected_deltas(b, inputs, select_topk, *cut)
