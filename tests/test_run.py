@@ -410,6 +410,36 @@ def test_blocks_two_at_a_time_come_back_in_order():
     assert list(in_order(fn, range(3), 1)) == [0, 1, 2]
 
 
+def test_blocks_in_flight_are_bounded_over_all_tensors(tmp_path, fam, monkeypatch):
+    """The executor reads and computes at most execute.BLOCKS blocks at once over the tensors in flight (two
+    tensors, two blocks of each), and does run blocks side by side."""
+    import threading
+    import time
+
+    import mergesmith.execute
+    import mergesmith.plan
+
+    running, peak, lock = [0], [0], threading.Lock()
+    real = mergesmith.execute._read
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(mergesmith.execute, "_read", counted)
+    monkeypatch.setattr(mergesmith.plan, "BLOCK_ELEMENTS", 1000)
+    ties = SEED_RECIPE.replace("della_linear", "ties").replace("  epsilon: 0.05\n", "")
+    assert cli("run", write_recipe(tmp_path, fam, ties), tmp_path / "o", "--seed", 1, "--quiet") == 0
+    assert peak[0] == mergesmith.execute.BLOCKS == 3
+
+
 def test_row_blocks_are_read_ahead(tmp_path, fam, monkeypatch):
     """Before a row block is read, the kernel is asked (posix_fadvise WILLNEED) for the blocks after it: every
     advice is a whole number of rows inside one tensor's bytes (offsets from the file's own header), and together

@@ -9,6 +9,7 @@ everything is written and checked (mergesmith.outdir).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -118,7 +119,13 @@ def _prefetch(plan: Plan, task: TensorTask, blocks: Sequence[Tuple[int, int]], k
 
 
 def _statistic(
-    plan: Plan, task: TensorTask, device: torch.device, blocks: List[Tuple[int, int]], two_pass: TwoPass, width: int
+    plan: Plan,
+    task: TensorTask,
+    device: torch.device,
+    blocks: List[Tuple[int, int]],
+    two_pass: TwoPass,
+    width: int,
+    gate: Callable,
 ):
     """Pass 1 of a two-pass merge: each round reads every block, folds the blocks' partials in block order into
     the previous round's result and finishes it. The inputs are checked for NaN/Inf on the first read."""
@@ -128,17 +135,8 @@ def _statistic(
         def partial(k: int, rnd=rnd, prev=stat, check: bool = r == 0):
             ab = blocks[k]
             _prefetch(plan, task, blocks, k + width)
-            base, inputs = _read(plan, task, device, ab, check)
-            return method.call(
-                rnd.collect,
-                task.shared,
-                task.per_input,
-                base=base,
-                inputs=inputs,
-                keys=task.keys,
-                row_offset=ab[0],
-                stat=prev,
-            )
+            with gate():
+                return _partial(plan, task, device, rnd, prev, ab, check)
 
         total = stat
         for k in range(width):
@@ -147,6 +145,21 @@ def _statistic(
             total = rnd.reduce(total, part)
         stat = method.call(rnd.finish, task.shared, task.per_input, stat=total) if rnd.finish else total
     return stat
+
+
+def _partial(plan: Plan, task: TensorTask, device: torch.device, rnd, prev, ab: Tuple[int, int], check: bool):
+    """One block's share of a round of pass 1 (its `collect`)."""
+    base, inputs = _read(plan, task, device, ab, check)
+    return plan.method.call(
+        rnd.collect,
+        task.shared,
+        task.per_input,
+        base=base,
+        inputs=inputs,
+        keys=task.keys,
+        row_offset=ab[0],
+        stat=prev,
+    )
 
 
 class TensorNotes:
@@ -176,10 +189,15 @@ class TensorNotes:
 
 
 def compute_blocks(
-    plan: Plan, task: TensorTask, device: torch.device, notes: Optional[TensorNotes] = None
+    plan: Plan,
+    task: TensorTask,
+    device: torch.device,
+    notes: Optional[TensorNotes] = None,
+    gate: Callable = contextlib.nullcontext,
 ) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield (first_row, block) of one output tensor, in its output dtype, on the CPU. The kernel's notes go to
-    `notes` (without one, each is a warning naming the tensor)."""
+    `notes` (without one, each is a warning naming the tensor). Each block is read and computed inside `gate()`
+    (the executor's bound on blocks computing at once, over all tensors in flight)."""
     blocks = row_blocks(plan, task)
     if task.kind == "copy":
         warned = False
@@ -190,15 +208,19 @@ def compute_blocks(
         return
     method = plan.method
     two_pass = method.two_pass(task.shared) if len(blocks) > 1 else None
-    # Tensors whose statistic keeps per-element state between the passes take turns (keeps_state); their blocks
-    # go two at a time instead, so both cores stay busy. Results are used in block order either way: same bytes.
-    width = 2 if keeps_state(plan, task) else 1
-    stat = _statistic(plan, task, device, blocks, two_pass, width) if two_pass is not None else None
+    # Two blocks of a tensor at a time, so a tensor left alone still keeps both cores busy; the gate bounds the
+    # blocks computing over all tensors. Results are used in block order either way: same bytes.
+    width = 2 if len(blocks) > 1 else 1
+    stat = _statistic(plan, task, device, blocks, two_pass, width, gate) if two_pass is not None else None
     report = notes.reporter(task.name) if notes is not None else (lambda note: warn(f"tensor {task.name}: {note}"))
 
     def merge_block(k: int) -> Tuple[int, torch.Tensor]:
-        a, b = blocks[k]
         _prefetch(plan, task, blocks, k + width)
+        with gate():
+            return merged(k)
+
+    def merged(k: int) -> Tuple[int, torch.Tensor]:
+        a, b = blocks[k]
         base, inputs = _read(plan, task, device, (a, b) if len(blocks) > 1 else None, check=two_pass is None)
         share = two_pass.share(stat, k) if two_pass is not None else None
         out = (
@@ -252,15 +274,13 @@ def can_resume(plan: Plan, partial: Path) -> bool:
 def keeps_state(plan: Plan, task: TensorTask) -> bool:
     """Two-pass tensors in row blocks whose statistic keeps per-element state between the passes (DARE/DELLA's
     keep masks for their whole-tensor L1 sums: 1 bit per element and model; TwoPass.keeps_state). Two of them in
-    flight (an embedding and an lm_head) would add up, so they take turns, and each merges two of its blocks at a
-    time instead (compute_blocks). Peak memory is then the same whatever the order of the tensors and the number
-    of layers. della_linear on the Nemo-shaped 1- and 4-layer models, same files: both tensors at once 149 s,
-    1.64 GiB peak RSS (4 layers: 1.43 GiB in another run); taking turns 177 s, 1.05 GiB; taking turns with two
-    blocks at a time 146 s, 1.50 GiB (4 layers: 1.53 GiB)."""
+    flight (an embedding and an lm_head) would add up, so they take turns: peak memory is then the same whatever
+    the order of the tensors and the number of layers (bench/RESULTS.md has the measurements)."""
     return task.kind == "merge" and plan.method.keeps_state(task.shared) and len(row_blocks(plan, task)) > 1
 
 
 WORKERS = 2  # tensors in flight: one reading while another computes; torch uses the cores within each
+BLOCKS = WORKERS + 1  # blocks read and computed at once, over all tensors: one more than WORKERS keeps both cores fed
 
 
 class _Runner:
@@ -272,6 +292,7 @@ class _Runner:
         self.notes = TensorNotes()  # the kernels' notes, one warning each at the end
         self.slots = threading.Semaphore(WORKERS)
         self.turns = threading.Semaphore(1)
+        self.computing = threading.BoundedSemaphore(BLOCKS)
         self.lock = threading.Lock()
         self.failed: List[BaseException] = []
         self.delay = float(os.environ.get("MERGESMITH_TEST_TENSOR_DELAY", "0"))  # tests only: widen the kill window
@@ -281,7 +302,7 @@ class _Runner:
             if self.failed:
                 return
             c = 0
-            for row, block in compute_blocks(self.plan, task, self.dev, self.notes):
+            for row, block in compute_blocks(self.plan, task, self.dev, self.notes, gate=lambda: self.computing):
                 c = zlib.crc32(self.writer.write(task.name, block, row_offset=row), c)
             if self.delay:
                 time.sleep(self.delay)

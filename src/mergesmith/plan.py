@@ -106,23 +106,23 @@ class Plan:
 
     @property
     def peak_bytes_estimate(self) -> int:
-        """Two tensors (or row blocks) in flight, each with its float32 working set: the inputs, their deltas,
-        sorting and masks, and the output; of the two-pass tensors in row blocks (1 bit per element and model of
-        saved masks), at most one at a time (execute.keeps_state)."""
-        two_pass_sizes, others = [0], [0]
+        """The blocks in flight, each with its float32 working set (the inputs, their deltas, sorting and masks,
+        and the output): two tensors at a time, two blocks of a tensor in row blocks, three blocks in all
+        (execute.BLOCKS); and the saved masks (1 bit per element and model) of one two-pass tensor in row blocks
+        (they take turns: execute.keeps_state)."""
+        singles, blocked, masks = [0, 0], [0, 0], [0]
         for t in self.tasks:
             n_in = len(t.inputs) + (1 if t.base else 0)
             blocks = row_blocks(self, t)
             elems = max(b - a for a, b in blocks) * (t.numel // max(1, t.shape[0] if t.shape else 1))
-            two_pass = len(blocks) > 1 and self.method.keeps_state(t.shared)
             # a copy holds the tensor as read (written as it is); a merge its float32 working set
             work = elems * (t.out_dtype.itemsize if t.kind != "merge" else 4 * (2 * n_in + 6))
-            if two_pass:  # two blocks at a time, and the saved masks
-                two_pass_sizes.append(2 * work + t.numel * n_in // 8)
-            else:
-                others.append(work)
-        others.sort(reverse=True)
-        return max(max(two_pass_sizes) + others[0], sum(others[:2]))
+            (blocked if len(blocks) > 1 else singles).append(work)
+            if len(blocks) > 1 and self.method.keeps_state(t.shared):
+                masks.append(t.numel * n_in // 8)
+        singles.sort(reverse=True)
+        blocked.sort(reverse=True)
+        return max(singles[0] + singles[1], 2 * blocked[0] + max(blocked[1], singles[0])) + max(masks)
 
 
 # Tensors above this many elements are merged in blocks of rows when the method allows it. A constant: the
