@@ -127,17 +127,21 @@ def test_della_decides_at_the_threshold_rank(n, density, epsilon):
     "weights,normalize", [([0.3, 0.1, 0.4], False), ([0.3, 0.1, 0.4], True), ([1.0, 1.0, 1.0], False)]
 )
 @pytest.mark.parametrize("sums", [[(3.0, 1.7), (2.0, 0.9), (5.0, 4.1)], [(1.0, 1.0), (0.0, 0.0), (7.0, 3.0)]])
-def test_pass_two_sum_in_one_compiled_pass_is_the_same_float32(monkeypatch, weights, normalize, sums):
+@pytest.mark.parametrize("stored", [False, True])
+@pytest.mark.parametrize("shape", [(37, 301), (601, 997)])
+def test_pass_two_sum_in_one_compiled_pass_is_the_same_float32(monkeypatch, weights, normalize, sums, stored, shape):
     """kept(x - base) * factor * weight numerator, summed in recipe order: the compiled pass gives the bits of the
-    torch ops it replaces, on bf16 inputs (many results halfway between bf16 values) and odd block lengths."""
+    torch ops it replaces, on bf16 inputs (many results halfway between bf16 values) and odd block lengths; the
+    same from the bfloat16 tensors as stored (`stored`: widened by the kernel). The larger block is split over
+    the threads (each range reads the masks from its own offset)."""
     from mergesmith.methods.task_arithmetic import L1Share, generalized_task_arithmetic
 
     g = torch.Generator().manual_seed(3)
-    base = (torch.randn(37, 301, generator=g) * 0.02).to(torch.bfloat16).float()
-    xs = [(base + torch.randn(37, 301, generator=g) * 0.001).to(torch.bfloat16).float() for _ in range(3)]
-    masks = [np.packbits((torch.rand(37 * 301, generator=g) < 0.4).numpy()) for _ in range(3)]
+    base = (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16).float()
+    xs = [(base + torch.randn(*shape, generator=g) * 0.001).to(torch.bfloat16).float() for _ in range(3)]
+    masks = [np.packbits((torch.rand(base.numel(), generator=g) < 0.4).numpy()) for _ in range(3)]
 
-    def merged():
+    def merged(base=base, xs=xs):
         return generalized_task_arithmetic(
             base,
             xs,
@@ -151,7 +155,8 @@ def test_pass_two_sum_in_one_compiled_pass_is_the_same_float32(monkeypatch, weig
             stat=L1Share(sums, masks),
         )
 
-    fused = merged()
+    fused = merged(base.bfloat16(), [x.bfloat16() for x in xs]) if stored else merged()
+    assert fused.dtype == torch.float32
     monkeypatch.setattr(compiled, "_LIB", None)
     want = merged()
     assert torch.equal(fused.view(torch.int32), want.view(torch.int32))
@@ -488,12 +493,13 @@ def test_ram_merge_in_one_compiled_pass_is_the_torch_path(monkeypatch, method, s
 
 @pytest.mark.parametrize("method", ["random", "della_magprune"])
 @pytest.mark.parametrize("shape", [(37, 301), (4, 4096)])
-def test_keep_masks_take_the_deltas_themselves_from_a_model_and_its_base(monkeypatch, method, shape):
-    """A model and its base given to the kernel: the masks and float64 sums of their deltas x - base (rounded as
-    float32 subtraction rounds them) given as deltas."""
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_keep_masks_take_the_deltas_themselves_from_a_model_and_its_base(monkeypatch, method, shape, stored):
+    """A model and its base given to the kernel (in float32, or bfloat16 as stored: widened a row at a time): the
+    masks and float64 sums of their deltas x - base (rounded as float32 subtraction rounds them) given as deltas."""
     base, xs = sce_inputs(shape[0] * shape[1], 1, seed=shape[0])
     base, x = base.reshape(shape), xs[0].reshape(shape)
-    (sums, mask) = l1_sums(x, method, 0.4, 17, epsilon=0.1, row_offset=5, base=base)
+    (sums, mask) = l1_sums(x.to(stored), method, 0.4, 17, epsilon=0.1, row_offset=5, base=base.to(stored))
     monkeypatch.setattr(compiled, "_LIB", None)  # the numpy path, on the deltas
     (want_sums, want_mask) = l1_sums(x - base, method, 0.4, 17, epsilon=0.1, row_offset=5)
     assert sums == want_sums and torch.equal(mask, want_mask)

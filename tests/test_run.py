@@ -358,6 +358,30 @@ def test_nan_input_warns_strict_refuses(tmp_path, fam, capsys):
     assert "holds NaN or Inf values (refused under --strict)" in capsys.readouterr().err
 
 
+def test_nan_in_a_stored_row_block_input_warns_strict_refuses(tmp_path, fam, capsys, monkeypatch):
+    """DARE/DELLA in row blocks read bfloat16 inputs as stored (not widened): NaN or Inf in one is still found on
+    the first read, named by model and tensor, and refused under --strict."""
+    import shutil
+
+    import mergesmith.plan
+    from safetensors.torch import load_file, save_file
+
+    b, f1, f2, f3 = fam
+    bad = tmp_path / "ft_inf"
+    shutil.copytree(f2, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert sd[name].dtype == torch.bfloat16
+    sd[name][-1, -1] = float("-inf")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(mergesmith.plan, "BLOCK_ELEMENTS", 1000)
+    r = write_recipe(tmp_path, (b, f1, bad, f3))
+    assert cli("run", r, tmp_path / "o", "--quiet", "--seed", 1) == 2  # the Inf reaches the output
+    assert f"model {bad}: tensor {name} holds NaN or Inf values" in capsys.readouterr().err
+    assert cli("run", r, tmp_path / "o2", "--quiet", "--seed", 1, "--strict") == 2
+    assert "holds NaN or Inf values (refused under --strict)" in capsys.readouterr().err
+
+
 def test_allocator_settings_only_for_row_block_merges(tmp_path, fam, monkeypatch):
     """`mergesmith run` keeps freed block buffers in the heap (mergesmith.allocator) when the plan streams row
     blocks (della_linear: 267 -> 144 s on the Nemo-shaped benchmark), and not for whole-tensor merges (their peak

@@ -2,8 +2,8 @@
    mergesmith/methods/compiled.py. Each computes the bits of a numpy/torch path in methods/, which is its reference
    and runs instead where this extension was not built.
 
-   keep_masks: masks of the random sparsifiers (DARE, DELLA MagPrune) for rows of float32 deltas, one fused pass per
-   row. Element j of a row is kept when u_j < p_j, u_j being the SplitMix64 uniform of its stream index (rng.py) and
+   keep_masks: masks of the random sparsifiers (DARE, DELLA MagPrune) for rows of float32 deltas (or of bfloat16
+   inputs as stored, widened a row at a time), one fused pass per row. Element j of a row is kept when u_j < p_j, u_j being the SplitMix64 uniform of its stream index (rng.py) and
    p_j = density (DARE) or steps[rank_j] (DELLA: rank of |delta_j| in its row, ascending, ties by index).
 
    DELLA without a sort: ranks come from a histogram of the magnitudes' bit patterns (which order like the values).
@@ -14,11 +14,13 @@
    draw below the least keep probability or at or above the greatest settles without its bucket.
 
    Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given
-   a base), the second pass of an L1-rescaled DARE/DELLA sum (masked_add, finish_sum), a block's magnitude trim by
+   a base), the second pass of an L1-rescaled DARE/DELLA sum (masked_add, finish_sum; masked_sum16 from bfloat16
+   inputs as stored, widened in cache-sized chunks), a block's magnitude trim by
    its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of model_stock
    and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies and merge (variances, cut_mask,
    selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge, ram_counts), and the inputs'
-   bfloat16 to float32 conversion with its finiteness check (widen_bf16) and the output's conversion back, checked
+   bfloat16 to float32 conversion with its finiteness check (widen_bf16; the check alone: nonfinite_bf16) and the
+   output's conversion back, checked
    the same way (narrow_bf16), and the weighted sums of karcher (float64) and multislerp (float32) with torch's fused
    multiply-adds (weighted_sum64, weighted_sum32). */
 #include <math.h>
@@ -60,10 +62,13 @@ typedef struct {
     int32_t *order;    /* elements by bucket, by index within a bucket */
     uint32_t *okeys;   /* their keys, in that order: a bucket's keys lie together */
     uint64_t *packed;  /* (key << 32 | index) of the sorted buckets */
+    float *xs, *bs;    /* a row of bfloat16 inputs (and base) in float32 */
     int64_t count[NB], start[NB], pos[NB], queries[NB];
     uint32_t sub[4][NB];
     uint8_t kind[NB];
 } Scratch;
+
+int widen_bf16(const uint16_t *restrict src, int64_t n, uint32_t *restrict dst);
 
 /* The uniforms of a row, and the decisions they settle alone: kept below `lo` (the least keep probability), dropped
    at or above `hi` (the greatest); cand[j] = 1 in between, where the probability of j's rank decides. */
@@ -364,19 +369,26 @@ static void free_scratch(Scratch *s) {
     free(s->tallied);
     free(s->cand);
     free(s->packed);
+    free(s->xs);
+    free(s->bs);
     free(s);
 }
 
 /* Masks (0/1 bytes) of the deltas x - base (base NULL: x is the delta) of rows [0, rows) of a block whose first row
    is row `row0` of its tensor (`cols` elements a row). steps == NULL: DARE, keep when u < density; else DELLA with
-   steps[0..cols-1]. sums[2r], sums[2r+1]: row r's float64 sum of |delta| and of the kept |delta|. Returns 0, or
-   -1 when memory runs out. */
-int keep_masks(const float *x, const float *base, int64_t rows, int64_t cols, int64_t row0, uint64_t key,
-               const float *steps, float density, uint8_t *mask, double *sums) {
+   steps[0..cols-1]. sums[2r], sums[2r+1]: row r's float64 sum of |delta| and of the kept |delta|. With `stored16`
+   x and base are bfloat16, widened a row at a time into the scratch (in cache; the same float32 values). Returns 0,
+   or -1 when memory runs out. */
+int keep_masks(const void *x, const void *base, int64_t rows, int64_t cols, int64_t row0, uint64_t key,
+               const float *steps, float density, uint8_t *mask, double *sums, int stored16) {
     Scratch *s = calloc(1, sizeof(Scratch));
     if (s == NULL) return -1;
     s->u = malloc(sizeof(float) * cols);
     s->cand = malloc(cols);
+    if (stored16) {
+        s->xs = malloc(sizeof(float) * cols);
+        s->bs = malloc(sizeof(float) * cols);
+    }
     if (steps != NULL) {
         s->keys = malloc(sizeof(uint32_t) * cols);
         s->bucket = malloc(sizeof(uint16_t) * cols);
@@ -389,11 +401,18 @@ int keep_masks(const float *x, const float *base, int64_t rows, int64_t cols, in
         s->packed = malloc(sizeof(uint64_t) * cols);
     }
     int ok = s->u && s->cand && (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->cands && s->asked && s->tallied &&
-                                          s->packed));
+                                          s->packed)) && (!stored16 || (s->xs && s->bs));
     for (int64_t r = 0; ok && r < rows; r++) {
-        const float *xr = x + r * cols, *br = base ? base + r * cols : NULL;
+        const float *xr, *br;
         uint8_t *m = mask + r * cols;
         if (cols == 0) continue;
+        if (stored16) {
+            widen_bf16((const uint16_t *)x + r * cols, cols, (uint32_t *)s->xs);
+            if (base) widen_bf16((const uint16_t *)base + r * cols, cols, (uint32_t *)s->bs);
+            xr = s->xs, br = base ? s->bs : NULL;
+        } else {
+            xr = (const float *)x + r * cols, br = base ? (const float *)base + r * cols : NULL;
+        }
         /* DARE: every draw settles against the density */
         float lo = steps ? steps[0] : density, hi = steps ? steps[cols - 1] : density;
         draws(key, (uint64_t)(row0 + r) * (uint64_t)cols, cols, lo, hi, s->u, m, s->cand);
@@ -544,6 +563,24 @@ WIDE void finish_sum(float *restrict acc, const float *restrict base, int64_t n,
         if (div != 1.0f) v = v / div;
         if (lam != 1.0f) v = v * lam;
         acc[j] = base[j] + v;
+    }
+}
+
+/* masked_sum's elements [0, n) of a block from bfloat16 inputs x[0..k-1] and base: chunks of each widened into
+   buffers that stay in cache, then masked_add of every model in recipe order (packed[i], factor f[i], numerator
+   num[i]) and finish_sum; each element takes the same float32 operations as on float32 inputs. */
+void masked_sum16(float *acc, const uint16_t *const *x, int64_t k, const uint16_t *base, const uint8_t *const *packed,
+                  int64_t offset, int64_t n, const float *f, const float *num, float div, float lam) {
+    enum { CHUNK = 2048 };
+    float xs[CHUNK], bs[CHUNK];
+    for (int64_t a = 0; a < n; a += CHUNK) {
+        int64_t c = n - a < CHUNK ? n - a : CHUNK;
+        widen_bf16(base + a, c, (uint32_t *)bs);
+        for (int64_t i = 0; i < k; i++) {
+            widen_bf16(x[i] + a, c, (uint32_t *)xs);
+            masked_add(acc + a, xs, bs, packed[i], offset + a, c, f[i], num[i], i == 0);
+        }
+        finish_sum(acc + a, bs, c, div, lam);
     }
 }
 
@@ -918,6 +955,13 @@ WIDE int widen_bf16(const uint16_t *restrict src, int64_t n, uint32_t *restrict 
         dst[j] = h << 16;
         bad |= (h & 0x7F80u) == 0x7F80u;
     }
+    return (int)bad;
+}
+
+/* Whether any of n bfloat16 values is NaN or infinite (all exponent bits set): widen_bf16's check alone. */
+WIDE int nonfinite_bf16(const uint16_t *restrict src, int64_t n) {
+    uint32_t bad = 0;
+    for (int64_t j = 0; j < n; j++) bad |= (src[j] & 0x7F80u) == 0x7F80u;
     return (int)bad;
 }
 

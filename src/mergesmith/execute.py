@@ -1,9 +1,10 @@
 """The Executor: the only part with threads and I/O.
 
 Walks the plan in output-file order, reads each tensor's inputs (whole or in row blocks, with preadv:
-mergesmith.io.index), upcasts to float32, calls the method's kernel, rounds once to the output dtype and writes
-the bytes straight to their place in the output shard. A bounded number of tensors is in flight, so memory
-follows the largest tensor, not the model. Work happens in `OUT_DIR.partial/`, renamed to OUT_DIR only when
+mergesmith.io.index), upcasts to float32 (bfloat16 blocks of DARE/DELLA stay as stored: their kernels widen them
+in cache), calls the method's kernel, rounds once to the output dtype and writes the bytes straight to their place
+in the output shard. A bounded number of tensors and blocks is in flight, so memory follows the largest tensor,
+not the model. Work happens in `OUT_DIR.partial/`, renamed to OUT_DIR only when
 everything is written and checked (mergesmith.outdir).
 """
 
@@ -46,8 +47,16 @@ def _check_input(plan: Plan, ref, x: torch.Tensor) -> bool:
     return False
 
 
-def _load(plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]], check: bool = True) -> torch.Tensor:
+def _load(
+    plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]], check: bool = True, stored: bool = False
+) -> torch.Tensor:
+    """One input's block in float32 on the device, or with `stored` bfloat16 on the CPU left as it is (checked)."""
     raw = plan.models[ref.model].read(ref.name, rows=rows, take=ref.take)
+    bad = compiled.nonfinite(raw) if stored and device.type == "cpu" else None
+    if bad is not None:
+        if check and bad:
+            _check_input(plan, ref, raw.float())
+        return raw
     widened = compiled.widen(raw) if device.type == "cpu" else None  # bfloat16: converted and checked in one pass
     x, finite = widened if widened is not None else (raw.to(device=device, dtype=torch.float32), False)
     if check and not finite:
@@ -99,10 +108,14 @@ def _permute(plan: Plan, task: TensorTask, base, inputs):
     return (out[task.base.model] if task.base is not None else None), [out[r.model] for r in task.inputs]
 
 
-def _read(plan: Plan, task: TensorTask, device: torch.device, rows: Optional[Tuple[int, int]], check: bool):
-    """The base (or None) and inputs of one block of rows (None: the whole tensor), in the output vocabulary."""
-    base = _load(plan, task.base, device, rows, check) if task.base is not None else None
-    inputs = [_load(plan, r, device, rows, check) for r in task.inputs]
+def _read(
+    plan: Plan, task: TensorTask, device: torch.device, rows: Optional[Tuple[int, int]], check: bool, stored=False
+):
+    """The base (or None) and inputs of one block of rows (None: the whole tensor), in the output vocabulary;
+    `stored`: bfloat16 inputs as stored (_load)."""
+    stored = stored and not task.vocab
+    base = _load(plan, task.base, device, rows, check, stored) if task.base is not None else None
+    inputs = [_load(plan, r, device, rows, check, stored) for r in task.inputs]
     if task.vocab:
         base, inputs = _permute(plan, task, base, inputs)
     return base, inputs
@@ -136,7 +149,7 @@ def _statistic(
             ab = blocks[k]
             _prefetch(plan, task, blocks, k + width)
             with gate():
-                return _partial(plan, task, device, rnd, prev, ab, check)
+                return _partial(plan, task, device, two_pass, rnd, prev, ab, check)
 
         total = stat
         for k in range(width):
@@ -147,9 +160,9 @@ def _statistic(
     return stat
 
 
-def _partial(plan: Plan, task: TensorTask, device: torch.device, rnd, prev, ab: Tuple[int, int], check: bool):
+def _partial(plan: Plan, task: TensorTask, device: torch.device, two_pass, rnd, prev, ab: Tuple[int, int], check):
     """One block's share of a round of pass 1 (its `collect`)."""
-    base, inputs = _read(plan, task, device, ab, check)
+    base, inputs = _read(plan, task, device, ab, check, two_pass.stored_inputs)
     return plan.method.call(
         rnd.collect,
         task.shared,
@@ -221,7 +234,8 @@ def compute_blocks(
 
     def merged(k: int) -> Tuple[int, torch.Tensor]:
         a, b = blocks[k]
-        base, inputs = _read(plan, task, device, (a, b) if len(blocks) > 1 else None, check=two_pass is None)
+        rows, stored = ((a, b) if len(blocks) > 1 else None), two_pass is not None and two_pass.stored_inputs
+        base, inputs = _read(plan, task, device, rows, check=two_pass is None, stored=stored)
         share = two_pass.share(stat, k) if two_pass is not None else None
         out = (
             method.merge(base, inputs, task.shared, task.per_input, task.keys, row_offset=a, stat=share, report=report)

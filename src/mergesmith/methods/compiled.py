@@ -40,11 +40,16 @@ def _load() -> Optional[ctypes.CDLL]:
         cm, sq, sm = lib.cut_mask, lib.selected_squares, lib.sce_merge
         rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
         fs, ws, w32, nb = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32, lib.narrow_bf16
+        ms16, nf = lib.masked_sum16, lib.nonfinite_bf16
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    f.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_uint64, ptr, ctypes.c_float, ptr, ptr]
+    f.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_uint64, ptr, ctypes.c_float, ptr, ptr, ctypes.c_int]
+    ms16.restype = None
+    ms16.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_float]
+    nf.restype = ctypes.c_int
+    nf.argtypes = [ptr, i64]
     g.restype = None
     g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
     v.restype = None
@@ -85,8 +90,12 @@ def available() -> bool:
 
 
 def usable(rows: torch.Tensor) -> bool:
-    """Whether the kernel serves this 2-D view of a delta: float32 on the CPU, rows no longer than MAX_COLS."""
-    return available() and rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.shape[1] <= MAX_COLS
+    """Whether the kernel serves this 2-D view of a delta: float32 (or bfloat16 as stored) on the CPU, rows no
+    longer than MAX_COLS."""
+    return available() and rows.device.type == "cpu" and rows.dtype in WIDENED and rows.shape[1] <= MAX_COLS
+
+
+WIDENED = (torch.float32, torch.bfloat16)  # bfloat16 inputs are widened by the kernels, a row or a range at a time
 
 
 def keep_masks(
@@ -101,18 +110,20 @@ def keep_masks(
     given) starting at `row_offset` of its tensor: DARE when `steps` is None (keep when u < density), else DELLA
     with keep probability steps[rank]. Sums in float64."""
     rows = rows.contiguous()
-    b = None if base is None else base.contiguous().numpy()
+    if base is not None and base.dtype != rows.dtype:
+        raise TypeError("keep_masks takes rows and base of one dtype")
+    b = None if base is None else base.contiguous()
     n, cols = rows.shape
     mask = np.empty((n, cols), dtype=np.uint8)
     sums = np.zeros((n, 2), dtype=np.float64)
     st = None if steps is None else steps.contiguous().numpy()
-    d = rows.numpy()
+    row_bytes = cols * rows.element_size()
 
     def run(a: int, z: int) -> None:
         if z > a:
             rc = _LIB.keep_masks(
-                d[a:z].ctypes.data,
-                None if b is None else b[a:z].ctypes.data,
+                rows.data_ptr() + a * row_bytes,
+                None if b is None else b.data_ptr() + a * row_bytes,
                 z - a,
                 cols,
                 row_offset + a,
@@ -121,6 +132,7 @@ def keep_masks(
                 ctypes.c_float(density),
                 mask[a:z].ctypes.data,
                 sums[a:z].ctypes.data,
+                rows.dtype == torch.bfloat16,
             )
             if rc != 0:
                 raise MemoryError("out of memory in the keep-mask kernel")
@@ -143,8 +155,10 @@ def masked_sum(
     float32, each operation rounded as sparsify's L1 rescale and task_arithmetic round them; masks are pass 1's
     packed bits. Ranges of SUM_RANGE elements at a time: the running sum stays in cache between the models."""
     b = base.contiguous().reshape(-1)
-    acc = torch.empty_like(b)
+    acc = torch.empty(b.shape, dtype=torch.float32)
     xs = [x.contiguous().reshape(-1) for x in inputs]
+    if b.dtype == torch.bfloat16:
+        return _masked_sum16(acc, b, xs, masks, factors, nums, divisor, lambda_).reshape(base.shape)
     ptrs = [t.data_ptr() for t in (acc, b)]
 
     def run(a0: int, z0: int) -> None:
@@ -157,6 +171,33 @@ def masked_sum(
 
     split(run, b.numel(), grain=1 << 18)
     return acc.reshape(base.shape)
+
+
+def _masked_sum16(acc, b, xs, masks, factors, nums, divisor: float, lambda_: float) -> torch.Tensor:
+    """masked_sum of bfloat16 inputs and base (all of it in one kernel call a thread: it widens in cache)."""
+    k = len(xs)
+    f, num = np.asarray(factors, dtype=np.float32), np.asarray(nums, dtype=np.float32)
+    packed = (ctypes.c_void_p * k)(*(m.ctypes.data for m in masks))
+
+    def run(a: int, z: int) -> None:
+        ptrs = (ctypes.c_void_p * k)(*(x.data_ptr() + 2 * a for x in xs))
+        _LIB.masked_sum16(
+            acc.data_ptr() + 4 * a, ptrs, k, b.data_ptr() + 2 * a, packed, a, z - a, f.ctypes.data, num.ctypes.data,
+            divisor, lambda_,
+        )  # fmt: skip
+
+    split(run, b.numel(), grain=1 << 18)
+    return acc
+
+
+def nonfinite(x: torch.Tensor) -> Optional[bool]:
+    """Whether a bfloat16 CPU tensor holds NaN or Inf (one read of its bytes), else None (not served)."""
+    if not (available() and x.dtype == torch.bfloat16 and x.device.type == "cpu"):
+        return None
+    src, bad = x.contiguous(), []
+    p = src.data_ptr()
+    split(lambda a, b: bad.append(_LIB.nonfinite_bf16(p + 2 * a, b - a)), src.numel(), grain=1 << 18)
+    return any(bad)
 
 
 def masked_delta(x: torch.Tensor, base: torch.Tensor, mask: np.ndarray, factor: float) -> torch.Tensor:

@@ -86,11 +86,14 @@ class Round:
 class TwoPass:
     """Row blocks that need a whole-tensor statistic: pass 1 runs `rounds` over the blocks, pass 2 calls the
     kernel for block k with `stat=share(statistic, k)` (once per block). `keeps_state`: the statistic holds
-    per-element state between the passes (keep masks), so such tensors take turns (execute.keeps_state)."""
+    per-element state between the passes (keep masks), so such tensors take turns (execute.keeps_state).
+    `stored_inputs`: both passes take bfloat16 CPU inputs as stored (their compiled kernels widen them in cache;
+    what those do not serve widens them first), so the executor does not convert the blocks to float32."""
 
     rounds: Tuple[Round, ...]
     share: Callable[[Any, int], Any]
     keeps_state: bool = False
+    stored_inputs: bool = False
 
 
 @dataclass(frozen=True)

@@ -522,14 +522,15 @@ def l1_sums(
 ) -> Tuple[L1Sums, Optional[torch.Tensor]]:
     """This block's (sum |delta|, sum |kept delta|), in float64, for a whole-tensor L1 rescale, and its mask. With
     `base`, `delta` is a model's tensor and the deltas are delta - base (taken in the compiled pass where it
-    serves)."""
+    serves; bfloat16 tensors as stored are widened to float32 first where it does not)."""
     if base is not None:
-        fast = (
-            _fast_masks(delta, method, density, key, epsilon, rank_scope, row_offset, base) if 0 < density < 1 else None
-        )
+        fast = None
+        if 0 < density < 1 and delta.dtype == base.dtype:
+            fast = _fast_masks(delta, method, density, key, epsilon, rank_scope, row_offset, base)
         if fast is not None:
             return fast[1:], fast[0]
-        delta = delta - base
+        delta = delta.float() - base.float()
+    delta = delta.float()  # (a bfloat16 tensor as stored)
     if density >= 1 or density <= 0:
         s = abs_sum(delta)
         return (s, (s if density >= 1 else 0.0)), None

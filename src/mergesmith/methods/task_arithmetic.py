@@ -56,6 +56,9 @@ def generalized_task_arithmetic(
     """
     if not inputs:
         return base
+    fused = not consensus and _fused(base, inputs, stat, rescale, rescale_mode)
+    if not fused and any(t.dtype != torch.float32 for t in (base, *inputs)):  # bfloat16 as stored: see L1_SUMS
+        base, inputs = base.float(), [x.float() for x in inputs]
 
     def sparse(i: int, x: torch.Tensor) -> torch.Tensor:
         if _masked_of(stat, i, densities[i], rescale, rescale_mode) and compiled_serves(base, [x]):
@@ -84,7 +87,7 @@ def generalized_task_arithmetic(
     nums, den = integer_weights(weights)
     if consensus:
         mixed = _consensus(base, inputs, sparse, nums, den, consensus, normalize)
-    elif _fused(base, inputs, stat, rescale, rescale_mode):
+    elif fused:
         factors = [l1_factor(*stat.sums[i]) for i in range(len(inputs))]
         return compiled.masked_sum(base, inputs, stat.masks, factors, nums, _divisor(nums, den, normalize), lambda_)
     else:
@@ -166,7 +169,8 @@ def _fused(base: torch.Tensor, inputs, stat: Any, rescale: bool, rescale_mode: s
         and rescale_mode == "l1"
         and all(m is not None for m in stat.masks)
         and compiled.available()
-        and like[:2] == ("cpu", torch.float32)
+        and like[0] == "cpu"
+        and like[1] in compiled.WIDENED
         and all((x.device.type, x.dtype, x.shape) == like for x in inputs)
     )
 
@@ -240,9 +244,11 @@ def _l1_share(stat: L1Stat, k: int) -> L1Share:
     return L1Share(stat.sums, masks)
 
 
-# DARE/DELLA's L1 rescale over the whole tensor: pass 1 adds each block's sums and keeps its masks.
+# DARE/DELLA's L1 rescale over the whole tensor: pass 1 adds each block's sums and keeps its masks. Both passes
+# take bfloat16 blocks as stored: the mask kernel and the fused sum widen them in cache (l1_sums and
+# generalized_task_arithmetic widen them first where those do not serve).
 L1_SUMS = {
-    s: TwoPass((Round(_l1_collect(s), _l1_add),), share=_l1_share, keeps_state=True)
+    s: TwoPass((Round(_l1_collect(s), _l1_add),), share=_l1_share, keeps_state=True, stored_inputs=True)
     for s in ("random", "della_magprune")
 }
 
