@@ -506,13 +506,16 @@ def test_keep_masks_take_the_deltas_themselves_from_a_model_and_its_base(monkeyp
     assert want_sums[0] == pytest.approx(float((x - base).double().abs().sum()), rel=1e-12)
 
 
-def test_radix_counts_of_magnitudes_take_a_model_and_its_base():
+@pytest.mark.parametrize("stored", [False, True])
+def test_radix_counts_of_magnitudes_take_a_model_and_its_base(stored):
     """With a base, the counts are those of the float32 magnitudes |x - base| (signed zeros and equal values
-    among them)."""
+    among them), also from bfloat16 tensors as stored (`stored`: widened by the kernel)."""
     base, (x,) = sce_inputs(100_003, 1, seed=4)
     a, b = x.numpy(), base.numpy()
     mags = np.abs(a - b)
     want = np.bincount(mags.view(np.uint32) >> 16, minlength=1 << 16)
+    if stored:
+        a, b = x.bfloat16(), base.bfloat16()
     assert np.array_equal(compiled.high_counts(a, b), want)
     buckets = [int(v) for v in np.argsort(want)[-3:]]
     got = compiled.low_counts(a, buckets, b)
@@ -521,6 +524,8 @@ def test_radix_counts_of_magnitudes_take_a_model_and_its_base():
         assert np.array_equal(got[k][0], vals) and np.array_equal(got[k][1], counts)
     with pytest.raises(TypeError):
         compiled.high_counts(a, b[:-1])
+    with pytest.raises(TypeError):
+        compiled.high_counts(x.bfloat16(), base)  # a stored input with a base of another dtype
 
 
 @pytest.mark.skipif(not compiled.fused_multiply_add(), reason="torch adds with alpha unfused on this CPU")

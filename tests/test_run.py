@@ -358,9 +358,10 @@ def test_nan_input_warns_strict_refuses(tmp_path, fam, capsys):
     assert "holds NaN or Inf values (refused under --strict)" in capsys.readouterr().err
 
 
-def test_nan_in_a_stored_row_block_input_warns_strict_refuses(tmp_path, fam, capsys, monkeypatch):
-    """DARE/DELLA in row blocks read bfloat16 inputs as stored (not widened): NaN or Inf in one is still found on
-    the first read, named by model and tensor, and refused under --strict."""
+@pytest.mark.parametrize("method", ["della_linear", "ties"])
+def test_nan_in_a_stored_row_block_input_warns_strict_refuses(tmp_path, fam, capsys, monkeypatch, method):
+    """DARE/DELLA and the magnitude cuts in row blocks read bfloat16 inputs as stored (not widened): NaN or Inf in
+    one is still found on the first read, named by model and tensor, and refused under --strict."""
     import shutil
 
     import mergesmith.plan
@@ -375,7 +376,8 @@ def test_nan_in_a_stored_row_block_input_warns_strict_refuses(tmp_path, fam, cap
     sd[name][-1, -1] = float("-inf")
     save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
     monkeypatch.setattr(mergesmith.plan, "BLOCK_ELEMENTS", 1000)
-    r = write_recipe(tmp_path, (b, f1, bad, f3))
+    text = SEED_RECIPE.replace("della_linear", method)
+    r = write_recipe(tmp_path, (b, f1, bad, f3), text if method != "ties" else text.replace("  epsilon: 0.05\n", ""))
     assert cli("run", r, tmp_path / "o", "--quiet", "--seed", 1) == 2  # the Inf reaches the output
     assert f"model {bad}: tensor {name} holds NaN or Inf values" in capsys.readouterr().err
     assert cli("run", r, tmp_path / "o2", "--quiet", "--seed", 1, "--strict") == 2

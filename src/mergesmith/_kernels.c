@@ -14,7 +14,7 @@
    draw below the least keep probability or at or above the greatest settles without its bucket.
 
    Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given
-   a base), the second pass of an L1-rescaled DARE/DELLA sum (masked_add, finish_sum; masked_sum16 from bfloat16
+   a base, from float32 or bfloat16 as stored), the second pass of an L1-rescaled DARE/DELLA sum (masked_add, finish_sum; masked_sum16 from bfloat16
    inputs as stored, widened in cache-sized chunks), a block's magnitude trim by
    its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of model_stock
    and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies and merge (variances, cut_mask,
@@ -45,6 +45,7 @@ enum { UNKNOWN, ONE_VALUE, MIXED, SORTED };
 #endif
 
 typedef uint8_t v8b __attribute__((vector_size(8)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
@@ -430,46 +431,64 @@ static inline uint32_t lane_bits(const v8u *on) {
     return b[0] | b[1] | b[2] | b[3] | b[4] | b[5] | b[6] | b[7];
 }
 
-/* Key j of the radix counts: word j of x, or with a base the bits of |x_j - base_j| (x then holds floats). */
-static inline uint32_t radix_key(const uint32_t *x, const float *base, int64_t j) {
-    if (!base) return x[j];
-    float v;
+/* Key j of the radix counts: x's bit pattern, or with a base the bit pattern of the magnitude |x - base| in
+   float32. `stored16`: x and base are bfloat16 as stored, widened here (the same float32 values). */
+static inline uint32_t radix_key(const void *x, const void *base, int64_t j, int stored16) {
+    uint32_t xj, bj = 0;
+    if (stored16) {
+        xj = (uint32_t)((const uint16_t *)x)[j] << 16;
+        if (base) bj = (uint32_t)((const uint16_t *)base)[j] << 16;
+    } else {
+        xj = ((const uint32_t *)x)[j];
+        if (base) memcpy(&bj, (const float *)base + j, 4);
+    }
+    if (!base) return xj;
+    float v, b;
     uint32_t k;
-    memcpy(&v, &x[j], 4);
-    v -= base[j];
+    memcpy(&v, &xj, 4);
+    memcpy(&b, &bj, 4);
+    v -= b;
     memcpy(&k, &v, 4);
     return k & 0x7FFFFFFFu;
 }
 
 /* Keys j..j+8 of the radix counts. */
-static inline void radix_keys(const uint32_t *x, const float *base, int64_t j, v8u *k) {
-    memcpy(k, x + j, sizeof *k);
-    if (base) {
-        v8f b;
-        memcpy(&b, base + j, sizeof b);
-        *k = (v8u)((v8f)*k - b) & 0x7FFFFFFFu;
+static inline void radix_keys(const void *x, const void *base, int64_t j, int stored16, v8u *k) {
+    v8u b = {0};
+    if (stored16) {
+        v8h h;
+        memcpy(&h, (const uint16_t *)x + j, sizeof h);
+        *k = __builtin_convertvector(h, v8u) << 16;
+        if (base) {
+            memcpy(&h, (const uint16_t *)base + j, sizeof h);
+            b = __builtin_convertvector(h, v8u) << 16;
+        }
+    } else {
+        memcpy(k, (const uint32_t *)x + j, sizeof *k);
+        if (base) memcpy(&b, (const float *)base + j, sizeof b);
     }
+    if (base) *k = (v8u)((v8f)*k - (v8f)b) & 0x7FFFFFFFu;
 }
 
 #define SMALL_COUNT (1 << 16) /* fewer keys are counted straight into the caller's table: no tables to clear */
 
 /* Read 1 of a radix selection (sparsify.RadixSelect): counts[k >> 16] += 1 for each of n 32-bit keys. Four count
    tables: runs of keys in one bucket (ties are common) would otherwise wait on each other's increments. */
-WIDE void high_counts(const uint32_t *x, const float *base, int64_t n, int64_t *counts) {
+WIDE void high_counts(const void *x, const void *base, int64_t n, int64_t *counts, int stored16) {
     uint32_t *sub = n >= SMALL_COUNT ? calloc((size_t)4 << 16, sizeof(uint32_t)) : NULL;
     if (!sub) {
-        for (int64_t j = 0; j < n; j++) counts[radix_key(x, base, j) >> 16]++;
+        for (int64_t j = 0; j < n; j++) counts[radix_key(x, base, j, stored16) >> 16]++;
         return;
     }
     for (int64_t a = 0; a < n; a += (int64_t)1 << 30) { /* a table's count stays below 2^32 */
         int64_t z = n - a < ((int64_t)1 << 30) ? n : a + ((int64_t)1 << 30), j = a;
         for (; j + 8 <= z; j += 8) {
             v8u t;
-            radix_keys(x, base, j, &t);
+            radix_keys(x, base, j, stored16, &t);
             t >>= 16;
             for (int l = 0; l < 8; l++) sub[(l & 3) << 16 | t[l]]++;
         }
-        for (; j < z; j++) sub[radix_key(x, base, j) >> 16]++;
+        for (; j < z; j++) sub[radix_key(x, base, j, stored16) >> 16]++;
         for (int64_t b = 0; b < (1 << 16); b++) {
             counts[b] += (int64_t)sub[b] + sub[1 << 16 | b] + sub[2 << 16 | b] + sub[3 << 16 | b];
             sub[b] = sub[1 << 16 | b] = sub[2 << 16 | b] = sub[3 << 16 | b] = 0;
@@ -482,15 +501,15 @@ WIDE void high_counts(const uint32_t *x, const float *base, int64_t n, int64_t *
    (which half of the keys takes is data, so a branch would often be mispredicted): every key adds to a slot, its
    bucket's or a spare, in four tables as in high_counts. */
 #define LOW_SLOTS (2 * 65536 + 1)
-WIDE void low_counts(const uint32_t *x, const float *base, int64_t n, uint32_t b0, uint32_t b1, int64_t *low0,
-                     int64_t *low1) {
+WIDE void low_counts(const void *x, const void *base, int64_t n, uint32_t b0, uint32_t b1, int64_t *low0,
+                     int64_t *low1, int stored16) {
     uint32_t *sub = n >= SMALL_COUNT ? calloc((size_t)4 * LOW_SLOTS, sizeof(uint32_t)) : NULL;
     for (int64_t a = 0; a < n; a += (int64_t)1 << 30) { /* a table's count stays below 2^32 */
         int64_t z = n - a < ((int64_t)1 << 30) ? n : a + ((int64_t)1 << 30), j = a;
         if (sub) {
             for (; j + 8 <= z; j += 8) {
                 v8u k;
-                radix_keys(x, base, j, &k);
+                radix_keys(x, base, j, stored16, &k);
                 v8u t = k >> 16, low = k & 0xFFFFu;
                 v8u slot = (v8u)(t == b0) & low;
                 slot |= (v8u)(t == b1) & (low + 65536u);
@@ -499,7 +518,7 @@ WIDE void low_counts(const uint32_t *x, const float *base, int64_t n, uint32_t b
             }
         }
         for (; j < z; j++) {
-            uint32_t k = radix_key(x, base, j), t = k >> 16;
+            uint32_t k = radix_key(x, base, j, stored16), t = k >> 16;
             if (t == b0) low0[k & 0xFFFFu]++;
             else if (t == b1) low1[k & 0xFFFFu]++;
         }

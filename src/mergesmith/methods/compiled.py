@@ -55,8 +55,8 @@ def _load() -> Optional[ctypes.CDLL]:
     v.restype = None
     v.argtypes = [ptr, i64, ptr, i64, ptr]
     hc.restype = lc.restype = None
-    hc.argtypes = [ptr, ptr, i64, ptr]
-    lc.argtypes = [ptr, ptr, i64, ctypes.c_uint32, ctypes.c_uint32, ptr, ptr]
+    hc.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int]
+    lc.argtypes = [ptr, ptr, i64, ctypes.c_uint32, ctypes.c_uint32, ptr, ptr, ctypes.c_int]
     c.restype = None
     c.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int, ptr]
     ck.restype = None
@@ -463,19 +463,34 @@ def _base(base: Optional[np.ndarray], a: np.ndarray) -> Optional[int]:
     return base.ctypes.data
 
 
-def high_counts(a: np.ndarray, base: Optional[np.ndarray] = None) -> np.ndarray:
+def _keys(a, base) -> Tuple[object, int, Optional[int], int, bool]:
+    """(the words, their address, base address or None, length, bfloat16) of the radix counts' input: float32 or
+    uint32 numpy arrays, or a flat bfloat16 CPU tensor as stored with its bfloat16 base (the kernel widens them).
+    The caller holds the words while the kernel reads them (they may be a contiguous copy of `a`)."""
+    if isinstance(a, torch.Tensor):
+        if not (a.dtype == base.dtype == torch.bfloat16 and a.is_contiguous() and base.is_contiguous()):
+            raise TypeError("radix counts take bfloat16 tensors only as stored, contiguous, with their base")
+        if base.numel() != a.numel():
+            raise TypeError("radix counts of |a - base| take a base of a's size")
+        return a, a.data_ptr(), base.data_ptr(), a.numel(), True
+    x = _words(a)
+    return x, x.ctypes.data, _base(base, a), x.size, False
+
+
+def high_counts(a, base=None) -> np.ndarray:
     """How many words of `a` have each high 16 bits: np.bincount(a.view(np.uint32) >> 16, minlength=65536); with
-    `base`, of the float32 magnitudes |a - base|."""
-    x, b = _words(a), _base(base, a)
+    `base`, of the float32 magnitudes |a - base| (`a` and `base` numpy arrays, or bfloat16 tensors: _keys)."""
+    words, x, b, n, stored = _keys(a, base)
     counts = np.zeros(1 << 16, dtype=np.int64)
-    _LIB.high_counts(x.ctypes.data, b, x.size, counts.ctypes.data)
+    _LIB.high_counts(x, b, n, counts.ctypes.data, stored)
+    del words  # held until the kernel is done with it
     return counts
 
 
-def low_counts(a: np.ndarray, buckets: Sequence[int], base: Optional[np.ndarray] = None) -> dict:
+def low_counts(a, buckets: Sequence[int], base=None) -> dict:
     """{bucket: (low 16 bits present, their counts)} of the words of `a` (with `base`: of |a - base|) whose high 16
     bits are each bucket, as np.unique(..., return_counts=True) gives them. Two buckets a pass."""
-    x, bp, out = _words(a), _base(base, a), {}
+    (words, x, bp, n, stored), out = _keys(a, base), {}
     bs = [int(b) for b in buckets]
     if any(not 0 <= b <= 0xFFFF for b in bs) or len(set(bs)) != len(bs):
         raise ValueError(f"buckets must be distinct 16-bit values: {bs}")
@@ -483,8 +498,9 @@ def low_counts(a: np.ndarray, buckets: Sequence[int], base: Optional[np.ndarray]
         pair = bs[i : i + 2]
         counts = [np.zeros(1 << 16, dtype=np.int64) for _ in pair]
         b1 = pair[1] if len(pair) == 2 else 1 << 16  # no word's high half: the second count stays unused
-        _LIB.low_counts(x.ctypes.data, bp, x.size, pair[0], b1, counts[0].ctypes.data, counts[-1].ctypes.data)
+        _LIB.low_counts(x, bp, n, pair[0], b1, counts[0].ctypes.data, counts[-1].ctypes.data, stored)
         for b, c in zip(pair, counts):
             present = np.flatnonzero(c)
             out[b] = (present, c[present])
+    del words  # held until the kernel is done with it
     return out

@@ -262,17 +262,22 @@ class CutShare:
         return {"cut": self.cuts[i], "offsets": self.offsets[i]}
 
 
-def _magnitudes(base, inputs, density) -> Iterator[Optional[Tuple[np.ndarray, Optional[np.ndarray]]]]:
-    """Per model, one at a time, this block's (x_i, base) (flat float32) whose magnitudes |x_i - base| the radix
-    counts take, or (|x_i - base|, None) on another device; None where the model keeps all or nothing."""
-    b = base.reshape(-1).numpy() if sparsifiers.numpy_path(base) and base.dtype == torch.float32 else None
+def _magnitudes(base, inputs, density) -> Iterator[Optional[Tuple[Any, Any]]]:
+    """Per model, one at a time, this block's (x_i, base) (flat float32 arrays, or bfloat16 tensors as stored)
+    whose magnitudes |x_i - base| the radix counts take, or (|x_i - base|, None) where those do not serve them (on
+    another device); None where the model keeps all or nothing."""
+    cpu = sparsifiers.numpy_path(base)
+    b = base.reshape(-1).numpy() if cpu and base.dtype == torch.float32 else None
+    stored = cpu and base.dtype == torch.bfloat16 and compiled.available()
     for x, d in zip(inputs, density):
         if not 0 < d < 1:
             yield None
         elif b is not None and x.dtype == torch.float32:
             yield x.reshape(-1).numpy(), b
+        elif stored and x.dtype == torch.bfloat16:
+            yield x.reshape(-1), base.reshape(-1)
         else:
-            yield (x - base).abs_().reshape(-1).cpu().numpy(), None
+            yield (x.float() - base.float()).abs_().reshape(-1).cpu().numpy(), None
 
 
 def _count_high(base, inputs, density):
@@ -339,7 +344,11 @@ def _cut_share(stat, k: int) -> CutShare:
 # selection (sparsify.RadixSelect: memory of one block, not of the tensor) and how many members of the boundary
 # tie groups each block holds, so block k knows how many come before it.
 MAGNITUDE_CUTS = {
-    s: TwoPass((Round(_count_high, _add_high, _select(s)), Round(_count_low, _add_low, _cuts)), share=_cut_share)
+    s: TwoPass(
+        (Round(_count_high, _add_high, _select(s)), Round(_count_low, _add_low, _cuts)),
+        share=_cut_share,
+        stored_inputs=True,  # the radix counts widen bfloat16 in registers; the merge widens its block first
+    )
     for s in ("magnitude", "magnitude_outliers")
 }
 
