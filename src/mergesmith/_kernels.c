@@ -3,8 +3,9 @@
    and runs instead where this extension was not built.
 
    keep_masks: masks of the random sparsifiers (DARE, DELLA MagPrune) for rows of float32 deltas (or of bfloat16
-   inputs as stored, widened a row at a time), one fused pass per row. Element j of a row is kept when u_j < p_j, u_j being the SplitMix64 uniform of its stream index (rng.py) and
-   p_j = density (DARE) or steps[rank_j] (DELLA: rank of |delta_j| in its row, ascending, ties by index).
+   inputs as stored, widened a row at a time), one fused pass per row. Element j of a row is kept when u_j < p_j,
+   u_j being the SplitMix64 uniform of its stream index (rng.py) and p_j = density (DARE) or steps[rank_j] (DELLA:
+   rank of |delta_j| in its row, ascending, ties by index).
 
    DELLA without a sort: ranks come from a histogram of the magnitudes' bit patterns (which order like the values).
    A bucket holding ranks [first, last] bounds its members' keep probabilities by steps[first] and steps[last]
@@ -14,15 +15,14 @@
    draw below the least keep probability or at or above the greatest settles without its bucket.
 
    Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given
-   a base, from float32 or bfloat16 as stored), the second pass of an L1-rescaled DARE/DELLA sum (masked_add, finish_sum; masked_sum16 from bfloat16
-   inputs as stored, widened in cache-sized chunks), a block's magnitude trim by
-   its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of model_stock
-   and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies and merge (variances, cut_mask,
-   selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge, ram_counts), and the inputs'
-   bfloat16 to float32 conversion with its finiteness check (widen_bf16; the check alone: nonfinite_bf16) and the
-   output's conversion back, checked
-   the same way (narrow_bf16), and the weighted sums of karcher (float64) and multislerp (float32) with torch's fused
-   multiply-adds (weighted_sum64, weighted_sum32). */
+   a base, from float32 or bfloat16 as stored), the second pass of an L1-rescaled DARE/DELLA sum (masked_add,
+   finish_sum; masked_sum16 from bfloat16 inputs as stored, widened in cache-sized chunks), a block's magnitude trim
+   by its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of
+   model_stock and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies
+   and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge,
+   ram_counts), the inputs' bfloat16 to float32 conversion with its finiteness check (widen_bf16; the check alone:
+   nonfinite_bf16) and the output's conversion back, checked the same way (narrow_bf16), and the weighted sums of
+   karcher (float64) and multislerp (float32) with torch's fused multiply-adds (weighted_sum64, weighted_sum32). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -388,7 +388,7 @@ int keep_masks(const void *x, const void *base, int64_t rows, int64_t cols, int6
     s->cand = malloc(cols);
     if (stored16) {
         s->xs = malloc(sizeof(float) * cols);
-        s->bs = malloc(sizeof(float) * cols);
+        if (base) s->bs = malloc(sizeof(float) * cols);
     }
     if (steps != NULL) {
         s->keys = malloc(sizeof(uint32_t) * cols);
@@ -401,8 +401,9 @@ int keep_masks(const void *x, const void *base, int64_t rows, int64_t cols, int6
         s->tallied = malloc(sizeof(int64_t) * cols);
         s->packed = malloc(sizeof(uint64_t) * cols);
     }
-    int ok = s->u && s->cand && (steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->cands && s->asked && s->tallied &&
-                                          s->packed)) && (!stored16 || (s->xs && s->bs));
+    int della = steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->cands && s->asked &&
+                                  s->tallied && s->packed);
+    int ok = s->u && s->cand && della && (!stored16 || (s->xs && (!base || s->bs)));
     for (int64_t r = 0; ok && r < rows; r++) {
         const float *xr, *br;
         uint8_t *m = mask + r * cols;

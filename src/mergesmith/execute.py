@@ -1,10 +1,10 @@
 """The Executor: the only part with threads and I/O.
 
 Walks the plan in output-file order, reads each tensor's inputs (whole or in row blocks, with preadv:
-mergesmith.io.index), upcasts to float32 (bfloat16 blocks of DARE/DELLA stay as stored: their kernels widen them
-in cache), calls the method's kernel, rounds once to the output dtype and writes the bytes straight to their place
-in the output shard. A bounded number of tensors and blocks is in flight, so memory follows the largest tensor,
-not the model. Work happens in `OUT_DIR.partial/`, renamed to OUT_DIR only when
+mergesmith.io.index), upcasts to float32 (bfloat16 row blocks of DARE/DELLA and of the TIES family's statistics
+stay as stored: their kernels widen them in cache), calls the method's kernel, rounds once to the output dtype and
+writes the bytes straight to their place in the output shard. A bounded number of tensors and blocks is in flight,
+so memory follows the largest tensor, not the model. Work happens in `OUT_DIR.partial/`, renamed to OUT_DIR only when
 everything is written and checked (mergesmith.outdir).
 """
 
@@ -50,11 +50,10 @@ def _check_input(plan: Plan, ref, x: torch.Tensor) -> bool:
 def _load(
     plan: Plan, ref, device: torch.device, rows: Optional[Tuple[int, int]], check: bool = True, stored: bool = False
 ) -> torch.Tensor:
-    """One input's block in float32 on the device, or with `stored` bfloat16 on the CPU left as it is (checked)."""
+    """One input's block in float32 on the device, or with `stored` bfloat16 on the CPU left as it is."""
     raw = plan.models[ref.model].read(ref.name, rows=rows, take=ref.take)
-    bad = compiled.nonfinite(raw) if stored and device.type == "cpu" else None
-    if bad is not None:
-        if check and bad:
+    if stored and device.type == "cpu" and raw.dtype == torch.bfloat16 and compiled.available():
+        if check and compiled.nonfinite(raw):  # only the first read is checked, as below
             _check_input(plan, ref, raw.float())
         return raw
     widened = compiled.widen(raw) if device.type == "cpu" else None  # bfloat16: converted and checked in one pass
@@ -109,7 +108,12 @@ def _permute(plan: Plan, task: TensorTask, base, inputs):
 
 
 def _read(
-    plan: Plan, task: TensorTask, device: torch.device, rows: Optional[Tuple[int, int]], check: bool, stored=False
+    plan: Plan,
+    task: TensorTask,
+    device: torch.device,
+    rows: Optional[Tuple[int, int]],
+    check: bool,
+    stored: bool = False,
 ):
     """The base (or None) and inputs of one block of rows (None: the whole tensor), in the output vocabulary;
     `stored`: bfloat16 inputs as stored (_load)."""
@@ -160,7 +164,9 @@ def _statistic(
     return stat
 
 
-def _partial(plan: Plan, task: TensorTask, device: torch.device, two_pass, rnd, prev, ab: Tuple[int, int], check):
+def _partial(
+    plan: Plan, task: TensorTask, device: torch.device, two_pass: TwoPass, rnd, prev, ab: Tuple[int, int], check: bool
+):
     """One block's share of a round of pass 1 (its `collect`)."""
     base, inputs = _read(plan, task, device, ab, check, two_pass.stored_inputs)
     return plan.method.call(
@@ -234,7 +240,7 @@ def compute_blocks(
 
     def merged(k: int) -> Tuple[int, torch.Tensor]:
         a, b = blocks[k]
-        rows, stored = ((a, b) if len(blocks) > 1 else None), two_pass is not None and two_pass.stored_inputs
+        rows, stored = ((a, b) if len(blocks) > 1 else None), two_pass is not None and two_pass.stored_merge
         base, inputs = _read(plan, task, device, rows, check=two_pass is None, stored=stored)
         share = two_pass.share(stat, k) if two_pass is not None else None
         out = (
@@ -289,7 +295,7 @@ def keeps_state(plan: Plan, task: TensorTask) -> bool:
     """Two-pass tensors in row blocks whose statistic keeps per-element state between the passes (DARE/DELLA's
     keep masks for their whole-tensor L1 sums: 1 bit per element and model; TwoPass.keeps_state). Two of them in
     flight (an embedding and an lm_head) would add up, so they take turns: peak memory is then the same whatever
-    the order of the tensors and the number of layers (bench/RESULTS.md has the measurements)."""
+    the order of the tensors and the number of layers (bench/RESULTS.md, run U, has the measurements)."""
     return task.kind == "merge" and plan.method.keeps_state(task.shared) and len(row_blocks(plan, task)) > 1
 
 

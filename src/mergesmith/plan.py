@@ -117,7 +117,7 @@ class Plan:
             elems = max(b - a for a, b in blocks) * (t.numel // max(1, t.shape[0] if t.shape else 1))
             # a copy holds the tensor as read (written as it is); a merge its float32 working set
             work = elems * (t.out_dtype.itemsize if t.kind != "merge" else 4 * (2 * n_in + 6))
-            (blocked if len(blocks) > 1 else singles).append(work)
+            (blocked if len(blocks) > 1 and t.kind == "merge" else singles).append(work)  # copies: a block at a time
             if len(blocks) > 1 and self.method.keeps_state(t.shared):
                 masks.append(t.numel * n_in // 8)
         singles.sort(reverse=True)

@@ -3,15 +3,16 @@
 `keep_masks`: DARE and DELLA MagPrune masks in one pass per row (DELLA needs no sort: a histogram of the magnitudes
 settles nearly every element's keep probability, and only the few draws it leaves open need an exact rank);
 `high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
-L1-rescaled DARE/DELLA sum; `cut_keep`: a block's magnitude trim by its tensor's rank cut; `consensus`: the TIES
-disjoint merge; `gram_chunks`: float64 Gram matrices in chunks; `variances`, `cut_mask`, `selected_squares` and
-`sce_merge`: sce's selection key, selection, energies and merge, without stacking the deltas; `ram_merge` and
-`ram_counts`: RAM and RAM+ in one pass; `widen`: the inputs' bfloat16 to float32 conversion, checked for NaN and
-Inf in the same pass, and `narrow` the output's conversion back; `masked_delta`: a block's L1-rescaled DARE/DELLA
-delta from pass 1's mask; `weighted_sum64` and `weighted_sum32`: karcher's and multislerp's weighted sums, with
-torch's fused multiply-adds (used where torch's kernels fuse: `fused_multiply_add()`). Each gives the bits of the
-numpy or torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in another
-fixed order; the numpy/torch paths run instead where the extension was not built (`available()` is False).
+L1-rescaled DARE/DELLA sum (from bfloat16 blocks as stored: `masked_sum16`, widened in cache); `cut_keep`: a block's
+magnitude trim by its tensor's rank cut; `consensus`: the TIES disjoint merge; `gram_chunks`: float64 Gram matrices
+in chunks; `variances`, `cut_mask`, `selected_squares` and `sce_merge`: sce's selection key, selection, energies and
+merge, without stacking the deltas; `ram_merge` and `ram_counts`: RAM and RAM+ in one pass; `widen`: the inputs'
+bfloat16 to float32 conversion, checked for NaN and Inf in the same pass (`nonfinite`: the check alone, for blocks
+kept as stored), and `narrow` the output's conversion back; `masked_delta`: a block's L1-rescaled DARE/DELLA delta
+from pass 1's mask; `weighted_sum64` and `weighted_sum32`: karcher's and multislerp's weighted sums, with torch's
+fused multiply-adds (used where torch's kernels fuse: `fused_multiply_add()`). Each gives the bits of the numpy or
+torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in another fixed
+order; the numpy/torch paths run instead where the extension was not built (`available()` is False).
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def keep_masks(
     given) starting at `row_offset` of its tensor: DARE when `steps` is None (keep when u < density), else DELLA
     with keep probability steps[rank]. Sums in float64."""
     rows = rows.contiguous()
-    if base is not None and base.dtype != rows.dtype:
-        raise TypeError("keep_masks takes rows and base of one dtype")
+    if rows.dtype not in WIDENED or (base is not None and base.dtype != rows.dtype):
+        raise TypeError("keep_masks takes float32 (or bfloat16) rows and a base of one dtype")
     b = None if base is None else base.contiguous()
     n, cols = rows.shape
     mask = np.empty((n, cols), dtype=np.uint8)
@@ -157,6 +158,8 @@ def masked_sum(
     b = base.contiguous().reshape(-1)
     acc = torch.empty(b.shape, dtype=torch.float32)
     xs = [x.contiguous().reshape(-1) for x in inputs]
+    if any(x.dtype != b.dtype for x in xs) or b.dtype not in WIDENED:
+        raise TypeError("masked_sum takes float32 (or bfloat16) inputs and base of one dtype")
     if b.dtype == torch.bfloat16:
         return _masked_sum16(acc, b, xs, masks, factors, nums, divisor, lambda_).reshape(base.shape)
     ptrs = [t.data_ptr() for t in (acc, b)]
@@ -468,7 +471,9 @@ def _keys(a, base) -> Tuple[object, int, Optional[int], int, bool]:
     uint32 numpy arrays, or a flat bfloat16 CPU tensor as stored with its bfloat16 base (the kernel widens them).
     The caller holds the words while the kernel reads them (they may be a contiguous copy of `a`)."""
     if isinstance(a, torch.Tensor):
-        if not (a.dtype == base.dtype == torch.bfloat16 and a.is_contiguous() and base.is_contiguous()):
+        if not (isinstance(base, torch.Tensor) and a.dtype == base.dtype == torch.bfloat16):
+            raise TypeError("radix counts take bfloat16 tensors only as stored, with their base")
+        if not (a.device.type == base.device.type == "cpu" and a.is_contiguous() and base.is_contiguous()):
             raise TypeError("radix counts take bfloat16 tensors only as stored, contiguous, with their base")
         if base.numel() != a.numel():
             raise TypeError("radix counts of |a - base| take a base of a's size")
@@ -480,17 +485,16 @@ def _keys(a, base) -> Tuple[object, int, Optional[int], int, bool]:
 def high_counts(a, base=None) -> np.ndarray:
     """How many words of `a` have each high 16 bits: np.bincount(a.view(np.uint32) >> 16, minlength=65536); with
     `base`, of the float32 magnitudes |a - base| (`a` and `base` numpy arrays, or bfloat16 tensors: _keys)."""
-    words, x, b, n, stored = _keys(a, base)
+    _held, x, b, n, stored = _keys(a, base)
     counts = np.zeros(1 << 16, dtype=np.int64)
     _LIB.high_counts(x, b, n, counts.ctypes.data, stored)
-    del words  # held until the kernel is done with it
     return counts
 
 
 def low_counts(a, buckets: Sequence[int], base=None) -> dict:
     """{bucket: (low 16 bits present, their counts)} of the words of `a` (with `base`: of |a - base|) whose high 16
     bits are each bucket, as np.unique(..., return_counts=True) gives them. Two buckets a pass."""
-    (words, x, bp, n, stored), out = _keys(a, base), {}
+    (_held, x, bp, n, stored), out = _keys(a, base), {}
     bs = [int(b) for b in buckets]
     if any(not 0 <= b <= 0xFFFF for b in bs) or len(set(bs)) != len(bs):
         raise ValueError(f"buckets must be distinct 16-bit values: {bs}")
@@ -502,5 +506,4 @@ def low_counts(a, buckets: Sequence[int], base=None) -> dict:
         for b, c in zip(pair, counts):
             present = np.flatnonzero(c)
             out[b] = (present, c[present])
-    del words  # held until the kernel is done with it
     return out

@@ -87,13 +87,15 @@ class TwoPass:
     """Row blocks that need a whole-tensor statistic: pass 1 runs `rounds` over the blocks, pass 2 calls the
     kernel for block k with `stat=share(statistic, k)` (once per block). `keeps_state`: the statistic holds
     per-element state between the passes (keep masks), so such tensors take turns (execute.keeps_state).
-    `stored_inputs`: both passes take bfloat16 CPU inputs as stored (their compiled kernels widen them in cache;
-    what those do not serve widens them first), so the executor does not convert the blocks to float32."""
+    `stored_inputs`: pass 1's rounds take bfloat16 CPU inputs as stored, and with `stored_merge` pass 2's kernel
+    too (their compiled kernels widen them in cache; what those do not serve widens them first), so the executor
+    does not convert those blocks to float32."""
 
     rounds: Tuple[Round, ...]
     share: Callable[[Any, int], Any]
     keeps_state: bool = False
     stored_inputs: bool = False
+    stored_merge: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,8 +224,8 @@ class Method:
         stat: Any = None,
         report: Optional[Callable[[str], None]] = None,
     ):
-        """The kernel on one tensor (or block of rows): base and inputs float32, parameters as resolved; its
-        notes go to `report` (default: a warning each)."""
+        """The kernel on one tensor (or block of rows): base and inputs float32 (or bfloat16 as stored: see
+        TwoPass.stored_merge), parameters as resolved; its notes go to `report` (default: a warning each)."""
         return self.call(
             self.kernel,
             shared,

@@ -530,7 +530,8 @@ def l1_sums(
         if fast is not None:
             return fast[1:], fast[0]
         delta = delta.float() - base.float()
-    delta = delta.float()  # (a bfloat16 tensor as stored)
+    else:
+        delta = delta.float()  # a bfloat16 tensor as stored: its arithmetic in float32
     if density >= 1 or density <= 0:
         s = abs_sum(delta)
         return (s, (s if density >= 1 else 0.0)), None

@@ -248,7 +248,9 @@ def _l1_share(stat: L1Stat, k: int) -> L1Share:
 # take bfloat16 blocks as stored: the mask kernel and the fused sum widen them in cache (l1_sums and
 # generalized_task_arithmetic widen them first where those do not serve).
 L1_SUMS = {
-    s: TwoPass((Round(_l1_collect(s), _l1_add),), share=_l1_share, keeps_state=True, stored_inputs=True)
+    s: TwoPass(
+        (Round(_l1_collect(s), _l1_add),), share=_l1_share, keeps_state=True, stored_inputs=True, stored_merge=True
+    )
     for s in ("random", "della_magprune")
 }
 
@@ -347,7 +349,7 @@ MAGNITUDE_CUTS = {
     s: TwoPass(
         (Round(_count_high, _add_high, _select(s)), Round(_count_low, _add_low, _cuts)),
         share=_cut_share,
-        stored_inputs=True,  # the radix counts widen bfloat16 in registers; the merge widens its block first
+        stored_inputs=True,  # the radix counts widen bfloat16 in registers; the merge takes float32 blocks
     )
     for s in ("magnitude", "magnitude_outliers")
 }
