@@ -384,6 +384,32 @@ def test_nan_in_a_stored_row_block_input_warns_strict_refuses(tmp_path, fam, cap
     assert "holds NaN or Inf values (refused under --strict)" in capsys.readouterr().err
 
 
+def test_a_float32_base_beside_bfloat16_models_in_row_blocks(tmp_path, fam, monkeypatch):
+    """Mixed dtypes (a float32 base, bfloat16 fine-tunes) in DARE/DELLA row blocks: the bfloat16 blocks are widened
+    so the mask kernel still takes x and base, and the merge has the bytes of the all-bfloat16 family (the same
+    values)."""
+    import shutil
+
+    import mergesmith.plan
+    from mergesmith.methods import compiled
+    from safetensors.torch import load_file, save_file
+
+    b, f1, f2, f3 = fam
+    wide = tmp_path / "base32"
+    shutil.copytree(b, wide)
+    for f in wide.glob("*.safetensors"):
+        save_file({k: v.float() for k, v in load_file(str(f)).items()}, str(f), metadata={"format": "pt"})
+    run_recipe(str(write_recipe(tmp_path, fam)), str(tmp_path / "bf16"), seed=2)
+    monkeypatch.setattr(mergesmith.plan, "BLOCK_ELEMENTS", 1000)
+    bases, real = [], compiled.keep_masks
+    monkeypatch.setattr(
+        compiled, "keep_masks", lambda *a, **k: bases.append(a[5] if len(a) > 5 else k.get("base")) or real(*a, **k)
+    )
+    run_recipe(str(write_recipe(tmp_path, (wide, f1, f2, f3), name="mixed.yml")), str(tmp_path / "mixed"), seed=2)
+    assert bases and all(x is not None and x.dtype == torch.float32 for x in bases)
+    assert digest(tmp_path / "mixed") == digest(tmp_path / "bf16")
+
+
 def test_allocator_settings_only_for_row_block_merges(tmp_path, fam, monkeypatch):
     """`mergesmith run` keeps freed block buffers in the heap (mergesmith.allocator) when the plan streams row
     blocks (della_linear: 267 -> 144 s on the Nemo-shaped benchmark), and not for whole-tensor merges (their peak

@@ -120,6 +120,8 @@ def _read(
     stored = stored and not task.vocab
     base = _load(plan, task.base, device, rows, check, stored) if task.base is not None else None
     inputs = [_load(plan, r, device, rows, check, stored) for r in task.inputs]
+    if stored and len({t.dtype for t in [base, *inputs] if t is not None}) > 1:  # no kernel takes mixed dtypes
+        base, *inputs = [t if t is None or t.dtype != torch.bfloat16 else compiled.widen(t)[0] for t in [base, *inputs]]
     if task.vocab:
         base, inputs = _permute(plan, task, base, inputs)
     return base, inputs
