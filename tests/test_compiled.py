@@ -619,3 +619,24 @@ def test_compiled_weighted_sums_give_the_methods_torch_bits(monkeypatch, method)
     fast = merged()
     monkeypatch.setattr(compiled, "fused_multiply_add", lambda: False)
     assert calls and torch.equal(fast.view(torch.int32), merged().view(torch.int32))
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.7310586])
+@pytest.mark.parametrize("n", [11, 600_001])
+def test_masked_delta_from_bfloat16_as_stored_is_the_float32_reference(factor, n):
+    """A DARE/DELLA delta under the TIES consensus from bfloat16 x and base as stored: kept(x - base) * factor in
+    float32 (+0.0 where dropped), written here in torch; the larger tensor is split over the threads (each range
+    reads the mask from its own offset)."""
+    g = torch.Generator().manual_seed(n)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    x = (base.float() + torch.randn(n, generator=g) * 0.001).bfloat16()
+    keep = torch.rand(n, generator=g) < 0.4
+    d = x.float() - base.float()
+    want = torch.where(keep, d, torch.zeros_like(d))
+    if factor != 1.0:
+        want = want * torch.tensor(factor, dtype=torch.float32)
+    got = compiled.masked_delta(x, base, np.packbits(keep.numpy()), factor)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    with pytest.raises(TypeError):
+        compiled.masked_delta(x, base.float(), np.packbits(keep.numpy()), factor)

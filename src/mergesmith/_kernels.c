@@ -604,6 +604,20 @@ void masked_sum16(float *acc, const uint16_t *const *x, int64_t k, const uint16_
     }
 }
 
+/* masked_delta of bfloat16 x and base as stored: out = kept(x - base) * f over elements [0, n) (mask bit offset + j),
+   widened a chunk at a time in cache, each element masked_add's float32 operations with num 1. */
+void masked_delta16(float *out, const uint16_t *x, const uint16_t *base, const uint8_t *packed, int64_t offset,
+                    int64_t n, float f) {
+    enum { CHUNK = 2048 };
+    float xs[CHUNK], bs[CHUNK];
+    for (int64_t a = 0; a < n; a += CHUNK) {
+        int64_t c = n - a < CHUNK ? n - a : CHUNK;
+        widen_bf16(x + a, c, (uint32_t *)xs);
+        widen_bf16(base + a, c, (uint32_t *)bs);
+        masked_add(out + a, xs, bs, packed, offset + a, c, f, 1.0f, 1);
+    }
+}
+
 static inline float magnitude(float x) {
     uint32_t k;
     memcpy(&k, &x, 4);

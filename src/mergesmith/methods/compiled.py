@@ -41,7 +41,7 @@ def _load() -> Optional[ctypes.CDLL]:
         cm, sq, sm = lib.cut_mask, lib.selected_squares, lib.sce_merge
         rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
         fs, ws, w32, nb = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32, lib.narrow_bf16
-        ms16, nf = lib.masked_sum16, lib.nonfinite_bf16
+        ms16, nf, md16 = lib.masked_sum16, lib.nonfinite_bf16, lib.masked_delta16
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -50,6 +50,8 @@ def _load() -> Optional[ctypes.CDLL]:
     ms16.restype = None
     ms16.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_float]
     nf.restype = ctypes.c_int
+    md16.restype = None
+    md16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
     nf.argtypes = [ptr, i64]
     g.restype = None
     g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
@@ -204,11 +206,18 @@ def nonfinite(x: torch.Tensor) -> Optional[bool]:
 
 
 def masked_delta(x: torch.Tensor, base: torch.Tensor, mask: np.ndarray, factor: float) -> torch.Tensor:
-    """kept(x - base, mask) * factor (skipped when the float32 factor is 1) of float32 CPU tensors of one shape,
-    the mask pass 1's packed bits: sparsify's L1-rescaled DARE/DELLA delta of a block, in one pass."""
+    """kept(x - base, mask) * factor (skipped when the float32 factor is 1) of float32 CPU tensors of one shape
+    (or bfloat16 as stored: widened in cache), the mask pass 1's packed bits: sparsify's L1-rescaled DARE/DELLA
+    delta of a block, in one pass, in float32."""
     b, xf = base.contiguous().reshape(-1), x.contiguous().reshape(-1)
-    out = torch.empty_like(b)
+    if xf.dtype != b.dtype or b.dtype not in WIDENED:
+        raise TypeError("masked_delta takes float32 (or bfloat16) x and base of one dtype")
+    out = torch.empty(b.shape, dtype=torch.float32)
     o, xp, bp, f, one = out.data_ptr(), xf.data_ptr(), b.data_ptr(), ctypes.c_float(factor), ctypes.c_float(1.0)
+    if b.dtype == torch.bfloat16:
+        split(lambda a, z: _LIB.masked_delta16(o + 4 * a, xp + 2 * a, bp + 2 * a, mask.ctypes.data, a, z - a, f),
+              b.numel(), grain=1 << 18)  # fmt: skip
+        return out.reshape(x.shape)
     split(lambda a, z: _LIB.masked_add(o + 4 * a, xp + 4 * a, bp + 4 * a, mask.ctypes.data, a, z - a, f, one, 1),
           b.numel(), grain=1 << 18)  # fmt: skip
     return out.reshape(x.shape)

@@ -56,12 +56,14 @@ def generalized_task_arithmetic(
     """
     if not inputs:
         return base
+    masked = [_masked_of(stat, i, densities[i], rescale, rescale_mode) for i in range(len(inputs))]
     fused = not consensus and _fused(base, inputs, stat, rescale, rescale_mode)
-    if not fused and any(t.dtype != torch.float32 for t in (base, *inputs)):  # bfloat16 as stored: see L1_SUMS
+    stored = (consensus and all(masked) and _fused(base, inputs, stat, rescale, rescale_mode)) or fused
+    if not stored and any(t.dtype != torch.float32 for t in (base, *inputs)):  # bfloat16 as stored: see L1_SUMS
         base, inputs = base.float(), [x.float() for x in inputs]
 
     def sparse(i: int, x: torch.Tensor) -> torch.Tensor:
-        if _masked_of(stat, i, densities[i], rescale, rescale_mode) and compiled_serves(base, [x]):
+        if masked[i] and (stored or compiled_serves(base, [x])):
             return compiled.masked_delta(x, base, stat.masks[i], l1_factor(*stat.sums[i]))  # pass 1's mask, in C
         extra: Dict[str, Any] = stat.model(i, x) if stat is not None else {}
         if _trim_of(extra, sparsification, densities[i], rescale):  # the trim takes x - base itself
