@@ -16,7 +16,8 @@
 
    Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given
    a base, from float32 or bfloat16 as stored), the second pass of an L1-rescaled DARE/DELLA sum (masked_add,
-   finish_sum; masked_sum16 from bfloat16 inputs as stored, widened in cache-sized chunks), a block's magnitude trim
+   finish_sum; masked_sum16 and, under the TIES consensus, masked_delta16 from bfloat16 inputs as stored, widened in
+   cache-sized chunks), a block's magnitude trim
    by its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of
    model_stock and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies
    and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge,
