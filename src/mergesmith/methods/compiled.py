@@ -47,11 +47,10 @@ def _load() -> Optional[ctypes.CDLL]:
     f.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     f.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_uint64, ptr, ctypes.c_float, ptr, ptr, ctypes.c_int]
-    ms16.restype = None
+    ms16.restype = md16.restype = None
     ms16.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_float]
-    nf.restype = ctypes.c_int
-    md16.restype = None
     md16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
+    nf.restype = ctypes.c_int
     nf.argtypes = [ptr, i64]
     g.restype = None
     g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]

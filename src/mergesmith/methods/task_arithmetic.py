@@ -57,13 +57,13 @@ def generalized_task_arithmetic(
     if not inputs:
         return base
     masked = [_masked_of(stat, i, densities[i], rescale, rescale_mode) for i in range(len(inputs))]
-    fused = not consensus and _fused(base, inputs, stat, rescale, rescale_mode)
-    stored = (consensus and all(masked) and _fused(base, inputs, stat, rescale, rescale_mode)) or fused
-    if not stored and any(t.dtype != torch.float32 for t in (base, *inputs)):  # bfloat16 as stored: see L1_SUMS
+    # every model's block from pass 1's mask in the compiled kernels, which take bfloat16 as stored (L1_SUMS)
+    served = all(masked) and _fused(base, inputs, stat, rescale, rescale_mode)
+    if not served and any(t.dtype != torch.float32 for t in (base, *inputs)):
         base, inputs = base.float(), [x.float() for x in inputs]
 
     def sparse(i: int, x: torch.Tensor) -> torch.Tensor:
-        if masked[i] and (stored or compiled_serves(base, [x])):
+        if masked[i] and (served or compiled_serves(base, [x])):
             return compiled.masked_delta(x, base, stat.masks[i], l1_factor(*stat.sums[i]))  # pass 1's mask, in C
         extra: Dict[str, Any] = stat.model(i, x) if stat is not None else {}
         if _trim_of(extra, sparsification, densities[i], rescale):  # the trim takes x - base itself
@@ -89,7 +89,7 @@ def generalized_task_arithmetic(
     nums, den = integer_weights(weights)
     if consensus:
         mixed = _consensus(base, inputs, sparse, nums, den, consensus, normalize)
-    elif fused:
+    elif served:
         factors = [l1_factor(*stat.sums[i]) for i in range(len(inputs))]
         return compiled.masked_sum(base, inputs, stat.masks, factors, nums, _divisor(nums, den, normalize), lambda_)
     else:
@@ -163,7 +163,8 @@ def _masked_of(stat: Any, i: int, density: float, rescale: bool, rescale_mode: s
 
 
 def _fused(base: torch.Tensor, inputs, stat: Any, rescale: bool, rescale_mode: str) -> bool:
-    """Whether pass 2 of an L1-rescaled DARE/DELLA sum runs as one compiled pass (same float32 operations)."""
+    """Whether pass 2 of an L1-rescaled DARE/DELLA merge runs in the compiled kernels (one fused sum, or each
+    model's masked delta under the consensus; the same float32 operations)."""
     like = (base.device.type, base.dtype, base.shape)
     return (
         isinstance(stat, L1Share)
