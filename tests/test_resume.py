@@ -150,3 +150,36 @@ def test_disk_full_mid_merge_then_rerun_with_room(tmp_path, fam, monkeypatch, ca
         main(["run", str(r), str(out), "--seed", "2", "--quiet", "--out-shard-size", "60KB"])
     assert e.value.code == 0
     assert digest(out) == digest(ref)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_every_byte_written_is_sent_to_disk_as_it_is_written(tmp_path, fam, monkeypatch):
+    """Each block's bytes are handed to the disk (sync_file_range, SYNC_FILE_RANGE_WRITE = 2) right after they are
+    written: the ranges asked for cover each shard's tensor data exactly, so the final fsync has little left."""
+    import struct
+
+    import mergesmith.io.writer as w
+
+    assert w._SYNC_FILE_RANGE is not None
+    asked = []
+
+    def spy(fd, offset, n, flags):
+        asked.append((os.fstat(fd).st_ino, offset, n, flags))
+        return 0
+
+    monkeypatch.setattr(w, "_SYNC_FILE_RANGE", spy)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(recipe(tmp_path, fam)), str(out), "--seed", "2", "--quiet", "--out-shard-size", "60KB"])
+    assert e.value.code == 0
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and {flags for *_, flags in asked} == {2}
+    for shard in shards:
+        data = shard.read_bytes()
+        start_of_data = 8 + struct.unpack("<Q", data[:8])[0]
+        ranges = sorted((a, a + n) for ino, a, n, _ in asked if ino == shard.stat().st_ino)
+        covered = start_of_data
+        for a, z in ranges:
+            assert a == covered  # no gap, no overlap
+            covered = z
+        assert covered == len(data)
