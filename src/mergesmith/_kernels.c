@@ -64,7 +64,6 @@ typedef struct {
     int32_t *order;    /* elements by bucket, by index within a bucket */
     uint32_t *okeys;   /* their keys, in that order: a bucket's keys lie together */
     uint64_t *packed;  /* (key << 32 | index) of the sorted buckets */
-    float *xs, *bs;    /* a row of bfloat16 inputs (and base) in float32 */
     int64_t count[NB], start[NB], pos[NB], queries[NB];
     uint32_t sub[4][NB];
     uint8_t kind[NB];
@@ -95,12 +94,64 @@ WIDE static void draws(uint64_t key, uint64_t first, int64_t n, float lo, float 
 /* The delta x - base (base NULL: x is the delta). */
 static inline float delta_at(const float *x, const float *base, int64_t j) { return base ? x[j] - base[j] : x[j]; }
 
-/* float64 sums of |d| and of |d| where mask (d = x - base), in eight fixed lanes each (lane l: elements j with
-   j % 8 == l, the tail in lane 0): the same values whatever the threads or the vector width. The masked value is
-   |d|'s bit pattern ANDed with the widened mask (+0.0 where dropped), as sparsify.kept does. `keys`, where given,
-   holds the bit patterns of |d| already (DELLA's): read instead of x and base. */
-WIDE static void abs_sums(const float *x, const float *base, const uint32_t *keys, const uint8_t *mask, int64_t n,
-                          double *before, double *after) {
+/* Key j of the radix counts: x's bit pattern, or with a base the bit pattern of the magnitude |x - base| in
+   float32. `stored16`: x and base are bfloat16 as stored, widened here (the same float32 values). */
+static inline uint32_t radix_key(const void *x, const void *base, int64_t j, int stored16) {
+    uint32_t xj, bj = 0;
+    if (stored16) {
+        xj = (uint32_t)((const uint16_t *)x)[j] << 16;
+        if (base) bj = (uint32_t)((const uint16_t *)base)[j] << 16;
+    } else {
+        xj = ((const uint32_t *)x)[j];
+        if (base) memcpy(&bj, (const float *)base + j, 4);
+    }
+    if (!base) return xj;
+    float v, b;
+    uint32_t k;
+    memcpy(&v, &xj, 4);
+    memcpy(&b, &bj, 4);
+    v -= b;
+    memcpy(&k, &v, 4);
+    return k & 0x7FFFFFFFu;
+}
+
+/* Keys j..j+8 of the radix counts. */
+static inline void radix_keys(const void *x, const void *base, int64_t j, int stored16, v8u *k) {
+    v8u b = {0};
+    if (stored16) {
+        v8h h;
+        memcpy(&h, (const uint16_t *)x + j, sizeof h);
+        *k = __builtin_convertvector(h, v8u) << 16;
+        if (base) {
+            memcpy(&h, (const uint16_t *)base + j, sizeof h);
+            b = __builtin_convertvector(h, v8u) << 16;
+        }
+    } else {
+        memcpy(k, (const uint32_t *)x + j, sizeof *k);
+        if (base) memcpy(&b, (const float *)base + j, sizeof b);
+    }
+    if (base) *k = (v8u)((v8f)*k - (v8f)b) & 0x7FFFFFFFu;
+}
+
+/* Magnitude keys j..j+8: the bit patterns of |x - base| (|x| without a base) in float32. */
+static inline void magnitude_keys(const void *x, const void *base, int64_t j, int stored16, v8u *k) {
+    radix_keys(x, base, j, stored16, k);
+    *k &= 0x7FFFFFFFu;
+}
+
+
+/* Eight fixed float64 lanes (lane l: elements j with j % 8 == l, the tail in lane 0) summed in one order: the same
+   value whatever the threads or the vector width. */
+static inline double lanes_total(const v8d *l) {
+    return (((*l)[0] + (*l)[1]) + ((*l)[2] + (*l)[3])) + (((*l)[4] + (*l)[5]) + ((*l)[6] + (*l)[7]));
+}
+
+/* float64 sums of |d| and of |d| where mask (d = x - base), in eight fixed lanes each (lanes_total). The masked
+   value is |d|'s bit pattern ANDed with the widened mask (+0.0 where dropped), as sparsify.kept does. `keys`, where
+   given, holds the bit patterns of |d| already (DELLA's): read instead of x and base (bfloat16 as stored with
+   `stored16`). */
+WIDE static void abs_sums(const void *x, const void *base, int stored16, const uint32_t *keys, const uint8_t *mask,
+                          int64_t n, double *before, double *after) {
     /* mask bytes to lanes by shifting one 64-bit word: a byte-vector conversion compiles to scalar inserts */
     static const v8q byte_shifts = {0, 8, 16, 24, 32, 40, 48, 56};
     v8d lb = {0}, la = {0};
@@ -108,37 +159,23 @@ WIDE static void abs_sums(const float *x, const float *base, const uint32_t *key
     for (; j + 8 <= n; j += 8) {
         v8u k;
         uint64_t mw;
-        if (keys) {
-            memcpy(&k, keys + j, sizeof k);
-        } else {
-            v8f d;
-            memcpy(&d, x + j, sizeof d);
-            if (base) {
-                v8f b;
-                memcpy(&b, base + j, sizeof b);
-                d -= b;
-            }
-            k = (v8u)d & 0x7FFFFFFFu;
-        }
+        if (keys) memcpy(&k, keys + j, sizeof k);
+        else magnitude_keys(x, base, j, stored16, &k);
         memcpy(&mw, mask + j, sizeof mw);
         v8u kk = k & -__builtin_convertvector((mw >> byte_shifts) & 1u, v8u);
         lb += __builtin_convertvector((v8f)k, v8d);
         la += __builtin_convertvector((v8f)kk, v8d);
     }
     for (; j < n; j++) {
-        uint32_t k, kk;
-        float d = delta_at(x, base, j);
-        memcpy(&k, &d, 4);
-        k = keys ? keys[j] : k & 0x7FFFFFFFu;
-        kk = k & (0u - (uint32_t)mask[j]);
+        uint32_t k = keys ? keys[j] : radix_key(x, base, j, stored16) & 0x7FFFFFFFu, kk = k & (0u - (uint32_t)mask[j]);
         float a, ak;
         memcpy(&a, &k, 4);
         memcpy(&ak, &kk, 4);
         lb[0] += (double)a;
         la[0] += (double)ak;
     }
-    *before = ((lb[0] + lb[1]) + (lb[2] + lb[3])) + ((lb[4] + lb[5]) + (lb[6] + lb[7]));
-    *after = ((la[0] + la[1]) + (la[2] + la[3])) + ((la[4] + la[5]) + (la[6] + la[7]));
+    *before = lanes_total(&lb);
+    *after = lanes_total(&la);
 }
 
 static int cmp_u64(const void *a, const void *b) {
@@ -148,23 +185,34 @@ static int cmp_u64(const void *a, const void *b) {
 
 /* Keys and buckets of a row (bucket 0 holds the zeros, the others ranges of 2^shift nonzero keys); returns the
    number of buckets used. */
-WIDE static int bucketize(const float *x, const float *base, int64_t n, Scratch *s) {
+WIDE static int bucketize(const void *x, const void *base, int stored16, int64_t n, Scratch *s) {
+    v8u hi8 = {0}, lo8 = ~(v8u){0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        v8u k;
+        magnitude_keys(x, base, j, stored16, &k);
+        memcpy(s->keys + j, &k, sizeof k);
+        v8u up = (v8u)(k > hi8), down = (v8u)(k - 1 < lo8); /* 0 - 1 wraps to the largest: not the least */
+        hi8 = (k & up) | (hi8 & ~up);
+        lo8 = ((k - 1) & down) | (lo8 & ~down);
+    }
     uint32_t hi = 0, lo = UINT32_MAX;
-    for (int64_t j = 0; j < n; j++) {
-        uint32_t k;
-        float d = delta_at(x, base, j);
-        memcpy(&k, &d, 4);
-        k &= 0x7FFFFFFFu;
+    for (int l = 0; l < 8; l++) {
+        hi = hi8[l] > hi ? hi8[l] : hi;
+        lo = lo8[l] < lo ? lo8[l] : lo;
+    }
+    for (; j < n; j++) {
+        uint32_t k = radix_key(x, base, j, stored16) & 0x7FFFFFFFu;
         s->keys[j] = k;
         hi = k > hi ? k : hi;
-        lo = k - 1 < lo ? k - 1 : lo; /* 0 wraps to the largest: the smallest nonzero key, less one */
+        lo = k - 1 < lo ? k - 1 : lo; /* the smallest nonzero key, less one */
     }
     uint32_t lo_nz = lo + 1;
     int shift = 0;
     if (hi != 0)
         while ((hi >> shift) - (lo_nz >> shift) >= NB - 1) shift++;
     uint32_t low = hi != 0 ? lo_nz >> shift : 0;
-    for (int64_t j = 0; j < n; j++) {
+    for (j = 0; j < n; j++) {
         uint32_t k = s->keys[j];
         s->bucket[j] = k ? (uint16_t)(1 + (k >> shift) - low) : 0;
     }
@@ -340,8 +388,9 @@ static int64_t decide(int64_t n, const float *steps, Scratch *s, uint8_t *mask) 
     return m;
 }
 
-static void della_row(const float *x, const float *base, int64_t n, const float *steps, Scratch *s, uint8_t *mask) {
-    int used = bucketize(x, base, n, s);
+static void della_row(const void *x, const void *base, int stored16, int64_t n, const float *steps, Scratch *s,
+                      uint8_t *mask) {
+    int used = bucketize(x, base, stored16, n, s);
     count_buckets(n, used, s);
     int64_t m = decide(n, steps, s, mask);
     if (m == 0) return;
@@ -371,26 +420,20 @@ static void free_scratch(Scratch *s) {
     free(s->tallied);
     free(s->cand);
     free(s->packed);
-    free(s->xs);
-    free(s->bs);
     free(s);
 }
 
 /* Masks (0/1 bytes) of the deltas x - base (base NULL: x is the delta) of rows [0, rows) of a block whose first row
    is row `row0` of its tensor (`cols` elements a row). steps == NULL: DARE, keep when u < density; else DELLA with
    steps[0..cols-1]. sums[2r], sums[2r+1]: row r's float64 sum of |delta| and of the kept |delta|. With `stored16`
-   x and base are bfloat16, widened a row at a time into the scratch (in cache; the same float32 values). Returns 0,
-   or -1 when memory runs out. */
+   x and base are bfloat16 as stored, widened where read (the same float32 values). Returns 0, or -1 when memory
+   runs out. */
 int keep_masks(const void *x, const void *base, int64_t rows, int64_t cols, int64_t row0, uint64_t key,
                const float *steps, float density, uint8_t *mask, double *sums, int stored16) {
     Scratch *s = calloc(1, sizeof(Scratch));
     if (s == NULL) return -1;
     s->u = malloc(sizeof(float) * cols);
     s->cand = malloc(cols);
-    if (stored16) {
-        s->xs = malloc(sizeof(float) * cols);
-        if (base) s->bs = malloc(sizeof(float) * cols);
-    }
     if (steps != NULL) {
         s->keys = malloc(sizeof(uint32_t) * cols);
         s->bucket = malloc(sizeof(uint16_t) * cols);
@@ -404,23 +447,16 @@ int keep_masks(const void *x, const void *base, int64_t rows, int64_t cols, int6
     }
     int della = steps == NULL || (s->keys && s->bucket && s->order && s->okeys && s->band && s->cands && s->asked &&
                                   s->tallied && s->packed);
-    int ok = s->u && s->cand && della && (!stored16 || (s->xs && (!base || s->bs)));
-    for (int64_t r = 0; ok && r < rows; r++) {
-        const float *xr, *br;
+    int ok = s->u && s->cand && della;
+    size_t row_bytes = (size_t)cols * (stored16 ? 2 : 4);
+    for (int64_t r = 0; ok && r < rows && cols > 0; r++) {
+        const char *xr = (const char *)x + r * row_bytes, *br = base ? (const char *)base + r * row_bytes : NULL;
         uint8_t *m = mask + r * cols;
-        if (cols == 0) continue;
-        if (stored16) {
-            widen_bf16((const uint16_t *)x + r * cols, cols, (uint32_t *)s->xs);
-            if (base) widen_bf16((const uint16_t *)base + r * cols, cols, (uint32_t *)s->bs);
-            xr = s->xs, br = base ? s->bs : NULL;
-        } else {
-            xr = (const float *)x + r * cols, br = base ? (const float *)base + r * cols : NULL;
-        }
         /* DARE: every draw settles against the density */
         float lo = steps ? steps[0] : density, hi = steps ? steps[cols - 1] : density;
         draws(key, (uint64_t)(row0 + r) * (uint64_t)cols, cols, lo, hi, s->u, m, s->cand);
-        if (steps != NULL) della_row(xr, br, cols, steps, s, m);
-        abs_sums(xr, br, steps ? s->keys : NULL, m, cols, &sums[2 * r], &sums[2 * r + 1]);
+        if (steps != NULL) della_row(xr, br, stored16, cols, steps, s, m);
+        abs_sums(xr, br, stored16, steps ? s->keys : NULL, m, cols, &sums[2 * r], &sums[2 * r + 1]);
     }
     free_scratch(s);
     return ok ? 0 : -1;
@@ -431,45 +467,6 @@ static inline uint32_t lane_bits(const v8u *on) {
     static const v8u lanes = {1, 2, 4, 8, 16, 32, 64, 128};
     v8u b = *on & lanes;
     return b[0] | b[1] | b[2] | b[3] | b[4] | b[5] | b[6] | b[7];
-}
-
-/* Key j of the radix counts: x's bit pattern, or with a base the bit pattern of the magnitude |x - base| in
-   float32. `stored16`: x and base are bfloat16 as stored, widened here (the same float32 values). */
-static inline uint32_t radix_key(const void *x, const void *base, int64_t j, int stored16) {
-    uint32_t xj, bj = 0;
-    if (stored16) {
-        xj = (uint32_t)((const uint16_t *)x)[j] << 16;
-        if (base) bj = (uint32_t)((const uint16_t *)base)[j] << 16;
-    } else {
-        xj = ((const uint32_t *)x)[j];
-        if (base) memcpy(&bj, (const float *)base + j, 4);
-    }
-    if (!base) return xj;
-    float v, b;
-    uint32_t k;
-    memcpy(&v, &xj, 4);
-    memcpy(&b, &bj, 4);
-    v -= b;
-    memcpy(&k, &v, 4);
-    return k & 0x7FFFFFFFu;
-}
-
-/* Keys j..j+8 of the radix counts. */
-static inline void radix_keys(const void *x, const void *base, int64_t j, int stored16, v8u *k) {
-    v8u b = {0};
-    if (stored16) {
-        v8h h;
-        memcpy(&h, (const uint16_t *)x + j, sizeof h);
-        *k = __builtin_convertvector(h, v8u) << 16;
-        if (base) {
-            memcpy(&h, (const uint16_t *)base + j, sizeof h);
-            b = __builtin_convertvector(h, v8u) << 16;
-        }
-    } else {
-        memcpy(k, (const uint32_t *)x + j, sizeof *k);
-        if (base) memcpy(&b, (const float *)base + j, sizeof b);
-    }
-    if (base) *k = (v8u)((v8f)*k - (v8f)b) & 0x7FFFFFFFu;
 }
 
 #define SMALL_COUNT (1 << 16) /* fewer keys are counted straight into the caller's table: no tables to clear */
