@@ -756,13 +756,26 @@ WIDE static void add_agreeing(int64_t c, const float *restrict x, float num, int
    w_i (+0.0 elsewhere), divided when `normalize` by sum_i agree_i * nums[i] (1 where that is 0). Sums in model
    order; chunks keep the running sums in cache. */
 #define CHUNK 512
-void consensus(const float *const *d, int64_t k, int64_t n, const float *nums, int count, int normalize, float *out) {
+WIDE void consensus(const float *const *d, int64_t k, int64_t n, const float *nums, int count, int normalize,
+                    float *restrict out) {
     float votes[CHUNK], sum[CHUNK], div[CHUNK];
     for (int64_t a = 0; a < n; a += CHUNK) {
         int64_t c = n - a < CHUNK ? n - a : CHUNK;
         for (int64_t i = 0; i < k; i++) add_votes(c, d[i] + a, nums[i], count, i == 0, votes);
         for (int64_t i = 0; i < k; i++) add_agreeing(c, d[i] + a, nums[i], i == 0, votes, sum, div);
-        for (int64_t j = 0; j < c; j++) out[a + j] = normalize ? sum[j] / (div[j] == 0.0f ? 1.0f : div[j]) : sum[j];
+        if (!normalize) {
+            memcpy(out + a, sum, sizeof(float) * c);
+            continue;
+        }
+        /* without branches: whether a weight agrees is data, and a vector division rounds as a scalar one */
+        for (int64_t j = 0; j < c; j++) {
+            float dv = div[j];
+            uint32_t zero = 0u - (uint32_t)(dv == 0.0f), bits, one = 0x3F800000u;
+            memcpy(&bits, &dv, 4);
+            bits = (bits & ~zero) | (one & zero);
+            memcpy(&dv, &bits, 4);
+            out[a + j] = sum[j] / dv;
+        }
     }
 }
 
