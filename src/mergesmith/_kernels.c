@@ -921,8 +921,8 @@ WIDE static void sce_agreeing(int64_t c, const float *restrict x, const float *r
    - base, times the selection mask): votes = sum_i d_i; e_i = w_i where d_i takes the sign of the votes (>= 0:
    positive), else w_i * 0; out = base + (sum_i d_i * e_i) / max(sum_i e_i, 1e-6), every sum from +0.0 in model
    order. */
-void sce_merge(const float *const *x, int64_t k, const float *base, const uint8_t *mask, const float *w, int64_t n,
-               float *out) {
+WIDE void sce_merge(const float *const *x, int64_t k, const float *base, const uint8_t *mask, const float *w, int64_t n,
+                    float *restrict out) {
     float votes[CHUNK], num[CHUNK], den[CHUNK];
     const float least = (float)1e-6;
     for (int64_t a = 0; a < n; a += CHUNK) {
@@ -972,7 +972,7 @@ void ram_merge(const float *const *x, int64_t k, const float *base, float eps, c
 
 /* RAM+'s overlap counts over elements [0, n): per model i, counts[2i] += its changed elements (|x_i - base| > eps)
    that other models changed too, counts[2i + 1] += those it alone changed. */
-void ram_counts(const float *const *x, int64_t k, const float *base, float eps, int64_t n, int64_t *counts) {
+WIDE void ram_counts(const float *const *x, int64_t k, const float *base, float eps, int64_t n, int64_t *counts) {
     int32_t count[CHUNK];
     float total[CHUNK];
     for (int64_t a = 0; a < n; a += CHUNK) {
