@@ -532,12 +532,21 @@ WIDE void low_counts(const void *x, const void *base, int64_t n, uint32_t b0, ui
     free(sub);
 }
 
+/* x[j] in float32: bfloat16 as stored (`x16`, widened: the same value) or float32. */
+static inline float value_at(const void *x, int x16, int64_t j) {
+    if (!x16) return ((const float *)x)[j];
+    uint32_t w = (uint32_t)((const uint16_t *)x)[j] << 16;
+    float v;
+    memcpy(&v, &w, 4);
+    return v;
+}
+
 /* Element j of masked_add, one float32 rounding an operation. */
-static inline void masked_add_one(float *acc, const float *x, const float *base, const uint8_t *packed, int64_t offset,
-                                  int64_t j, float f, float num, int first) {
+static inline void masked_add_one(float *acc, const void *x, int x16, const float *base, const uint8_t *packed,
+                                  int64_t offset, int64_t j, float f, float num, int first) {
     int64_t e = offset + j;
     uint32_t k, keep = 0u - (uint32_t)((packed[e >> 3] >> (7 - (e & 7))) & 1u);
-    float d = x[j] - base[j];
+    float d = value_at(x, x16, j) - base[j];
     memcpy(&k, &d, 4);
     k &= keep;
     memcpy(&d, &k, 4);
@@ -546,19 +555,21 @@ static inline void masked_add_one(float *acc, const float *x, const float *base,
     acc[j] = first ? d : acc[j] + d;
 }
 
-/* One model's share of the weighted sum over elements [0, n) of a block, from pass 1's packed mask (numpy's bit
-   order: element j is bit 7 - j % 8 of byte j / 8): acc = (first ? 0 : acc) + (kept(x - base) * f) * num, each
-   operation rounded in float32 in the order sparsify and task_arithmetic apply them (f == 1 or num == 1: skipped,
-   as there), eight lanes a mask byte. Built with -ffp-contract=off: a fused multiply-add would round once instead
-   of twice. */
-WIDE void masked_add(float *acc, const float *x, const float *base, const uint8_t *packed, int64_t offset, int64_t n,
-                     float f, float num, int first) {
+/* masked_add's loops, x float32 or (`x16`) bfloat16 as stored, widened in registers. */
+static inline void masked_add_any(float *acc, const void *x, int x16, const float *base, const uint8_t *packed,
+                                  int64_t offset, int64_t n, float f, float num, int first) {
     static const v8u shifts = {7, 6, 5, 4, 3, 2, 1, 0};
     int64_t j = 0;
-    for (; j < n && ((offset + j) & 7); j++) masked_add_one(acc, x, base, packed, offset, j, f, num, first);
+    for (; j < n && ((offset + j) & 7); j++) masked_add_one(acc, x, x16, base, packed, offset, j, f, num, first);
     for (; j + 8 <= n; j += 8) {
         v8f xv, bv, av;
-        memcpy(&xv, x + j, sizeof xv);
+        if (x16) {
+            v8h h;
+            memcpy(&h, (const uint16_t *)x + j, sizeof h);
+            xv = (v8f)(__builtin_convertvector(h, v8u) << 16);
+        } else {
+            memcpy(&xv, (const float *)x + j, sizeof xv);
+        }
         memcpy(&bv, base + j, sizeof bv);
         v8u keep = -((packed[(offset + j) >> 3] >> shifts) & 1u);
         v8f d = (v8f)((v8u)(xv - bv) & keep);
@@ -570,7 +581,23 @@ WIDE void masked_add(float *acc, const float *x, const float *base, const uint8_
         }
         memcpy(acc + j, &d, sizeof d);
     }
-    for (; j < n; j++) masked_add_one(acc, x, base, packed, offset, j, f, num, first);
+    for (; j < n; j++) masked_add_one(acc, x, x16, base, packed, offset, j, f, num, first);
+}
+
+/* One model's share of the weighted sum over elements [0, n) of a block, from pass 1's packed mask (numpy's bit
+   order: element j is bit 7 - j % 8 of byte j / 8): acc = (first ? 0 : acc) + (kept(x - base) * f) * num, each
+   operation rounded in float32 in the order sparsify and task_arithmetic apply them (f == 1 or num == 1: skipped,
+   as there), eight lanes a mask byte. Built with -ffp-contract=off: a fused multiply-add would round once instead
+   of twice. */
+WIDE void masked_add(float *acc, const float *x, const float *base, const uint8_t *packed, int64_t offset, int64_t n,
+                     float f, float num, int first) {
+    masked_add_any(acc, x, 0, base, packed, offset, n, f, num, first);
+}
+
+/* masked_add of bfloat16 x as stored. */
+WIDE static void masked_add16(float *acc, const uint16_t *x, const float *base, const uint8_t *packed, int64_t offset,
+                              int64_t n, float f, float num, int first) {
+    masked_add_any(acc, x, 1, base, packed, offset, n, f, num, first);
 }
 
 /* The end of the weighted sum over elements [0, n): acc = base + (acc / div) * lam, in place, each operation rounded
@@ -584,35 +611,34 @@ WIDE void finish_sum(float *restrict acc, const float *restrict base, int64_t n,
     }
 }
 
-/* masked_sum's elements [0, n) of a block from bfloat16 inputs x[0..k-1] and base: chunks of each widened into
-   buffers that stay in cache, then masked_add of every model in recipe order (packed[i], factor f[i], numerator
-   num[i]) and finish_sum; each element takes the same float32 operations as on float32 inputs. */
+/* masked_sum's elements [0, n) of a block from bfloat16 inputs x[0..k-1] and base: a chunk of the base widened into
+   a buffer that stays in cache, then masked_add of every model in recipe order (packed[i], factor f[i], numerator
+   num[i], x widened in registers) and finish_sum; each element takes the same float32 operations as on float32
+   inputs. */
 void masked_sum16(float *acc, const uint16_t *const *x, int64_t k, const uint16_t *base, const uint8_t *const *packed,
                   int64_t offset, int64_t n, const float *f, const float *num, float div, float lam) {
     enum { CHUNK = 2048 };
-    float xs[CHUNK], bs[CHUNK];
+    float bs[CHUNK];
     for (int64_t a = 0; a < n; a += CHUNK) {
         int64_t c = n - a < CHUNK ? n - a : CHUNK;
         widen_bf16(base + a, c, (uint32_t *)bs);
-        for (int64_t i = 0; i < k; i++) {
-            widen_bf16(x[i] + a, c, (uint32_t *)xs);
-            masked_add(acc + a, xs, bs, packed[i], offset + a, c, f[i], num[i], i == 0);
-        }
+        for (int64_t i = 0; i < k; i++)
+            masked_add16(acc + a, x[i] + a, bs, packed[i], offset + a, c, f[i], num[i], i == 0);
         finish_sum(acc + a, bs, c, div, lam);
     }
 }
 
 /* masked_delta of bfloat16 x and base as stored: out = kept(x - base) * f over elements [0, n) (mask bit offset + j),
-   widened a chunk at a time in cache, each element masked_add's float32 operations with num 1. */
+   the base widened a chunk at a time in cache, x in registers; each element masked_add's float32 operations with
+   num 1. */
 void masked_delta16(float *out, const uint16_t *x, const uint16_t *base, const uint8_t *packed, int64_t offset,
                     int64_t n, float f) {
     enum { CHUNK = 2048 };
-    float xs[CHUNK], bs[CHUNK];
+    float bs[CHUNK];
     for (int64_t a = 0; a < n; a += CHUNK) {
         int64_t c = n - a < CHUNK ? n - a : CHUNK;
-        widen_bf16(x + a, c, (uint32_t *)xs);
         widen_bf16(base + a, c, (uint32_t *)bs);
-        masked_add(out + a, xs, bs, packed, offset + a, c, f, 1.0f, 1);
+        masked_add16(out + a, x + a, bs, packed, offset + a, c, f, 1.0f, 1);
     }
 }
 
