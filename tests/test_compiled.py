@@ -495,7 +495,7 @@ def test_ram_merge_in_one_compiled_pass_is_the_torch_path(monkeypatch, method, s
 @pytest.mark.parametrize("shape", [(37, 301), (4, 4096)])
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
 def test_keep_masks_take_the_deltas_themselves_from_a_model_and_its_base(monkeypatch, method, shape, stored):
-    """A model and its base given to the kernel (in float32, or bfloat16 as stored: widened a row at a time): the
+    """A model and its base given to the kernel (in float32, or bfloat16 as stored: widened where read): the
     masks and float64 sums of their deltas x - base (rounded as float32 subtraction rounds them) given as deltas."""
     base, xs = sce_inputs(shape[0] * shape[1], 1, seed=shape[0])
     base, x = base.reshape(shape), xs[0].reshape(shape)
@@ -504,6 +504,18 @@ def test_keep_masks_take_the_deltas_themselves_from_a_model_and_its_base(monkeyp
     (want_sums, want_mask) = l1_sums(x - base, method, 0.4, 17, epsilon=0.1, row_offset=5)
     assert sums == want_sums and torch.equal(mask, want_mask)
     assert want_sums[0] == pytest.approx(float((x - base).double().abs().sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [None, torch.linspace(0.3, 0.5, 301)])
+def test_keep_masks_of_bfloat16_deltas_without_a_base(steps):
+    """The kernel given bfloat16 rows of deltas and no base: the masks and float64 sums of the same deltas in
+    float32 (DARE without steps, DELLA with them)."""
+    base, xs = sce_inputs(37 * 301, 1, seed=8)
+    d = (xs[0] - base).bfloat16().reshape(37, 301)
+    got = compiled.keep_masks(d, 17, 5, steps, 0.4)
+    want = compiled.keep_masks(d.float(), 17, 5, steps, 0.4)
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+    assert 0 < want[2] < want[1] == pytest.approx(float(d.double().abs().sum()), rel=1e-12)
 
 
 @pytest.mark.parametrize("stored", [False, True])

@@ -4,6 +4,7 @@ import hashlib
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -156,11 +157,15 @@ def test_disk_full_mid_merge_then_rerun_with_room(tmp_path, fam, monkeypatch, ca
 def test_every_byte_written_is_sent_to_disk_as_it_is_written(tmp_path, fam, monkeypatch):
     """Each block's bytes are handed to the disk (sync_file_range, SYNC_FILE_RANGE_WRITE = 2) right after they are
     written: the ranges asked for cover each shard's tensor data exactly, so the final fsync has little left."""
-    import struct
-
     import mergesmith.io.writer as w
 
-    assert w._SYNC_FILE_RANGE is not None
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * 8192)
+    fd = os.open(probe, os.O_RDWR)
+    try:  # the binding itself, before the spy replaces it
+        assert w._SYNC_FILE_RANGE(fd, 0, 8192, w.SYNC_FILE_RANGE_WRITE) == 0
+    finally:
+        os.close(fd)
     asked = []
 
     def spy(fd, offset, n, flags):

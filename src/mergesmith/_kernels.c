@@ -3,7 +3,7 @@
    and runs instead where this extension was not built.
 
    keep_masks: masks of the random sparsifiers (DARE, DELLA MagPrune) for rows of float32 deltas (or of bfloat16
-   inputs as stored, widened a row at a time), one fused pass per row. Element j of a row is kept when u_j < p_j,
+   inputs as stored, widened where read), one fused pass per row. Element j of a row is kept when u_j < p_j,
    u_j being the SplitMix64 uniform of its stream index (rng.py) and p_j = density (DARE) or steps[rank_j] (DELLA:
    rank of |delta_j| in its row, ascending, ties by index).
 
@@ -16,8 +16,8 @@
 
    Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given
    a base, from float32 or bfloat16 as stored), the second pass of an L1-rescaled DARE/DELLA sum (masked_add,
-   finish_sum; masked_sum16 and, under the TIES consensus, masked_delta16 from bfloat16 inputs as stored, widened in
-   cache-sized chunks), a block's magnitude trim
+   finish_sum; masked_sum16 and, under the TIES consensus, masked_delta16 from bfloat16 inputs as stored: the base
+   widened in cache-sized chunks, the models in registers), a block's magnitude trim
    by its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of
    model_stock and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies
    and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge,
@@ -115,7 +115,7 @@ static inline uint32_t radix_key(const void *x, const void *base, int64_t j, int
     return k & 0x7FFFFFFFu;
 }
 
-/* Keys j..j+8 of the radix counts. */
+/* Keys j..j+7 of the radix counts. */
 static inline void radix_keys(const void *x, const void *base, int64_t j, int stored16, v8u *k) {
     v8u b = {0};
     if (stored16) {
@@ -133,12 +133,11 @@ static inline void radix_keys(const void *x, const void *base, int64_t j, int st
     if (base) *k = (v8u)((v8f)*k - (v8f)b) & 0x7FFFFFFFu;
 }
 
-/* Magnitude keys j..j+8: the bit patterns of |x - base| (|x| without a base) in float32. */
+/* Magnitude keys j..j+7: the bit patterns of |x - base| (|x| without a base) in float32. */
 static inline void magnitude_keys(const void *x, const void *base, int64_t j, int stored16, v8u *k) {
     radix_keys(x, base, j, stored16, k);
     *k &= 0x7FFFFFFFu;
 }
-
 
 /* Eight fixed float64 lanes (lane l: elements j with j % 8 == l, the tail in lane 0) summed in one order: the same
    value whatever the threads or the vector width. */

@@ -3,7 +3,7 @@
 `keep_masks`: DARE and DELLA MagPrune masks in one pass per row (DELLA needs no sort: a histogram of the magnitudes
 settles nearly every element's keep probability, and only the few draws it leaves open need an exact rank);
 `high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
-L1-rescaled DARE/DELLA sum (from bfloat16 blocks as stored: `masked_sum16`, widened in cache); `cut_keep`: a block's
+L1-rescaled DARE/DELLA sum (from bfloat16 blocks as stored: `masked_sum16`, widened where read); `cut_keep`: a block's
 magnitude trim by its tensor's rank cut; `consensus`: the TIES disjoint merge; `gram_chunks`: float64 Gram matrices
 in chunks; `variances`, `cut_mask`, `selected_squares` and `sce_merge`: sce's selection key, selection, energies and
 merge, without stacking the deltas; `ram_merge` and `ram_counts`: RAM and RAM+ in one pass; `widen`: the inputs'
@@ -97,7 +97,7 @@ def usable(rows: torch.Tensor) -> bool:
     return available() and rows.device.type == "cpu" and rows.dtype in WIDENED and rows.shape[1] <= MAX_COLS
 
 
-WIDENED = (torch.float32, torch.bfloat16)  # bfloat16 inputs are widened by the kernels, a row or a range at a time
+WIDENED = (torch.float32, torch.bfloat16)  # bfloat16 inputs are widened by the kernels where they read them
 
 
 def keep_masks(
@@ -178,7 +178,7 @@ def masked_sum(
 
 
 def _masked_sum16(acc, b, xs, masks, factors, nums, divisor: float, lambda_: float) -> torch.Tensor:
-    """masked_sum of bfloat16 inputs and base (all of it in one kernel call a thread: it widens in cache)."""
+    """masked_sum of bfloat16 inputs and base (all of it in one kernel call a thread: it widens where it reads)."""
     k = len(xs)
     f, num = np.asarray(factors, dtype=np.float32), np.asarray(nums, dtype=np.float32)
     packed = (ctypes.c_void_p * k)(*(m.ctypes.data for m in masks))
@@ -206,7 +206,7 @@ def nonfinite(x: torch.Tensor) -> Optional[bool]:
 
 def masked_delta(x: torch.Tensor, base: torch.Tensor, mask: np.ndarray, factor: float) -> torch.Tensor:
     """kept(x - base, mask) * factor (skipped when the float32 factor is 1) of float32 CPU tensors of one shape
-    (or bfloat16 as stored: widened in cache), the mask pass 1's packed bits: sparsify's L1-rescaled DARE/DELLA
+    (or bfloat16 as stored: widened where read), the mask pass 1's packed bits: sparsify's L1-rescaled DARE/DELLA
     delta of a block, in one pass, in float32."""
     b, xf = base.contiguous().reshape(-1), x.contiguous().reshape(-1)
     if xf.dtype != b.dtype or b.dtype not in WIDENED:
