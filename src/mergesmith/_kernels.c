@@ -94,20 +94,32 @@ WIDE static void draws(uint64_t key, uint64_t first, int64_t n, float lo, float 
 /* The delta x - base (base NULL: x is the delta). */
 static inline float delta_at(const float *x, const float *base, int64_t j) { return base ? x[j] - base[j] : x[j]; }
 
-/* Key j of the radix counts: x's bit pattern, or with a base the bit pattern of the magnitude |x - base| in
-   float32. `stored16`: x and base are bfloat16 as stored, widened here (the same float32 values). */
-static inline uint32_t radix_key(const void *x, const void *base, int64_t j, int stored16) {
-    uint32_t xj, bj = 0;
+/* The float32 bit pattern of x[j]: float32, or (`stored16`) bfloat16 as stored, widened (the same value). */
+static inline uint32_t bits_at(const void *x, int stored16, int64_t j) {
+    if (stored16) return (uint32_t)((const uint16_t *)x)[j] << 16;
+    uint32_t w;
+    memcpy(&w, (const float *)x + j, 4);
+    return w;
+}
+
+/* bits_at of x[j..j+7], into *w. */
+static inline void bits8(const void *x, int stored16, int64_t j, v8u *w) {
     if (stored16) {
-        xj = (uint32_t)((const uint16_t *)x)[j] << 16;
-        if (base) bj = (uint32_t)((const uint16_t *)base)[j] << 16;
+        v8h h;
+        memcpy(&h, (const uint16_t *)x + j, sizeof h);
+        *w = __builtin_convertvector(h, v8u) << 16;
     } else {
-        xj = ((const uint32_t *)x)[j];
-        if (base) memcpy(&bj, (const float *)base + j, 4);
+        memcpy(w, (const float *)x + j, sizeof *w);
     }
+}
+
+/* Key j of the radix counts: x's bit pattern, or with a base the bit pattern of the magnitude |x - base| in
+   float32 (`stored16`: x and base bfloat16 as stored). */
+static inline uint32_t radix_key(const void *x, const void *base, int64_t j, int stored16) {
+    uint32_t xj = bits_at(x, stored16, j), bj, k;
     if (!base) return xj;
+    bj = bits_at(base, stored16, j);
     float v, b;
-    uint32_t k;
     memcpy(&v, &xj, 4);
     memcpy(&b, &bj, 4);
     v -= b;
@@ -117,20 +129,12 @@ static inline uint32_t radix_key(const void *x, const void *base, int64_t j, int
 
 /* Keys j..j+7 of the radix counts. */
 static inline void radix_keys(const void *x, const void *base, int64_t j, int stored16, v8u *k) {
-    v8u b = {0};
-    if (stored16) {
-        v8h h;
-        memcpy(&h, (const uint16_t *)x + j, sizeof h);
-        *k = __builtin_convertvector(h, v8u) << 16;
-        if (base) {
-            memcpy(&h, (const uint16_t *)base + j, sizeof h);
-            b = __builtin_convertvector(h, v8u) << 16;
-        }
-    } else {
-        memcpy(k, (const uint32_t *)x + j, sizeof *k);
-        if (base) memcpy(&b, (const float *)base + j, sizeof b);
+    bits8(x, stored16, j, k);
+    if (base) {
+        v8u b;
+        bits8(base, stored16, j, &b);
+        *k = (v8u)((v8f)*k - (v8f)b) & 0x7FFFFFFFu;
     }
-    if (base) *k = (v8u)((v8f)*k - (v8f)b) & 0x7FFFFFFFu;
 }
 
 /* Magnitude keys j..j+7: the bit patterns of |x - base| (|x| without a base) in float32. */
@@ -166,7 +170,8 @@ WIDE static void abs_sums(const void *x, const void *base, int stored16, const u
         la += __builtin_convertvector((v8f)kk, v8d);
     }
     for (; j < n; j++) {
-        uint32_t k = keys ? keys[j] : radix_key(x, base, j, stored16) & 0x7FFFFFFFu, kk = k & (0u - (uint32_t)mask[j]);
+        uint32_t k = keys ? keys[j] : radix_key(x, base, j, stored16) & 0x7FFFFFFFu;
+        uint32_t kk = k & (0u - (uint32_t)mask[j]);
         float a, ak;
         memcpy(&a, &k, 4);
         memcpy(&ak, &kk, 4);
@@ -531,21 +536,15 @@ WIDE void low_counts(const void *x, const void *base, int64_t n, uint32_t b0, ui
     free(sub);
 }
 
-/* x[j] in float32: bfloat16 as stored (`x16`, widened: the same value) or float32. */
-static inline float value_at(const void *x, int x16, int64_t j) {
-    if (!x16) return ((const float *)x)[j];
-    uint32_t w = (uint32_t)((const uint16_t *)x)[j] << 16;
-    float v;
-    memcpy(&v, &w, 4);
-    return v;
-}
-
 /* Element j of masked_add, one float32 rounding an operation. */
 static inline void masked_add_one(float *acc, const void *x, int x16, const float *base, const uint8_t *packed,
                                   int64_t offset, int64_t j, float f, float num, int first) {
     int64_t e = offset + j;
     uint32_t k, keep = 0u - (uint32_t)((packed[e >> 3] >> (7 - (e & 7))) & 1u);
-    float d = value_at(x, x16, j) - base[j];
+    uint32_t w = bits_at(x, x16, j);
+    float d;
+    memcpy(&d, &w, 4);
+    d = d - base[j];
     memcpy(&k, &d, 4);
     k &= keep;
     memcpy(&d, &k, 4);
@@ -561,14 +560,10 @@ static inline void masked_add_any(float *acc, const void *x, int x16, const floa
     int64_t j = 0;
     for (; j < n && ((offset + j) & 7); j++) masked_add_one(acc, x, x16, base, packed, offset, j, f, num, first);
     for (; j + 8 <= n; j += 8) {
-        v8f xv, bv, av;
-        if (x16) {
-            v8h h;
-            memcpy(&h, (const uint16_t *)x + j, sizeof h);
-            xv = (v8f)(__builtin_convertvector(h, v8u) << 16);
-        } else {
-            memcpy(&xv, (const float *)x + j, sizeof xv);
-        }
+        v8u xw;
+        v8f bv, av;
+        bits8(x, x16, j, &xw);
+        v8f xv = (v8f)xw;
         memcpy(&bv, base + j, sizeof bv);
         v8u keep = -((packed[(offset + j) >> 3] >> shifts) & 1u);
         v8f d = (v8f)((v8u)(xv - bv) & keep);
