@@ -438,6 +438,28 @@ def test_allocator_settings_apply_in_process():
     assert out.stdout.strip() == ("True" if sys.platform.startswith("linux") else "False"), out.stderr
 
 
+_GC_PROBE = """
+import atexit, gc, sys
+during = []  # collections while torch is imported but nothing frozen yet
+unfrozen = lambda: "torch" in sys.modules and not gc.get_freeze_count()
+gc.callbacks.append(lambda phase, info: phase == "start" and unfrozen() and during.append(1))
+atexit.register(lambda: print(gc.get_freeze_count(), "torch" in sys.modules, len(during), gc.isenabled()))
+sys.argv = ["mergesmith"] + sys.argv[1:]
+from mergesmith.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("args, imported", [(["methods"], True), (["methods", "--help"], False), ([], False)])
+def test_the_command_imports_torch_without_collecting_then_freezes_it(args, imported):
+    """A command's process imports torch with the cyclic collector off and freezes what it made (no collection
+    walks it again, at exit included); help alone imports nothing. Checked in a child: gc.freeze is process-wide."""
+    out = subprocess.run([sys.executable, "-c", _GC_PROBE, *args], capture_output=True, text=True)
+    frozen, torch_in, during, enabled = out.stdout.strip().splitlines()[-1].split()
+    assert (torch_in, during, enabled) == (str(imported), "0", "True"), out.stdout + out.stderr
+    assert (int(frozen) > 100_000) == imported, frozen
+
+
 def test_blocks_two_at_a_time_come_back_in_order():
     """execute.in_order: results in the items' order even when an earlier item finishes last, never more than
     `width` running at once."""

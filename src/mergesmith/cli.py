@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import sys
@@ -789,8 +790,26 @@ def entry() -> None:
     main()
 
 
+def _import_torch(args: list) -> None:
+    """Import torch before a command runs, with the cyclic collector off, and freeze what the import made.
+
+    torch's import makes a few hundred thousand objects that live as long as the process: collections during the
+    import, and the collection at interpreter exit, walk them all for nothing (about 0.8 s of every command on a
+    2-core machine). gc.freeze is process-wide, so this is only for a process that the command line started."""
+    if not args or args[0] not in cli.commands or {"-h", "--help"} & set(args):
+        return
+    gc.disable()
+    try:
+        import torch  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def main(argv: Optional[list] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        _import_torch(args)
     verbose = "--verbose" in args or any(re.fullmatch(r"-v+", a) for a in args)
     _setup_logging(verbose)
     try:
