@@ -652,3 +652,34 @@ def test_masked_delta_from_bfloat16_as_stored_is_the_float32_reference(factor, n
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     with pytest.raises(TypeError):
         compiled.masked_delta(x, base.float(), np.packbits(keep.numpy()), factor)
+
+
+@pytest.mark.parametrize("stored", [False, True])
+@pytest.mark.parametrize("k, n", [(2, 1), (2, 17), (3, 1003), (4, 77), (5, 300), (6, 255)])
+def test_model_stock_interpolation_is_torchs_in_one_compiled_pass_up_to_four_models(monkeypatch, stored, k, n):
+    """A block's t * mean(x_i) + (1 - t) * base from float32 or bfloat16 as stored: torch's bits for that expression
+    on the float32 values, within an ulp of float64 math. Up to 4 models in one compiled pass (torch sums that many
+    stacked models in order; more in an order that depends on the length, as here: torch's path)."""
+    from mergesmith.methods.model_stock import model_stock
+
+    if not compiled.available():
+        pytest.skip("the C extension was not built")
+    g = torch.Generator().manual_seed(k * n)
+    xs = [torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 3, (n,), generator=g) for _ in range(k)]
+    base = torch.randn(n, generator=g)
+    xs[0][:3], base[:2] = -0.0, -0.0  # signed zeros; a model cancelling another
+    xs[1][:3] = -0.0
+    xs[-1][3:6] = -xs[0][3:6]
+    if stored:
+        xs, base = [x.bfloat16() for x in xs], base.bfloat16()
+    stat = torch.tensor([[0.3712]], dtype=torch.float64)
+    t, ws, w0 = stat.float(), torch.stack([x.float() for x in xs]), base.float()
+    want = (t * (ws.sum(dim=0) / k) + (1 - t) * w0).reshape(-1)
+    calls = []
+    kernel = compiled.stock_merge
+    monkeypatch.setattr(compiled, "stock_merge", lambda *a: calls.append(1) or kernel(*a))
+    got = model_stock(base, xs, stat=stat)
+    assert len(calls) == (k <= 4) and got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    exact = float(t) * ws.double().mean(dim=0) + (1 - float(t)) * w0.double()
+    assert torch.allclose(got.double(), exact, rtol=4e-7, atol=1e-6 * float(exact.abs().max()))

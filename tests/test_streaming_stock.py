@@ -143,14 +143,36 @@ def test_gram64_of_differences_takes_them_in_float32(monkeypatch, use_compiled):
     assert not np.allclose(gram64(xs).numpy(), want, rtol=1e-3)
 
 
+@pytest.mark.parametrize("with_base", [True, False])
+def test_gram64_of_bfloat16_as_stored_is_the_float64_gram_of_their_values(monkeypatch, with_base):
+    """bfloat16 tensors (as the blocks are stored) give the Gram matrix of their values (differences rounded to
+    float32 where a base is given), chunks and tail alike, without widening them first."""
+    if not compiled.available():
+        pytest.skip("the C extension was not built")
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(301, 97, generator=g) * 3).bfloat16()
+    xs = [(base.float() + torch.randn(301, 97, generator=g)).bfloat16() for _ in range(3)]
+    b = base.float().numpy() if with_base else 0
+    d = np.stack([(x.float().numpy() - b).astype(np.float64).ravel() for x in xs])
+    want = np.array([[math.fsum(d[i] * d[j]) for j in range(3)] for i in range(3)])
+    widened = []
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: widened.append(t) or t.to(torch.float32))
+    got = gram64(xs, base=base if with_base else None)
+    assert not widened
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-14)
+
+
 # ---------------------------------------------------------------------------- model_stock
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed,n,shift", [(0, 2, 0.0), (1, 3, 0.03), (2, 4, 0.01), (3, 3, -0.02)])
-def test_model_stock_in_blocks_is_the_whole_tensor_formula(seed, n, shift, monkeypatch):
+def test_model_stock_in_blocks_is_the_whole_tensor_formula(seed, n, shift, dtype, monkeypatch):
     """One t for the whole tensor (from the blocks' Gram matrices): the reference's t, so the same output as the
-    whole tensor up to float64 summation order in t (which does not change its float32 rounding here)."""
+    whole tensor up to float64 summation order in t (which does not change its float32 rounding here). bfloat16
+    blocks are taken as stored by both passes."""
     base, ws = family(seed, n, shift=shift)
+    base, ws = base.to(dtype), [w.to(dtype) for w in ws]
     whole, parts = whole_and_blocks("model_stock", base, ws, monkeypatch)
     ref = ref_model_stock(base, ws)
     assert_near(parts, ref, 2e-7)

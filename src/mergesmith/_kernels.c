@@ -19,7 +19,8 @@
    finish_sum; masked_sum16 and, under the TIES consensus, masked_delta16 from bfloat16 inputs as stored: the base
    widened in cache-sized chunks, the models in registers), a block's magnitude trim
    by its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of
-   model_stock and karcher and the spherical methods' sums (gram_chunks), sce's variances, selection mask, energies
+   model_stock and karcher and the spherical methods' sums (gram_chunks, float32 or bfloat16 as stored), Model Stock's
+   interpolation (stock_merge), sce's variances, selection mask, energies
    and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge,
    ram_counts), the inputs' bfloat16 to float32 conversion with its finiteness check (widen_bf16; the check alone:
    nonfinite_bf16) and the output's conversion back, checked the same way (narrow_bf16), and the weighted sums of
@@ -91,9 +92,6 @@ WIDE static void draws(uint64_t key, uint64_t first, int64_t n, float lo, float 
     }
 }
 
-/* The delta x - base (base NULL: x is the delta). */
-static inline float delta_at(const float *x, const float *base, int64_t j) { return base ? x[j] - base[j] : x[j]; }
-
 /* The float32 bit pattern of x[j]: float32, or (`stored16`) bfloat16 as stored, widened (the same value). */
 static inline uint32_t bits_at(const void *x, int stored16, int64_t j) {
     if (stored16) return (uint32_t)((const uint16_t *)x)[j] << 16;
@@ -127,14 +125,31 @@ static inline uint32_t radix_key(const void *x, const void *base, int64_t j, int
     return k & 0x7FFFFFFFu;
 }
 
+/* The delta x[j] - base[j] in float32 (base NULL: x[j]); `stored16`: x and base bfloat16 as stored. */
+static inline float delta_at(const void *x, const void *base, int64_t j, int stored16) {
+    uint32_t w = bits_at(x, stored16, j), b = base ? bits_at(base, stored16, j) : 0;
+    float v, bv;
+    memcpy(&v, &w, 4);
+    memcpy(&bv, &b, 4);
+    return base ? v - bv : v;
+}
+
+/* delta_at of elements j..j+7, into *d. */
+static inline void deltas8(const void *x, const void *base, int64_t j, int stored16, v8f *d) {
+    v8u w;
+    bits8(x, stored16, j, &w);
+    *d = (v8f)w;
+    if (base) {
+        bits8(base, stored16, j, &w);
+        *d -= (v8f)w;
+    }
+}
+
 /* Keys j..j+7 of the radix counts. */
 static inline void radix_keys(const void *x, const void *base, int64_t j, int stored16, v8u *k) {
-    bits8(x, stored16, j, k);
-    if (base) {
-        v8u b;
-        bits8(base, stored16, j, &b);
-        *k = (v8u)((v8f)*k - (v8f)b) & 0x7FFFFFFFu;
-    }
+    v8f d;
+    deltas8(x, base, j, stored16, &d);
+    *k = base ? (v8u)d & 0x7FFFFFFFu : (v8u)d;
 }
 
 /* Magnitude keys j..j+7: the bit patterns of |x - base| (|x| without a base) in float32. */
@@ -644,16 +659,6 @@ static inline float magnitude(float x) {
     return x;
 }
 
-/* Elements j..j+8 of a (of a - base, where a base is given). */
-static inline void values8(const float *a, const float *base, int64_t j, v8f *d) {
-    memcpy(d, a + j, sizeof *d);
-    if (base) {
-        v8f b;
-        memcpy(&b, base + j, sizeof b);
-        *d -= b;
-    }
-}
-
 /* Lanes of d (their magnitudes when `absolute`) equal to v: all ones there, zero elsewhere. */
 static inline void equal_lanes(const v8f *d, float v, int absolute, v8u *on) {
     *on = (v8u)((v8f)((v8u)*d & (absolute ? 0x7FFFFFFFu : 0xFFFFFFFFu)) == v);
@@ -661,7 +666,7 @@ static inline void equal_lanes(const v8f *d, float v, int absolute, v8u *on) {
 
 /* Element j of group_members' loops: whether it is a member (value v), and its value into *d. */
 static inline int member(const float *a, const float *base, int64_t j, float v, int absolute, float *d) {
-    *d = delta_at(a, base, j);
+    *d = delta_at(a, base, j, 0);
     return (absolute ? magnitude(*d) : *d) == v;
 }
 
@@ -690,7 +695,7 @@ WIDE static void group_members(const float *a, const float *base, int64_t n, flo
     for (; j + 8 <= n && c < take; j += 8) {
         v8f d;
         v8u on;
-        values8(a, base, j, &d);
+        deltas8(a, base, j, 0, &d);
         equal_lanes(&d, v, absolute, &on);
         uint32_t bits = lane_bits(&on);
         int64_t hits = __builtin_popcount(bits);
@@ -735,7 +740,7 @@ WIDE static void group_members(const float *a, const float *base, int64_t n, flo
 WIDE void cut_keep(const float *restrict x, const float *restrict base, int64_t n, float low, float high,
                    const float *values, const int64_t *skip, const int64_t *take, int64_t groups, float *restrict out) {
     for (int64_t j = 0; j < n; j++) {
-        float d = delta_at(x, base, j), a = magnitude(d);
+        float d = delta_at(x, base, j, 0), a = magnitude(d);
         uint32_t k;
         memcpy(&k, &d, 4);
         k &= 0u - (uint32_t)((a > low) & (a < high));
@@ -800,31 +805,56 @@ WIDE void consensus(const float *const *d, int64_t k, int64_t n, const float *nu
 }
 
 /* Chunk sums of the float64 products x_i * x_j of k float32 arrays (of x_i - base, each difference rounded to float32,
-   where a base is given) over elements [0, n), for every pair i <= j in
+   where a base is given; `stored16`: x and base bfloat16 as stored) over elements [0, n), for every pair i <= j in
    row order ((0,0), (0,1), ..., (1,1), ...): out[c * pairs + p] for chunk c of `chunk` elements (a multiple of 8;
    the last may be shorter), each summed in eight fixed lanes (lane l: elements j % 8 == l, the tail in lane 0)
    added in a fixed tree: the same values whatever the threads or the vector width. */
-WIDE void gram_chunks(const float *const *x, const float *base, int64_t k, int64_t n, int64_t chunk, double *out) {
+WIDE void gram_chunks(const void *const *x, const void *base, int64_t k, int64_t n, int64_t chunk, int stored16,
+                      double *out) {
+    int64_t size = stored16 ? 2 : 4;
     for (int64_t a = 0, c = 0; a < n; a += chunk, c++) {
         int64_t len = n - a < chunk ? n - a : chunk;
         double *o = out + c * (k * (k + 1) / 2);
-        const float *b = base ? base + a : NULL;
+        const char *b = base ? (const char *)base + a * size : NULL;
         for (int64_t i = 0; i < k; i++) {
             for (int64_t j = i; j < k; j++) {
-                const float *u = x[i] + a, *v = x[j] + a;
+                const char *u = (const char *)x[i] + a * size, *v = (const char *)x[j] + a * size;
                 v8d lanes = {0};
                 int64_t t = 0;
                 for (; t + 8 <= len; t += 8) {
                     v8f fu, fv;
-                    values8(u, b, t, &fu);
-                    values8(v, b, t, &fv);
+                    deltas8(u, b, t, stored16, &fu);
+                    deltas8(v, b, t, stored16, &fv);
                     lanes += __builtin_convertvector(fu, v8d) * __builtin_convertvector(fv, v8d);
                 }
-                for (; t < len; t++) lanes[0] += (double)delta_at(u, b, t) * (double)delta_at(v, b, t);
-                double low = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-                *o++ = low + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+                for (; t < len; t++) lanes[0] += (double)delta_at(u, b, t, stored16) * (double)delta_at(v, b, t, stored16);
+                *o++ = lanes_total(&lanes);
             }
         }
+    }
+}
+
+/* Model Stock's t * mean(x_i) + (1 - t) * base over elements [0, n) of k float32 arrays (`stored16`: bfloat16 as
+   stored), as torch computes it: the models added in order from +0.0, divided by k, each product and the sum
+   rounded to float32 (no contraction). */
+WIDE void stock_merge(const void *const *x, const void *base, int64_t k, int64_t n, int stored16, float t,
+                      float *out) {
+    float kf = (float)k, u = 1.0f - t;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        v8f sum = {0}, d, b;
+        for (int64_t i = 0; i < k; i++) {
+            deltas8(x[i], NULL, j, stored16, &d);
+            sum += d;
+        }
+        deltas8(base, NULL, j, stored16, &b);
+        d = t * (sum / kf) + u * b;
+        memcpy(out + j, &d, sizeof d);
+    }
+    for (; j < n; j++) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < k; i++) sum += delta_at(x[i], NULL, j, stored16);
+        out[j] = t * (sum / kf) + u * delta_at(base, NULL, j, stored16);
     }
 }
 

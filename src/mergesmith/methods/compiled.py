@@ -3,16 +3,17 @@
 `keep_masks`: DARE and DELLA MagPrune masks in one pass per row (DELLA needs no sort: a histogram of the magnitudes
 settles nearly every element's keep probability, and only the few draws it leaves open need an exact rank);
 `high_counts` and `low_counts`: the two reads of sparsify.RadixSelect; `masked_sum`: the second pass of an
-L1-rescaled DARE/DELLA sum (from bfloat16 blocks as stored: `masked_sum16`, widened where read); `cut_keep`: a block's
-magnitude trim by its tensor's rank cut; `consensus`: the TIES disjoint merge; `gram_chunks`: float64 Gram matrices
-in chunks; `variances`, `cut_mask`, `selected_squares` and `sce_merge`: sce's selection key, selection, energies and
-merge, without stacking the deltas; `ram_merge` and `ram_counts`: RAM and RAM+ in one pass; `widen`: the inputs'
-bfloat16 to float32 conversion, checked for NaN and Inf in the same pass (`nonfinite`: the check alone, for blocks
-kept as stored), and `narrow` the output's conversion back; `masked_delta`: a block's L1-rescaled DARE/DELLA delta
-from pass 1's mask; `weighted_sum64` and `weighted_sum32`: karcher's and multislerp's weighted sums, with torch's
-fused multiply-adds (used where torch's kernels fuse: `fused_multiply_add()`). Each gives the bits of the numpy or
-torch path it replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in another fixed
-order; the numpy/torch paths run instead where the extension was not built (`available()` is False).
+L1-rescaled DARE/DELLA sum (from bfloat16 blocks as stored: `masked_sum16`, widened where read); `cut_keep`: a
+block's magnitude trim by its tensor's rank cut; `consensus`: the TIES disjoint merge; `gram_chunks`: float64 Gram
+matrices in chunks (of float32 or bfloat16 as stored); `stock_merge`: Model Stock's interpolation; `variances`,
+`cut_mask`, `selected_squares` and `sce_merge`: sce's selection key, selection, energies and merge, without stacking
+the deltas; `ram_merge` and `ram_counts`: RAM and RAM+ in one pass; `widen`: the inputs' bfloat16 to float32
+conversion, checked for NaN and Inf in the same pass (`nonfinite`: the check alone, for blocks kept as stored), and
+`narrow` the output's conversion back; `masked_delta`: a block's L1-rescaled DARE/DELLA delta from pass 1's mask;
+`weighted_sum64` and `weighted_sum32`: karcher's and multislerp's weighted sums, with torch's fused multiply-adds
+(used where torch's kernels fuse: `fused_multiply_add()`). Each gives the bits of the numpy or torch path it
+replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in another fixed order; the
+numpy/torch paths run instead where the extension was not built (`available()` is False).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _load() -> Optional[ctypes.CDLL]:
         rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
         fs, ws, w32, nb = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32, lib.narrow_bf16
         ms16, nf, md16 = lib.masked_sum16, lib.nonfinite_bf16, lib.masked_delta16
+        st = lib.stock_merge
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -64,7 +66,9 @@ def _load() -> Optional[ctypes.CDLL]:
     ck.restype = None
     ck.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     gc.restype = None
-    gc.argtypes = [ptr, ptr, i64, i64, i64, ptr]
+    gc.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr]
+    st.restype = None
+    st.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr]
     cm.restype = sm.restype = None
     cm.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     sq.restype = ctypes.c_double
@@ -303,25 +307,49 @@ def consensus(deltas: Sequence[torch.Tensor], nums: Sequence[float], count: bool
     return out.reshape(deltas[0].shape)
 
 
+def _same(xs: Sequence[Optional[torch.Tensor]]) -> Tuple[list, int]:
+    """Contiguous flat views of equally sized CPU tensors, all float32 or all bfloat16, and whether bfloat16."""
+    flat = [None if x is None else x.contiguous().reshape(-1) for x in xs]
+    given = [f for f in flat if f is not None]
+    if any(f.numel() != given[0].numel() or f.dtype != given[0].dtype for f in given) or given[0].dtype not in WIDENED:
+        raise ValueError("the kernel takes tensors of one size, all float32 or all bfloat16")
+    return flat, int(given[0].dtype == torch.bfloat16)
+
+
 def gram_chunks(xs: Sequence[torch.Tensor], chunk: int, base: Optional[torch.Tensor] = None) -> np.ndarray:
     """[chunks, pairs] float64 sums of x_i * x_j (of the float32 differences x_i - base, where a base is given) over
-    each chunk of `chunk` elements (a multiple of 8) of equally shaped float32 CPU tensors, pairs i <= j in row
-    order; each chunk's sum in a fixed order."""
-    flat = [x.contiguous().reshape(-1) for x in xs]
-    b = None if base is None else base.contiguous().reshape(-1)
-    k, n = len(flat), flat[0].numel()
-    if chunk % 8 or any(f.numel() != n for f in flat + ([b] if b is not None else [])):
-        raise ValueError("gram_chunks takes tensors of one size and chunks of a multiple of 8 elements")
+    each chunk of `chunk` elements (a multiple of 8) of equally shaped CPU tensors (float32, or all bfloat16 as
+    stored), pairs i <= j in row order; each chunk's sum in a fixed order."""
+    (*flat, b), stored16 = _same([*xs, base])
+    k, n, size = len(flat), flat[0].numel(), flat[0].element_size()
+    if chunk % 8:
+        raise ValueError("gram_chunks takes chunks of a multiple of 8 elements")
     chunks = -(-n // chunk)
     out = np.zeros((chunks, k * (k + 1) // 2), dtype=np.float64)
 
     def run(a: int, z: int) -> None:
-        ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + 4 * a * chunk for f in flat))
-        bp = None if b is None else b.data_ptr() + 4 * a * chunk
-        _LIB.gram_chunks(ptrs, bp, k, min(n, z * chunk) - a * chunk, chunk, out[a:z].ctypes.data)
+        ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + size * a * chunk for f in flat))
+        bp = None if b is None else b.data_ptr() + size * a * chunk
+        _LIB.gram_chunks(ptrs, bp, k, min(n, z * chunk) - a * chunk, chunk, stored16, out[a:z].ctypes.data)
 
     split(run, chunks, grain=16)
     return out
+
+
+def stock_merge(xs: Sequence[torch.Tensor], base: torch.Tensor, t: float) -> torch.Tensor:
+    """t * mean(xs) + (1 - t) * base, float32, of equally shaped CPU tensors (float32, or all bfloat16 as stored):
+    the bits of model_stock's torch expression where torch sums the stacked models in order (up to 4 models), t
+    given in float32."""
+    (*flat, b), stored16 = _same([*xs, base])
+    k, size = len(flat), b.element_size()
+    out = torch.empty(b.numel(), dtype=torch.float32)
+
+    def run(a: int, z: int) -> None:
+        ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + size * a for f in flat))
+        _LIB.stock_merge(ptrs, b.data_ptr() + size * a, k, z - a, stored16, t, out.data_ptr() + 4 * a)
+
+    split(run, out.numel(), grain=1 << 16)
+    return out.reshape(base.shape)
 
 
 def _flat(xs: Sequence[torch.Tensor]) -> list:

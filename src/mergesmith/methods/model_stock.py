@@ -6,8 +6,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mergesmith.methods import compiled
 from mergesmith.methods.registry import Round, Streaming, TwoPass, merge_method
 from mergesmith.methods.spherical import gram64
+
+
+IN_ORDER = 4  # torch's sum of up to this many stacked models adds them in order (of more: in an order set by length)
 
 
 def _ratio(dot: Callable[[int, int], torch.Tensor], norms: Sequence[torch.Tensor], n: int) -> torch.Tensor:
@@ -23,8 +27,20 @@ def _ratio(dot: Callable[[int, int], torch.Tensor], norms: Sequence[torch.Tensor
     return torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(den), den))
 
 
+def _stored(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled kernels take these tensors as they are: on the CPU, all float32 or all bfloat16."""
+    ts = [base, *inputs]
+    return (
+        compiled.available()
+        and all(t.device.type == "cpu" and t.dtype == base.dtype for t in ts)
+        and (base.dtype in compiled.WIDENED)
+    )
+
+
 def _offsets_gram(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """This block's share of the offsets' Gram matrix sum((w_i - w_0)(w_j - w_0)), float64."""
+    if _stored(base, inputs):
+        return gram64(inputs, base=base)
     return gram64([x.float() for x in inputs], base=base.float())
 
 
@@ -41,7 +57,10 @@ def _add(total: Optional[torch.Tensor], part: torch.Tensor) -> torch.Tensor:
 
 # One t per tensor from the angles between its offsets: pass 1 adds the blocks' Gram matrices (float64, in block
 # order), pass 2 interpolates each block with the whole tensor's t.
-OFFSETS_GRAM = TwoPass((Round(_offsets_gram, _add, _gram_ratio),), share=lambda stat, k: stat)
+# Both take bfloat16 blocks as stored (the compiled kernels widen them where they read them).
+OFFSETS_GRAM = TwoPass(
+    (Round(_offsets_gram, _add, _gram_ratio),), share=lambda stat, k: stat, stored_inputs=True, stored_merge=True
+)
 
 
 @merge_method(
@@ -70,20 +89,29 @@ def model_stock(
     Args:
         filter_wise: one ratio per row instead of per tensor
     """
-    shape = base.shape
-    w0 = base.float()
-    ws = [x.float() for x in inputs]
+    if stat is None:
+        stat = _angle_ratio(base, inputs, filter_wise)
+    if not filter_wise and len(inputs) <= IN_ORDER and _stored(base, inputs):
+        return compiled.stock_merge(inputs, base, float(stat.float()))
+    w0, ws = _rows(base, inputs, filter_wise)
+    avg = torch.stack(ws).sum(dim=0) / len(ws)
+    t = stat.to(w0.device).float()
+    return (t * avg + (1 - t) * w0).reshape(base.shape)
+
+
+def _rows(base: torch.Tensor, inputs: Sequence[torch.Tensor], filter_wise: bool):
+    """base and inputs in float32 as rows: each row its own (filter_wise), or the whole tensor as one."""
+    w0, ws = base.float(), [x.float() for x in inputs]
     if filter_wise:
         if w0.dim() == 1:
-            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
-    else:
-        w0, ws = w0.reshape(1, -1), [w.reshape(1, -1) for w in ws]
-    n = len(ws)
-    if stat is None:
-        offsets = [w - w0 for w in ws]
-        norms = [torch.linalg.vector_norm(o.double(), dim=-1) for o in offsets]
-        stat = _ratio(lambda i, j: (offsets[i].double() * offsets[j].double()).sum(dim=-1), norms, n)
-        del offsets
-    avg = torch.stack(ws).sum(dim=0) / n
-    t = stat.to(w0.device).float()
-    return (t * avg + (1 - t) * w0).reshape(shape)
+            return w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+        return w0, ws
+    return w0.reshape(1, -1), [w.reshape(1, -1) for w in ws]
+
+
+def _angle_ratio(base: torch.Tensor, inputs: Sequence[torch.Tensor], filter_wise: bool) -> torch.Tensor:
+    """t of each row of _rows (a column, float64) from the offsets' angles."""
+    w0, ws = _rows(base, inputs, filter_wise)
+    offsets = [w - w0 for w in ws]
+    norms = [torch.linalg.vector_norm(o.double(), dim=-1) for o in offsets]
+    return _ratio(lambda i, j: (offsets[i].double() * offsets[j].double()).sum(dim=-1), norms, len(ws))

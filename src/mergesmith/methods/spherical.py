@@ -57,10 +57,15 @@ def gram64(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -> t
     or of the float32 differences x_i - base where a base is given.
 
     Products are float64; each chunk of GRAM_CHUNK elements is summed on its own and the chunk sums are added
-    exactly (math.fsum), so no sum depends on how the work is split between threads. Float32 CPU tensors: in one
-    compiled pass (its chunk sums in eight fixed lanes) that takes the differences itself."""
-    with_base = [] if base is None else [base]
-    if compiled.available() and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in [*xs, *with_base]):
+    exactly (math.fsum), so no sum depends on how the work is split between threads. CPU tensors all float32 or all
+    bfloat16 (as stored): in one compiled pass (its chunk sums in eight fixed lanes) that takes the differences
+    itself."""
+    given = [*xs, *([] if base is None else [base])]
+    if (
+        compiled.available()
+        and all(x.device.type == "cpu" and x.dtype == given[0].dtype for x in given)
+        and (given[0].dtype in compiled.WIDENED)
+    ):
         parts = compiled.gram_chunks(xs, GRAM_CHUNK, base)
         g = torch.zeros(len(xs), len(xs), dtype=torch.float64)
         pairs = [(i, j) for i in range(len(xs)) for j in range(i, len(xs))]
