@@ -422,14 +422,14 @@ def test_sce_merge_in_one_compiled_pass_is_the_float32_reference(weights, masked
     assert np.array_equal(got[ok].view(np.int32), want[ok].view(np.int32))
 
 
-@pytest.mark.parametrize("topk,models", [(0.5, 3), (1.0, 3), (0.0, 3), (0.5, 16), (0.5, 20)])
+@pytest.mark.parametrize("topk,models", [(0.5, 3), (1.0, 3), (0.0, 3), (0.5, 4), (0.5, 5), (0.5, 8), (0.5, 20)])
 def test_sce_in_blocks_on_the_compiled_path_is_the_torch_path(monkeypatch, topk, models):
     """Every round of sce in row blocks (variance cut, energies, merge) on the compiled kernels: the bits of the torch
-    ops they replace."""
+    ops they replace (rows of 41: torch's sum over 5 or more models is then not in model order)."""
     from helpers import through_executor
 
-    base, xs = sce_inputs(96 * 64, models, seed=11)
-    base, xs = base.reshape(96, 64), [x.reshape(96, 64) for x in xs]
+    base, xs = sce_inputs(96 * 41, models, seed=11)
+    base, xs = base.reshape(96, 41), [x.reshape(96, 41) for x in xs]
     fused, blocks, _ = through_executor("sce", base, xs, 1000, monkeypatch, {"select_topk": topk})
     assert len(blocks) > 3
     monkeypatch.setattr(compiled, "_LIB", None)

@@ -27,6 +27,7 @@ import torch
 
 from mergesmith.methods.parallel import both, split
 
+IN_ORDER = 4  # torch's sum over up to 4 stacked models adds them in model order; over more, in an order set by shape
 SUM_RANGE = 1 << 15  # elements of masked_sum's running sum kept in cache while every model adds to it
 MAX_COLS = 1 << 24  # the kernel's scratch is ~50 bytes an element of one row: longer rows take the numpy path
 
@@ -338,8 +339,7 @@ def gram_chunks(xs: Sequence[torch.Tensor], chunk: int, base: Optional[torch.Ten
 
 def stock_merge(xs: Sequence[torch.Tensor], base: torch.Tensor, t: float) -> torch.Tensor:
     """t * mean(xs) + (1 - t) * base, float32, of equally shaped CPU tensors (float32, or all bfloat16 as stored):
-    the bits of model_stock's torch expression where torch sums the stacked models in order (up to 4 models), t
-    given in float32."""
+    the bits of model_stock's torch expression up to IN_ORDER models, t given in float32."""
     (*flat, b), stored16 = _same([*xs, base])
     k, size = len(flat), b.element_size()
     out = torch.empty(b.numel(), dtype=torch.float32)

@@ -11,9 +11,6 @@ from mergesmith.methods.registry import Round, Streaming, TwoPass, merge_method
 from mergesmith.methods.spherical import gram64
 
 
-IN_ORDER = 4  # torch's sum of up to this many stacked models adds them in order (of more: in an order set by length)
-
-
 def _ratio(dot: Callable[[int, int], torch.Tensor], norms: Sequence[torch.Tensor], n: int) -> torch.Tensor:
     """t = N c / (1 + (N - 1) c), c the mean pairwise cosine of the N offsets (float64, one per row of dot's
     values, as a column); t = 0 where the denominator is within 1e-6 of 0."""
@@ -91,7 +88,7 @@ def model_stock(
     """
     if stat is None:
         stat = _angle_ratio(base, inputs, filter_wise)
-    if not filter_wise and len(inputs) <= IN_ORDER and _stored(base, inputs):
+    if not filter_wise and len(inputs) <= compiled.IN_ORDER and _stored(base, inputs):
         return compiled.stock_merge(inputs, base, float(stat.float()))
     w0, ws = _rows(base, inputs, filter_wise)
     avg = torch.stack(ws).sum(dim=0) / len(ws)

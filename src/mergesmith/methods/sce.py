@@ -250,8 +250,7 @@ def sce(
         return base.float().clone()
     b = base.float()
     cut = () if stat is None or stat.cut is None else (stat.cut, stat.before)
-    # torch's sum over more than 16 models adds in a cascade, not in model order: the torch ops serve those
-    fits = len(inputs) <= 16
+    fits = len(inputs) <= compiled.IN_ORDER  # the compiled merge adds in model order, as torch does up to there
     if stat is not None and fits and _compiled_block(b, inputs, select_topk, cut):
         mask = block_mask(b, inputs, select_topk, *(cut or (None, None)))
         return compiled.sce_merge(b, inputs, mask, stat.weights).reshape(b.shape)
