@@ -543,7 +543,8 @@ def test_radix_counts_of_magnitudes_take_a_model_and_its_base(stored):
 @pytest.mark.skipif(not compiled.fused_multiply_add(), reason="torch adds with alpha unfused on this CPU")
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 1023, 1024, 1025, 70_001])
 @pytest.mark.parametrize("k", [2, 3, 4])
-def test_weighted_sum_in_float64_is_torchs(n, k):
+@pytest.mark.parametrize("stored", [False, True])
+def test_weighted_sum_in_float64_is_torchs(n, k, stored):
     """karcher's combination: float64 sums of w_i x_i in model order (zero weights skipped), rounded once; the bits
     of torch's float64 add_ with alpha, on tails and ranges alike."""
     g = torch.Generator().manual_seed(n * 10 + k)
@@ -555,10 +556,12 @@ def test_weighted_sum_in_float64_is_torchs(n, k):
     if k == 3:  # a zero weight skips its model, infinities included
         ws[-1] = 0.0
         xs[-1][::3] = float("inf")
+    if stored:  # bfloat16 as stored: the sums of their float32 values
+        xs = [x.bfloat16() for x in xs]
     want = torch.zeros(n, dtype=torch.float64)
     for w, x in zip(ws, xs):
         if w:
-            want.add_(x, alpha=w)
+            want.add_(x.float(), alpha=w)
     got = compiled.weighted_sum64(xs, ws)
     assert torch.equal(got.view(torch.int32), want.float().view(torch.int32))
 
@@ -566,7 +569,8 @@ def test_weighted_sum_in_float64_is_torchs(n, k):
 @pytest.mark.skipif(not compiled.fused_multiply_add(), reason="torch adds with alpha unfused on this CPU")
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 1023, 1024, 1025, 70_001])
 @pytest.mark.parametrize("k", [2, 3, 4])
-def test_weighted_sum_in_float32_is_torchs(n, k):
+@pytest.mark.parametrize("stored", [False, True])
+def test_weighted_sum_in_float32_is_torchs(n, k, stored):
     """multislerp's weighted unit sum: zeros, then add_ with alpha per model in float32; the bits of torch's (zero
     weights included: they still add their NaN or Inf)."""
     g = torch.Generator().manual_seed(n * 10 + k)
@@ -582,9 +586,11 @@ def test_weighted_sum_in_float32_is_torchs(n, k):
         ws = [abs(w) for w in ws]
         for x in xs:
             x[0] = -0.0
+    if stored:  # bfloat16 as stored: the sums of their float32 values
+        xs = [x.bfloat16() for x in xs]
     want = torch.zeros(n)
     for w, x in zip(ws, xs):
-        want.add_(x, alpha=w)
+        want.add_(x.float(), alpha=w)
     got = compiled.weighted_sum32(xs, ws)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
@@ -683,3 +689,18 @@ def test_model_stock_interpolation_is_torchs_in_one_compiled_pass_up_to_four_mod
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     exact = float(t) * ws.double().mean(dim=0) + (1 - float(t)) * w0.double()
     assert torch.allclose(got.double(), exact, rtol=4e-7, atol=1e-6 * float(exact.abs().max()))
+
+
+def test_a_models_delta_from_bfloat16_as_stored_is_torchs():
+    """x.float() - base.float() of bfloat16 tensors, in one pass: torch's bits, with signed zeros, NaN, infinities
+    and tiny values; other dtypes are left to torch."""
+    if not compiled.available():
+        pytest.skip("the C extension was not built")
+    g = torch.Generator().manual_seed(9)
+    x, base = (torch.randn(1031, generator=g).bfloat16() for _ in range(2))
+    x[:6] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40])
+    base[:6] = torch.tensor([-0.0, -0.0, 1.0, 2.0, -float("inf"), -1e-40])
+    got = compiled.delta(x.reshape(1, -1), base.reshape(1, -1))
+    want = x.float() - base.float()
+    assert got.shape == (1, 1031) and torch.equal(got.reshape(-1).view(torch.int32), want.view(torch.int32))
+    assert compiled.delta(x.float(), base.float()) is None

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import through_executor, ref_multislerp
+from mergesmith.methods import compiled
 from mergesmith.methods import METHODS, Streaming
 
 SHAPE = (64, 48)
@@ -117,6 +118,21 @@ def test_multislerp_in_row_blocks_matches_float64(with_base, normalize, monkeypa
     ws = [0.3, 0.1, 0.4]
     got = blocked("multislerp", base, xs, [{"weight": w} for w in ws], monkeypatch, normalize_weights=normalize)
     close(got, ref_multislerp([np64(x) for x in xs], ws, np64(base) if with_base else None, normalize))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp_from_bfloat16_as_stored_is_the_merge_of_their_float32_values(with_base, monkeypatch):
+    """The blocks' bfloat16 inputs are taken as stored (their deltas widened in the pass that takes them): the
+    bytes of the same merge of float32 copies of those values."""
+    base, xs = models(3, 8)
+    base, xs = (base.bfloat16() if with_base else None), [x.bfloat16() for x in xs]
+    per = [{"weight": w} for w in (0.3, 0.1, 0.4)]
+    took, delta = [], compiled.delta
+    monkeypatch.setattr(compiled, "delta", lambda x, b: took.append(x.dtype) or delta(x, b))
+    stored = blocked("multislerp", base, xs, per, monkeypatch)
+    assert set(took) == ({torch.bfloat16} if with_base else set())
+    widened = blocked("multislerp", base.float() if with_base else None, [x.float() for x in xs], per, monkeypatch)
+    assert torch.equal(stored.view(torch.int32), widened.view(torch.int32))
 
 
 def signs(seed):

@@ -23,8 +23,9 @@
    interpolation (stock_merge), sce's variances, selection mask, energies
    and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge,
    ram_counts), the inputs' bfloat16 to float32 conversion with its finiteness check (widen_bf16; the check alone:
-   nonfinite_bf16) and the output's conversion back, checked the same way (narrow_bf16), and the weighted sums of
-   karcher (float64) and multislerp (float32) with torch's fused multiply-adds (weighted_sum64, weighted_sum32). */
+   nonfinite_bf16; a model's float32 delta from its base: delta_bf16) and the output's conversion back, checked the
+   same way (narrow_bf16), and the weighted sums of karcher (float64) and multislerp (float32) with torch's fused
+   multiply-adds (weighted_sum64, weighted_sum32; from float32 or bfloat16 as stored). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1053,6 +1054,12 @@ WIDE int widen_bf16(const uint16_t *restrict src, int64_t n, uint32_t *restrict 
     return (int)bad;
 }
 
+/* The float32 deltas x - base of n bfloat16 values as stored (each widened exactly, then subtracted: torch's
+   x.float() - base.float()). */
+WIDE void delta_bf16(const uint16_t *restrict x, const uint16_t *restrict base, int64_t n, float *restrict out) {
+    for (int64_t j = 0; j < n; j++) out[j] = delta_at(x, base, j, 1);
+}
+
 /* Whether any of n bfloat16 values is NaN or infinite (all exponent bits set): widen_bf16's check alone. */
 WIDE int nonfinite_bf16(const uint16_t *restrict src, int64_t n) {
     uint32_t bad = 0;
@@ -1072,33 +1079,33 @@ WIDE int narrow_bf16(const uint32_t *restrict src, int64_t n, uint16_t *restrict
     return bad != 0;
 }
 
-/* out = sum_i w[i] * x_i over elements [0, n) of k float32 arrays, summed in float64 in model order from +0.0, each
-   step one fused multiply-add (torch's add_ with alpha on float64 is one), models with w[i] == 0 skipped, rounded
+/* out = sum_i w[i] * x_i over elements [0, n) of k float32 arrays (`stored16`: bfloat16 as stored), summed in
+   float64 in model order from +0.0, each step one fused multiply-add (torch's add_ with alpha on float64 is one), models with w[i] == 0 skipped, rounded
    once to float32: karcher's combination of a block. */
-WIDE void weighted_sum64(const float *const *x, const double *w, int64_t k, int64_t n, float *restrict out) {
+WIDE void weighted_sum64(const void *const *x, const double *w, int64_t k, int64_t n, int stored16,
+                         float *restrict out) {
     for (int64_t a = 0; a < n; a += 1024) { /* a range at a time: the running sums stay in cache */
         int64_t len = n - a < 1024 ? n - a : 1024;
         double acc[1024];
         for (int64_t j = 0; j < len; j++) acc[j] = 0.0;
         for (int64_t i = 0; i < k; i++) {
             if (w[i] == 0.0) continue;
-            const float *xi = x[i] + a;
-            for (int64_t j = 0; j < len; j++) acc[j] = fma((double)xi[j], w[i], acc[j]);
+            for (int64_t j = 0; j < len; j++) acc[j] = fma((double)delta_at(x[i], NULL, a + j, stored16), w[i], acc[j]);
         }
         for (int64_t j = 0; j < len; j++) out[a + j] = (float)acc[j];
     }
 }
 
-/* out = sum_i w[i] * x_i over elements [0, n) of k float32 arrays in float32, in model order from +0.0, each step
-   one fused multiply-add (torch's add_ with alpha on float32 is one): multislerp's weighted sum of unit vectors. */
-WIDE void weighted_sum32(const float *const *x, const float *w, int64_t k, int64_t n, float *restrict out) {
+/* out = sum_i w[i] * x_i over elements [0, n) of k float32 arrays (`stored16`: bfloat16 as stored) in float32, in
+   model order from +0.0, each step one fused multiply-add (torch's add_ with alpha on float32 is one): multislerp's weighted sum of unit vectors. */
+WIDE void weighted_sum32(const void *const *x, const float *w, int64_t k, int64_t n, int stored16,
+                         float *restrict out) {
     for (int64_t a = 0; a < n; a += 1024) { /* a range at a time: the running sums stay in cache */
         int64_t len = n - a < 1024 ? n - a : 1024;
         float *o = out + a;
         for (int64_t j = 0; j < len; j++) o[j] = 0.0f;
         for (int64_t i = 0; i < k; i++) {
-            const float *xi = x[i] + a;
-            for (int64_t j = 0; j < len; j++) o[j] = fmaf(xi[j], w[i], o[j]);
+            for (int64_t j = 0; j < len; j++) o[j] = fmaf(delta_at(x[i], NULL, a + j, stored16), w[i], o[j]);
         }
     }
 }

@@ -8,12 +8,13 @@ block's magnitude trim by its tensor's rank cut; `consensus`: the TIES disjoint 
 matrices in chunks (of float32 or bfloat16 as stored); `stock_merge`: Model Stock's interpolation; `variances`,
 `cut_mask`, `selected_squares` and `sce_merge`: sce's selection key, selection, energies and merge, without stacking
 the deltas; `ram_merge` and `ram_counts`: RAM and RAM+ in one pass; `widen`: the inputs' bfloat16 to float32
-conversion, checked for NaN and Inf in the same pass (`nonfinite`: the check alone, for blocks kept as stored), and
-`narrow` the output's conversion back; `masked_delta`: a block's L1-rescaled DARE/DELLA delta from pass 1's mask;
-`weighted_sum64` and `weighted_sum32`: karcher's and multislerp's weighted sums, with torch's fused multiply-adds
-(used where torch's kernels fuse: `fused_multiply_add()`). Each gives the bits of the numpy or torch path it
-replaces (tests/test_compiled.py), gram_chunks the same float64 products summed in another fixed order; the
-numpy/torch paths run instead where the extension was not built (`available()` is False).
+conversion, checked for NaN and Inf in the same pass (`nonfinite`: the check alone, for blocks kept as stored;
+`delta`: a model's float32 delta from its base), and `narrow` the output's conversion back; `masked_delta`: a
+block's L1-rescaled DARE/DELLA delta from pass 1's mask; `weighted_sum64` and `weighted_sum32`: karcher's and
+multislerp's weighted sums, with torch's fused multiply-adds (used where torch's kernels fuse:
+`fused_multiply_add()`). Each gives the bits of the numpy or torch path it replaces (tests/test_compiled.py),
+gram_chunks the same float64 products summed in another fixed order; the numpy/torch paths run instead where the
+extension was not built (`available()` is False).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _load() -> Optional[ctypes.CDLL]:
         rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
         fs, ws, w32, nb = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32, lib.narrow_bf16
         ms16, nf, md16 = lib.masked_sum16, lib.nonfinite_bf16, lib.masked_delta16
-        st = lib.stock_merge
+        st, db = lib.stock_merge, lib.delta_bf16
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -68,7 +69,8 @@ def _load() -> Optional[ctypes.CDLL]:
     ck.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     gc.restype = None
     gc.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr]
-    st.restype = None
+    st.restype = db.restype = None
+    db.argtypes = [ptr, ptr, i64, ptr]
     st.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr]
     cm.restype = sm.restype = None
     cm.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
@@ -84,7 +86,7 @@ def _load() -> Optional[ctypes.CDLL]:
     wb.argtypes = nb.argtypes = [ptr, i64, ptr]
     nb.restype = ctypes.c_int
     ws.restype = w32.restype = None
-    ws.argtypes = w32.argtypes = [ptr, ptr, i64, i64, ptr]
+    ws.argtypes = w32.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ptr]
     return lib
 
 
@@ -234,28 +236,41 @@ def fused_multiply_add() -> bool:
 
 
 def weighted_sum64(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_i weights[i] * xs[i] of equally shaped float32 CPU tensors, summed in float64 in model order (each step
-    a fused multiply-add, as torch's add_ with alpha; zero weights skipped) and rounded once to float32."""
+    """sum_i weights[i] * xs[i] of equally shaped CPU tensors (float32, or all bfloat16 as stored), summed in float64
+    in model order (each step a fused multiply-add, as torch's add_ with alpha; zero weights skipped) and rounded once
+    to float32."""
     return _weighted(_LIB.weighted_sum64, xs, np.asarray(weights, dtype=np.float64))
 
 
 def weighted_sum32(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_i weights[i] * xs[i] of equally shaped float32 CPU tensors in float32, in model order from zeros, each
-    step a fused multiply-add with the weight in float32: torch's zeros then add_ with alpha, in one pass."""
+    """sum_i weights[i] * xs[i] of equally shaped CPU tensors (float32, or all bfloat16 as stored) in float32, in model
+    order from zeros, each step a fused multiply-add with the weight in float32: torch's zeros then add_ with alpha on
+    the float32 values, in one pass."""
     return _weighted(_LIB.weighted_sum32, xs, np.asarray(weights, dtype=np.float32))
 
 
 def _weighted(kernel, xs: Sequence[torch.Tensor], w: np.ndarray) -> torch.Tensor:
-    flat = [x.contiguous().reshape(-1) for x in xs]
-    out = torch.empty_like(flat[0])
-    k = len(flat)
+    flat, stored16 = _same(xs)
+    out = torch.empty(flat[0].numel(), dtype=torch.float32)
+    k, size = len(flat), flat[0].element_size()
 
     def run(a: int, z: int) -> None:
-        ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + 4 * a for f in flat))
-        kernel(ptrs, w.ctypes.data, k, z - a, out.data_ptr() + 4 * a)
+        ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + size * a for f in flat))
+        kernel(ptrs, w.ctypes.data, k, z - a, stored16, out.data_ptr() + 4 * a)
 
     split(run, out.numel(), grain=1 << 18)
     return out.reshape(xs[0].shape)
+
+
+def stored(*ts: Optional[torch.Tensor]) -> bool:
+    """Whether the compiled kernels that take bfloat16 as stored take these tensors as they are: on the CPU, all
+    float32 or all bfloat16 (None skipped)."""
+    given = [t for t in ts if t is not None]
+    return (
+        available()
+        and all(t.device.type == "cpu" and t.dtype == given[0].dtype for t in given)
+        and (given[0].dtype in WIDENED)
+    )
 
 
 def cut_keep(
@@ -465,6 +480,20 @@ def ram_counts(base: torch.Tensor, xs: Sequence[torch.Tensor], epsilon: float) -
 def widen(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, bool]]:
     """(x in float32, whether every value is finite) for a bfloat16 CPU tensor, else None (torch converts it)."""
     return _converted(x, torch.bfloat16, torch.float32, "widen_bf16")
+
+
+def delta(x: torch.Tensor, base: torch.Tensor) -> Optional[torch.Tensor]:
+    """x.float() - base.float() of bfloat16 CPU tensors of one shape as stored, in one pass; None for others (torch
+    takes them)."""
+    if not (available() and x.dtype == base.dtype == torch.bfloat16 and x.device.type == base.device.type == "cpu"):
+        return None
+    if x.shape != base.shape:
+        raise ValueError("delta takes a model and a base of one shape")
+    xs, bs = x.contiguous(), base.contiguous()
+    out = torch.empty(xs.shape, dtype=torch.float32)
+    s, b, o = xs.data_ptr(), bs.data_ptr(), out.data_ptr()
+    split(lambda i, z: _LIB.delta_bf16(s + 2 * i, b + 2 * i, z - i, o + 4 * i), xs.numel(), grain=1 << 18)
+    return out
 
 
 def narrow(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, bool]]:

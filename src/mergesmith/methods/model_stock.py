@@ -24,19 +24,9 @@ def _ratio(dot: Callable[[int, int], torch.Tensor], norms: Sequence[torch.Tensor
     return torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(den), den))
 
 
-def _stored(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
-    """Whether the compiled kernels take these tensors as they are: on the CPU, all float32 or all bfloat16."""
-    ts = [base, *inputs]
-    return (
-        compiled.available()
-        and all(t.device.type == "cpu" and t.dtype == base.dtype for t in ts)
-        and (base.dtype in compiled.WIDENED)
-    )
-
-
 def _offsets_gram(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """This block's share of the offsets' Gram matrix sum((w_i - w_0)(w_j - w_0)), float64."""
-    if _stored(base, inputs):
+    if compiled.stored(base, *inputs):
         return gram64(inputs, base=base)
     return gram64([x.float() for x in inputs], base=base.float())
 
@@ -88,7 +78,7 @@ def model_stock(
     """
     if stat is None:
         stat = _angle_ratio(base, inputs, filter_wise)
-    if not filter_wise and len(inputs) <= compiled.IN_ORDER and _stored(base, inputs):
+    if not filter_wise and len(inputs) <= compiled.IN_ORDER and compiled.stored(base, *inputs):
         return compiled.stock_merge(inputs, base, float(stat.float()))
     w0, ws = _rows(base, inputs, filter_wise)
     avg = torch.stack(ws).sum(dim=0) / len(ws)

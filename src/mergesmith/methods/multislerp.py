@@ -10,7 +10,6 @@ import torch
 
 from mergesmith.methods import compiled
 from mergesmith.methods.registry import PerModel, Range, Round, TwoPass, merge_method
-from mergesmith.methods.sparsify import compiled_serves
 from mergesmith.methods.spherical import add_sums, dot64, norm64, sq64, whole_statistic
 
 
@@ -60,8 +59,17 @@ class Sphere:
 
 
 def _deltas(base: Optional[torch.Tensor], inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """x_i: the models, or their task vectors around the base."""
-    return [t.float() - base.float() if base is not None else t.float() for t in inputs]
+    """x_i as the sums take them: the models (bfloat16 as stored where the compiled kernels widen it themselves), or
+    their float32 task vectors around the base (from bfloat16 as stored in one compiled pass)."""
+    if base is None:
+        return list(inputs) if compiled.stored(*inputs) else [t.float() for t in inputs]
+    return [d if (d := compiled.delta(t, base)) is not None else t.float() - base.float() for t in inputs]
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 (bfloat16 widened in one compiled pass on the CPU)."""
+    widened = compiled.widen(x)
+    return widened[0] if widened is not None else x.float()
 
 
 def _sphere(weight: Sequence[float], normalize_weights: bool, eps: float, norms: Sequence[float]) -> Sphere:
@@ -75,17 +83,19 @@ def _sphere(weight: Sequence[float], normalize_weights: bool, eps: float, norms:
 
 def _unit_sum(xs: Sequence[torch.Tensor], sph: Sphere) -> torch.Tensor:
     """sum_i w_i u_i in float32, added in model order (in one compiled pass where it gives torch's bits)."""
-    if compiled.fused_multiply_add() and compiled_serves(xs[0], xs):
+    if compiled.fused_multiply_add() and compiled.stored(*xs) and xs[0].numel():
         return compiled.weighted_sum32(xs, sph.scales)
-    out = torch.zeros_like(xs[0])
+    out = torch.zeros(xs[0].shape, dtype=torch.float32, device=xs[0].device)
     for x, s in zip(xs, sph.scales):
-        out.add_(x, alpha=s)
+        out.add_(x.float(), alpha=s)
     return out
 
 
-def _tangent(xs: Sequence[torch.Tensor], sph: Sphere, mean: torch.Tensor) -> torch.Tensor:
-    """v = sum_i w_i (u_i - d_i m) = sum_i w_i u_i - (sum_i w_i d_i) m."""
-    return _unit_sum(xs, sph).add_(mean, alpha=-sph.along)
+def _mean_and_tangent(xs: Sequence[torch.Tensor], sph: Sphere) -> Tuple[torch.Tensor, torch.Tensor]:
+    """m = sum_i w_i u_i / |sum_i w_i u_i| and v = sum_i w_i (u_i - d_i m) = sum_i w_i u_i - (sum_i w_i d_i) m."""
+    total = _unit_sum(xs, sph)
+    mean = total / sph.mean_norm
+    return mean, total.add_(mean, alpha=-sph.along)
 
 
 def _exp_map(mean: torch.Tensor, tangent: torch.Tensor, sph: Sphere) -> torch.Tensor:
@@ -112,15 +122,14 @@ def _dot_sums(base, inputs, stat: Sphere):
         return ()
     xs = _deltas(base, inputs)
     mean = _unit_sum(xs, stat).div_(stat.mean_norm)
-    return tuple(float(dot64(x, mean)) for x in xs)
+    return tuple(float(dot64(_f32(x), mean)) for x in xs)
 
 
 def _tangent_sums(base, inputs, stat: Sphere):
     """Round 4: a block's sum of v^2 (none when the lerp is taken)."""
     if stat.lerp:
         return ()
-    xs = _deltas(base, inputs)
-    return (float(sq64(_tangent(xs, stat, _unit_sum(xs, stat).div_(stat.mean_norm)))),)
+    return (float(sq64(_mean_and_tangent(_deltas(base, inputs), stat)[1])),)
 
 
 def _fold(total, part):
@@ -156,6 +165,8 @@ SPHERE = TwoPass(
         Round(_tangent_sums, _fold, _tangent_norm),
     ),
     share=whole_statistic,
+    stored_inputs=True,  # bfloat16 blocks as stored: the deltas are widened in the pass that takes them
+    stored_merge=True,
 )
 
 
@@ -193,20 +204,21 @@ def multislerp(
     if len(inputs) == 1:
         return inputs[0].float().clone()
     xs = _deltas(base, inputs)
-    whole = stat is None
-    # the whole tensor's scalars are gathered between the float32 steps that need them
-    sph = _sphere(weight, normalize_weights, eps, [float(norm64(x)) for x in xs]) if whole else stat
-    mean = _unit_sum(xs, sph)
-    if whole:
-        sph = sph.with_mean_norm(float(norm64(mean)))
-    if sph.lerp:
-        res = xs[0] * sph.w[0] + xs[1] * sph.w[1]
+    if stat is None:  # the whole tensor's scalars, gathered between the float32 steps that need them
+        stat = _whole_sphere(xs, _sphere(weight, normalize_weights, eps, [float(norm64(x)) for x in xs]))
+    if stat.lerp:
+        res = _f32(xs[0]) * stat.w[0] + _f32(xs[1]) * stat.w[1]
     else:
-        mean.div_(sph.mean_norm)
-        if whole:
-            sph = sph.with_dots([float(dot64(x, mean)) for x in xs])
-        tangent = _tangent(xs, sph, mean)
-        if whole:
-            sph = replace(sph, tn=float(norm64(tangent)) + eps)
-        res = _exp_map(mean, tangent, sph)
+        res = _exp_map(*_mean_and_tangent(xs, stat), stat)
     return res + base.float() if base is not None else res
+
+
+def _whole_sphere(xs: Sequence[torch.Tensor], sph: Sphere) -> Sphere:
+    """The Sphere of a tensor merged whole: its norms given, the rest from its sums."""
+    total = _unit_sum(xs, sph)
+    sph = sph.with_mean_norm(float(norm64(total)))
+    if sph.lerp:
+        return sph
+    mean = total.div_(sph.mean_norm)
+    sph = sph.with_dots([float(dot64(_f32(x), mean)) for x in xs])
+    return replace(sph, tn=float(norm64(_mean_and_tangent(xs, sph)[1])) + sph.eps)

@@ -60,12 +60,7 @@ def gram64(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -> t
     exactly (math.fsum), so no sum depends on how the work is split between threads. CPU tensors all float32 or all
     bfloat16 (as stored): in one compiled pass (its chunk sums in eight fixed lanes) that takes the differences
     itself."""
-    given = [*xs, *([] if base is None else [base])]
-    if (
-        compiled.available()
-        and all(x.device.type == "cpu" and x.dtype == given[0].dtype for x in given)
-        and (given[0].dtype in compiled.WIDENED)
-    ):
+    if compiled.stored(*xs, base):
         parts = compiled.gram_chunks(xs, GRAM_CHUNK, base)
         g = torch.zeros(len(xs), len(xs), dtype=torch.float64)
         pairs = [(i, j) for i in range(len(xs)) for j in range(i, len(xs))]
