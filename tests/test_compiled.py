@@ -291,13 +291,15 @@ def test_ties_merge_with_fractional_weights_is_the_torch_path(monkeypatch, norma
     assert torch.equal(fused.view(torch.int32), merged().view(torch.int32))
 
 
+@pytest.mark.parametrize("stored", [False, True])
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("largest_first", [True, False])
 @pytest.mark.parametrize("lo,hi", [(0, 1), (0, 700), (150, 900), (999, 1000), (0, 1000)])
-def test_trim_by_a_rank_cut_in_blocks_keeps_the_stably_ranked_range(largest_first, lo, hi, with_base):
+def test_trim_by_a_rank_cut_in_blocks_keeps_the_stably_ranked_range(largest_first, lo, hi, with_base, stored):
     """A cut taken on the whole array and applied block by block (members of each boundary tie group in earlier
     blocks as offsets) keeps the elements whose rank in a stable sort of |d| lies in [lo, hi), the values themselves
-    (signed zeros included), +0.0 elsewhere; d = x, or x - base computed by the trim itself."""
+    (signed zeros included), +0.0 elsewhere; d = x, or x - base computed by the trim itself (from float32, or from
+    bfloat16 as stored: these values are exact in it)."""
     from mergesmith.methods.sparsify import cut_kept, rank_cut
 
     g = np.random.default_rng(lo + hi)
@@ -317,7 +319,10 @@ def test_trim_by_a_rank_cut_in_blocks_keeps_the_stably_ranked_range(largest_firs
     got, seen = [], [0] * len(cut.groups)
     for block in np.split(np.arange(1000), [37, 500, 501, 800]):
         b = torch.from_numpy(base[block]) if with_base else None
-        got.append(cut_kept(torch.from_numpy(x[block]), cut, list(seen), base=b).numpy())
+        xb = torch.from_numpy(x[block])
+        if stored:
+            xb, b = xb.bfloat16(), (b.bfloat16() if with_base else None)
+        got.append(cut_kept(xb, cut, list(seen), base=b).numpy())
         seen = [s + int(np.count_nonzero(a[block] == v)) for s, (v, _, _) in zip(seen, cut.groups)]
     assert np.array_equal(np.concatenate(got).view(np.int32), want.view(np.int32))
 
@@ -704,3 +709,24 @@ def test_a_models_delta_from_bfloat16_as_stored_is_torchs():
     want = x.float() - base.float()
     assert got.shape == (1, 1031) and torch.equal(got.reshape(-1).view(torch.int32), want.view(torch.int32))
     assert compiled.delta(x.float(), base.float()) is None
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_trims_in_blocks_take_bfloat16_as_stored_with_the_bytes_of_their_float32_values(monkeypatch, method):
+    """Row blocks of bfloat16 models (TIES, breadcrumbs) are trimmed by the tensor's cut from bfloat16 as stored:
+    the bytes of the same merge of float32 copies of those values."""
+    from helpers import through_executor
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(96, 41, generator=g).bfloat16()
+    xs = [(base.float() + torch.randn(96, 41, generator=g) * 0.01).bfloat16() for _ in range(3)]
+    xs[1][::7] = base[::7]  # zero deltas: tie groups at the cut
+    per = [{"weight": w, "density": d} for w, d in ((0.3, 0.5), (0.2, 0.4), (0.5, 0.7))]
+    if method != "ties":
+        per = [{**p, "gamma": 0.05} for p in per]
+    seen, keep = [], compiled.cut_keep
+    monkeypatch.setattr(compiled, "cut_keep", lambda flat, *a, **k: seen.append(flat.dtype) or keep(flat, *a, **k))
+    stored, blocks, _ = through_executor(method, base, xs, 1000, monkeypatch, per=per)
+    assert len(blocks) > 3 and set(seen) == {torch.bfloat16}
+    widened, _, _ = through_executor(method, base.float(), [x.float() for x in xs], 1000, monkeypatch, per=per)
+    assert torch.equal(stored.view(torch.int32), widened.view(torch.int32))

@@ -666,37 +666,38 @@ static inline void equal_lanes(const v8f *d, float v, int absolute, v8u *on) {
 }
 
 /* Element j of group_members' loops: whether it is a member (value v), and its value into *d. */
-static inline int member(const float *a, const float *base, int64_t j, float v, int absolute, float *d) {
-    *d = delta_at(a, base, j, 0);
+static inline int member(const void *a, const void *base, int64_t j, int stored16, float v, int absolute, float *d) {
+    *d = delta_at(a, base, j, stored16);
     return (absolute ? magnitude(*d) : *d) == v;
 }
 
 /* Every member of [0, n) (a block wholly inside the kept part of its group): one branch-free pass. */
-WIDE static void all_members(const float *restrict a, const float *restrict base, int64_t n, float v, int absolute,
-                             float *restrict out, uint8_t *restrict mask) {
+WIDE static void all_members(const void *restrict a, const void *restrict base, int64_t n, int stored16, float v,
+                             int absolute, float *restrict out, uint8_t *restrict mask) {
     for (int64_t j = 0; j < n; j++) {
         float d;
-        int on = member(a, base, j, v, absolute, &d);
+        int on = member(a, base, j, stored16, v, absolute, &d);
         if (out) out[j] = on ? d : out[j];
         else mask[j] |= (uint8_t)on;
     }
 }
 
 /* Marks the members [skip, take) in index order of the elements whose value (magnitude when `absolute`) is v, the
-   values being a - base where a base is given: out[j] = that value where out is given, else mask[j] = 1. Eight
+   values being a - base where a base is given (`stored16`: a and base bfloat16 as stored): out[j] = that value
+   where out is given, else mask[j] = 1. Eight
    elements a step: steps before `skip` only count, steps wholly inside the range mark their members at once (a
    boundary group can hold most of a block). */
-WIDE static void group_members(const float *a, const float *base, int64_t n, float v, int absolute, int64_t skip,
-                               int64_t take, float *out, uint8_t *mask) {
+WIDE static void group_members(const void *a, const void *base, int64_t n, int stored16, float v, int absolute,
+                               int64_t skip, int64_t take, float *out, uint8_t *mask) {
     if (skip <= 0 && take >= n) {
-        all_members(a, base, n, v, absolute, out, mask);
+        all_members(a, base, n, stored16, v, absolute, out, mask);
         return;
     }
     int64_t c = 0, j = 0;
     for (; j + 8 <= n && c < take; j += 8) {
         v8f d;
         v8u on;
-        deltas8(a, base, j, 0, &d);
+        deltas8(a, base, j, stored16, &d);
         equal_lanes(&d, v, absolute, &on);
         uint32_t bits = lane_bits(&on);
         int64_t hits = __builtin_popcount(bits);
@@ -726,7 +727,7 @@ WIDE static void group_members(const float *a, const float *base, int64_t n, flo
     }
     for (; j < n && c < take; j++) {
         float d;
-        if (!member(a, base, j, v, absolute, &d)) continue;
+        if (!member(a, base, j, stored16, v, absolute, &d)) continue;
         if (c >= skip) {
             if (out) out[j] = d;
             else mask[j] = 1;
@@ -735,19 +736,19 @@ WIDE static void group_members(const float *a, const float *base, int64_t n, flo
     }
 }
 
-/* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept) of d = x - base (base NULL: x is d): out
-   = d where low < |d| < high, or where |d| is group g's value and the element is one of the group's members
-   [skip[g], take[g]) of this block in index order; +0.0 elsewhere. */
-WIDE void cut_keep(const float *restrict x, const float *restrict base, int64_t n, float low, float high,
+/* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept) of d = x - base (base NULL: x is d;
+   `stored16`: x and base bfloat16 as stored): out = d where low < |d| < high, or where |d| is group g's value and the
+   element is one of the group's members [skip[g], take[g]) of this block in index order; +0.0 elsewhere. */
+WIDE void cut_keep(const void *restrict x, const void *restrict base, int64_t n, int stored16, float low, float high,
                    const float *values, const int64_t *skip, const int64_t *take, int64_t groups, float *restrict out) {
     for (int64_t j = 0; j < n; j++) {
-        float d = delta_at(x, base, j, 0), a = magnitude(d);
+        float d = delta_at(x, base, j, stored16), a = magnitude(d);
         uint32_t k;
         memcpy(&k, &d, 4);
         k &= 0u - (uint32_t)((a > low) & (a < high));
         memcpy(&out[j], &k, 4);
     }
-    for (int64_t g = 0; g < groups; g++) group_members(x, base, n, values[g], 1, skip[g], take[g], out, NULL);
+    for (int64_t g = 0; g < groups; g++) group_members(x, base, n, stored16, values[g], 1, skip[g], take[g], out, NULL);
 }
 
 /* Model i's share of the TIES merge of a chunk: its vote (w or sign(w), w = x * num unless num == 1) into votes. */
@@ -904,7 +905,7 @@ WIDE void variances(const float *const *x, int64_t n, const float *base, int64_t
 WIDE void cut_mask(const float *restrict a, int64_t n, float low, float high, const float *values,
                    const int64_t *skip, const int64_t *take, int64_t groups, uint8_t *restrict mask) {
     for (int64_t j = 0; j < n; j++) mask[j] = (a[j] > low) & (a[j] < high);
-    for (int64_t g = 0; g < groups; g++) group_members(a, NULL, n, values[g], 0, skip[g], take[g], NULL, mask);
+    for (int64_t g = 0; g < groups; g++) group_members(a, NULL, n, 0, values[g], 0, skip[g], take[g], NULL, mask);
 }
 
 /* sce's selected delta of one element: (x - base) times the mask as a float (no mask: all kept). */

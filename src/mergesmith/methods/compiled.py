@@ -66,7 +66,7 @@ def _load() -> Optional[ctypes.CDLL]:
     c.restype = None
     c.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int, ptr]
     ck.restype = None
-    ck.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
+    ck.argtypes = [ptr, ptr, i64, ctypes.c_int, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     gc.restype = None
     gc.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr]
     st.restype = db.restype = None
@@ -280,28 +280,15 @@ def cut_keep(
     groups: Sequence[Tuple[float, int, int]],
     base: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Flat float32 CPU d = `flat` (minus `base`, flat and of its size, where given) where low < |d| < high or where
-    |d| is a group's value and the element is among the group's members [skip, take) in index order, +0.0
-    elsewhere (groups: (value, skip, take))."""
-    flat = flat.contiguous()
-    b = None if base is None else base.contiguous()
-    if b is not None and (b.shape != flat.shape or b.dtype != torch.float32):
-        raise ValueError("cut_keep takes a base of the block's size, float32")
-    out = torch.empty_like(flat)
+    """Flat float32 d = `flat` (minus `base`, flat and of its size, where given; CPU tensors, all float32 or all
+    bfloat16 as stored) where low < |d| < high or where |d| is a group's value and the element is among the group's
+    members [skip, take) in index order, +0.0 elsewhere (groups: (value, skip, take))."""
+    (flat, b), stored16 = _same([flat, base])
+    out = torch.empty(flat.numel(), dtype=torch.float32)
     values = np.array([g[0] for g in groups], dtype=np.float32)
     skip, take = (np.array([g[i] for g in groups], dtype=np.int64) for i in (1, 2))
-    _LIB.cut_keep(
-        flat.data_ptr(),
-        None if b is None else b.data_ptr(),
-        flat.numel(),
-        low,
-        high,
-        values.ctypes.data,
-        skip.ctypes.data,
-        take.ctypes.data,
-        len(groups),
-        out.data_ptr(),
-    )
+    tables = (values.ctypes.data, skip.ctypes.data, take.ctypes.data, len(groups), out.data_ptr())
+    _LIB.cut_keep(flat.data_ptr(), None if b is None else b.data_ptr(), flat.numel(), stored16, low, high, *tables)
     return out
 
 

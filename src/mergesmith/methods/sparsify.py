@@ -257,10 +257,10 @@ def apply_cut(a: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = 
 def cut_kept(
     flat: torch.Tensor, cut: RankCut, offsets: Optional[Sequence[int]] = None, base: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """kept(d, apply_cut(|d|, cut, offsets)) of d = flat (minus `base`, flat, where given): one compiled pass for
-    float32 on the CPU, which takes the difference itself."""
-    if cut.empty or not compiled_serves(flat, [flat] if base is None else [base]):
-        d = flat if base is None else flat - base
+    """kept(d, apply_cut(|d|, cut, offsets)) of d = flat (minus `base`, flat, where given), float32: one compiled
+    pass on the CPU, which takes the difference itself (from float32, or bfloat16 as stored)."""
+    if cut.empty or not (numpy_path(flat) and flat.numel() and compiled.stored(flat, base)):
+        d = flat.float() if base is None else flat.float() - base.float()
         return kept(d, apply_cut(d.abs(), cut, offsets))
     return compiled.cut_keep(flat, cut.low, cut.high, block_groups(cut, offsets), base=base)
 

@@ -57,9 +57,11 @@ def generalized_task_arithmetic(
     if not inputs:
         return base
     masked = [_masked_of(stat, i, densities[i], rescale, rescale_mode) for i in range(len(inputs))]
-    # every model's block from pass 1's mask in the compiled kernels, which take bfloat16 as stored (L1_SUMS)
+    # every model's block from pass 1's mask, or trimmed by its tensor's cut, in the compiled kernels, which take
+    # bfloat16 as stored (L1_SUMS, MAGNITUDE_CUTS)
     served = all(masked) and _fused(base, inputs, stat, rescale, rescale_mode)
-    if not served and any(t.dtype != torch.float32 for t in (base, *inputs)):
+    trimmed = not served and _trimmed(base, inputs, stat, sparsification, densities, rescale)
+    if not (served or trimmed) and any(t.dtype != torch.float32 for t in (base, *inputs)):
         base, inputs = base.float(), [x.float() for x in inputs]
 
     def sparse(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,7 @@ def generalized_task_arithmetic(
         mixed = _weighted_sum(inputs, sparse, nums, den, normalize)
     if lambda_ != 1:
         mixed = mixed * lambda_
-    return base + mixed
+    return base.float() + mixed
 
 
 def _consensus(base, inputs, sparse, nums, den, consensus: str, normalize: bool) -> torch.Tensor:
@@ -152,6 +154,18 @@ def _trim_of(extra: Dict[str, Any], sparsification: Optional[str], density: floa
         and extra.get("cut") is not None
         and 0 < density < 1
         and not rescale
+    )
+
+
+def _trimmed(base: torch.Tensor, inputs, stat: Any, sparsification: Optional[str], densities, rescale: bool) -> bool:
+    """Whether every model's block is the trim by its tensor's rank cut in the compiled kernel (cut_kept), which
+    takes the block's bfloat16 as stored."""
+    return (
+        isinstance(stat, CutShare)
+        and sparsifiers.numpy_path(base)
+        and base.numel() > 0
+        and compiled.stored(base, *inputs)
+        and all(_trim_of(stat.model(i, x), sparsification, densities[i], rescale) for i, x in enumerate(inputs))
     )
 
 
@@ -352,7 +366,8 @@ MAGNITUDE_CUTS = {
     s: TwoPass(
         (Round(_count_high, _add_high, _select(s)), Round(_count_low, _add_low, _cuts)),
         share=_cut_share,
-        stored_inputs=True,  # the radix counts widen bfloat16 in registers; the merge takes float32 blocks
+        stored_inputs=True,  # the radix counts and the merge's trims widen bfloat16 in registers
+        stored_merge=True,
     )
     for s in ("magnitude", "magnitude_outliers")
 }
