@@ -829,7 +829,8 @@ WIDE void gram_chunks(const void *const *x, const void *base, int64_t k, int64_t
                     deltas8(v, b, t, stored16, &fv);
                     lanes += __builtin_convertvector(fu, v8d) * __builtin_convertvector(fv, v8d);
                 }
-                for (; t < len; t++) lanes[0] += (double)delta_at(u, b, t, stored16) * (double)delta_at(v, b, t, stored16);
+                for (; t < len; t++)
+                    lanes[0] += (double)delta_at(u, b, t, stored16) * (double)delta_at(v, b, t, stored16);
                 *o++ = lanes_total(&lanes);
             }
         }
@@ -1081,8 +1082,8 @@ WIDE int narrow_bf16(const uint32_t *restrict src, int64_t n, uint16_t *restrict
 }
 
 /* out = sum_i w[i] * x_i over elements [0, n) of k float32 arrays (`stored16`: bfloat16 as stored), summed in
-   float64 in model order from +0.0, each step one fused multiply-add (torch's add_ with alpha on float64 is one), models with w[i] == 0 skipped, rounded
-   once to float32: karcher's combination of a block. */
+   float64 in model order from +0.0, each step one fused multiply-add (torch's add_ with alpha on float64 is one),
+   models with w[i] == 0 skipped, rounded once to float32: karcher's combination of a block. */
 WIDE void weighted_sum64(const void *const *x, const double *w, int64_t k, int64_t n, int stored16,
                          float *restrict out) {
     for (int64_t a = 0; a < n; a += 1024) { /* a range at a time: the running sums stay in cache */
@@ -1098,7 +1099,8 @@ WIDE void weighted_sum64(const void *const *x, const double *w, int64_t k, int64
 }
 
 /* out = sum_i w[i] * x_i over elements [0, n) of k float32 arrays (`stored16`: bfloat16 as stored) in float32, in
-   model order from +0.0, each step one fused multiply-add (torch's add_ with alpha on float32 is one): multislerp's weighted sum of unit vectors. */
+   model order from +0.0, each step one fused multiply-add (torch's add_ with alpha on float32 is one): multislerp's
+   weighted sum of unit vectors. */
 WIDE void weighted_sum32(const void *const *x, const float *w, int64_t k, int64_t n, int stored16,
                          float *restrict out) {
     for (int64_t a = 0; a < n; a += 1024) { /* a range at a time: the running sums stay in cache */
