@@ -730,3 +730,41 @@ def test_trims_in_blocks_take_bfloat16_as_stored_with_the_bytes_of_their_float32
     assert len(blocks) > 3 and set(seen) == {torch.bfloat16}
     widened, _, _ = through_executor(method, base.float(), [x.float() for x in xs], 1000, monkeypatch, per=per)
     assert torch.equal(stored.view(torch.int32), widened.view(torch.int32))
+
+
+@pytest.mark.parametrize("n", [1, 127, 1000, 70_001])
+def test_sce_kernels_take_bfloat16_as_stored_with_the_values_of_their_float32(n):
+    """Variances, energies and merge from bfloat16 inputs as stored: the bits the kernels give on float32 copies
+    (which tests above hold to torch's and numpy's)."""
+    base, xs = sce_inputs(n, 3, seed=n)  # values exact in bfloat16
+    base16, xs16 = base.bfloat16(), [x.bfloat16() for x in xs]
+    assert torch.equal(base16.float(), base) and all(torch.equal(a.float(), b) for a, b in zip(xs16, xs))
+    mask = torch.from_numpy(np.random.default_rng(n).random(n) < 0.5)
+    same = [
+        (compiled.variances(xs16, base16), compiled.variances(xs, base)),
+        (
+            compiled.sce_merge(base16, xs16, mask, torch.tensor([0.5, 0.2, 0.3])),
+            compiled.sce_merge(base, xs, mask, torch.tensor([0.5, 0.2, 0.3])),
+        ),
+    ]
+    for got, want in same:
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    for x16, x in zip(xs16, xs):
+        assert compiled.selected_squares(x16, base16, mask) == compiled.selected_squares(x, base, mask)
+
+
+@pytest.mark.parametrize("topk", [0.5, 1.0])
+def test_sce_in_blocks_takes_bfloat16_as_stored_with_the_bytes_of_their_float32_values(monkeypatch, topk):
+    """sce's rounds and merge on bfloat16 row blocks as stored: the bytes of the same merge of float32 copies."""
+    from helpers import through_executor
+
+    base, xs = sce_inputs(96 * 41, 3, seed=12)
+    base, xs = base.reshape(96, 41).bfloat16(), [x.reshape(96, 41).bfloat16() for x in xs]
+    seen, merge = [], compiled.sce_merge
+    monkeypatch.setattr(compiled, "sce_merge", lambda b, *a: seen.append(b.dtype) or merge(b, *a))
+    stored, blocks, _ = through_executor("sce", base, xs, 1000, monkeypatch, {"select_topk": topk})
+    assert len(blocks) > 3 and set(seen) == {torch.bfloat16}
+    widened, _, _ = through_executor(
+        "sce", base.float(), [x.float() for x in xs], 1000, monkeypatch, {"select_topk": topk}
+    )
+    assert torch.equal(stored.view(torch.int32), widened.view(torch.int32))

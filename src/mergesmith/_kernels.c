@@ -112,6 +112,11 @@ static inline void bits8(const void *x, int stored16, int64_t j, v8u *w) {
     }
 }
 
+/* Element j's address in x (float32, or `stored16` bfloat16). */
+static inline const void *element(const void *x, int stored16, int64_t j) {
+    return x ? (const char *)x + (stored16 ? 2 : 4) * j : NULL;
+}
+
 /* Key j of the radix counts: x's bit pattern, or with a base the bit pattern of the magnitude |x - base| in
    float32 (`stored16`: x and base bfloat16 as stored). */
 static inline uint32_t radix_key(const void *x, const void *base, int64_t j, int stored16) {
@@ -806,35 +811,46 @@ WIDE void consensus(const float *const *d, int64_t k, int64_t n, const float *nu
     }
 }
 
-/* Chunk sums of the float64 products x_i * x_j of k float32 arrays (of x_i - base, each difference rounded to float32,
-   where a base is given; `stored16`: x and base bfloat16 as stored) over elements [0, n), for every pair i <= j in
-   row order ((0,0), (0,1), ..., (1,1), ...): out[c * pairs + p] for chunk c of `chunk` elements (a multiple of 8;
-   the last may be shorter), each summed in eight fixed lanes (lane l: elements j % 8 == l, the tail in lane 0)
-   added in a fixed tree: the same values whatever the threads or the vector width. */
-WIDE void gram_chunks(const void *const *x, const void *base, int64_t k, int64_t n, int64_t chunk, int stored16,
-                      double *out) {
-    int64_t size = stored16 ? 2 : 4;
+/* Chunk sums of the float64 products x_i * x_j of k float32 arrays (of x_i - base, each difference rounded to
+   float32, where a base is given; `stored16`: x and base bfloat16 as stored) over elements [0, n), for every pair
+   i <= j in row order ((0,0), (0,1), ..., (1,1), ...): out[c * pairs + p] for chunk c of `chunk` elements (a
+   multiple of 8; the last may be shorter), each summed in eight fixed lanes (lane l: elements j % 8 == l, the tail in
+   lane 0) added in a fixed tree: the same values whatever the threads or the vector width. Each chunk's k values are
+   taken once into `rows` (k * chunk floats), then multiplied pair by pair. */
+static inline __attribute__((always_inline)) void gram_of(const void *const *x, const void *base, int64_t k,
+                                                         int64_t n, int64_t chunk, int stored16, float *rows,
+                                                         double *out) {
     for (int64_t a = 0, c = 0; a < n; a += chunk, c++) {
         int64_t len = n - a < chunk ? n - a : chunk;
         double *o = out + c * (k * (k + 1) / 2);
-        const char *b = base ? (const char *)base + a * size : NULL;
+        const void *b = element(base, stored16, a);
+        for (int64_t i = 0; i < k; i++) {
+            const void *xi = element(x[i], stored16, a);
+            for (int64_t t = 0; t < len; t++) rows[i * chunk + t] = delta_at(xi, b, t, stored16);
+        }
         for (int64_t i = 0; i < k; i++) {
             for (int64_t j = i; j < k; j++) {
-                const char *u = (const char *)x[i] + a * size, *v = (const char *)x[j] + a * size;
+                const float *u = rows + i * chunk, *v = rows + j * chunk;
                 v8d lanes = {0};
                 int64_t t = 0;
                 for (; t + 8 <= len; t += 8) {
                     v8f fu, fv;
-                    deltas8(u, b, t, stored16, &fu);
-                    deltas8(v, b, t, stored16, &fv);
+                    memcpy(&fu, u + t, sizeof fu);
+                    memcpy(&fv, v + t, sizeof fv);
                     lanes += __builtin_convertvector(fu, v8d) * __builtin_convertvector(fv, v8d);
                 }
-                for (; t < len; t++)
-                    lanes[0] += (double)delta_at(u, b, t, stored16) * (double)delta_at(v, b, t, stored16);
+                for (; t < len; t++) lanes[0] += (double)u[t] * (double)v[t];
                 *o++ = lanes_total(&lanes);
             }
         }
     }
+}
+
+/* gram_of with the element width a constant (so that its loops vectorize). */
+WIDE void gram_chunks(const void *const *x, const void *base, int64_t k, int64_t n, int64_t chunk, int stored16,
+                      float *rows, double *out) {
+    if (stored16) gram_of(x, base, k, n, chunk, 1, rows, out);
+    else gram_of(x, base, k, n, chunk, 0, rows, out);
 }
 
 /* Model Stock's t * mean(x_i) + (1 - t) * base over elements [0, n) of k float32 arrays (`stored16`: bfloat16 as
@@ -863,19 +879,20 @@ WIDE void stock_merge(const void *const *x, const void *base, int64_t k, int64_t
 
 /* One model's step of Welford's update over a chunk. A division by a power of two is the multiplication by its
    inverse (the same bits, several times faster). */
-WIDE static void welford(int64_t c, const float *restrict x, const float *restrict b, double count,
-                         double *restrict mean, double *restrict m2) {
+static inline __attribute__((always_inline)) void welford(int64_t c, const void *restrict x, const void *restrict b,
+                                                         int stored16, double count, double *restrict mean,
+                                                         double *restrict m2) {
     if (((int64_t)count & ((int64_t)count - 1)) == 0) {
         double inv = 1.0 / count;
         for (int64_t j = 0; j < c; j++) {
-            double v = b ? x[j] - b[j] : x[j], delta = v - mean[j];
+            double v = delta_at(x, b, j, stored16), delta = v - mean[j];
             mean[j] += delta * inv;
             m2[j] += delta * (v - mean[j]);
         }
         return;
     }
     for (int64_t j = 0; j < c; j++) {
-        double v = b ? x[j] - b[j] : x[j], delta = v - mean[j];
+        double v = delta_at(x, b, j, stored16), delta = v - mean[j];
         mean[j] += delta / count;
         m2[j] += delta * (v - mean[j]);
     }
@@ -884,21 +901,26 @@ WIDE static void welford(int64_t c, const float *restrict x, const float *restri
 /* sce's selection key: the population variance over n models of `len` elements, model i's at x[i] less base (in
    float32, as the stacked deltas are taken; base NULL: x[i] as it is), Welford's update in float64 in model order as
    ATen's CPU torch.var(dim=0, unbiased=False) runs it (first step 0 + x / 1, which turns -0.0 into +0.0), rounded
-   once to float32. Chunks keep the float64 state in cache. */
-WIDE void variances(const float *const *x, int64_t n, const float *base, int64_t len, float *out) {
+   once to float32 (`stored16`: x and base bfloat16 as stored). Chunks keep the float64 state in cache. */
+static inline __attribute__((always_inline)) void variances_of(const void *const *x, int64_t n, const void *base,
+                                                              int64_t len, int stored16, float *out) {
     double mean[1024], m2[1024];
     for (int64_t a = 0; a < len; a += 1024) {
         int64_t c = len - a < 1024 ? len - a : 1024;
+        const void *b = element(base, stored16, a);
         for (int64_t j = 0; j < c; j++) {
-            mean[j] = (double)(base ? x[0][a + j] - base[a + j] : x[0][a + j]) + 0.0;
+            mean[j] = (double)delta_at(element(x[0], stored16, a), b, j, stored16) + 0.0;
             m2[j] = 0.0;
         }
-        for (int64_t i = 1; i < n; i++) {
-            const float *xi = x[i] + a, *b = base ? base + a : NULL;
-            welford(c, xi, b, (double)(i + 1), mean, m2);
-        }
+        for (int64_t i = 1; i < n; i++) welford(c, element(x[i], stored16, a), b, stored16, (double)(i + 1), mean, m2);
         for (int64_t j = 0; j < c; j++) out[a + j] = (float)(m2[j] / (double)n);
     }
+}
+
+/* variances_of with the element width a constant (so that its loops vectorize). */
+WIDE void variances(const void *const *x, int64_t n, const void *base, int64_t len, int stored16, float *out) {
+    if (stored16) variances_of(x, n, base, len, 1, out);
+    else variances_of(x, n, base, len, 0, out);
 }
 
 /* sparsify.apply_cut of a block: mask[j] = 1 where low < a[j] < high, or where a[j] is group g's value and the
@@ -910,18 +932,19 @@ WIDE void cut_mask(const float *restrict a, int64_t n, float low, float high, co
 }
 
 /* sce's selected delta of one element: (x - base) times the mask as a float (no mask: all kept). */
-static inline float selected(const float *x, const float *base, const uint8_t *mask, int64_t j) {
-    float d = x[j] - base[j];
+static inline float selected(const void *x, const void *base, int stored16, const uint8_t *mask, int64_t j) {
+    float d = delta_at(x, base, j, stored16);
     return mask ? d * (float)mask[j] : d;
 }
 
 /* numpy's pairwise float64 sum (np.add.reduce of a contiguous array, less its first 0.0 +) of the squared selected
-   deltas of elements [0, n): eight accumulators up to 128 elements, halves at multiples of 8 above. */
-WIDE double selected_squares(const float *x, const float *base, const uint8_t *mask, int64_t n) {
+   deltas of elements [0, n) (`stored16`: x and base bfloat16 as stored): eight accumulators up to 128 elements,
+   halves at multiples of 8 above. */
+WIDE double selected_squares(const void *x, const void *base, const uint8_t *mask, int64_t n, int stored16) {
     if (n < 8) {
         double r = 0.0;
         for (int64_t j = 0; j < n; j++) {
-            double s = selected(x, base, mask, j);
+            double s = selected(x, base, stored16, mask, j);
             r += s * s;
         }
         return r;
@@ -930,39 +953,43 @@ WIDE double selected_squares(const float *x, const float *base, const uint8_t *m
         double r[8];
         int64_t j = 0;
         for (int t = 0; t < 8; t++) {
-            double s = selected(x, base, mask, t);
+            double s = selected(x, base, stored16, mask, t);
             r[t] = s * s;
         }
         for (j = 8; j < n - n % 8; j += 8) {
             for (int t = 0; t < 8; t++) {
-                double s = selected(x, base, mask, j + t);
+                double s = selected(x, base, stored16, mask, j + t);
                 r[t] += s * s;
             }
         }
         double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
         for (; j < n; j++) {
-            double s = selected(x, base, mask, j);
+            double s = selected(x, base, stored16, mask, j);
             res += s * s;
         }
         return res;
     }
     int64_t half = n / 2 - (n / 2) % 8;
-    return selected_squares(x, base, mask, half) + selected_squares(x + half, base + half, mask ? mask + half : NULL,
-                                                                    n - half);
+    return selected_squares(x, base, mask, half, stored16) +
+           selected_squares(element(x, stored16, half), element(base, stored16, half), mask ? mask + half : NULL,
+                            n - half, stored16);
 }
 
 /* Model i's share of sce's sign election over a chunk: votes = (first ? +0.0 : votes) + its selected delta. */
-WIDE static void sce_votes(int64_t c, const float *restrict x, const float *restrict base, const uint8_t *mask,
-                           int first, float *restrict votes) {
-    for (int64_t j = 0; j < c; j++) votes[j] = (first ? 0.0f : votes[j]) + selected(x, base, mask, j);
+static inline __attribute__((always_inline)) void votes_of(int64_t c, const void *restrict x,
+                                                          const void *restrict base, int stored16,
+                                                          const uint8_t *mask, int first, float *restrict votes) {
+    for (int64_t j = 0; j < c; j++) votes[j] = (first ? 0.0f : votes[j]) + selected(x, base, stored16, mask, j);
 }
 
 /* Its weight where its selected delta takes the elected sign (e = w * agree), into den, and delta * e into num. */
-WIDE static void sce_agreeing(int64_t c, const float *restrict x, const float *restrict base, const uint8_t *mask,
-                              float w, int first, const float *restrict votes, float *restrict num,
-                              float *restrict den) {
+static inline __attribute__((always_inline)) void agreeing(int64_t c, const void *restrict x,
+                                                          const void *restrict base, int stored16,
+                                                          const uint8_t *mask, float w, int first,
+                                                          const float *restrict votes, float *restrict num,
+                                                          float *restrict den) {
     for (int64_t j = 0; j < c; j++) {
-        float s = selected(x, base, mask, j);
+        float s = selected(x, base, stored16, mask, j);
         int32_t pos = votes[j] >= 0.0f; /* NaN votes: negative */
         float e = w * (float)((pos & (s > 0.0f)) | (!pos & (s < 0.0f)));
         num[j] = (first ? 0.0f : num[j]) + s * e;
@@ -970,20 +997,36 @@ WIDE static void sce_agreeing(int64_t c, const float *restrict x, const float *r
     }
 }
 
+/* votes_of and agreeing with the element width a constant in each loop (so that each vectorizes). */
+WIDE static void sce_votes(int64_t c, const void *x, const void *base, int stored16, const uint8_t *mask, int first,
+                           float *votes) {
+    if (stored16) votes_of(c, x, base, 1, mask, first, votes);
+    else votes_of(c, x, base, 0, mask, first, votes);
+}
+
+WIDE static void sce_agreeing(int64_t c, const void *x, const void *base, int stored16, const uint8_t *mask, float w,
+                              int first, const float *votes, float *num, float *den) {
+    if (stored16) agreeing(c, x, base, 1, mask, w, first, votes, num, den);
+    else agreeing(c, x, base, 0, mask, w, first, votes, num, den);
+}
+
 /* sce's merge of elements [0, n) of k models, as methods/sce.py runs it in float32 on the stacked deltas d_i (x_i
    - base, times the selection mask): votes = sum_i d_i; e_i = w_i where d_i takes the sign of the votes (>= 0:
    positive), else w_i * 0; out = base + (sum_i d_i * e_i) / max(sum_i e_i, 1e-6), every sum from +0.0 in model
-   order. */
-WIDE void sce_merge(const float *const *x, int64_t k, const float *base, const uint8_t *mask, const float *w, int64_t n,
-                    float *restrict out) {
+   order (`stored16`: x and base bfloat16 as stored). */
+WIDE void sce_merge(const void *const *x, int64_t k, const void *base, const uint8_t *mask, const float *w, int64_t n,
+                    int stored16, float *restrict out) {
     float votes[CHUNK], num[CHUNK], den[CHUNK];
     const float least = (float)1e-6;
     for (int64_t a = 0; a < n; a += CHUNK) {
         int64_t c = n - a < CHUNK ? n - a : CHUNK;
         const uint8_t *m = mask ? mask + a : NULL;
-        for (int64_t i = 0; i < k; i++) sce_votes(c, x[i] + a, base + a, m, i == 0, votes);
-        for (int64_t i = 0; i < k; i++) sce_agreeing(c, x[i] + a, base + a, m, w[i], i == 0, votes, num, den);
-        for (int64_t j = 0; j < c; j++) out[a + j] = base[a + j] + num[j] / (den[j] < least ? least : den[j]);
+        const void *b = element(base, stored16, a);
+        for (int64_t i = 0; i < k; i++) sce_votes(c, element(x[i], stored16, a), b, stored16, m, i == 0, votes);
+        for (int64_t i = 0; i < k; i++)
+            sce_agreeing(c, element(x[i], stored16, a), b, stored16, m, w[i], i == 0, votes, num, den);
+        for (int64_t j = 0; j < c; j++)
+            out[a + j] = delta_at(b, NULL, j, stored16) + num[j] / (den[j] < least ? least : den[j]);
     }
 }
 

@@ -7,14 +7,14 @@ L1-rescaled DARE/DELLA sum (from bfloat16 blocks as stored: `masked_sum16`, wide
 block's magnitude trim by its tensor's rank cut; `consensus`: the TIES disjoint merge; `gram_chunks`: float64 Gram
 matrices in chunks (of float32 or bfloat16 as stored); `stock_merge`: Model Stock's interpolation; `variances`,
 `cut_mask`, `selected_squares` and `sce_merge`: sce's selection key, selection, energies and merge, without stacking
-the deltas; `ram_merge` and `ram_counts`: RAM and RAM+ in one pass; `widen`: the inputs' bfloat16 to float32
-conversion, checked for NaN and Inf in the same pass (`nonfinite`: the check alone, for blocks kept as stored;
-`delta`: a model's float32 delta from its base), and `narrow` the output's conversion back; `masked_delta`: a
-block's L1-rescaled DARE/DELLA delta from pass 1's mask; `weighted_sum64` and `weighted_sum32`: karcher's and
-multislerp's weighted sums, with torch's fused multiply-adds (used where torch's kernels fuse:
-`fused_multiply_add()`). Each gives the bits of the numpy or torch path it replaces (tests/test_compiled.py),
-gram_chunks the same float64 products summed in another fixed order; the numpy/torch paths run instead where the
-extension was not built (`available()` is False).
+the deltas (from float32 or bfloat16 as stored); `ram_merge` and `ram_counts`: RAM and RAM+ in one pass; `widen`:
+the inputs' bfloat16 to float32 conversion, checked for NaN and Inf in the same pass (`nonfinite`: the check alone,
+for blocks kept as stored; `delta`: a model's float32 delta from its base), and `narrow` the output's conversion
+back; `masked_delta`: a block's L1-rescaled DARE/DELLA delta from pass 1's mask; `weighted_sum64` and
+`weighted_sum32`: karcher's and multislerp's weighted sums, with torch's fused multiply-adds (used where torch's
+kernels fuse: `fused_multiply_add()`). Each gives the bits of the numpy or torch path it replaces
+(tests/test_compiled.py), gram_chunks the same float64 products summed in another fixed order; the numpy/torch paths
+run instead where the extension was not built (`available()` is False).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _load() -> Optional[ctypes.CDLL]:
     g.restype = None
     g.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
     v.restype = None
-    v.argtypes = [ptr, i64, ptr, i64, ptr]
+    v.argtypes = [ptr, i64, ptr, i64, ctypes.c_int, ptr]
     hc.restype = lc.restype = None
     hc.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int]
     lc.argtypes = [ptr, ptr, i64, ctypes.c_uint32, ctypes.c_uint32, ptr, ptr, ctypes.c_int]
@@ -68,15 +68,15 @@ def _load() -> Optional[ctypes.CDLL]:
     ck.restype = None
     ck.argtypes = [ptr, ptr, i64, ctypes.c_int, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     gc.restype = None
-    gc.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr]
+    gc.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     st.restype = db.restype = None
     db.argtypes = [ptr, ptr, i64, ptr]
     st.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr]
     cm.restype = sm.restype = None
     cm.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
     sq.restype = ctypes.c_double
-    sq.argtypes = [ptr, ptr, ptr, i64]
-    sm.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr]
+    sq.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+    sm.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ctypes.c_int, ptr]
     rm.restype = rc.restype = None
     rm.argtypes = [ptr, i64, ptr, ctypes.c_float, ptr, i64, ptr]
     rc.argtypes = [ptr, i64, ptr, ctypes.c_float, i64, ptr]
@@ -333,7 +333,9 @@ def gram_chunks(xs: Sequence[torch.Tensor], chunk: int, base: Optional[torch.Ten
     def run(a: int, z: int) -> None:
         ptrs = (ctypes.c_void_p * k)(*(f.data_ptr() + size * a * chunk for f in flat))
         bp = None if b is None else b.data_ptr() + size * a * chunk
-        _LIB.gram_chunks(ptrs, bp, k, min(n, z * chunk) - a * chunk, chunk, stored16, out[a:z].ctypes.data)
+        rows = np.empty(k * chunk, dtype=np.float32)  # the kernel's scratch: one chunk of every model
+        count = min(n, z * chunk) - a * chunk
+        _LIB.gram_chunks(ptrs, bp, k, count, chunk, stored16, rows.ctypes.data, out[a:z].ctypes.data)
 
     split(run, chunks, grain=16)
     return out
@@ -358,7 +360,7 @@ def _flat(xs: Sequence[torch.Tensor]) -> list:
     """Contiguous flat views of equally sized float32 CPU tensors."""
     flat = [x.contiguous().reshape(-1) for x in xs]
     if any(f.numel() != flat[0].numel() or f.dtype != torch.float32 for f in flat):
-        raise ValueError("the sce kernels take float32 tensors of one size")
+        raise ValueError("the RAM kernels take float32 tensors of one size")
     return flat
 
 
@@ -368,14 +370,14 @@ def _addr(t: Optional[torch.Tensor], offset: int) -> Optional[int]:
 
 def variances(xs: Sequence[torch.Tensor], base: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Population variance over the models of xs_i - base (float32 differences; no base: xs_i), float32: the values
-    of torch.var(torch.stack(xs) - base, dim=0, unbiased=False) (Welford in float64, in model order), flat."""
-    flat = _flat(list(xs) + ([base] if base is not None else []))
-    xs, b = flat[: len(xs)], (flat[-1] if base is not None else None)
+    of torch.var(torch.stack(xs) - base, dim=0, unbiased=False) (Welford in float64, in model order), flat. CPU
+    tensors, all float32 or all bfloat16 as stored."""
+    (*xs, b), stored16 = _same([*xs, base])
     out = torch.empty(xs[0].numel(), dtype=torch.float32)
 
     def run(a: int, z: int) -> None:
         ptrs = (ctypes.c_void_p * len(xs))(*(_addr(x, a) for x in xs))
-        _LIB.variances(ptrs, len(xs), _addr(b, a), z - a, _addr(out, a))
+        _LIB.variances(ptrs, len(xs), _addr(b, a), z - a, stored16, _addr(out, a))
 
     split(run, out.numel(), grain=1 << 16)
     return out
@@ -393,17 +395,18 @@ def cut_mask(a: torch.Tensor, low: float, high: float, groups: Sequence[Tuple[fl
 
 
 def selected_squares(x: torch.Tensor, base: torch.Tensor, mask: Optional[torch.Tensor]) -> float:
-    """Float64 sum of ((x - base) * mask)^2, squared exactly and added in numpy's pairwise order (the value of
-    np.add.reduce over the float64 squares): the two halves of its first split on two threads."""
-    x, base = _flat([x, base])
+    """Float64 sum of ((x - base) * mask)^2 (CPU tensors, float32 or both bfloat16 as stored), squared exactly and
+    added in numpy's pairwise order (the value of np.add.reduce over the float64 squares): the two halves of its
+    first split on two threads."""
+    (x, base), stored16 = _same([x, base])
     m = None if mask is None else mask.contiguous().reshape(-1)
     n = x.numel()
     if n <= 128:
-        return 0.0 + _LIB.selected_squares(_addr(x, 0), _addr(base, 0), _addr(m, 0), n)
+        return 0.0 + _LIB.selected_squares(_addr(x, 0), _addr(base, 0), _addr(m, 0), n, stored16)
     half = n // 2 - (n // 2) % 8
     lo, hi = both(
-        lambda: _LIB.selected_squares(_addr(x, 0), _addr(base, 0), _addr(m, 0), half),
-        lambda: _LIB.selected_squares(_addr(x, half), _addr(base, half), _addr(m, half), n - half),
+        lambda: _LIB.selected_squares(_addr(x, 0), _addr(base, 0), _addr(m, 0), half, stored16),
+        lambda: _LIB.selected_squares(_addr(x, half), _addr(base, half), _addr(m, half), n - half, stored16),
     )
     return 0.0 + (lo + hi)
 
@@ -411,17 +414,16 @@ def selected_squares(x: torch.Tensor, base: torch.Tensor, mask: Optional[torch.T
 def sce_merge(
     base: torch.Tensor, xs: Sequence[torch.Tensor], mask: Optional[torch.Tensor], weights: torch.Tensor
 ) -> torch.Tensor:
-    """sce's merge of float32 CPU inputs given the selection mask (None: all kept) and the energy weights: the
-    float32 values of methods/sce.py's torch path, flat."""
-    flat = _flat([base] + list(xs))
-    b, xs = flat[0], flat[1:]
+    """sce's merge of CPU inputs (float32, or all bfloat16 as stored) given the selection mask (None: all kept) and
+    the energy weights: the float32 values of methods/sce.py's torch path, flat."""
+    (b, *xs), stored16 = _same([base, *xs])
     m = None if mask is None else mask.contiguous().reshape(-1)
     w = np.ascontiguousarray(weights.cpu().numpy(), dtype=np.float32)
-    out = torch.empty_like(b)
+    out = torch.empty(b.numel(), dtype=torch.float32)
 
     def run(a: int, z: int) -> None:
         ptrs = (ctypes.c_void_p * len(xs))(*(_addr(x, a) for x in xs))
-        _LIB.sce_merge(ptrs, len(xs), _addr(b, a), _addr(m, a), w.ctypes.data, z - a, _addr(out, a))
+        _LIB.sce_merge(ptrs, len(xs), _addr(b, a), _addr(m, a), w.ctypes.data, z - a, stored16, _addr(out, a))
 
     split(run, out.numel(), grain=1 << 16)
     return out

@@ -67,7 +67,7 @@ def selected_deltas(
     before: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """The models' deltas [N, ...] times sce_mask (so -0.0 where a negative delta is dropped, as in mergekit)."""
-    deltas = torch.stack([x.float() for x in inputs]).sub_(base)
+    deltas = torch.stack([x.float() for x in inputs]).sub_(base.float())
     if select_topk < 1:
         deltas.mul_(sce_mask(deltas, select_topk, cut, before))
     return deltas
@@ -129,10 +129,20 @@ class SceShare:
     weights: torch.Tensor
 
 
+def _served(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled kernels take a block: CPU tensors of one shape, all float32 or all bfloat16 as stored."""
+    return (
+        sparsify.numpy_path(base)
+        and base.numel() > 0
+        and compiled.stored(base, *inputs)
+        and all(x.shape == base.shape for x in inputs)
+    )
+
+
 def _variances(base, inputs) -> np.ndarray:
-    if sparsify.compiled_serves(base, inputs):
+    if _served(base, inputs):
         return compiled.variances(inputs, base).numpy()
-    return variances(torch.stack([x.float() for x in inputs]).sub_(base)).reshape(-1).cpu().numpy()
+    return variances(torch.stack([x.float() for x in inputs]).sub_(base.float())).reshape(-1).cpu().numpy()
 
 
 def _count_high(base, inputs, row_offset):
@@ -177,9 +187,9 @@ def _cut(stat: Pass1) -> Pass1:
 
 
 def _compiled_block(base, inputs, select_topk: float, cut: tuple) -> bool:
-    """Whether the compiled kernels take a block: float32 CPU tensors, and its selection known (the tensor's cut,
-    or no selection at all)."""
-    return sparsify.compiled_serves(base, inputs) and bool(cut or not 0 < select_topk < 1)
+    """Whether the compiled kernels take a block (`_served`), and its selection known (the tensor's cut, or no
+    selection at all)."""
+    return _served(base, inputs) and bool(cut or not 0 < select_topk < 1)
 
 
 def _sum_squares(base, inputs, row_offset, select_topk, stat: Optional[Pass1]) -> Tuple[int, List[float]]:
@@ -212,10 +222,14 @@ def _share(stat: Pass1, k: int) -> SceShare:
 # The energies are over the whole tensor, and with select_topk in (0, 1) so is the variance cut: pass 1 finds the
 # cut by radix selection on the blocks' variances (two reads, as MAGNITUDE_CUTS does for TIES), then adds up each
 # block's sums of squared selected deltas; pass 2 merges each block with the cut and the weights.
+# Both passes take bfloat16 blocks as stored: the compiled kernels widen them where they read them.
 ENERGY = Round(_sum_squares, _add_squares, _weights)
-SCE_WEIGHTS = TwoPass((ENERGY,), share=_share)
+SCE_WEIGHTS = TwoPass((ENERGY,), share=_share, stored_inputs=True, stored_merge=True)
 SCE_SELECTION = TwoPass(
-    (Round(_count_high, _add_high, _select), Round(_count_low, _add_low, _cut), ENERGY), share=_share
+    (Round(_count_high, _add_high, _select), Round(_count_low, _add_low, _cut), ENERGY),
+    share=_share,
+    stored_inputs=True,
+    stored_merge=True,
 )
 
 
@@ -248,12 +262,12 @@ def sce(
     """
     if not inputs:
         return base.float().clone()
-    b = base.float()
     cut = () if stat is None or stat.cut is None else (stat.cut, stat.before)
     fits = len(inputs) <= compiled.IN_ORDER  # the compiled merge adds in model order, as torch does up to there
-    if stat is not None and fits and _compiled_block(b, inputs, select_topk, cut):
-        mask = block_mask(b, inputs, select_topk, *(cut or (None, None)))
-        return compiled.sce_merge(b, inputs, mask, stat.weights).reshape(b.shape)
+    if stat is not None and fits and _compiled_block(base, inputs, select_topk, cut):
+        mask = block_mask(base, inputs, select_topk, *(cut or (None, None)))
+        return compiled.sce_merge(base, inputs, mask, stat.weights).reshape(base.shape)
+    b = base.float()
     deltas = selected_deltas(b, inputs, select_topk, *cut)
     if stat is not None:
         w = stat.weights
