@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,13 +16,19 @@ from mergesmith.methods.sparsify import RadixRanks
 QUARTILES = (0.25, 0.5, 0.75)
 
 
-def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """|other - base| * KL(softmax(other) || softmax(base)), the KL taken along the last dimension (per row)."""
+def row_divergence(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(other) || softmax(base)) along the last dimension: one per row (kept as a dimension of 1)."""
     a, b = base.float(), other.float()
     p = F.softmax(b, dim=-1) + 1e-8
     q = F.softmax(a, dim=-1) + 1e-8
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    return (b - a).abs() * kl
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def fusion_importance(base: torch.Tensor, other: torch.Tensor, kl: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """|other - base| * KL(softmax(other) || softmax(base)), the KL taken along the last dimension (per row);
+    `kl`: the rows' divergences where already known."""
+    kl = row_divergence(base, other) if kl is None else kl
+    return (other.float() - base.float()).abs() * kl
 
 
 def quartile_ranks(n: int) -> List[int]:
@@ -44,42 +51,72 @@ def fusion_threshold(q1: float, med: float, q3: float) -> torch.Tensor:
     return med_ + 1.5 * (q3_ - q1_)
 
 
-def _keys(base, inputs) -> np.ndarray:
+@dataclass
+class Fusion:
+    """What pass 1 learns over the row blocks: each block's row divergences (by its first row; a row's own, so
+    rounds 2 and the merge reuse them), the importances' radix ranks, then the threshold."""
+
+    kl: Dict[int, torch.Tensor] = field(default_factory=dict)
+    high: Optional[np.ndarray] = None
+    n: int = 0
+    ranks: Optional[RadixRanks] = None
+    threshold: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class FusionShare:
+    threshold: torch.Tensor
+    kl: torch.Tensor
+
+
+def _keys(base, inputs, kl: torch.Tensor) -> np.ndarray:
     """This block's importances as RadixRanks keys (rows are whole, so they are the whole tensor's)."""
-    return RadixRanks.keys(fusion_importance(base, inputs[0]).reshape(-1).cpu().numpy())
+    return RadixRanks.keys(fusion_importance(base, inputs[0], kl).reshape(-1).cpu().numpy())
 
 
-def _count_high(base, inputs) -> Tuple[np.ndarray, int]:
-    k = _keys(base, inputs)
-    return RadixRanks.high_counts(k), k.size
+def _count_high(base, inputs, row_offset):
+    kl = row_divergence(base, inputs[0])
+    k = _keys(base, inputs, kl)
+    return row_offset, kl, RadixRanks.high_counts(k), k.size
 
 
-def _add_high(total, part):
-    return part if total is None else (total[0] + part[0], total[1] + part[1])
+def _add_high(total: Optional[Fusion], part) -> Fusion:
+    row, kl, high, n = part
+    total = total if total is not None else Fusion(high=np.zeros(1 << 16, dtype=np.int64))
+    total.kl[row] = kl
+    total.high += high
+    total.n += n
+    return total
 
 
-def _ranks(stat) -> RadixRanks:
-    high, n = stat
-    return RadixRanks(high, quartile_ranks(n))
-
-
-def _count_low(base, inputs, stat: RadixRanks):
-    return stat.low_counts(_keys(base, inputs))
-
-
-def _add_low(stat: RadixRanks, part) -> RadixRanks:
-    stat.add_low(part)
+def _ranks(stat: Fusion) -> Fusion:
+    stat.ranks, stat.high = RadixRanks(stat.high, quartile_ranks(stat.n)), None
     return stat
 
 
+def _count_low(base, inputs, row_offset, stat: Fusion):
+    return stat.ranks.low_counts(_keys(base, inputs, stat.kl[row_offset]))
+
+
+def _add_low(stat: Fusion, part) -> Fusion:
+    stat.ranks.add_low(part)
+    return stat
+
+
+def _threshold(stat: Fusion) -> Fusion:
+    stat.threshold, stat.ranks = fusion_threshold(*stat.ranks.values()), None
+    return stat
+
+
+def _share(stat: Fusion, k: int) -> FusionShare:
+    return FusionShare(stat.threshold, list(stat.kl.values())[k])
+
+
 # The threshold's quartiles are over the whole tensor: pass 1 finds them by radix selection on the blocks'
-# importances (two reads, memory of one block), pass 2 compares each block's importances with the threshold.
+# importances (two reads, memory of one block), pass 2 compares each block's importances with the threshold. The
+# rows' divergences (two softmaxes a row) are taken once, in the first read.
 QUARTILE_THRESHOLD = TwoPass(
-    (
-        Round(_count_high, _add_high, _ranks),
-        Round(_count_low, _add_low, lambda stat: fusion_threshold(*stat.values())),
-    ),
-    share=lambda stat, k: stat,
+    (Round(_count_high, _add_high, _ranks), Round(_count_low, _add_low, _threshold)), share=_share
 )
 
 
@@ -87,7 +124,7 @@ QUARTILE_THRESHOLD = TwoPass(
     "arcee_fusion", pretty="Arcee Fusion", url="https://arcee.ai", inputs=(1, 1), streaming=QUARTILE_THRESHOLD
 )
 def arcee_fusion(
-    base: torch.Tensor, inputs: Sequence[torch.Tensor], stat: Optional[torch.Tensor] = None
+    base: torch.Tensor, inputs: Sequence[torch.Tensor], stat: Optional[FusionShare] = None
 ) -> torch.Tensor:
     """Keep the base except where the other model's change is important (|delta| x KL above a quartile threshold).
 
@@ -96,13 +133,14 @@ def arcee_fusion(
     Quantiles are the sorted importances at index floor(q (n - 1)). mergekit estimates them from 1,000,000
     elements drawn with an unseeded generator when a tensor is larger; here they are always exact, so the result
     is reproducible (and equal to mergekit's for tensors up to 1M elements). A block of rows of a larger tensor
-    gets the whole tensor's threshold as `stat`.
+    gets the whole tensor's threshold and its rows' divergences as `stat`.
     """
     other = inputs[0]
-    imp = fusion_importance(base, other)
-    thr = (
-        stat if stat is not None else fusion_threshold(*order_statistics(imp.reshape(-1), quartile_ranks(imp.numel())))
-    )
+    if stat is not None:
+        imp, thr = fusion_importance(base, other, stat.kl), stat.threshold
+    else:
+        imp = fusion_importance(base, other)
+        thr = fusion_threshold(*order_statistics(imp.reshape(-1), quartile_ranks(imp.numel())))
     # where(mask, other, base) is mergekit's base + (other - base) * mask without its rounding: taken elements
     # are exactly the other model's
     return torch.where(imp >= thr, other.float(), base.float())
