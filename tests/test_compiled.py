@@ -768,3 +768,24 @@ def test_sce_in_blocks_takes_bfloat16_as_stored_with_the_bytes_of_their_float32_
         "sce", base.float(), [x.float() for x in xs], 1000, monkeypatch, {"select_topk": topk}
     )
     assert torch.equal(stored.view(torch.int32), widened.view(torch.int32))
+
+
+def test_order_keys_of_signed_values_sort_like_the_values():
+    """RadixRanks' keys in one compiled pass: the sign bit set on non-negative floats, all bits flipped on negative
+    ones, NaN (any sign or payload) the largest; sorting by key sorts the values, -0.0 before +0.0, NaN last."""
+    if not compiled.available():
+        pytest.skip("the C extension was not built")
+    g = np.random.default_rng(5)
+    a = (g.standard_normal(10_007) * 10.0 ** g.integers(-40, 38, 10_007)).astype(np.float32)
+    a[:8] = [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45]
+    a.view(np.uint32)[8] = 0x7FC00123  # a NaN with a payload
+    u = a.view(np.uint32).astype(np.uint64)
+    want = np.where(u >= 2**31, ~u & 0xFFFFFFFF, u | 2**31)
+    want[np.isnan(a)] = 0xFFFFFFFF
+    keys = compiled.order_keys(a)
+    assert keys.dtype == np.uint32 and np.array_equal(keys, want.astype(np.uint32))
+    s = a[np.argsort(keys, kind="stable")]
+    finite = s[~np.isnan(s)]
+    assert np.isnan(s[-3:]).all() and (np.diff(finite.astype(np.float64)) >= 0).all()
+    zeros = np.signbit(finite[finite == 0])
+    assert zeros.tolist() == sorted(zeros.tolist(), reverse=True)

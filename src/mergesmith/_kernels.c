@@ -23,7 +23,7 @@
    interpolation (stock_merge), sce's variances, selection mask, energies
    and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge,
    ram_counts), the inputs' bfloat16 to float32 conversion with its finiteness check (widen_bf16; the check alone:
-   nonfinite_bf16; a model's float32 delta from its base: delta_bf16) and the output's conversion back, checked the
+   nonfinite_bf16; a model's float32 delta from its base: delta_bf16; the radix keys of signed values: order_keys) and the output's conversion back, checked the
    same way (narrow_bf16), and the weighted sums of karcher (float64) and multislerp (float32) with torch's fused
    multiply-adds (weighted_sum64, weighted_sum32; from float32 or bfloat16 as stored). */
 #include <math.h>
@@ -1103,6 +1103,15 @@ WIDE int widen_bf16(const uint16_t *restrict src, int64_t n, uint32_t *restrict 
    x.float() - base.float()). */
 WIDE void delta_bf16(const uint16_t *restrict x, const uint16_t *restrict base, int64_t n, float *restrict out) {
     for (int64_t j = 0; j < n; j++) out[j] = delta_at(x, base, j, 1);
+}
+
+/* Order-preserving keys of n float32 values (sparsify.RadixRanks.keys): the sign bit set on non-negative floats,
+   every bit flipped on negative ones, every NaN the largest key. */
+WIDE void order_keys(const uint32_t *restrict a, int64_t n, uint32_t *restrict out) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t u = a[j], k = u >= 0x80000000u ? ~u : u | 0x80000000u;
+        out[j] = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFFFFFu : k;
+    }
 }
 
 /* Whether any of n bfloat16 values is NaN or infinite (all exponent bits set): widen_bf16's check alone. */

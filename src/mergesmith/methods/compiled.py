@@ -45,7 +45,7 @@ def _load() -> Optional[ctypes.CDLL]:
         rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
         fs, ws, w32, nb = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32, lib.narrow_bf16
         ms16, nf, md16 = lib.masked_sum16, lib.nonfinite_bf16, lib.masked_delta16
-        st, db = lib.stock_merge, lib.delta_bf16
+        st, db, ok = lib.stock_merge, lib.delta_bf16, lib.order_keys
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -71,6 +71,8 @@ def _load() -> Optional[ctypes.CDLL]:
     gc.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     st.restype = db.restype = None
     db.argtypes = [ptr, ptr, i64, ptr]
+    ok.restype = None
+    ok.argtypes = [ptr, i64, ptr]
     st.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr]
     cm.restype = sm.restype = None
     cm.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64, ptr]
@@ -482,6 +484,15 @@ def delta(x: torch.Tensor, base: torch.Tensor) -> Optional[torch.Tensor]:
     out = torch.empty(xs.shape, dtype=torch.float32)
     s, b, o = xs.data_ptr(), bs.data_ptr(), out.data_ptr()
     split(lambda i, z: _LIB.delta_bf16(s + 2 * i, b + 2 * i, z - i, o + 4 * i), xs.numel(), grain=1 << 18)
+    return out
+
+
+def order_keys(a: np.ndarray) -> np.ndarray:
+    """sparsify.RadixRanks.keys of a contiguous float32 array, in one pass."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    out = np.empty(a.shape, dtype=np.uint32)
+    s, o = a.ctypes.data, out.ctypes.data
+    split(lambda i, z: _LIB.order_keys(s + 4 * i, z - i, o + 4 * i), a.size, grain=1 << 18)
     return out
 
 

@@ -204,6 +204,8 @@ class RadixRanks(RadixSelect):
     def keys(a: "np.ndarray") -> "np.ndarray":
         """Order-preserving uint32 keys of float32 `a`: the sign bit set on non-negative floats, every bit flipped
         on negative ones (larger magnitude, smaller key); every NaN the largest key."""
+        if compiled.available():
+            return compiled.order_keys(a)
         u = a.view(np.uint32)
         k = np.where(u >= 0x80000000, ~u, u | np.uint32(0x80000000))
         k[np.isnan(a)] = 0xFFFFFFFF
