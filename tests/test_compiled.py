@@ -789,3 +789,21 @@ def test_order_keys_of_signed_values_sort_like_the_values():
     assert np.isnan(s[-3:]).all() and (np.diff(finite.astype(np.float64)) >= 0).all()
     zeros = np.signbit(finite[finite == 0])
     assert zeros.tolist() == sorted(zeros.tolist(), reverse=True)
+
+
+@pytest.mark.parametrize("shape", [(7,), (33, 129), (4, 5, 17)])
+def test_fusion_importance_in_one_compiled_pass_is_torchs(shape):
+    """Arcee Fusion's |other - base| * kl (kl one value a row): torch's bits, signed zeros, infinities and NaN
+    included; other dtypes are left to torch."""
+    if not compiled.available():
+        pytest.skip("the C extension was not built")
+    g = torch.Generator().manual_seed(len(shape))
+    base, other = (torch.randn(shape, generator=g) for _ in range(2))
+    kl = torch.rand(shape[:-1] + (1,), generator=g) * 1e-3
+    flat_b, flat_o = base.view(-1), other.view(-1)
+    flat_b[:4], flat_o[:4] = torch.tensor([0.0, -0.0, 1.0, float("inf")]), torch.tensor([-0.0, -0.0, float("nan"), 1.0])
+    kl.view(-1)[-1] = float("inf")
+    want = (other - base).abs() * kl
+    got = compiled.fusion_importance(base, other, kl)
+    assert got.shape == want.shape and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert compiled.fusion_importance(base.double(), other.double(), kl.double()) is None

@@ -23,7 +23,7 @@
    interpolation (stock_merge), sce's variances, selection mask, energies
    and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge,
    ram_counts), the inputs' bfloat16 to float32 conversion with its finiteness check (widen_bf16; the check alone:
-   nonfinite_bf16; a model's float32 delta from its base: delta_bf16; the radix keys of signed values: order_keys) and the output's conversion back, checked the
+   nonfinite_bf16; a model's float32 delta from its base: delta_bf16; the radix keys of signed values: order_keys; Arcee Fusion's importance: fusion_importance) and the output's conversion back, checked the
    same way (narrow_bf16), and the weighted sums of karcher (float64) and multislerp (float32) with torch's fused
    multiply-adds (weighted_sum64, weighted_sum32; from float32 or bfloat16 as stored). */
 #include <math.h>
@@ -1103,6 +1103,17 @@ WIDE int widen_bf16(const uint16_t *restrict src, int64_t n, uint32_t *restrict 
    x.float() - base.float()). */
 WIDE void delta_bf16(const uint16_t *restrict x, const uint16_t *restrict base, int64_t n, float *restrict out) {
     for (int64_t j = 0; j < n; j++) out[j] = delta_at(x, base, j, 1);
+}
+
+/* Arcee Fusion's importance of rows [0, rows) of `cols` float32 elements: |other - base| * kl[row], each step
+   rounded to float32 as torch's (other - base).abs() * kl takes it. */
+WIDE void fusion_importance(const float *restrict base, const float *restrict other, const float *restrict kl,
+                            int64_t rows, int64_t cols, float *restrict out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *b = base + r * cols, *o = other + r * cols;
+        float *y = out + r * cols, w = kl[r];
+        for (int64_t j = 0; j < cols; j++) y[j] = magnitude(o[j] - b[j]) * w;
+    }
 }
 
 /* Order-preserving keys of n float32 values (sparsify.RadixRanks.keys): the sign bit set on non-negative floats,

@@ -45,7 +45,7 @@ def _load() -> Optional[ctypes.CDLL]:
         rm, rc, wb = lib.ram_merge, lib.ram_counts, lib.widen_bf16
         fs, ws, w32, nb = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32, lib.narrow_bf16
         ms16, nf, md16 = lib.masked_sum16, lib.nonfinite_bf16, lib.masked_delta16
-        st, db, ok = lib.stock_merge, lib.delta_bf16, lib.order_keys
+        st, db, ok, fi = lib.stock_merge, lib.delta_bf16, lib.order_keys, lib.fusion_importance
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -71,7 +71,8 @@ def _load() -> Optional[ctypes.CDLL]:
     gc.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr]
     st.restype = db.restype = None
     db.argtypes = [ptr, ptr, i64, ptr]
-    ok.restype = None
+    ok.restype = fi.restype = None
+    fi.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
     ok.argtypes = [ptr, i64, ptr]
     st.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_float, ptr]
     cm.restype = sm.restype = None
@@ -493,6 +494,29 @@ def order_keys(a: np.ndarray) -> np.ndarray:
     out = np.empty(a.shape, dtype=np.uint32)
     s, o = a.ctypes.data, out.ctypes.data
     split(lambda i, z: _LIB.order_keys(s + 4 * i, z - i, o + 4 * i), a.size, grain=1 << 18)
+    return out
+
+
+def fusion_importance(base: torch.Tensor, other: torch.Tensor, kl: torch.Tensor) -> Optional[torch.Tensor]:
+    """|other - base| * kl of float32 CPU tensors, kl one value a row (of base's rows, its last dimension a row):
+    torch's (other - base).abs() * kl in one pass; None for other dtypes or devices (torch takes them)."""
+    ts = (base, other, kl)
+    if not (available() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)):
+        return None
+    rows = kl.numel()
+    if other.shape != base.shape or rows == 0 or base.numel() % rows:
+        raise ValueError("fusion_importance takes two tensors of one shape and one divergence a row")
+    b, o, k = base.contiguous(), other.contiguous(), kl.contiguous()
+    out = torch.empty(base.shape, dtype=torch.float32)
+    cols = base.numel() // rows
+    bp, op, kp, yp = b.data_ptr(), o.data_ptr(), k.data_ptr(), out.data_ptr()
+    split(
+        lambda a, z: _LIB.fusion_importance(
+            bp + 4 * a * cols, op + 4 * a * cols, kp + 4 * a, z - a, cols, yp + 4 * a * cols
+        ),
+        rows,
+        grain=max(1, (1 << 16) // cols),
+    )
     return out
 
 
