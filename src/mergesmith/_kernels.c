@@ -14,18 +14,19 @@
    them (ties are common), or among their buckets' members when they have many magnitudes. Before any of this, a
    draw below the least keep probability or at or above the greatest settles without its bucket.
 
-   Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given
-   a base, from float32 or bfloat16 as stored), the second pass of an L1-rescaled DARE/DELLA sum (masked_add,
+   Also: the radix counts of the streaming selections (high_counts, low_counts; of magnitudes |x - base| when given a
+   base, from float32 or bfloat16 as stored), the second pass of an L1-rescaled DARE/DELLA sum (masked_add,
    finish_sum; masked_sum16 and, under the TIES consensus, masked_delta16 from bfloat16 inputs as stored: the base
-   widened in cache-sized chunks, the models in registers), a block's magnitude trim
-   by its tensor's rank cut (cut_keep), the TIES disjoint merge (consensus), the float64 Gram matrices of
-   model_stock and karcher and the spherical methods' sums (gram_chunks, float32 or bfloat16 as stored), Model Stock's
-   interpolation (stock_merge), sce's variances, selection mask, energies
-   and merge (variances, cut_mask, selected_squares, sce_merge), RAM and RAM+'s merge and overlap counts (ram_merge,
+   widened in cache-sized chunks, the models in registers), a block's magnitude trim by its tensor's rank cut
+   (cut_keep, float32 or bfloat16 as stored), the TIES disjoint merge (consensus), the float64 Gram matrices of
+   model_stock and karcher and the spherical methods' sums (gram_chunks, float32 or bfloat16 as stored), Model
+   Stock's interpolation (stock_merge), sce's variances, selection mask, energies and merge (variances, cut_mask,
+   selected_squares, sce_merge; float32 or bfloat16 as stored), RAM and RAM+'s merge and overlap counts (ram_merge,
    ram_counts), the inputs' bfloat16 to float32 conversion with its finiteness check (widen_bf16; the check alone:
-   nonfinite_bf16; a model's float32 delta from its base: delta_bf16; the radix keys of signed values: order_keys; Arcee Fusion's importance: fusion_importance) and the output's conversion back, checked the
-   same way (narrow_bf16), and the weighted sums of karcher (float64) and multislerp (float32) with torch's fused
-   multiply-adds (weighted_sum64, weighted_sum32; from float32 or bfloat16 as stored). */
+   nonfinite_bf16; a model's float32 delta from its base: delta_bf16; the radix keys of signed values: order_keys;
+   Arcee Fusion's importance: fusion_importance) and the output's conversion back, checked the same way
+   (narrow_bf16), and the weighted sums of karcher (float64) and multislerp (float32) with torch's fused multiply-
+   adds (weighted_sum64, weighted_sum32; from float32 or bfloat16 as stored). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
