@@ -229,9 +229,10 @@ def compute_blocks(
         return
     method = plan.method
     two_pass = method.two_pass(task.shared) if len(blocks) > 1 else None
-    # Two blocks of a tensor at a time, so a tensor left alone still keeps both cores busy; the gate bounds the
-    # blocks computing over all tensors. Results are used in block order either way: same bytes.
-    width = 2 if len(blocks) > 1 else 1
+    # One block more than the cores of a tensor at a time, so a tensor left alone keeps both cores busy even where a
+    # block takes longer than the next; the gate bounds the blocks computing over all tensors. Results are used in
+    # block order either way: same bytes.
+    width = BLOCKS if len(blocks) > 1 else 1
     stat = _statistic(plan, task, device, blocks, two_pass, width, gate) if two_pass is not None else None
     report = notes.reporter(task.name) if notes is not None else (lambda note: warn(f"tensor {task.name}: {note}"))
 

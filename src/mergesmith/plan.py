@@ -107,8 +107,8 @@ class Plan:
     @property
     def peak_bytes_estimate(self) -> int:
         """The blocks in flight, each with its float32 working set (the inputs, their deltas, sorting and masks,
-        and the output): two tensors at a time, two blocks of a tensor in row blocks, three blocks in all
-        (execute.BLOCKS); and the saved masks (1 bit per element and model) of one two-pass tensor in row blocks
+        and the output): two tensors at a time, three blocks in all (execute.BLOCKS), all three of one tensor in row
+        blocks at most; and the saved masks (1 bit per element and model) of one two-pass tensor in row blocks
         (they take turns: execute.keeps_state)."""
         singles, blocked, masks = [0, 0], [0, 0], [0]
         for t in self.tasks:
@@ -122,7 +122,8 @@ class Plan:
                 masks.append(t.numel * n_in // 8)
         singles.sort(reverse=True)
         blocked.sort(reverse=True)
-        return max(singles[0] + singles[1], 2 * blocked[0] + max(blocked[1], singles[0])) + max(masks)
+        most = max(singles[0] + singles[1], 3 * blocked[0], 2 * blocked[0] + max(blocked[1], singles[0]))
+        return most + max(masks)
 
 
 # Tensors above this many elements are merged in blocks of rows when the method allows it. A constant: the
