@@ -238,3 +238,20 @@ def test_device_paths_give_the_cpu_bytes(name, shared, monkeypatch):
     monkeypatch.setattr(sparsify, "numpy_path", off)
     got = blocked_and_whole(name, base, xs, monkeypatch, **shared)
     assert calls and all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_arcee_fusion_keeps_the_blocks_divergences_in_one_buffer():
+    """Pass 1 keeps every block's row divergences (reused by round 2 and the merge) in one buffer, not one small
+    tensor a block: each block gets back its own values and shape, all views of the one buffer."""
+    from mergesmith.methods.arcee_fusion import Fusion
+
+    g = torch.Generator().manual_seed(0)
+    stat, parts, row = Fusion(), {}, 0
+    for rows in (3, 5, 1, 8, 2, 13):
+        kl = torch.rand(rows, 1, generator=g)
+        stat.keep(row, kl)
+        parts[row], row = kl, row + rows
+    buffer = stat.kl.untyped_storage().data_ptr()
+    for first, kl in parts.items():
+        got = stat.of(first)
+        assert torch.equal(got, kl) and got.untyped_storage().data_ptr() == buffer

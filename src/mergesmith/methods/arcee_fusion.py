@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -54,14 +54,33 @@ def fusion_threshold(q1: float, med: float, q3: float) -> torch.Tensor:
 
 @dataclass
 class Fusion:
-    """What pass 1 learns over the row blocks: each block's row divergences (by its first row; a row's own, so
-    rounds 2 and the merge reuse them), the importances' radix ranks, then the threshold."""
+    """What pass 1 learns over the row blocks: each block's row divergences (a row's own, so round 2 and the merge
+    reuse them), the importances' radix ranks, then the threshold."""
 
-    kl: Dict[int, torch.Tensor] = field(default_factory=dict)
+    kl: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    blocks: Dict[int, Tuple[int, torch.Size]] = field(default_factory=dict)  # first row -> (start in kl, shape)
+    used: int = 0
     high: Optional[np.ndarray] = None
     n: int = 0
     ranks: Optional[RadixRanks] = None
     threshold: Optional[torch.Tensor] = None
+
+    def keep(self, row: int, kl: torch.Tensor) -> None:
+        """Append a block's divergences (in block order) to one buffer grown by doubling: a small tensor kept per
+        block would sit between the blocks' large freed buffers and keep the allocator from reusing them."""
+        need = self.used + kl.numel()
+        if need > self.kl.numel():
+            grown = torch.empty(max(need, 2 * self.kl.numel()), dtype=kl.dtype, device=kl.device)
+            grown[: self.used] = self.kl[: self.used]
+            self.kl = grown
+        self.kl[self.used : need] = kl.reshape(-1)
+        self.blocks[row] = (self.used, kl.shape)
+        self.used = need
+
+    def of(self, row: int) -> torch.Tensor:
+        """The divergences of the block whose first row is `row`."""
+        start, shape = self.blocks[row]
+        return self.kl[start : start + shape.numel()].reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,7 @@ def _count_high(base, inputs, row_offset):
 def _add_high(total: Optional[Fusion], part) -> Fusion:
     row, kl, high, n = part
     total = total if total is not None else Fusion(high=np.zeros(1 << 16, dtype=np.int64))
-    total.kl[row] = kl
+    total.keep(row, kl)
     total.high += high
     total.n += n
     return total
@@ -96,7 +115,7 @@ def _ranks(stat: Fusion) -> Fusion:
 
 
 def _count_low(base, inputs, row_offset, stat: Fusion):
-    return stat.ranks.low_counts(_keys(base, inputs, stat.kl[row_offset]))
+    return stat.ranks.low_counts(_keys(base, inputs, stat.of(row_offset)))
 
 
 def _add_low(stat: Fusion, part) -> Fusion:
@@ -110,7 +129,7 @@ def _threshold(stat: Fusion) -> Fusion:
 
 
 def _share(stat: Fusion, k: int) -> FusionShare:
-    return FusionShare(stat.threshold, list(stat.kl.values())[k])
+    return FusionShare(stat.threshold, stat.of(list(stat.blocks)[k]))
 
 
 # The threshold's quartiles are over the whole tensor: pass 1 finds them by radix selection on the blocks'
