@@ -484,14 +484,12 @@ def test_blocks_two_at_a_time_come_back_in_order():
     assert list(in_order(fn, range(3), 1)) == [0, 1, 2]
 
 
-def test_blocks_in_flight_are_bounded_over_all_tensors(tmp_path, fam, monkeypatch):
-    """The executor reads and computes at most execute.BLOCKS blocks at once over the tensors in flight (two
-    tensors, up to three blocks of one), and does run blocks side by side."""
+def reads_in_flight(monkeypatch, pause: float) -> list:
+    """Count the executor's block reads in progress (each held `pause` s first): returns [the most at once]."""
     import threading
     import time
 
     import mergesmith.execute
-    import mergesmith.plan
 
     running, peak, lock = [0], [0], threading.Lock()
     real = mergesmith.execute._read
@@ -500,7 +498,7 @@ def test_blocks_in_flight_are_bounded_over_all_tensors(tmp_path, fam, monkeypatc
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-        time.sleep(0.01)
+        time.sleep(pause)
         try:
             return real(*args, **kwargs)
         finally:
@@ -508,6 +506,16 @@ def test_blocks_in_flight_are_bounded_over_all_tensors(tmp_path, fam, monkeypatc
                 running[0] -= 1
 
     monkeypatch.setattr(mergesmith.execute, "_read", counted)
+    return peak
+
+
+def test_blocks_in_flight_are_bounded_over_all_tensors(tmp_path, fam, monkeypatch):
+    """The executor reads and computes at most execute.BLOCKS blocks at once over the tensors in flight (two
+    tensors, up to three blocks of one), and does run blocks side by side."""
+    import mergesmith.execute
+    import mergesmith.plan
+
+    peak = reads_in_flight(monkeypatch, 0.01)
     monkeypatch.setattr(mergesmith.plan, "BLOCK_ELEMENTS", 1000)
     ties = SEED_RECIPE.replace("della_linear", "ties").replace("  epsilon: 0.05\n", "")
     assert cli("run", write_recipe(tmp_path, fam, ties), tmp_path / "o", "--seed", 1, "--quiet") == 0
@@ -517,27 +525,10 @@ def test_blocks_in_flight_are_bounded_over_all_tensors(tmp_path, fam, monkeypatc
 def test_a_tensor_alone_has_one_block_more_than_the_cores_in_flight(monkeypatch):
     """A tensor merged alone in row blocks computes execute.BLOCKS of them at once (one more than the cores: a block
     that takes longer than the next leaves no core idle), its output in block order."""
-    import threading
-    import time
-
     import mergesmith.execute
     from helpers import through_executor
 
-    running, peak, lock = [0], [0], threading.Lock()
-    real = mergesmith.execute._read
-
-    def counted(*args, **kwargs):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        time.sleep(0.02)
-        try:
-            return real(*args, **kwargs)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(mergesmith.execute, "_read", counted)
+    peak = reads_in_flight(monkeypatch, 0.02)
     xs = [torch.randn(64, 50) for _ in range(2)]
     out, blocks, _ = through_executor("linear", None, xs, 500, monkeypatch, per=[{"weight": 1.0}, {"weight": 1.0}])
     assert len(blocks) > 6 and peak[0] == mergesmith.execute.BLOCKS == 3
