@@ -808,11 +808,11 @@ def _import_torch(args: list) -> None:
 
 def main(argv: Optional[list] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if argv is None:
-        _import_torch(args)
     verbose = "--verbose" in args or any(re.fullmatch(r"-v+", a) for a in args)
     _setup_logging(verbose)
     try:
+        if argv is None:
+            _import_torch(args)
         rc = cli.main(args=args, prog_name="mergesmith", standalone_mode=False)
     except MergeError as e:
         if verbose:

@@ -229,9 +229,9 @@ def compute_blocks(
         return
     method = plan.method
     two_pass = method.two_pass(task.shared) if len(blocks) > 1 else None
-    # One block more than the cores of a tensor at a time, so a tensor left alone keeps both cores busy even where a
-    # block takes longer than the next; the gate bounds the blocks computing over all tensors. Results are used in
-    # block order either way: same bytes.
+    # BLOCKS blocks of a tensor at a time (one more than the tensors in flight), so a tensor left alone keeps both
+    # cores busy even where a block takes longer than the next; the gate bounds the blocks computing over all
+    # tensors. Results are used in block order either way: same bytes.
     width = BLOCKS if len(blocks) > 1 else 1
     stat = _statistic(plan, task, device, blocks, two_pass, width, gate) if two_pass is not None else None
     report = notes.reporter(task.name) if notes is not None else (lambda note: warn(f"tensor {task.name}: {note}"))

@@ -10,11 +10,12 @@ matrices in chunks (of float32 or bfloat16 as stored); `stock_merge`: Model Stoc
 the deltas (from float32 or bfloat16 as stored); `ram_merge` and `ram_counts`: RAM and RAM+ in one pass; `widen`:
 the inputs' bfloat16 to float32 conversion, checked for NaN and Inf in the same pass (`nonfinite`: the check alone,
 for blocks kept as stored; `delta`: a model's float32 delta from its base), and `narrow` the output's conversion
-back; `masked_delta`: a block's L1-rescaled DARE/DELLA delta from pass 1's mask; `weighted_sum64` and
-`weighted_sum32`: karcher's and multislerp's weighted sums, with torch's fused multiply-adds (used where torch's
-kernels fuse: `fused_multiply_add()`). Each gives the bits of the numpy or torch path it replaces
-(tests/test_compiled.py), gram_chunks the same float64 products summed in another fixed order; the numpy/torch paths
-run instead where the extension was not built (`available()` is False).
+back; `masked_delta`: a block's L1-rescaled DARE/DELLA delta from pass 1's mask; `order_keys`: RadixRanks' keys of
+signed values; `fusion_importance`: Arcee Fusion's importance; `weighted_sum64` and `weighted_sum32`: karcher's and
+multislerp's weighted sums, with torch's fused multiply-adds (used where torch's kernels fuse:
+`fused_multiply_add()`). Each gives the bits of the numpy or torch path it replaces (tests/test_compiled.py),
+gram_chunks the same float64 products summed in another fixed order; the numpy/torch paths run instead where the
+extension was not built (`available()` is False).
 """
 
 from __future__ import annotations
@@ -271,8 +272,9 @@ def stored(*ts: Optional[torch.Tensor]) -> bool:
     given = [t for t in ts if t is not None]
     return (
         available()
+        and bool(given)
         and all(t.device.type == "cpu" and t.dtype == given[0].dtype for t in given)
-        and (given[0].dtype in WIDENED)
+        and given[0].dtype in WIDENED
     )
 
 
@@ -317,8 +319,9 @@ def _same(xs: Sequence[Optional[torch.Tensor]]) -> Tuple[list, int]:
     """Contiguous flat views of equally sized CPU tensors, all float32 or all bfloat16, and whether bfloat16."""
     flat = [None if x is None else x.contiguous().reshape(-1) for x in xs]
     given = [f for f in flat if f is not None]
-    if any(f.numel() != given[0].numel() or f.dtype != given[0].dtype for f in given) or given[0].dtype not in WIDENED:
-        raise ValueError("the kernel takes tensors of one size, all float32 or all bfloat16")
+    same = all(f.numel() == given[0].numel() and f.dtype == given[0].dtype and f.device.type == "cpu" for f in given)
+    if not same or given[0].dtype not in WIDENED:
+        raise ValueError("the kernel takes CPU tensors of one size, all float32 or all bfloat16")
     return flat, int(given[0].dtype == torch.bfloat16)
 
 
@@ -501,7 +504,7 @@ def fusion_importance(base: torch.Tensor, other: torch.Tensor, kl: torch.Tensor)
     """|other - base| * kl of float32 CPU tensors, kl one value a row (of base's rows, its last dimension a row):
     torch's (other - base).abs() * kl in one pass; None for other dtypes or devices (torch takes them)."""
     ts = (base, other, kl)
-    if not (available() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)):
+    if not (available() and base.numel() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)):
         return None
     rows = kl.numel()
     if other.shape != base.shape or rows == 0 or base.numel() % rows:

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from mergesmith.methods import compiled
+from mergesmith.methods import compiled, sparsify
 from mergesmith.methods.registry import PerModel, Range, Round, TwoPass, merge_method
 from mergesmith.methods.spherical import add_sums, dot64, norm64, sq64, whole_statistic
 
@@ -83,7 +83,7 @@ def _sphere(weight: Sequence[float], normalize_weights: bool, eps: float, norms:
 
 def _unit_sum(xs: Sequence[torch.Tensor], sph: Sphere) -> torch.Tensor:
     """sum_i w_i u_i in float32, added in model order (in one compiled pass where it gives torch's bits)."""
-    if compiled.fused_multiply_add() and compiled.stored(*xs) and xs[0].numel():
+    if compiled.fused_multiply_add() and sparsify.numpy_path(xs[0]) and compiled.stored(*xs) and xs[0].numel():
         return compiled.weighted_sum32(xs, sph.scales)
     out = torch.zeros(xs[0].shape, dtype=torch.float32, device=xs[0].device)
     for x, s in zip(xs, sph.scales):
@@ -204,21 +204,24 @@ def multislerp(
     if len(inputs) == 1:
         return inputs[0].float().clone()
     xs = _deltas(base, inputs)
+    steps = None
     if stat is None:  # the whole tensor's scalars, gathered between the float32 steps that need them
-        stat = _whole_sphere(xs, _sphere(weight, normalize_weights, eps, [float(norm64(x)) for x in xs]))
+        stat, steps = _whole_sphere(xs, _sphere(weight, normalize_weights, eps, [float(norm64(x)) for x in xs]))
     if stat.lerp:
         res = _f32(xs[0]) * stat.w[0] + _f32(xs[1]) * stat.w[1]
     else:
-        res = _exp_map(*_mean_and_tangent(xs, stat), stat)
+        res = _exp_map(*(steps or _mean_and_tangent(xs, stat)), stat)
     return res + base.float() if base is not None else res
 
 
-def _whole_sphere(xs: Sequence[torch.Tensor], sph: Sphere) -> Sphere:
-    """The Sphere of a tensor merged whole: its norms given, the rest from its sums."""
+def _whole_sphere(xs: Sequence[torch.Tensor], sph: Sphere):
+    """The Sphere of a tensor merged whole (its norms given, the rest from its sums), with its mean and tangent
+    (None when the lerp is taken)."""
     total = _unit_sum(xs, sph)
     sph = sph.with_mean_norm(float(norm64(total)))
     if sph.lerp:
-        return sph
+        return sph, None
     mean = total.div_(sph.mean_norm)
     sph = sph.with_dots([float(dot64(_f32(x), mean)) for x in xs])
-    return replace(sph, tn=float(norm64(_mean_and_tangent(xs, sph)[1])) + sph.eps)
+    mean, tangent = _mean_and_tangent(xs, sph)
+    return replace(sph, tn=float(norm64(tangent)) + sph.eps), (mean, tangent)
