@@ -8,6 +8,7 @@ import torch
 
 from mergesmith.methods import compiled
 from mergesmith.methods.registry import Round, Streaming, TwoPass, merge_method
+from mergesmith.methods.sparsify import compiled_serves
 from mergesmith.methods.spherical import gram64
 
 
@@ -26,7 +27,7 @@ def _ratio(dot: Callable[[int, int], torch.Tensor], norms: Sequence[torch.Tensor
 
 def _offsets_gram(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """This block's share of the offsets' Gram matrix sum((w_i - w_0)(w_j - w_0)), float64."""
-    if compiled.stored(base, *inputs):
+    if compiled_serves(base, inputs, stored=True):
         return gram64(inputs, base=base)
     return gram64([x.float() for x in inputs], base=base.float())
 
@@ -78,7 +79,7 @@ def model_stock(
     """
     if stat is None:
         stat = _angle_ratio(base, inputs, filter_wise)
-    if not filter_wise and len(inputs) <= compiled.IN_ORDER and compiled.stored(base, *inputs):
+    if not filter_wise and len(inputs) <= compiled.IN_ORDER and compiled_serves(base, inputs, stored=True):
         return compiled.stock_merge(inputs, base, float(stat.float()))
     w0, ws = _rows(base, inputs, filter_wise)
     avg = torch.stack(ws).sum(dim=0) / len(ws)

@@ -129,18 +129,8 @@ class SceShare:
     weights: torch.Tensor
 
 
-def _served(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
-    """Whether the compiled kernels take a block: CPU tensors of one shape, all float32 or all bfloat16 as stored."""
-    return (
-        sparsify.numpy_path(base)
-        and base.numel() > 0
-        and compiled.stored(base, *inputs)
-        and all(x.shape == base.shape for x in inputs)
-    )
-
-
 def _variances(base, inputs) -> np.ndarray:
-    if _served(base, inputs):
+    if sparsify.compiled_serves(base, inputs, stored=True):
         return compiled.variances(inputs, base).numpy()
     return variances(torch.stack([x.float() for x in inputs]).sub_(base.float())).reshape(-1).cpu().numpy()
 
@@ -187,9 +177,9 @@ def _cut(stat: Pass1) -> Pass1:
 
 
 def _compiled_block(base, inputs, select_topk: float, cut: tuple) -> bool:
-    """Whether the compiled kernels take a block (`_served`), and its selection known (the tensor's cut, or no
-    selection at all)."""
-    return _served(base, inputs) and bool(cut or not 0 < select_topk < 1)
+    """Whether the compiled kernels take a block (CPU tensors of one shape, all float32 or all bfloat16 as stored),
+    and its selection known (the tensor's cut, or no selection at all)."""
+    return sparsify.compiled_serves(base, inputs, stored=True) and bool(cut or not 0 < select_topk < 1)
 
 
 def _sum_squares(base, inputs, row_offset, select_topk, stat: Optional[Pass1]) -> Tuple[int, List[float]]:

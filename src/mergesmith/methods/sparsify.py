@@ -31,13 +31,15 @@ def numpy_path(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def compiled_serves(base: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+def compiled_serves(base: torch.Tensor, inputs: Sequence[torch.Tensor], stored: bool = False) -> bool:
     """Whether the compiled elementwise kernels serve a base and its inputs: float32 on the CPU (`numpy_path`), of
-    one shape, not empty."""
+    one shape, not empty; with `stored`, all bfloat16 as stored too (for the kernels that widen it themselves)."""
+    dtypes = compiled.WIDENED if stored else (torch.float32,)
     return (
         compiled.available()
         and numpy_path(base)
-        and all(t.dtype == torch.float32 and t.shape == base.shape and t.device == base.device for t in [base, *inputs])
+        and base.dtype in dtypes
+        and all(t.dtype == base.dtype and t.shape == base.shape and t.device == base.device for t in inputs)
         and base.numel() > 0
     )
 
@@ -261,7 +263,7 @@ def cut_kept(
 ) -> torch.Tensor:
     """kept(d, apply_cut(|d|, cut, offsets)) of d = flat (minus `base`, flat, where given), float32: one compiled
     pass on the CPU, which takes the difference itself (from float32, or bfloat16 as stored)."""
-    if cut.empty or not (numpy_path(flat) and flat.numel() and compiled.stored(flat, base)):
+    if cut.empty or not compiled_serves(flat, [] if base is None else [base], stored=True):
         d = flat.float() if base is None else flat.float() - base.float()
         return kept(d, apply_cut(d.abs(), cut, offsets))
     return compiled.cut_keep(flat, cut.low, cut.high, block_groups(cut, offsets), base=base)

@@ -162,9 +162,7 @@ def _trimmed(base: torch.Tensor, inputs, stat: Any, sparsification: Optional[str
     takes the block's bfloat16 as stored."""
     return (
         isinstance(stat, CutShare)
-        and sparsifiers.numpy_path(base)
-        and base.numel() > 0
-        and compiled.stored(base, *inputs)
+        and compiled_serves(base, inputs, stored=True)
         and all(_trim_of(stat.model(i, x), sparsification, densities[i], rescale) for i, x in enumerate(inputs))
     )
 
