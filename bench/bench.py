@@ -10,7 +10,8 @@
 Builds a checkpoint family (random base; fine-tunes = base + small dense noise + sparse larger changes; bf16; sharded
 like Hub checkpoints), then times on the same files: the I/O floor (read every input byte, write one output-sized
 file and fsync it; twice, each from the page cache state the timed runs start from, the lower counts: on this
-project's virtual machine the same 3 GiB write took 10.5 s of system time once and 1.3 s right after),
+project's virtual machine the same 3 GiB write took 10.5 s of system time once and 1.3 s right after; the notes
+give the reading alone, since a merge overlaps its writes with the rest and can take less than the whole floor),
 `mergesmith run` and `mergekit-yaml` (0.1.5 from PyPI, installed by this script into bench/.mkvenv, skipped with a
 note when it cannot be installed) on the seed recipe (della_linear) and on linear, ties and dare_linear, or on every
 method (`recipe` says how each uses the family).
@@ -236,10 +237,13 @@ def read_all(paths: List[Path], buf: bytearray) -> None:
                     pass
 
 
-def io_floor(paths: List[Path], out_bytes: int, scratch: Path) -> float:
+def io_floor(paths: List[Path], out_bytes: int, scratch: Path) -> Tuple[float, float]:
+    """(seconds to read every input byte, then write and fsync an output-sized file; of which the reading): a merge
+    overlaps its writes with its reads and compute, so where the disk writes slowly it can take less than this."""
     t0 = time.monotonic()
     buf = bytearray(64 << 20)
     read_all(paths, buf)
+    read = time.monotonic() - t0
     with open(scratch, "wb") as fh:
         left = out_bytes
         while left > 0:
@@ -249,7 +253,7 @@ def io_floor(paths: List[Path], out_bytes: int, scratch: Path) -> float:
         fh.flush()
         os.fsync(fh.fileno())
     scratch.unlink()
-    return time.monotonic() - t0
+    return time.monotonic() - t0, read
 
 
 def ensure_mergekit() -> Optional[str]:
@@ -462,8 +466,11 @@ def bench_family(a, dims: dict, layers: int, mk: Optional[str], rows: list, note
     for _ in range(2):  # the lower of two, each from the page cache state the timed runs start from
         prepare_cache(paths, a)
         floors.append(io_floor(paths, size, root / "io-floor.bin"))
-    floor = min(floors)
-    notes.append(f"{tag} I/O floor: {floors[0]:.1f} s and {floors[1]:.1f} s, the lower is used")
+    floor = min(f[0] for f in floors)
+    notes.append(
+        f"{tag} I/O floor: {floors[0][0]:.1f} s and {floors[1][0]:.1f} s, the lower is used (reading the inputs: "
+        f"{floors[0][1]:.1f} s and {floors[1][1]:.1f} s)"
+    )
     what = "I/O floor (read inputs" + (" from a cold cache" if a.cold else "") + " + write output)"
     rows.append((tag, what, "-", floor, 0, 0, floor))
     print(f"[{tag}] io floor {floor:.1f} s", flush=True)
@@ -473,8 +480,8 @@ def bench_family(a, dims: dict, layers: int, mk: Optional[str], rows: list, note
         rfile.write_text(recipe(method, [p.resolve() for p in paths], a.work_dtype, layers))
         if a.floor_each:  # the machine's speed drifts over a long run: each method against a floor taken beside it
             prepare_cache(paths, a)
-            floor = io_floor(paths, size, root / "io-floor.bin")
-            each.append(floor)
+            floor, read = io_floor(paths, size, root / "io-floor.bin")
+            each.append((floor, read))
         for what, cmd in _commands(a, method, rfile, root, mk):
             if cmd is None:
                 continue
@@ -490,7 +497,11 @@ def bench_family(a, dims: dict, layers: int, mk: Optional[str], rows: list, note
         for side in ("ms", "mk"):  # outputs are the size of a model: keep the disk for the next method
             shutil.rmtree(root / f"out-{side}-{method}", ignore_errors=True)
     if each:
-        notes.append(f"{tag} I/O floor before each method (its ratio's floor): {min(each):.1f} to {max(each):.1f} s")
+        floors, reads = [f for f, _ in each], [r for _, r in each]
+        notes.append(
+            f"{tag} I/O floor before each method (its ratio's floor): {min(floors):.1f} to {max(floors):.1f} s "
+            f"(reading the inputs: {min(reads):.1f} to {max(reads):.1f} s)"
+        )
 
 
 def _args():
