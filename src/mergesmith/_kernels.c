@@ -40,9 +40,9 @@
 #define FEW_KEYS 32       /* band draws of up to this many distinct magnitudes are ranked by scans of the row */
 enum { UNKNOWN, ONE_VALUE, MIXED, SORTED };
 
-/* The streaming loops also get AVX-512 and AVX2 builds, picked at load time by what the CPU has (the 64-bit
-   multiplies of the draws need AVX-512 to vectorize; on a CPU with AVX2 only, the default SSE2 build ran the radix
-   counts 2-4x slower). Same results: integer ops, and float ops in the same order (no contraction). */
+/* The streaming loops also get AVX-512 and AVX2 builds, picked at load time by what the CPU has (AVX-512 has the
+   draws' 64-bit multiplies natively; on a CPU with AVX2 only, the default SSE2 build ran the radix counts 2-4x
+   slower). Same results: integer ops, and float ops in the same order (no contraction). */
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__)
 #define WIDE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
