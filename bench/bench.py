@@ -6,6 +6,7 @@
     python bench/bench.py --methods all                # the 20 methods both tools have
     python bench/bench.py --threads-compare            # also one core (taskset, --threads 1)
     python bench/bench.py --layers 8 --cold            # inputs evicted from the page cache before every run
+    python bench/bench.py --device-compare cuda        # also on the GPU, its bytes compared with the CPU's
 
 Builds a checkpoint family (random base; fine-tunes = base + small dense noise + sparse larger changes; bf16; sharded
 like Hub checkpoints), then times on the same files: the I/O floor (read every input byte, write one output-sized
@@ -22,6 +23,7 @@ ties outputs of both tools with a float64 reference, and writes bench/RESULTS.md
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -422,6 +424,9 @@ def _commands(a, method: str, rfile: Path, root: Path, mk: Optional[str]) -> Lis
     runs = [(f"mergesmith {method}", ms)]
     if a.threads_compare:  # one core: pinned, one thread
         runs.append((f"mergesmith {method}, 1 core (--threads 1)", ["taskset", "-c", "0"] + ms + ["--threads", "1"]))
+    if a.device_compare:  # the same merge computed on another device (a GPU): its bytes are compared below
+        dev = ms[:5] + [str(root / f"out-dev-{method}")] + ms[6:] + ["--device", a.device_compare]
+        runs.append((f"mergesmith {method} on {a.device_compare}", dev))
     mkc = [mk, str(rfile), str(root / f"out-mk-{method}"), "--random-seed", "1", "--lazy-unpickle"] if mk else None
     runs.append((f"mergekit {method}", mkc))
     return runs
@@ -453,6 +458,27 @@ def _compare_note(tag: str, method: str, c: dict) -> str:
         )
         + (f"; {c['skipped'] / 1e6:.0f} M elements of tensors over 100 M elements not compared" if c["skipped"] else "")
     )
+
+
+def same_bytes(cpu: Path, other: Path) -> str:
+    """Whether two runs' outputs hold the same tensor bytes; where not, how many elements differ and by how much."""
+    from safetensors import safe_open
+
+    files = sorted(p.name for p in cpu.glob("*.safetensors"))
+    if not files or files != sorted(p.name for p in other.glob("*.safetensors")):
+        return f"the outputs' shard files differ ({files} vs {sorted(p.name for p in other.glob('*.safetensors'))})"
+    if all(filecmp.cmp(cpu / f, other / f, shallow=False) for f in files):
+        return "the device run wrote the CPU run's bytes"
+    differ = total = 0
+    worst = 0.0
+    for f in files:
+        with safe_open(str(cpu / f), "pt") as x, safe_open(str(other / f), "pt") as y:
+            for name in x.keys():
+                u, v = x.get_tensor(name).float(), y.get_tensor(name).float()
+                total += u.numel()
+                differ += int((u != v).sum())
+                worst = max(worst, float((u - v).abs().max()) if u.numel() else 0.0)
+    return f"the device run differs from the CPU run on {differ} of {total} elements (largest difference {worst:.3g})"
 
 
 def bench_family(a, dims: dict, layers: int, mk: Optional[str], rows: list, notes: list) -> None:
@@ -494,7 +520,10 @@ def bench_family(a, dims: dict, layers: int, mk: Optional[str], rows: list, note
                 _compare_note(tag, method, compare(method, paths, root / f"out-ms-{method}", root / f"out-mk-{method}"))
             )
             print(notes[-1], flush=True)
-        for side in ("ms", "mk"):  # outputs are the size of a model: keep the disk for the next method
+        if a.device_compare:
+            notes.append(f"{tag} {method}: {same_bytes(root / f'out-ms-{method}', root / f'out-dev-{method}')}")
+            print(notes[-1], flush=True)
+        for side in ("ms", "mk", "dev"):  # outputs are the size of a model: keep the disk for the next method
             shutil.rmtree(root / f"out-{side}-{method}", ignore_errors=True)
     if each:
         floors, reads = [f for f, _ in each], [r for _, r in each]
@@ -536,9 +565,20 @@ def _args():
     ap.add_argument(
         "--threads-compare", action="store_true", help="also run mergesmith pinned to one core with --threads 1"
     )
+    ap.add_argument(
+        "--device-compare",
+        metavar="DEVICE",
+        help="also run mergesmith with --device DEVICE (cuda) and compare its output's bytes with the CPU run's",
+    )
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--append", action="store_true", help="add this run's table to --out instead of replacing it")
     return ap.parse_args()
+
+
+def _accelerator() -> str:
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    return "CPU only"
 
 
 def report(a, dims: dict, rows: list, notes: list, mk: Optional[str]) -> None:
@@ -548,7 +588,7 @@ def report(a, dims: dict, rows: list, notes: list, mk: Optional[str]) -> None:
     lines = [
         f"# mergesmith vs mergekit ({time.strftime('%Y-%m-%d')})",
         "",
-        f"Machine: {os.cpu_count()} cores, {mem / 2**30:.0f} GiB memory, {platform.machine()}, CPU only. "
+        f"Machine: {os.cpu_count()} cores, {mem / 2**30:.0f} GiB memory, {platform.machine()}, {_accelerator()}. "
         f"Model: hidden {dims['hidden']}, intermediate {dims['inter']}, vocab {dims['vocab']}, bf16, "
         f"{a.fine_tunes} fine-tunes + base. Command: `python bench/bench.py {' '.join(sys.argv[1:])}`.",
         "",
