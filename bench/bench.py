@@ -464,9 +464,11 @@ def same_bytes(cpu: Path, other: Path) -> str:
     """Whether two runs' outputs hold the same tensor bytes; where not, how many elements differ and by how much."""
     from safetensors import safe_open
 
-    files = sorted(p.name for p in cpu.glob("*.safetensors"))
-    if not files or files != sorted(p.name for p in other.glob("*.safetensors")):
-        return f"the outputs' shard files differ ({files} vs {sorted(p.name for p in other.glob('*.safetensors'))})"
+    files, theirs = (sorted(p.name for p in d.glob("*.safetensors")) for d in (cpu, other))
+    if not theirs:
+        return "the device run wrote no output (see its status)"
+    if files != theirs:
+        return f"the device run wrote other shard files ({theirs} against the CPU run's {files})"
     if all(filecmp.cmp(cpu / f, other / f, shallow=False) for f in files):
         return "the device run wrote the CPU run's bytes"
     differ = total = 0

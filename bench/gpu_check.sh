@@ -38,7 +38,7 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: "
       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, {os.cpu_count()} cores, "
       f"compiled kernels: {compiled.available()}")
 EOF
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_run.py -k cuda tests/test_device_paths.py 2>&1 |
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_run.py tests/test_device_paths.py -k "cuda or device_paths" 2>&1 |
         tee "$OUT/tests.log" | tail -5
     # the seed recipe first (the number the README wants), then every method on the small family
     "$PY" bench/bench.py --methods della_linear --no-mergekit --no-compare --device-compare cuda --out "$OUT/nemo.md" |
