@@ -155,8 +155,9 @@ def test_disk_full_mid_merge_then_rerun_with_room(tmp_path, fam, monkeypatch, ca
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
 def test_every_byte_written_is_sent_to_disk_as_it_is_written(tmp_path, fam, monkeypatch):
-    """Each block's bytes are handed to the disk (sync_file_range, SYNC_FILE_RANGE_WRITE = 2) right after they are
-    written: the ranges asked for cover each shard's tensor data exactly, so the final fsync has little left."""
+    """Each block's bytes go to the disk as they are written: its whole pages directly (O_DIRECT), its partial
+    pages through the page cache and handed to the disk right after (sync_file_range, SYNC_FILE_RANGE_WRITE = 2).
+    Together the ranges cover each shard's tensor data exactly, so the final fsync has little left."""
     import mergesmith.io.writer as w
 
     probe = tmp_path / "probe"
@@ -173,12 +174,19 @@ def test_every_byte_written_is_sent_to_disk_as_it_is_written(tmp_path, fam, monk
         return 0
 
     monkeypatch.setattr(w, "_SYNC_FILE_RANGE", spy)
+    direct = w.ShardWriter._direct
+
+    def direct_spy(self, shard, part, at, what):
+        asked.append((os.fstat(self.fds[shard]).st_ino, at, len(part), "direct"))
+        return direct(self, shard, part, at, what)
+
+    monkeypatch.setattr(w.ShardWriter, "_direct", direct_spy)
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as e:
         main(["run", str(recipe(tmp_path, fam)), str(out), "--seed", "2", "--quiet", "--out-shard-size", "60KB"])
     assert e.value.code == 0
     shards = sorted(out.glob("model-*.safetensors"))
-    assert len(shards) > 1 and {flags for *_, flags in asked} == {2}
+    assert len(shards) > 1 and {flags for *_, flags in asked} <= {2, "direct"}
     for shard in shards:
         data = shard.read_bytes()
         start_of_data = 8 + struct.unpack("<Q", data[:8])[0]
@@ -188,3 +196,60 @@ def test_every_byte_written_is_sent_to_disk_as_it_is_written(tmp_path, fam, monk
             assert a == covered  # no gap, no overlap
             covered = z
         assert covered == len(data)
+
+
+def _direct_refused(monkeypatch, how):
+    """os.pwrite on the writers' O_DIRECT descriptors answers `how` (EINVAL, as a file system without it does, or a
+    short count); every other write goes through."""
+    import errno
+
+    import mergesmith.io.writer as w
+
+    real, opened = os.pwrite, []
+    open_direct = w._open_direct
+
+    def tracked(path):
+        fd = open_direct(path)
+        opened.append(fd)
+        return fd
+
+    def pwrite(fd, data, offset):
+        if fd in opened:
+            if how == "einval":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return 100  # a short write: the rest goes through the page cache
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(w, "_open_direct", tracked)
+    monkeypatch.setattr(w.os, "pwrite", pwrite)
+    return opened
+
+
+@pytest.mark.parametrize("how", [None, "einval", "short"])
+def test_direct_writes_give_the_page_cache_bytes(tmp_path, fam, monkeypatch, how):
+    """Whole pages written around the page cache (O_DIRECT), or through it where the file system refuses them
+    or writes short: the same bytes as writing everything through the page cache."""
+    import mergesmith.io.writer as w
+
+    r, ref, out = recipe(tmp_path, fam), tmp_path / "ref", tmp_path / "o"
+    args = ["--seed", "2", "--quiet", "--out-shard-size", "60KB"]
+    with monkeypatch.context() as m:
+        m.setattr(w, "_open_direct", lambda path: None)
+        with pytest.raises(SystemExit):
+            main(["run", str(r), str(ref), *args])
+    if how is None:
+        written = []
+        direct = w.ShardWriter._direct
+        monkeypatch.setattr(w.ShardWriter, "_direct", lambda self, *a: written.append(a[2]) or direct(self, *a))
+        probe = tmp_path / "probe"
+        probe.write_bytes(b"")
+        fd = w._open_direct(probe)
+        if fd is None:
+            pytest.skip("no O_DIRECT on this file system")
+        os.close(fd)
+    else:
+        opened = _direct_refused(monkeypatch, how)
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(r), str(out), *args])
+    assert e.value.code == 0 and digest(out) == digest(ref)
+    assert (len(written) > 5) if how is None else any(fd is not None for fd in opened)

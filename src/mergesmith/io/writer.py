@@ -10,14 +10,17 @@ order, from any thread.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from mergesmith.errors import MergeError
@@ -114,12 +117,34 @@ def write_back(fd: int, offset: int, n: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, n, SYNC_FILE_RANGE_WRITE)
 
 
+PAGE = 4096  # O_DIRECT's alignment of offsets, lengths and memory (512 on some disks; 4096 suits all)
+STAGE = 8 << 20  # bytes copied to an aligned buffer and written directly at a time
+
+
+def _open_direct(path: Path) -> Optional[int]:
+    """A second descriptor of a shard that writes around the page cache (O_DIRECT), or None where there is none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:  # a file system without it (tmpfs on older kernels)
+        return None
+
+
 class ShardWriter:
-    """Creates the shard files of a Layout and writes tensors into their slots."""
+    """Creates the shard files of a Layout and writes tensors into their slots. The whole pages of each write go
+    around the page cache (O_DIRECT) from a reused buffer, where the file system allows: an output is new memory in
+    the page cache, and on a VM whose host takes freed memory back, each first touch of it is a host fault. The
+    partial pages at a write's ends, which neighbouring writes share, go through the page cache; a page is only ever
+    written one way."""
 
     def __init__(self, folder: Path, layout: Layout, create: bool = True):
         self.folder, self.layout = folder, layout
         self.fds: List[int] = []
+        self.direct: List[Optional[int]] = []
+        self._opened: List[int] = []  # the direct descriptors, closed by close()
+        self._stage = threading.local()
         for name, head, size in zip(layout.files, layout.headers, layout.sizes):
             path = folder / name
             flags = os.O_RDWR | (os.O_CREAT if create else 0)
@@ -128,6 +153,8 @@ class ShardWriter:
             if create:
                 self._pwrite(fd, head, 0, name)
                 os.ftruncate(fd, size)
+            self.direct.append(_open_direct(path))
+            self._opened += [d for d in self.direct[-1:] if d is not None]
 
     def _pwrite(self, fd: int, data, offset: int, what: str) -> None:
         view = memoryview(data).cast("B")
@@ -146,15 +173,55 @@ class ShardWriter:
         t = tensor.detach().to("cpu").contiguous()
         row_bytes = slot.nbytes // slot.shape[0] if slot.shape and slot.shape[0] else 0
         data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        self._pwrite(self.fds[slot.shard], data, slot.offset + row_offset * row_bytes, name)
-        write_back(self.fds[slot.shard], slot.offset + row_offset * row_bytes, len(data))
+        self._place(slot.shard, data, slot.offset + row_offset * row_bytes, name)
         return data
+
+    def _place(self, shard: int, data, at: int, what: str) -> None:
+        """Bytes `data` at offset `at` of a shard: its whole pages directly (where the shard allows), the rest
+        through the page cache and handed to the disk (write_back)."""
+        fd, n = self.fds[shard], len(data)
+        a, z = -(-at // PAGE) * PAGE, (at + n) // PAGE * PAGE
+        if self.direct[shard] is None or z - a < PAGE:
+            a = z = at + n  # all of it through the page cache
+        for lo, hi in ((at, min(a, at + n)), (max(z, a), at + n)):
+            if hi > lo:
+                self._pwrite(fd, data[lo - at : hi - at], lo, what)
+                write_back(fd, lo, hi - lo)
+        for lo in range(a, z, STAGE):
+            self._direct(shard, data[lo - at : min(z, lo + STAGE) - at], lo, what)
+
+    def _direct(self, shard: int, part, at: int, what: str) -> None:
+        """Page-aligned bytes written around the page cache, copied first to this thread's aligned buffer; where the
+        file system refuses (EINVAL), this shard's writes go through the page cache from then on."""
+        buf = getattr(self._stage, "buf", None)
+        if buf is None:
+            raw = np.empty(STAGE + PAGE, dtype=np.uint8)
+            self._stage.buf = buf = raw[-raw.ctypes.data % PAGE :][:STAGE]
+        view = buf[: len(part)]
+        np.copyto(view, np.frombuffer(part, dtype=np.uint8))
+        fd, done = self.direct[shard], 0  # None: another thread found the file system refusing since _place
+        try:
+            while fd is not None and done < len(view):
+                got = os.pwrite(fd, view[done:], at + done)
+                if got <= 0 or got % PAGE:
+                    break  # left for the page cache below
+                done += got
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise MergeError(f"writing {what} failed: {e.strerror} (disk full?)") from None
+            self.direct[shard] = None  # its descriptor stays open until close(): another thread may be using it
+        if done < len(view):
+            self._pwrite(self.fds[shard], view[done:], at + done, what)
+            write_back(self.fds[shard], at + done, len(view) - done)
 
     def read_back(self, name: str) -> bytes:
         slot = self.layout.slots[name]
         return os.pread(self.fds[slot.shard], slot.nbytes, slot.offset)
 
     def close(self, sync: bool = True) -> None:
+        for fd in self._opened:
+            os.close(fd)
+        self.direct, self._opened = [], []
         for fd in self.fds:
             if sync:
                 os.fsync(fd)
