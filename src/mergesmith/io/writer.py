@@ -153,8 +153,10 @@ class ShardWriter:
             if create:
                 self._pwrite(fd, head, 0, name)
                 os.ftruncate(fd, size)
-            self.direct.append(_open_direct(path))
-            self._opened += [d for d in self.direct[-1:] if d is not None]
+            direct = _open_direct(path)
+            self.direct.append(direct)
+            if direct is not None:
+                self._opened.append(direct)
 
     def _pwrite(self, fd: int, data, offset: int, what: str) -> None:
         view = memoryview(data).cast("B")
@@ -179,11 +181,11 @@ class ShardWriter:
     def _place(self, shard: int, data, at: int, what: str) -> None:
         """Bytes `data` at offset `at` of a shard: its whole pages directly (where the shard allows), the rest
         through the page cache and handed to the disk (write_back)."""
-        fd, n = self.fds[shard], len(data)
-        a, z = -(-at // PAGE) * PAGE, (at + n) // PAGE * PAGE
+        fd, end = self.fds[shard], at + len(data)
+        a, z = -(-at // PAGE) * PAGE, end // PAGE * PAGE  # the whole pages: [a, z)
         if self.direct[shard] is None or z - a < PAGE:
-            a = z = at + n  # all of it through the page cache
-        for lo, hi in ((at, min(a, at + n)), (max(z, a), at + n)):
+            a = z = end  # all of it through the page cache
+        for lo, hi in ((at, a), (z, end)):  # the partial pages at either end
             if hi > lo:
                 self._pwrite(fd, data[lo - at : hi - at], lo, what)
                 write_back(fd, lo, hi - lo)
