@@ -10,9 +10,9 @@
 
 Builds a checkpoint family (random base; fine-tunes = base + small dense noise + sparse larger changes; bf16; sharded
 like Hub checkpoints), then times on the same files: the I/O floor (read every input byte, write one output-sized
-file and fsync it; twice, each from the page cache state the timed runs start from, the lower counts: on this
-project's virtual machine the same 3 GiB write took 10.5 s of system time once and 1.3 s right after; the notes
-give the reading alone, since a merge overlaps its writes with the rest and can take less than the whole floor),
+file as mergesmith writes it, whole pages with O_DIRECT, and fsync it; twice, each from the page cache state the timed
+runs start from, the lower counts; the notes give the reading alone, since a merge overlaps its writes with the rest
+and can take less than the whole floor),
 `mergesmith run` and `mergekit-yaml` (0.1.5 from PyPI, installed by this script into bench/.mkvenv, skipped with a
 note when it cannot be installed) on the seed recipe (della_linear) and on linear, ties and dare_linear, or on every
 method (`recipe` says how each uses the family).
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -239,22 +240,41 @@ def read_all(paths: List[Path], buf: bytearray) -> None:
                     pass
 
 
+def write_out(path: Path, nbytes: int, buf) -> None:
+    """Write and fsync an nbytes file from buf the way mergesmith's writer does: whole 4 KiB pages with O_DIRECT
+    (where the file system takes it), the partial page at the end through the page cache."""
+    whole = nbytes // 4096 * 4096
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd, whole = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 0
+    try:
+        done = 0
+        while done < whole:
+            done += os.pwrite(fd, memoryview(buf)[: min(whole - done, len(buf))], done)
+    except OSError:  # the file system refused a direct write: the rest through the page cache
+        whole = done
+    finally:
+        os.close(fd)
+    with open(path, "r+b") as fh:
+        fh.seek(whole)
+        left = nbytes - whole
+        while left > 0:
+            left -= fh.write(memoryview(buf)[: min(left, len(buf))])
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def io_floor(paths: List[Path], out_bytes: int, scratch: Path) -> Tuple[float, float]:
     """(seconds to read every input byte, then write and fsync an output-sized file; of which the reading): a merge
     overlaps its writes with its reads and compute, so where the disk writes slowly it can take less than this."""
     t0 = time.monotonic()
-    buf = bytearray(64 << 20)
+    buf = mmap.mmap(-1, 64 << 20)  # page-aligned, as O_DIRECT needs
     read_all(paths, buf)
     read = time.monotonic() - t0
-    with open(scratch, "wb") as fh:
-        left = out_bytes
-        while left > 0:
-            n = min(left, len(buf))
-            fh.write(memoryview(buf)[:n])
-            left -= n
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_out(scratch, out_bytes, buf)
     scratch.unlink()
+    buf.close()
     return time.monotonic() - t0, read
 
 
