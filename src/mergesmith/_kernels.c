@@ -769,16 +769,33 @@ WIDE static void group_members(const void *a, const void *base, int64_t n, int s
 /* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept) of d = x - base (base NULL: x is d;
    `stored16`: x and base bfloat16 as stored): out = d where low < |d| < high, or where |d| is group g's value and the
    element is one of the group's members [skip[g], take[g]) of this block in index order; +0.0 elsewhere. */
+/* The values of the first two groups kept whole in a block of n (a cut's two ends: every member kept), to join a
+   block's main pass instead of a pass each (group_members would take all_members for them); NaN where none, which
+   equals nothing. joined[g]: group g is one of them. */
+static void whole_groups(int64_t n, const float *values, const int64_t *skip, const int64_t *take, int64_t groups,
+                         float whole[2], uint8_t joined[2]) {
+    int w = 0;
+    whole[0] = whole[1] = NAN;
+    for (int64_t g = 0; g < 2; g++) {
+        joined[g] = g < groups && skip[g] <= 0 && take[g] >= n;
+        if (joined[g]) whole[w++] = values[g];
+    }
+}
+
 WIDE void cut_keep(const void *restrict x, const void *restrict base, int64_t n, int stored16, float low, float high,
                    const float *values, const int64_t *skip, const int64_t *take, int64_t groups, float *restrict out) {
+    float whole[2];
+    uint8_t joined[2];
+    whole_groups(n, values, skip, take, groups, whole, joined);
     for (int64_t j = 0; j < n; j++) {
         float d = delta_at(x, base, j, stored16), a = magnitude(d);
         uint32_t k;
         memcpy(&k, &d, 4);
-        k &= 0u - (uint32_t)((a > low) & (a < high));
+        k &= 0u - (uint32_t)(((a > low) & (a < high)) | (a == whole[0]) | (a == whole[1]));
         memcpy(&out[j], &k, 4);
     }
-    for (int64_t g = 0; g < groups; g++) group_members(x, base, n, stored16, values[g], 1, skip[g], take[g], out, NULL);
+    for (int64_t g = 0; g < groups; g++)
+        if (g >= 2 || !joined[g]) group_members(x, base, n, stored16, values[g], 1, skip[g], take[g], out, NULL);
 }
 
 /* Model i's share of the TIES merge of a chunk: its vote (w or sign(w), w = x * num unless num == 1) into votes. */
@@ -952,8 +969,12 @@ WIDE void variances(const void *const *x, int64_t n, const void *base, int64_t l
    element is one of the group's members [skip[g], take[g]) of this block in index order. */
 WIDE void cut_mask(const float *restrict a, int64_t n, float low, float high, const float *values,
                    const int64_t *skip, const int64_t *take, int64_t groups, uint8_t *restrict mask) {
-    for (int64_t j = 0; j < n; j++) mask[j] = (a[j] > low) & (a[j] < high);
-    for (int64_t g = 0; g < groups; g++) group_members(a, NULL, n, 0, values[g], 0, skip[g], take[g], NULL, mask);
+    float whole[2];
+    uint8_t joined[2];
+    whole_groups(n, values, skip, take, groups, whole, joined);
+    for (int64_t j = 0; j < n; j++) mask[j] = ((a[j] > low) & (a[j] < high)) | (a[j] == whole[0]) | (a[j] == whole[1]);
+    for (int64_t g = 0; g < groups; g++)
+        if (g >= 2 || !joined[g]) group_members(a, NULL, n, 0, values[g], 0, skip[g], take[g], NULL, mask);
 }
 
 /* sce's selected delta of one element: (x - base) times the mask as a float (no mask: all kept). */
