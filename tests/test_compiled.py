@@ -711,6 +711,24 @@ def test_a_models_delta_from_bfloat16_as_stored_is_torchs():
     assert compiled.delta(x.float(), base.float()) is None
 
 
+def test_the_base_added_back_from_bfloat16_as_stored_is_torchs():
+    """base.float() + acc into acc: torch's bits, with signed zeros, infinities and tiny values, over a length that
+    splits across threads; other dtypes, shapes and strides are left to torch."""
+    if not compiled.available():
+        pytest.skip("the C extension was not built")
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 300_001, generator=g).bfloat16()
+    acc = torch.randn(3, 300_001, generator=g) * 1e-3
+    base.view(-1)[:5] = torch.tensor([-0.0, 0.0, float("inf"), 1e-40, -2.0])
+    acc.view(-1)[:5] = torch.tensor([-0.0, -0.0, 1.0, -1e-40, 2.0])
+    want = base.double().float() + acc.clone()  # widened exactly, then one float32 addition
+    got = compiled.add_base(acc, base)
+    assert got is acc and torch.equal(acc.view(torch.int32), want.view(torch.int32))
+    assert compiled.add_base(acc, base.float()) is None
+    assert compiled.add_base(acc, base[:, :5]) is None
+    assert compiled.add_base(acc.t(), base.t()) is None
+
+
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
 def test_trims_in_blocks_take_bfloat16_as_stored_with_the_bytes_of_their_float32_values(monkeypatch, method):
     """Row blocks of bfloat16 models (TIES, breadcrumbs) are trimmed by the tensor's cut from bfloat16 as stored:

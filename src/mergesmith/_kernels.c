@@ -18,7 +18,8 @@
    base, from float32 or bfloat16 as stored), the second pass of an L1-rescaled DARE/DELLA sum (masked_add,
    finish_sum; masked_sum16 and, under the TIES consensus, masked_delta16 from bfloat16 inputs as stored: the base
    widened in cache-sized chunks, the models in registers), a block's magnitude trim by its tensor's rank cut
-   (cut_keep, float32 or bfloat16 as stored), the TIES disjoint merge (consensus), the float64 Gram matrices of
+   (cut_keep, float32 or bfloat16 as stored), the TIES disjoint merge (consensus), the base added back to a merged
+   sum from bfloat16 as stored (add_base16), the float64 Gram matrices of
    model_stock and karcher and the spherical methods' sums (gram_chunks, float32 or bfloat16 as stored), Model
    Stock's interpolation (stock_merge), sce's variances, selection mask, energies and merge (variances, cut_mask,
    selected_squares, sce_merge; float32 or bfloat16 as stored), RAM and RAM+'s merge and overlap counts (ram_merge,
@@ -638,6 +639,17 @@ WIDE void masked_add(float *acc, const float *x, const float *base, const uint8_
 WIDE static void masked_add16(float *acc, const uint16_t *x, const float *base, const uint8_t *packed, int64_t offset,
                               int64_t n, float f, float num, int first) {
     masked_add_any(acc, x, 1, base, packed, offset, n, f, num, first);
+}
+
+/* acc = base + acc over elements [0, n), in place, base bfloat16 as stored (widened exactly): torch's
+   base.float() + acc without a float32 copy of the base. */
+WIDE void add_base16(float *restrict acc, const uint16_t *restrict base, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t w = (uint32_t)base[j] << 16;
+        float b;
+        memcpy(&b, &w, 4);
+        acc[j] = b + acc[j];
+    }
 }
 
 /* The end of the weighted sum over elements [0, n): acc = base + (acc / div) * lam, in place, each operation rounded

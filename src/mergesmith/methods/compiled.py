@@ -47,6 +47,7 @@ def _load() -> Optional[ctypes.CDLL]:
         fs, ws, w32, nb = lib.finish_sum, lib.weighted_sum64, lib.weighted_sum32, lib.narrow_bf16
         ms16, nf, md16 = lib.masked_sum16, lib.nonfinite_bf16, lib.masked_delta16
         st, db, ok, fi = lib.stock_merge, lib.delta_bf16, lib.order_keys, lib.fusion_importance
+        ab = lib.add_base16
     except (ImportError, OSError, AttributeError):  # not built, or built from an older source: the numpy path
         return None
     f.restype = ctypes.c_int
@@ -87,6 +88,8 @@ def _load() -> Optional[ctypes.CDLL]:
     wb.restype = ctypes.c_int
     fs.restype = None
     fs.argtypes = [ptr, ptr, i64, ctypes.c_float, ctypes.c_float]
+    ab.restype = None
+    ab.argtypes = [ptr, ptr, i64]
     wb.argtypes = nb.argtypes = [ptr, i64, ptr]
     nb.restype = ctypes.c_int
     ws.restype = w32.restype = None
@@ -489,6 +492,20 @@ def delta(x: torch.Tensor, base: torch.Tensor) -> Optional[torch.Tensor]:
     s, b, o = xs.data_ptr(), bs.data_ptr(), out.data_ptr()
     split(lambda i, z: _LIB.delta_bf16(s + 2 * i, b + 2 * i, z - i, o + 4 * i), xs.numel(), grain=1 << 18)
     return out
+
+
+def add_base(acc: torch.Tensor, base: torch.Tensor) -> Optional[torch.Tensor]:
+    """base.float() + acc, into acc (a contiguous float32 CPU tensor the caller owns), for a bfloat16 CPU base of its
+    shape: torch's bits in one pass, without a float32 copy of the base; None for others (torch adds them)."""
+    cpu = base.device.type == acc.device.type == "cpu"
+    if not (available() and cpu and base.dtype == torch.bfloat16 and acc.dtype == torch.float32):
+        return None
+    if acc.shape != base.shape or not acc.is_contiguous():
+        return None
+    b = base.contiguous()
+    a, bp = acc.data_ptr(), b.data_ptr()
+    split(lambda i, z: _LIB.add_base16(a + 4 * i, bp + 2 * i, z - i), acc.numel(), grain=1 << 18)
+    return acc
 
 
 def order_keys(a: np.ndarray) -> np.ndarray:

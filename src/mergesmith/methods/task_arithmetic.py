@@ -98,7 +98,8 @@ def generalized_task_arithmetic(
         mixed = _weighted_sum(inputs, sparse, nums, den, normalize)
     if lambda_ != 1:
         mixed = mixed * lambda_
-    return base.float() + mixed
+    added = compiled.add_base(mixed, base)  # mixed is this call's own: added to in place
+    return added if added is not None else base.float() + mixed
 
 
 def _consensus(base, inputs, sparse, nums, den, consensus: str, normalize: bool) -> torch.Tensor:
