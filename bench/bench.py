@@ -232,7 +232,7 @@ def measure(cmd: List[str], env: Optional[dict] = None, timeout: Optional[float]
     return {"wall": wall, "anon": peak[0], "rss": peak[1], "rc": rc}
 
 
-def read_all(paths: List[Path], buf: bytearray) -> None:
+def read_all(paths: List[Path], buf) -> None:
     for p in paths:
         for f in sorted(p.glob("*.safetensors")):
             with open(f, "rb", buffering=0) as fh:

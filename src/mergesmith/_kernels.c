@@ -645,7 +645,7 @@ WIDE static void masked_add16(float *acc, const uint16_t *x, const float *base, 
    base.float() + acc without a float32 copy of the base. */
 WIDE void add_base16(float *restrict acc, const uint16_t *restrict base, int64_t n) {
     for (int64_t j = 0; j < n; j++) {
-        uint32_t w = (uint32_t)base[j] << 16;
+        uint32_t w = bits_at(base, 1, j);
         float b;
         memcpy(&b, &w, 4);
         acc[j] = b + acc[j];
@@ -778,9 +778,6 @@ WIDE static void group_members(const void *a, const void *base, int64_t n, int s
     }
 }
 
-/* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept) of d = x - base (base NULL: x is d;
-   `stored16`: x and base bfloat16 as stored): out = d where low < |d| < high, or where |d| is group g's value and the
-   element is one of the group's members [skip[g], take[g]) of this block in index order; +0.0 elsewhere. */
 /* The values of the first two groups kept whole in a block of n (a cut's two ends: every member kept), to join a
    block's main pass instead of a pass each (group_members would take all_members for them); NaN where none, which
    equals nothing. joined[g]: group g is one of them. */
@@ -794,6 +791,9 @@ static void whole_groups(int64_t n, const float *values, const int64_t *skip, co
     }
 }
 
+/* A block's trim by its tensor's rank cut (sparsify.apply_cut, then kept) of d = x - base (base NULL: x is d;
+   `stored16`: x and base bfloat16 as stored): out = d where low < |d| < high, or where |d| is group g's value and the
+   element is one of the group's members [skip[g], take[g]) of this block in index order; +0.0 elsewhere. */
 WIDE void cut_keep(const void *restrict x, const void *restrict base, int64_t n, int stored16, float low, float high,
                    const float *values, const int64_t *skip, const int64_t *take, int64_t groups, float *restrict out) {
     float whole[2];
